@@ -1,0 +1,228 @@
+"""Shared fixtures: the two scripts loaded by path, free ports, a process
+runner that waits for a log line with a deadline, a running server and pods.
+
+Every process started here is stopped by its PID at teardown; SIGTERM must
+make it exit 0 without a traceback."""
+
+import importlib.util
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SERVER = os.path.join(ROOT, "pipe2me_server.py")
+POD = os.path.join(ROOT, "pipe2me_pod.py")
+
+
+def load_script(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def server_mod():
+    return load_script(SERVER, "pipe2me_server")
+
+
+@pytest.fixture(scope="session")
+def pod_mod():
+    return load_script(POD, "pipe2me_pod")
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def free_port_range(count, attempts=50):
+    """A run of `count` consecutive ports that are free right now."""
+    rng = random.Random()
+    for _ in range(attempts):
+        base = rng.randrange(20000, 60000 - count)
+        socks = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return range(base, base + count)
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free port range of %d found" % count)
+
+
+def wait_until(condition, timeout=10.0, interval=0.02, what="condition"):
+    """Poll condition() until it is truthy; fail the test after timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("timed out after %.1f s waiting for %s" % (timeout, what))
+
+
+class Proc:
+    """A child process with stdout/stderr captured to files in `workdir`."""
+
+    def __init__(self, argv, workdir, name, env=None, cwd=None):
+        self.argv, self.name = argv, name
+        self.out_path = os.path.join(workdir, name + ".out")
+        self.err_path = os.path.join(workdir, name + ".err")
+        self.popen = subprocess.Popen(
+            argv, stdout=open(self.out_path, "wb"), stderr=open(self.err_path, "wb"),
+            stdin=subprocess.DEVNULL, env=env, cwd=cwd or ROOT)
+        self.pid = self.popen.pid
+
+    def stdout(self):
+        with open(self.out_path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+
+    def stderr(self):
+        with open(self.err_path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+
+    def wait_for(self, pattern, timeout=15.0, stream="stderr", after=0):
+        """Wait for a regex in stderr (or stdout); returns the match."""
+        def found():
+            if self.popen.poll() is not None and not re.search(pattern, self.read(stream)[after:]):
+                raise AssertionError("%s exited %s before %r:\n%s" % (
+                    self.name, self.popen.returncode, pattern, self.stderr()[-3000:]))
+            return re.search(pattern, self.read(stream)[after:])
+        return wait_until(found, timeout, what="%r from %s" % (pattern, self.name))
+
+    def read(self, stream):
+        return self.stdout() if stream == "stdout" else self.stderr()
+
+    def stop(self, sig=signal.SIGTERM, timeout=20.0):
+        """Signal by PID and wait; returns the exit code."""
+        if self.popen.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.popen.wait(5)
+        return self.popen.returncode
+
+    def alive(self):
+        return self.popen.poll() is None
+
+
+class ServerHandle:
+    """A running pipe2me server on 127.0.0.1 with free ports."""
+
+    def __init__(self, workdir, extra=(), env=None, state_dir=None, ports=None, name="server"):
+        self.workdir = workdir
+        self.state_dir = state_dir or os.path.join(workdir, "state")
+        self.tunnel_ports = ports or free_port_range(24)
+        self.extra = list(extra)
+        self.env = env
+        self.name = name
+        self.start()
+
+    def argv(self):
+        return [sys.executable, SERVER, "--state-dir", self.state_dir,
+                "--listen-address", "127.0.0.1", "--http-port", "0", "--https-port", "0",
+                "--tunnel-port", "0", "--heartbeat-interval", "1",
+                "--tunnel-ports", "%d...%d" % (self.tunnel_ports[0], self.tunnel_ports[-1] + 1),
+                ] + self.extra
+
+    def start(self, fixed_ports=False):
+        argv = self.argv()
+        if fixed_ports:  # a restart keeps the ports pods already know
+            for flag, port in (("--http-port", self.http), ("--https-port", self.https),
+                               ("--tunnel-port", self.tunnel)):
+                argv[argv.index(flag) + 1] = str(port)
+        self.proc = Proc(argv, self.workdir, self.name, env=self.env)
+        ready = self.proc.wait_for(r"ready http=[\d.]+:(\d+) https=[\d.]+:(\d+) tunnel=[\d.]+:(\d+)")
+        self.http, self.https, self.tunnel = (int(p) for p in ready.groups())
+        out = re.search(r"^token: (\S+)", self.proc.stdout(), re.M)
+        if out:
+            self.token = out.group(1)
+        return self
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.http
+
+    def restart(self, sig=signal.SIGKILL):
+        self.proc.stop(sig)
+        return self.start(fixed_ports=True)
+
+    def stop(self):
+        code = self.proc.stop()
+        assert "Traceback" not in self.proc.stderr(), self.proc.stderr()[-3000:]
+        return code
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    return str(tmp_path)
+
+
+@pytest.fixture
+def server(workdir):
+    handle = ServerHandle(workdir)
+    yield handle
+    assert handle.stop() == 0
+
+
+def run_pod(pod_dir, *args, timeout=60, env=None, check=False):
+    """Run one pod command to completion."""
+    argv = [sys.executable, POD, "--dir", pod_dir] + list(args)
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                            stdin=subprocess.DEVNULL, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError("pod %s failed (%d): %s" % (args[0], result.returncode, result.stderr))
+    return result
+
+
+def setup_pod(server, pod_dir, protocols="tcp", local_ports=None, token=None):
+    """`setup` a pod dir against server; returns the FQDN."""
+    os.makedirs(pod_dir, exist_ok=True)
+    args = ["setup", "--server", server.url, "--auth", token or server.token,
+            "--protocols", protocols]
+    if local_ports:
+        args += ["--local-ports", ",".join(str(p) for p in local_ports)]
+    result = run_pod(pod_dir, *args, check=True)
+    return result.stdout.strip()
+
+
+def pod_env(pod_dir):
+    result = run_pod(pod_dir, "env", check=True)
+    script = 'set -a\neval $(%s)\nset +a\nenv | grep ^PIPE2ME_ || true' % " ".join(
+        [sys.executable, POD, "--dir", pod_dir, "env"])
+    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30).stdout
+    assert result.stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def start_pod(workdir, pod_dir, *extra, name="pod", wait=True):
+    proc = Proc([sys.executable, POD, "--dir", pod_dir, "start"] + list(extra), workdir, name)
+    if wait:
+        proc.wait_for(r"tunnel up")
+    return proc
+
+
+def public_ports(pod_dir):
+    env = pod_env(pod_dir)
+    return [int(env["PIPE2ME_URLS_%d" % i].rsplit(":", 1)[1])
+            for i in range(10) if "PIPE2ME_URLS_%d" % i in env]
