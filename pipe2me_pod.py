@@ -1,0 +1,2036 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""pipe2me pod: publish TCP services of this machine through a pipe2me server.
+
+One file, standard library only, meant to be copied onto a router or any
+machine behind NAT. It creates a tunnel on a pipe2me server, keeps the key,
+certificate and settings of that tunnel in a directory, and runs the tunnel.
+
+Usage:
+    python3 pipe2me_pod.py [--dir DIR] [-v|-q|--silent] [-k] COMMAND ...
+
+    setup --server URL --auth TOKEN [--protocols http,https] [--local-ports 8100,8101] [--cacert FILE]
+    env                     settings as KEY='value' lines: eval $(python3 pipe2me_pod.py env)
+    verify                  print the FQDN while the tunnel is online
+    start [--echo]          run the tunnel in the foreground
+    status                  whether the tunnel connection is up
+    update [--auth TOKEN]   refresh settings, renew the certificate, extend
+    check                   ask the server to probe this pod's public address
+    map-ports               open the public ports on the router
+    clear [--yes]           delete the tunnel on the server and the files here
+    service --systemd|--procd|--sysv   print a service definition for `start`
+
+Results go to stdout, logs and the one-line error to stderr. Exit codes:
+0 ok, 1 bug, 2 usage or bad setup, 3 unavailable (worth retrying),
+4 rejected (bad token, expired: not worth retrying), 130 interrupted.
+
+Sections, in the order a tunnel comes to life:
+    SETTINGS           constants and defaults
+    ERRORS             the Pipe2meError tree and exit codes
+    HELPERS            .inc quoting and parsing, atomic writes, the openssl wrapper
+    SHARED protocol    wire format, byte-identical with pipe2me_server.py
+    SHARED relay       stream relay, byte-identical with pipe2me_server.py
+    POD FILES          the five files of a pod directory, the key and CSR
+    SERVER API CLIENT  HTTP(S) calls to the server's JSON API
+    COMMANDS           one function per command
+    CLI                argument parsing, logging, main()
+
+Glossary: *server* (the public pipe2me host), *pod* (this machine),
+*consumer* (connects to a public port), *tunnel* (one FQDN with its
+services), *service* (one protocol and port of a tunnel), *stream* (one
+consumer connection carried to the pod), *token* (allows creating a tunnel),
+*secret* (allows managing one tunnel), *CA* (the server's certificate
+authority, pinned by the pod after setup).
+
+Requires Python 3.8 or newer and the `openssl` command-line tool.
+"""
+
+import argparse
+import collections
+import contextlib
+import enum
+import errno
+import heapq
+import http.client
+import http.server
+import ipaddress
+import json
+import logging
+import os
+import random
+import re
+import selectors
+import shlex
+import shutil
+import signal
+import socket
+import socketserver
+import ssl
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+# =====================================================================
+# SETTINGS — constants and defaults; read by every section below
+# =====================================================================
+
+VERSION = "1.0"
+LOGGER_NAME = "pipe2me.pod"
+log = logging.getLogger(LOGGER_NAME)
+
+DIR_ENV = "PIPE2ME_DIR"
+
+INFO_FILE = "pipe2me.info.inc"        # from the server; holds the secret
+LOCAL_FILE = "pipe2me.local.inc"      # from the pod: server URL, local ports
+KEY_FILE = "pipe2me.openssl.priv"     # EC P-256 private key, never leaves the pod
+CERT_FILE = "pipe2me.openssl.cert"    # signed by the server's CA
+CACERT_FILE = "pipe2me.cacert"        # the server's CA, pinned after setup
+POD_FILES = (INFO_FILE, LOCAL_FILE, KEY_FILE, CERT_FILE, CACERT_FILE)
+
+SECRET_FILE_MODE = 0o600
+PUBLIC_FILE_MODE = 0o644
+POD_DIR_MODE = 0o700
+
+PROTOCOL_VERSION = 1
+KNOWN_PROTOCOLS = ("http", "https", "imap", "imaps", "smtp", "smtps", "ssh", "tcp")
+DEFAULT_PROTOCOLS = ("https",)
+
+API_TIMEOUT_S = 15
+API_MAX_ANSWER_BYTES = 1024 * 1024
+OPENSSL_TIMEOUT_S = 60
+# Renew when the certificate expires within this fraction of its lifetime.
+CERT_RENEW_REMAINING_FRACTION = 2.0 / 3.0
+SERVICE_RESTART_DELAY_S = 5
+
+OPENSSL_PACKAGE_HINT = ("install the package 'openssl' (Debian/Ubuntu) "
+                        "or 'openssl-util' (OpenWrt)")
+
+# =====================================================================
+# ERRORS — the one exception tree; raised everywhere, caught in main()
+# =====================================================================
+
+
+class Pipe2meError(Exception):
+    """An expected failure: main() prints `pipe2me: <message>` and exits."""
+    exit_code = 1
+
+
+class UsageError(Pipe2meError):
+    """Bad arguments, a bad or missing setup: fix the call, not worth retrying as is."""
+    exit_code = 2
+
+
+class Unavailable(Pipe2meError):
+    """The server cannot be reached or failed: worth retrying later."""
+    exit_code = 3
+
+
+class Rejected(Pipe2meError):
+    """The server said no (bad token, expired, unknown): not worth retrying."""
+    exit_code = 4
+
+
+# =====================================================================
+# HELPERS — .inc files, atomic writes, the openssl wrapper; used by all below
+# =====================================================================
+
+_INC_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+
+
+def shell_quote(value):
+    """Quote `value` in single quotes so that any POSIX shell reads it back verbatim."""
+    return "'" + str(value).replace("'", "'\\''") + "'"
+
+
+def format_inc(values, comment=None):
+    """Render a dict as `KEY='value'` lines, sourceable by sh."""
+    lines = ["# " + comment] if comment else []
+    lines += ["%s=%s" % (key, shell_quote(value)) for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def parse_inc(text, where):
+    """Parse `KEY=value` lines (sh quoting, `#` comments, optional `export`) into a dict.
+
+    `where` names the file in error messages.
+    """
+    values = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _INC_LINE.match(line)
+        try:
+            words = shlex.split(match.group(2), comments=True) if match else None
+        except ValueError as exc:
+            words, reason = None, str(exc).lower()
+        else:
+            reason = "expected KEY='value'"
+        if words is None or len(words) > 1:
+            raise UsageError("%s line %d: %s; fix or remove the file"
+                             % (where, number, reason))
+        values[match.group(1)] = words[0] if words else ""
+    return values
+
+
+def read_text(path):
+    """The text of `path`, or None when it does not exist."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError("cannot read %s: %s" % (path, _reason(exc)))
+
+
+def write_file_atomic(path, data, mode=PUBLIC_FILE_MODE):
+    """Replace `path` by `data` (bytes or str) atomically, with file mode `mode`.
+
+    The temporary file is created with mode 0600, so a secret is never
+    readable by others, not even for a moment; it is fsynced, then renamed
+    over `path`, then the directory is fsynced. A crash leaves either the
+    old or the new content.
+    """
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    directory = os.path.dirname(os.path.abspath(path))
+    temp = os.path.join(directory, ".%s.%d.%s.tmp" % (
+        os.path.basename(path), os.getpid(), os.urandom(4).hex()))
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SECRET_FILE_MODE)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fchmod(handle.fileno(), mode)
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except OSError as exc:
+        remove_file(temp)
+        raise UsageError("cannot write %s: %s" % (path, _reason(exc)))
+    except BaseException:
+        remove_file(temp)
+        raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory):
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory; the rename still happened
+    finally:
+        os.close(fd)
+
+
+def remove_file(path):
+    """Remove `path` if it exists; True when something was removed."""
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise UsageError("cannot remove %s: %s" % (path, _reason(exc)))
+
+
+def _reason(exc):
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def require_openssl():
+    """The path of the openssl CLI; UsageError naming the package when missing."""
+    path = shutil.which("openssl")
+    if path is None:
+        raise UsageError("openssl command not found: " + OPENSSL_PACKAGE_HINT)
+    return path
+
+
+def run_openssl(args, input_bytes=None):
+    """Run `openssl ARGS...` (argv list, no shell) and return its stdout bytes.
+
+    The only place that runs openssl. Failure raises Pipe2meError with the
+    last line openssl wrote to stderr.
+    """
+    argv = [require_openssl()] + [str(arg) for arg in args]
+    log.debug("openssl run args=%s", " ".join(argv[1:]))
+    try:
+        done = subprocess.run(
+            argv, input=input_bytes, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL if input_bytes is None else None,
+            timeout=OPENSSL_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        raise Pipe2meError("openssl %s timed out after %d s" % (args[0], OPENSSL_TIMEOUT_S))
+    except OSError as exc:
+        raise UsageError("cannot run openssl: %s; %s" % (_reason(exc), OPENSSL_PACKAGE_HINT))
+    if done.returncode != 0:
+        lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        detail = lines[-1].strip() if lines else "exit status %d" % done.returncode
+        raise Pipe2meError("openssl %s failed: %s" % (args[0], detail))
+    return done.stdout
+
+
+# ---- BEGIN SHARED protocol (identical in pipe2me_server.py and pipe2me_pod.py) ----
+# The tunnel connection: the pod dials TUNNEL_PORT, both sides authenticate with
+# TLS certificates of the server's CA, then speak frames until either side closes.
+#
+#   frame  = type (u8) | stream id (u32) | payload length (u32) | payload
+#
+# Stream 0 is the connection itself; streams 1, 2, ... are consumer connections,
+# numbered by the server in increasing order and never reused on one connection.
+# The pod's first frame is HELLO; the server answers WELCOME or REJECT. After
+# that each side may send the frames listed in POD_SENDS / SERVER_SENDS.
+# Flow control is per stream and per direction, as in SSH channels: a side may
+# have at most STREAM_WINDOW_BYTES of DATA unacknowledged; the receiver returns
+# credit with WINDOW frames once it has handed the bytes to the local socket.
+
+PROTOCOL_VERSION = 1
+FRAME_HEADER = struct.Struct("!BII")
+MAX_FRAME_BYTES = 256 * 1024          # largest payload a peer may send
+STREAM_WINDOW_BYTES = 4 * 1024 * 1024  # per stream and direction: 100 MB/s at 40 ms
+HELLO_TIMEOUT_S = 10                  # the first frame must arrive within this
+HEARTBEAT_INTERVAL_S = 10             # PING when idle; silent for 3x = dead
+
+
+class Msg(enum.IntEnum):
+    """Frame types. Payloads: JSON objects for control frames on stream 0."""
+    HELLO = 1    # pod: {"kind": "control", "version", "tunnel"} — first frame
+    WELCOME = 2  # server: {"tunnel", "fqdn", "services", "heartbeat_interval_s"}
+    REJECT = 3   # server: {"reason", "permanent"}; the connection then closes
+    OPEN = 4     # server: a consumer arrived; payload u16 public port
+    DATA = 5     # both: stream bytes, at most the peer's remaining credit
+    WINDOW = 6   # both: payload u32 credit returned for this stream
+    EOF = 7      # both: the sender will send no more DATA on this stream
+    RESET = 8    # both: the stream is aborted; payload utf-8 reason
+    PING = 9     # both: payload echoed back in PONG
+    PONG = 10    # both
+    GOAWAY = 11  # both: {"reason"}; no new streams, running ones may finish
+
+
+POD_SENDS = frozenset({Msg.HELLO, Msg.DATA, Msg.WINDOW, Msg.EOF, Msg.RESET,
+                       Msg.PING, Msg.PONG, Msg.GOAWAY})
+SERVER_SENDS = frozenset({Msg.WELCOME, Msg.REJECT, Msg.OPEN, Msg.DATA,
+                          Msg.WINDOW, Msg.EOF, Msg.RESET, Msg.PING, Msg.PONG,
+                          Msg.GOAWAY})
+U16 = struct.Struct("!H")
+U32 = struct.Struct("!I")
+
+
+class ProtocolError(Rejected):
+    """The peer broke the wire contract; the connection is closed with this reason."""
+
+
+def encode_frame(msg, stream, payload=b""):
+    """Return the bytes of one frame. Payload must not exceed MAX_FRAME_BYTES."""
+    return FRAME_HEADER.pack(msg, stream, len(payload)) + payload
+
+
+def encode_control(msg, obj):
+    """Return a stream-0 frame whose payload is the JSON encoding of obj."""
+    return encode_frame(msg, 0, json.dumps(obj, separators=(",", ":")).encode())
+
+
+def decode_control(payload):
+    """Return the JSON object of a control frame, or raise ProtocolError."""
+    try:
+        obj = json.loads(bytes(payload).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError("control frame is not JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("control frame is not a JSON object")
+    return obj
+
+
+class FrameDecoder:
+    """Splits a byte stream into frames.
+
+    feed() appends bytes; frames() yields (msg, stream, payload) for every
+    complete frame and keeps the rest. It holds at most one frame plus the last
+    chunk fed, raises ProtocolError for an unknown type or an oversized frame
+    and never raises anything else."""
+
+    def __init__(self, allowed):
+        self.allowed = allowed
+        self.buffer = bytearray()
+
+    def feed(self, data):
+        self.buffer += data
+
+    def frames(self):
+        buf = self.buffer
+        while len(buf) >= FRAME_HEADER.size:
+            msg, stream, length = FRAME_HEADER.unpack_from(buf)
+            if msg not in self.allowed:
+                raise ProtocolError("unexpected frame type %d" % msg)
+            if length > MAX_FRAME_BYTES:
+                raise ProtocolError("frame of %d bytes exceeds the limit" % length)
+            end = FRAME_HEADER.size + length
+            if len(buf) < end:
+                return
+            payload = bytes(buf[FRAME_HEADER.size:end])
+            del buf[:end]
+            yield Msg(msg), stream, payload
+# ---- END SHARED protocol ----
+# ---- BEGIN SHARED relay (identical in pipe2me_server.py and pipe2me_pod.py) ----
+# One thread, one selector. A Mux owns one tunnel connection (TLS, non-blocking)
+# and the Streams carried over it; each Stream pairs a local TCP socket (the
+# consumer on the server, the service on the pod) with a stream id.
+#
+# Backpressure: a Stream reads its socket only while it has credit from the
+# peer and the Mux's send buffer is below MUX_HIGH_WATER_BYTES; bytes from the
+# peer wait in the Stream's buffer, which the peer's window bounds. So memory
+# per stream never exceeds STREAM_WINDOW_BYTES, and a consumer that stops
+# reading stalls only its own stream.
+#
+# Half-close: local EOF -> EOF frame; EOF frame -> drain, then shutdown(SHUT_WR).
+# A Stream is finished when both directions are closed; RESET aborts it.
+
+READ_CHUNK_BYTES = 256 * 1024
+MUX_HIGH_WATER_BYTES = 1024 * 1024
+MUX_LOW_WATER_BYTES = 256 * 1024
+WINDOW_UPDATE_BYTES = STREAM_WINDOW_BYTES // 4
+EVENT_READ = selectors.EVENT_READ
+EVENT_WRITE = selectors.EVENT_WRITE
+SOCKET_GONE = (ConnectionError, TimeoutError, OSError)
+
+
+class EventLoop:
+    """A selectors loop with timers and a thread-safe call_soon.
+
+    Callbacks must not block. watch() registers, changes or (events=0)
+    unregisters a socket; the callback receives the event mask."""
+
+    def __init__(self):
+        self.selector = selectors.DefaultSelector()
+        self.timers = []
+        self.timer_seq = 0
+        self.soon = collections.deque()
+        self.waker_r, self.waker_w = socket.socketpair()
+        self.waker_r.setblocking(False)
+        self.waker_w.setblocking(False)
+        self.watch(self.waker_r, EVENT_READ, self.on_wake)
+        self.running = False
+
+    def watch(self, sock, events, callback=None):
+        try:
+            key = self.selector.get_key(sock)
+        except (KeyError, ValueError):
+            key = None
+        if key is None:
+            if events:
+                self.selector.register(sock, events, callback)
+        elif not events:
+            self.selector.unregister(sock)
+        elif key.events != events or (callback and key.data is not callback):
+            self.selector.modify(sock, events, callback or key.data)
+
+    def call_later(self, delay_s, callback):
+        """Run callback after delay_s; returns a handle whose cancel() stops it."""
+        handle = Timer(time.monotonic() + delay_s, callback)
+        self.timer_seq += 1
+        heapq.heappush(self.timers, (handle.when, self.timer_seq, handle))
+        return handle
+
+    def call_soon_threadsafe(self, callback):
+        self.soon.append(callback)
+        try:
+            self.waker_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending
+
+    def on_wake(self, _mask):
+        try:
+            self.waker_r.recv(4096)
+        except (BlockingIOError, OSError):
+            pass
+
+    def run(self):
+        """Serve until stop(); exceptions from callbacks propagate (they are bugs)."""
+        self.running = True
+        while self.running:
+            self.run_once()
+
+    def run_once(self):
+        timeout = None
+        if self.soon:
+            timeout = 0
+        elif self.timers:
+            timeout = max(0.0, self.timers[0][0] - time.monotonic())
+        for key, mask in self.selector.select(timeout):
+            key.data(mask)
+        while self.soon:
+            self.soon.popleft()()
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            handle = heapq.heappop(self.timers)[2]
+            if not handle.cancelled:
+                handle.callback()
+
+    def stop(self):
+        self.running = False
+        self.call_soon_threadsafe(lambda: None)
+
+
+class Timer:
+    """Handle of a call_later() callback."""
+
+    def __init__(self, when, callback):
+        self.when, self.callback, self.cancelled = when, callback, False
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class Stream:
+    """One consumer connection carried over a Mux.
+
+    Promises: the socket is read only with credit and an uncongested Mux; at
+    most STREAM_WINDOW_BYTES wait in `pending`; destroy() is idempotent and
+    closes the socket and forgets the stream."""
+
+    def __init__(self, mux, stream_id, sock, connecting=False):
+        self.mux, self.id, self.sock = mux, stream_id, sock
+        self.connecting = connecting
+        self.credit = STREAM_WINDOW_BYTES      # what we may still send
+        self.unacked = 0                       # received, not yet credited back
+        self.delivered = 0                     # written locally since last WINDOW
+        self.pending = collections.deque()     # bytes from the peer to write
+        self.pending_bytes = 0
+        self.read_closed = False               # local EOF seen, EOF frame sent
+        self.peer_eof = False                  # EOF frame received
+        self.write_closed = False              # SHUT_WR done on the socket
+        self.last_active = time.monotonic()
+        self.closed = False
+        self.update_interest()
+
+    def update_interest(self):
+        if self.closed:
+            return
+        events = 0
+        if self.connecting or self.pending:
+            events |= EVENT_WRITE
+        if (not self.connecting and not self.read_closed and self.credit > 0
+                and not self.mux.congested):
+            events |= EVENT_READ
+        self.mux.loop.watch(self.sock, events, self.on_event)
+
+    def on_event(self, mask):
+        if mask & EVENT_WRITE:
+            self.on_writable()
+        if mask & EVENT_READ and not self.closed:
+            self.on_readable()
+
+    def on_readable(self):
+        if self.mux.congested:
+            self.mux.blocked.add(self)
+            return self.update_interest()
+        try:
+            data = self.sock.recv(min(self.credit, READ_CHUNK_BYTES))
+        except (BlockingIOError, InterruptedError):
+            return
+        except SOCKET_GONE as exc:
+            return self.abort("local read failed: %s" % exc)
+        self.last_active = time.monotonic()
+        if not data:
+            self.read_closed = True
+            self.mux.send(Msg.EOF, self.id)
+            return self.finish_if_done()
+        self.credit -= len(data)
+        self.mux.local_read_bytes += len(data)
+        self.mux.send(Msg.DATA, self.id, data)
+        if not self.credit:
+            self.update_interest()
+
+    def on_writable(self):
+        if self.connecting:
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                return self.abort("local connect failed: %s" % os.strerror(err))
+            self.connecting = False
+        self.flush_pending()
+        if not self.closed:
+            self.update_interest()
+
+    def on_data(self, payload):
+        self.unacked += len(payload)
+        if self.unacked > STREAM_WINDOW_BYTES:
+            raise ProtocolError("stream %d: data beyond the window" % self.id)
+        if self.peer_eof:
+            raise ProtocolError("stream %d: data after EOF" % self.id)
+        self.last_active = time.monotonic()
+        self.pending.append(payload)
+        self.pending_bytes += len(payload)
+        if not self.connecting and len(self.pending) == 1:
+            self.flush_pending()
+        if not self.closed:
+            self.update_interest()
+
+    def flush_pending(self):
+        """Write what the peer sent; return credit; half-close after its EOF."""
+        while self.pending:
+            chunk = self.pending[0]
+            try:
+                sent = self.sock.send(chunk)
+            except (BlockingIOError, InterruptedError):
+                break
+            except SOCKET_GONE as exc:
+                return self.abort("local write failed: %s" % exc)
+            self.pending_bytes -= sent
+            self.delivered += sent
+            self.mux.local_written_bytes += sent
+            if sent < len(chunk):
+                self.pending[0] = chunk[sent:]
+                break
+            self.pending.popleft()
+        if self.delivered >= WINDOW_UPDATE_BYTES:
+            self.mux.send(Msg.WINDOW, self.id, U32.pack(self.delivered))
+            self.unacked -= self.delivered
+            self.delivered = 0
+        if self.peer_eof and not self.pending and not self.write_closed:
+            self.shutdown_write()
+
+    def shutdown_write(self):
+        self.write_closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except SOCKET_GONE:
+            pass
+        self.finish_if_done()
+
+    def on_window(self, payload):
+        if len(payload) != U32.size:
+            raise ProtocolError("stream %d: bad WINDOW frame" % self.id)
+        was_blocked = self.credit <= 0
+        self.credit += U32.unpack(payload)[0]
+        if self.credit > STREAM_WINDOW_BYTES:
+            raise ProtocolError("stream %d: window grew past its size" % self.id)
+        if was_blocked:
+            self.update_interest()
+
+    def on_eof(self):
+        self.peer_eof = True
+        if not self.connecting and not self.pending:
+            self.shutdown_write()
+
+    def finish_if_done(self):
+        if self.read_closed and self.write_closed:
+            self.destroy()
+        else:
+            self.update_interest()
+
+    def abort(self, reason):
+        """Close the stream now and tell the peer why."""
+        if not self.closed:
+            self.mux.send(Msg.RESET, self.id, reason.encode()[:512])
+            self.mux.log.debug("stream reset stream=%d reason=%r", self.id, reason)
+            self.destroy()
+
+    def destroy(self):
+        if self.closed:
+            return
+        self.closed = True
+        self.mux.loop.watch(self.sock, 0)
+        self.sock.close()
+        self.mux.streams.pop(self.id, None)
+        self.mux.blocked.discard(self)
+        self.mux.on_stream_closed(self)
+
+
+class Mux:
+    """The multiplexed tunnel connection on either side.
+
+    `receives` is the set of frame types the peer may send. Owners override
+    on_open() (pod), on_control() (stream-0 frames) and on_closed(). destroy()
+    is idempotent: it closes every stream and the connection, then calls
+    on_closed(reason) once."""
+
+    def __init__(self, loop, sock, receives, log, heartbeat_s=HEARTBEAT_INTERVAL_S):
+        self.loop, self.sock, self.log = loop, sock, log
+        self.decoder = FrameDecoder(receives)
+        self.streams = {}
+        self.blocked = set()
+        self.highest_stream = 0
+        self.out = bytearray()
+        self.congested = False
+        self.closed = False
+        self.local_read_bytes = 0      # read from local sockets, sent as DATA
+        self.local_written_bytes = 0   # received as DATA, written locally
+        self.heartbeat_s = heartbeat_s
+        self.last_heard = time.monotonic()
+        self.heartbeat = loop.call_later(heartbeat_s, self.on_heartbeat)
+        sock.setblocking(False)
+        loop.watch(sock, EVENT_READ, self.on_event)
+
+    # -- sending -------------------------------------------------------
+    def send(self, msg, stream, payload=b""):
+        if self.closed:
+            return
+        self.out += FRAME_HEADER.pack(msg, stream, len(payload))
+        self.out += payload
+        if len(self.out) > MUX_HIGH_WATER_BYTES:
+            self.congested = True
+        self.flush()
+
+    def send_control(self, msg, obj):
+        self.send(msg, 0, json.dumps(obj, separators=(",", ":")).encode())
+
+    def flush(self):
+        while self.out and not self.closed:
+            try:
+                with memoryview(self.out) as view:
+                    sent = self.sock.send(view[:READ_CHUNK_BYTES])
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                break
+            except SOCKET_GONE as exc:
+                return self.destroy("send failed: %s" % exc)
+            del self.out[:sent]
+        if self.closed:
+            return
+        if self.congested and len(self.out) <= MUX_LOW_WATER_BYTES:
+            self.congested = False
+            for stream in list(self.blocked):
+                stream.update_interest()
+            self.blocked.clear()
+        events = EVENT_READ | (EVENT_WRITE if self.out else 0)
+        self.loop.watch(self.sock, events, self.on_event)
+
+    # -- receiving -----------------------------------------------------
+    def on_event(self, mask):
+        if mask & EVENT_WRITE:
+            self.flush()
+        if mask & EVENT_READ and not self.closed:
+            self.on_readable()
+
+    def on_readable(self):
+        for _ in range(16):
+            try:
+                data = self.sock.recv(READ_CHUNK_BYTES)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                return
+            except SOCKET_GONE as exc:
+                return self.destroy("receive failed: %s" % exc)
+            if not data:
+                return self.destroy("connection closed by peer")
+            self.last_heard = time.monotonic()
+            self.decoder.feed(data)
+            try:
+                for msg, stream, payload in self.decoder.frames():
+                    self.dispatch(msg, stream, payload)
+                    if self.closed:
+                        return
+            except ProtocolError as exc:
+                return self.fail(str(exc))
+        pending = getattr(self.sock, "pending", None)
+        if not self.closed and pending and pending():
+            self.loop.call_later(0, lambda: self.closed or self.on_readable())
+
+    def dispatch(self, msg, stream_id, payload):
+        if stream_id == 0:
+            return self.on_frame_0(msg, payload)
+        if msg == Msg.OPEN:
+            return self.on_open_frame(stream_id, payload)
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            if stream_id > self.highest_stream:
+                raise ProtocolError("frame for unknown stream %d" % stream_id)
+            return  # frames in flight for a stream closed here are expected
+        if msg == Msg.DATA:
+            stream.on_data(payload)
+        elif msg == Msg.WINDOW:
+            stream.on_window(payload)
+        elif msg == Msg.EOF:
+            stream.on_eof()
+        elif msg == Msg.RESET:
+            stream.destroy()
+        else:
+            raise ProtocolError("%s is not a stream frame" % msg.name)
+
+    def on_frame_0(self, msg, payload):
+        if msg == Msg.PING:
+            self.send(Msg.PONG, 0, payload)
+        elif msg == Msg.PONG:
+            pass  # any frame counts as a sign of life
+        else:
+            self.on_control(msg, decode_control(payload))
+
+    def on_open_frame(self, stream_id, payload):
+        if stream_id <= self.highest_stream or len(payload) != U16.size:
+            raise ProtocolError("bad OPEN for stream %d" % stream_id)
+        self.highest_stream = stream_id
+        self.on_open(stream_id, U16.unpack(payload)[0])
+
+    # -- streams -------------------------------------------------------
+    def open_stream(self, sock, port):
+        """Server side: carry a new consumer socket to the pod's `port` service."""
+        self.highest_stream += 1
+        self.send(Msg.OPEN, self.highest_stream, U16.pack(port))
+        return self.add_stream(self.highest_stream, sock)
+
+    def add_stream(self, stream_id, sock, connecting=False):
+        sock.setblocking(False)
+        stream = Stream(self, stream_id, sock, connecting)
+        self.streams[stream_id] = stream
+        return stream
+
+    # -- liveness and teardown -----------------------------------------
+    def on_heartbeat(self):
+        if self.closed:
+            return
+        silent = time.monotonic() - self.last_heard
+        if silent > 3 * self.heartbeat_s:
+            return self.destroy("peer silent for %.0f s" % silent)
+        self.send(Msg.PING, 0, U32.pack(int(silent)))
+        self.heartbeat = self.loop.call_later(self.heartbeat_s, self.on_heartbeat)
+
+    def fail(self, reason):
+        """The peer broke the protocol: say why, then close."""
+        self.log.warning("protocol error: %s", reason)
+        self.send(Msg.GOAWAY, 0, json.dumps({"reason": reason}).encode())
+        self.destroy("protocol error: %s" % reason)
+
+    def destroy(self, reason):
+        if self.closed:
+            return
+        self.closed = True
+        self.heartbeat.cancel()
+        for stream in list(self.streams.values()):
+            stream.destroy()
+        self.loop.watch(self.sock, 0)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.on_closed(reason)
+
+    # -- for owners to override ----------------------------------------
+    def on_open(self, stream_id, port):
+        raise ProtocolError("OPEN is not expected here")
+
+    def on_control(self, msg, obj):
+        raise ProtocolError("unexpected %s" % msg.name)
+
+    def on_stream_closed(self, stream):
+        pass
+
+    def on_closed(self, reason):
+        pass
+# ---- END SHARED relay ----
+
+
+# =====================================================================
+# POD FILES — owns the five files of DIR (SPEC §3): settings, key, CSR, certificate dates
+# =====================================================================
+
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_FQDN_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$")
+
+
+class PodFiles:
+    """The paths of one pod directory: info, local, key, cert, cacert."""
+
+    def __init__(self, directory):
+        self.dir = os.path.abspath(directory)
+        self.info = os.path.join(self.dir, INFO_FILE)
+        self.local = os.path.join(self.dir, LOCAL_FILE)
+        self.key = os.path.join(self.dir, KEY_FILE)
+        self.cert = os.path.join(self.dir, CERT_FILE)
+        self.cacert = os.path.join(self.dir, CACERT_FILE)
+
+    def all(self):
+        return [self.info, self.local, self.key, self.cert, self.cacert]
+
+    def existing(self):
+        """The files of a setup that are present, as paths."""
+        return [path for path in self.all() if os.path.lexists(path)]
+
+    def remove_all(self):
+        """Remove the five files; the names of those that were there."""
+        return [os.path.basename(path) for path in self.all() if remove_file(path)]
+
+
+class Service:
+    """One published service: protocol, public port on the server, local port."""
+
+    def __init__(self, protocol, public_port, local_port):
+        self.protocol = protocol
+        self.public_port = public_port
+        self.local_port = local_port
+
+    def __repr__(self):
+        return "Service(%r, %r, %r)" % (self.protocol, self.public_port, self.local_port)
+
+
+class PodSetup:
+    """The settings of a pod, read from pipe2me.info.inc and pipe2me.local.inc."""
+
+    def __init__(self, files, info, local):
+        self.files = files
+        self.server = local["PIPE2ME_SERVER"]
+        self.local_ports = parse_ports(local["PIPE2ME_LOCAL_PORTS"], LOCAL_FILE)
+        self.id = info["PIPE2ME_ID"]
+        self.fqdn = info["PIPE2ME_FQDN"]
+        self.urls = _numbered(info, "PIPE2ME_URLS")
+        self.tunnel = info["PIPE2ME_TUNNEL"]
+        self.tunnel_domain = info.get("PIPE2ME_TUNNEL_DOMAIN", "")
+        self.expires_at = _int_or_none(info.get("PIPE2ME_EXPIRES_AT"))
+        self.secret = info["PIPE2ME_SECRET"]
+
+    def services(self):
+        """Services from the URLs (`<protocol>://<fqdn>:<port>`) and local ports, in order."""
+        result = []
+        for url, local_port in zip(self.urls, self.local_ports):
+            parts = urllib.parse.urlsplit(url)
+            result.append(Service(parts.scheme, parts.port, local_port))
+        return result
+
+
+def _numbered(values, prefix):
+    items, index = [], 0
+    while "%s_%d" % (prefix, index) in values:
+        items.append(values["%s_%d" % (prefix, index)])
+        index += 1
+    return items
+
+
+def _int_or_none(text):
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def parse_ports(text, where):
+    """A comma list of TCP ports as a list of ints; UsageError naming `where`."""
+    ports = []
+    for item in str(text).split(","):
+        item = item.strip()
+        if not re.match(r"^[0-9]{1,5}$", item) or not 1 <= int(item) <= 65535:
+            raise UsageError("%s: bad port %r: expected numbers 1..65535 separated by commas"
+                             % (where, item))
+        ports.append(int(item))
+    return ports
+
+
+def read_setup(files):
+    """The PodSetup of `files.dir`; UsageError when there is none or it is damaged."""
+    info_text, local_text = read_text(files.info), read_text(files.local)
+    if info_text is None or local_text is None:
+        missing = INFO_FILE if info_text is None else LOCAL_FILE
+        raise UsageError("no setup in %s (%s missing): run `setup --server URL --auth TOKEN` first"
+                         % (files.dir, missing))
+    info = parse_inc(info_text, files.info)
+    local = parse_inc(local_text, files.local)
+    for path, values, keys in ((files.info, info, ("PIPE2ME_ID", "PIPE2ME_FQDN", "PIPE2ME_TUNNEL",
+                                                   "PIPE2ME_SECRET", "PIPE2ME_URLS_0")),
+                               (files.local, local, ("PIPE2ME_SERVER", "PIPE2ME_LOCAL_PORTS"))):
+        for key in keys:
+            if not values.get(key):
+                raise UsageError("%s lacks %s: the setup is damaged; run `clear` and `setup` again"
+                                 % (path, key))
+    if not _ID_PATTERN.match(info["PIPE2ME_ID"]):
+        raise UsageError("%s: bad PIPE2ME_ID %r" % (files.info, info["PIPE2ME_ID"]))
+    return PodSetup(files, info, local)
+
+
+def tunnel_endpoint(server_url, tunnel_port):
+    """`host:port` where the pod connects: the server's host with the tunnel port."""
+    host = urllib.parse.urlsplit(server_url).hostname
+    return "%s:%d" % ("[%s]" % host if ":" in host else host, tunnel_port)
+
+
+def write_info(files, server_url, tunnel, secret):
+    """Write pipe2me.info.inc (mode 0600: it holds the secret) from a tunnel object."""
+    values = {"PIPE2ME_ID": tunnel["id"], "PIPE2ME_FQDN": tunnel["fqdn"]}
+    for index, url in enumerate(tunnel["urls"]):
+        values["PIPE2ME_URLS_%d" % index] = url
+    values["PIPE2ME_TUNNEL"] = tunnel_endpoint(server_url, tunnel["tunnel_port"])
+    values["PIPE2ME_TUNNEL_DOMAIN"] = tunnel.get("tunnel_domain", "")
+    values["PIPE2ME_EXPIRES_AT"] = tunnel["expires_at"]
+    values["PIPE2ME_SECRET"] = secret
+    write_file_atomic(files.info, format_inc(values, "pipe2me tunnel settings from the server"),
+                      SECRET_FILE_MODE)
+
+
+def write_local(files, server_url, local_ports):
+    """Write pipe2me.local.inc: the server URL and the local ports."""
+    values = {"PIPE2ME_SERVER": server_url,
+              "PIPE2ME_LOCAL_PORTS": ",".join(str(port) for port in local_ports)}
+    write_file_atomic(files.local, format_inc(values, "pipe2me settings of this pod"),
+                      PUBLIC_FILE_MODE)
+
+
+def check_tunnel(tunnel, need_secret=False):
+    """Check the shape of a tunnel object from the server; return it."""
+    try:
+        ok = (_ID_PATTERN.match(tunnel["id"]) and _FQDN_PATTERN.match(tunnel["fqdn"])
+              and len(tunnel["urls"]) == len(tunnel["ports"]) == len(tunnel["protocols"]) > 0
+              and all(isinstance(url, str) for url in tunnel["urls"])
+              and isinstance(tunnel["tunnel_port"], int) and isinstance(tunnel["expires_at"], int)
+              and (not need_secret or isinstance(tunnel["secret"], str) and tunnel["secret"]))
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise Rejected("bad tunnel object from the server: is it a pipe2me server of protocol %d?"
+                       % PROTOCOL_VERSION)
+    return tunnel
+
+
+def make_key():
+    """A new EC P-256 private key as PEM bytes."""
+    return run_openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"])
+
+
+def make_csr(key_path, fqdn):
+    """A CSR for `fqdn` signed with the key at `key_path`, as PEM text."""
+    return run_openssl(["req", "-new", "-key", key_path, "-subj", "/CN=" + fqdn]).decode("ascii")
+
+
+def cert_validity(cert_path):
+    """(not_before, not_after) of a PEM certificate, in epoch seconds."""
+    text = run_openssl(["x509", "-noout", "-startdate", "-enddate", "-in", cert_path])
+    dates = dict(line.split("=", 1) for line in text.decode("ascii").splitlines() if "=" in line)
+    try:
+        return (ssl.cert_time_to_seconds(dates["notBefore"].strip()),
+                ssl.cert_time_to_seconds(dates["notAfter"].strip()))
+    except (KeyError, ValueError):
+        raise Pipe2meError("cannot read the validity of %s" % cert_path)
+
+
+def cert_needs_renewal(cert_path, now=None):
+    """True when the certificate is missing, unreadable, or expires soon."""
+    if not os.path.exists(cert_path):
+        return True
+    try:
+        not_before, not_after = cert_validity(cert_path)
+    except Pipe2meError as exc:
+        log.warning("certificate unreadable, renewing path=%s reason=%s", cert_path, exc)
+        return True
+    remaining = not_after - (time.time() if now is None else now)
+    return remaining < (not_after - not_before) * CERT_RENEW_REMAINING_FRACTION
+
+
+# =====================================================================
+# SERVER API CLIENT — HTTP(S) JSON calls to the server; used by COMMANDS
+# =====================================================================
+
+
+def normalize_server_url(text):
+    """`http(s)://host[:port][/path]` from a URL or a bare `host[:port]` (meaning https)."""
+    original = (text or "").strip()
+    if not original:
+        raise UsageError("missing server: pass --server URL")
+    text = original
+    if "://" not in text:
+        if text.count(":") > 1 and not text.startswith("["):
+            text = "[%s]" % text  # a bare IPv6 address
+        text = "https://" + text
+    try:
+        parts = urllib.parse.urlsplit(text)
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:
+        raise UsageError("bad server URL %r: %s" % (original, exc))
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise UsageError("bad server URL %r: use http:// or https://" % original)
+    if not host or not _valid_host(host) or port == 0 or parts.query or parts.fragment \
+            or parts.username is not None:
+        raise UsageError("bad server URL %r: expected http(s)://HOST[:PORT] or HOST[:PORT]"
+                         % original)
+    netloc = "[%s]" % host if ":" in host else host
+    if port is not None:
+        netloc += ":%d" % port
+    return "%s://%s%s" % (scheme, netloc, parts.path.rstrip("/"))
+
+
+def _valid_host(host):
+    if ":" in host:
+        try:
+            return ipaddress.IPv6Address(host) is not None
+        except ValueError:
+            return False
+    return re.match(r"^[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?$", host) is not None
+
+
+def make_ssl_context(cafile=None, insecure=False):
+    """TLS settings for the API: `cafile` if given, no checks if `insecure`, else the system store."""
+    if insecure and not cafile:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError("cannot load CA certificates from %s: %s" % (cafile, _reason(exc)))
+
+
+def pinned_ssl_context(files):
+    """TLS settings after setup: trust only the CA received at setup."""
+    if not os.path.exists(files.cacert):
+        raise UsageError("%s missing: the setup is damaged; run `clear` and `setup` again"
+                         % files.cacert)
+    return make_ssl_context(cafile=files.cacert)
+
+
+class ApiClient:
+    """Calls to the server's JSON API under `base_url`.
+
+    Every failure is a Pipe2meError: Unavailable when the server cannot be
+    reached or answers 5xx, Rejected with the server's message on 4xx.
+    """
+
+    def __init__(self, base_url, ssl_context=None, secret=None, timeout_s=API_TIMEOUT_S):
+        self.base_url = base_url
+        self.ssl_context = ssl_context if base_url.startswith("https:") else None
+        self.secret = secret
+        self.timeout_s = timeout_s
+        self.pinned = False  # only changes the hint given on certificate errors
+
+    def call(self, method, path, body=None, auth=False, answers=()):
+        """(status, raw bytes) of `method path`; 2xx or a status in `answers`, else raises."""
+        request = urllib.request.Request(self.base_url + path, method=method)
+        request.add_header("User-Agent", "pipe2me-pod/" + VERSION)
+        request.add_header("Accept", "application/json")
+        if body is not None:
+            request.data = json.dumps(body).encode("utf-8")
+            request.add_header("Content-Type", "application/json")
+        if auth:
+            request.add_header("Authorization", "Bearer " + self.secret)
+        log.debug("api request method=%s path=%s", method, path)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s,
+                                        context=self.ssl_context) as answer:
+                return answer.status, answer.read(API_MAX_ANSWER_BYTES)
+        except urllib.error.HTTPError as exc:
+            data = _read_error_body(exc)
+            if exc.code in answers:
+                return exc.code, data
+            raise self._http_error(exc.code, data)
+        except urllib.error.URLError as exc:
+            raise self._connect_error(exc.reason)
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # timeouts, resets
+            raise self._connect_error(exc)
+
+    def call_json(self, method, path, body=None, auth=False, answers=()):
+        """(status, decoded JSON object) of a call."""
+        status, data = self.call(method, path, body, auth, answers)
+        try:
+            decoded = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            decoded = None
+        if not isinstance(decoded, dict):
+            raise Rejected("bad answer from %s%s: not a JSON object; is this a pipe2me server?"
+                           % (self.base_url, path))
+        return status, decoded
+
+    def _http_error(self, code, data):
+        message = _error_message(data) or "HTTP %d" % code
+        if 400 <= code < 500:
+            return Rejected(message)
+        return Unavailable("server error: %s: HTTP %d: %s" % (self.base_url, code, message))
+
+    def _connect_error(self, reason):
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            hint = "" if self.pinned else "; pass --cacert FILE, or -k to skip the check"
+            return Rejected("server certificate not trusted: %s: %s%s"
+                            % (self.base_url, str(reason.verify_message or reason).rstrip("."),
+                               hint))
+        if isinstance(reason, (TimeoutError, socket.timeout)):
+            text = "timed out after %d s" % self.timeout_s
+        else:
+            text = _reason(reason) if isinstance(reason, BaseException) else str(reason)
+        return Unavailable("server unreachable: %s: %s" % (self.base_url, text))
+
+    # -- the endpoints --------------------------------------------------
+
+    def get_config(self):
+        return self.call_json("GET", "/config")[1]
+
+    def create_tunnel(self, token, protocols):
+        answer = self.call_json("POST", "/tunnels", {"token": token, "protocols": protocols})[1]
+        return check_tunnel(answer, need_secret=True)
+
+    def get_tunnel(self, tunnel_id):
+        return check_tunnel(self.call_json("GET", "/tunnels/" + tunnel_id, auth=True)[1])
+
+    def verify(self, tunnel_id):
+        """(status, answer) with status 200 online, 410 expired, 404 unknown."""
+        return self.call_json("GET", "/tunnels/%s/verify" % tunnel_id, answers=(404, 410))
+
+    def sign(self, tunnel_id, csr_pem):
+        answer = self.call_json("POST", "/tunnels/%s/cert" % tunnel_id,
+                                {"csr": csr_pem}, auth=True)[1]
+        cert = answer.get("cert")
+        if not isinstance(cert, str) or "-----BEGIN CERTIFICATE-----" not in cert:
+            raise Rejected("bad answer from %s: no certificate" % self.base_url)
+        return cert
+
+    def extend(self, tunnel_id, token):
+        answer = self.call_json("POST", "/tunnels/%s/extend" % tunnel_id,
+                                {"token": token}, auth=True)[1]
+        return check_tunnel(answer)
+
+    def delete(self, tunnel_id):
+        """The HTTP status: 200 deleted, 404 unknown, 410 expired."""
+        return self.call_json("DELETE", "/tunnels/" + tunnel_id, auth=True, answers=(404, 410))[0]
+
+    def get_cacert(self):
+        text = self.call("GET", "/cacert")[1].decode("utf-8", "replace")
+        if "-----BEGIN CERTIFICATE-----" not in text:
+            raise Rejected("bad answer from %s/cacert: no certificate" % self.base_url)
+        return text
+
+
+def _read_error_body(exc):
+    try:
+        return exc.read(API_MAX_ANSWER_BYTES)
+    except (OSError, ValueError):
+        return b""
+
+
+def _error_message(data):
+    """The server's one-line `error` from a JSON error body, if any."""
+    try:
+        decoded = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    if isinstance(decoded, dict) and isinstance(decoded.get("error"), str):
+        return " ".join(decoded["error"].split())
+    return None
+
+
+def api_for_setup(setup):
+    """An ApiClient for an existing setup: the pinned CA and the tunnel's secret."""
+    context = pinned_ssl_context(setup.files) if setup.server.startswith("https:") else None
+    api = ApiClient(setup.server, context, secret=setup.secret)
+    api.pinned = True
+    return api
+
+
+# =====================================================================
+# TUNNEL CLIENT — `start`: keeps the tunnel connection to the server up,
+# relays streams to the local services, reconnects with backoff
+# =====================================================================
+
+LOCAL_SERVICE_HOST = "127.0.0.1"
+RECONNECT_FIRST_S = 0.5
+RECONNECT_MAX_S = 60.0
+STATUS_FILE = "pipe2me.status.json"
+STATUS_INTERVAL_S = 2.0
+STOP_GRACE_S = 10.0
+
+
+class PodMux(Mux):
+    """The pod's end of the tunnel connection."""
+
+    def __init__(self, runner, sock, welcome, leftover):
+        self.runner = runner
+        self.services = runner.local_ports_by_public_port()
+        self.draining = False
+        super().__init__(runner.loop, sock, SERVER_SENDS, log,
+                         float(welcome.get("heartbeat_interval_s") or HEARTBEAT_INTERVAL_S))
+        if leftover:
+            self.decoder.feed(leftover)
+            self.loop.call_later(0, self.on_readable)
+
+    def on_open(self, stream_id, port):
+        local_port = self.services.get(port)
+        if local_port is None:
+            self.send(Msg.RESET, stream_id, b"no service for that port")
+            return
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = sock.connect_ex((LOCAL_SERVICE_HOST, local_port))
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            log.warning("local service refused port=%d error=%s", local_port, os.strerror(err))
+            self.send(Msg.RESET, stream_id, b"local service unavailable")
+            return
+        self.add_stream(stream_id, sock, connecting=True)
+
+    def on_control(self, msg, obj):
+        if msg == Msg.GOAWAY:
+            log.info("server going away reason=%s", str(obj.get("reason"))[:200])
+            self.draining = True
+            if not self.streams:
+                self.destroy("server going away")
+            return
+        raise ProtocolError("unexpected %s after WELCOME" % msg.name)
+
+    def on_stream_closed(self, stream):
+        if self.draining and not self.streams:
+            self.destroy("drained")
+
+    def on_closed(self, reason):
+        self.runner.on_session_closed(reason)
+
+
+class PodRunner:
+    """Runs `start`: one session at a time, forever, until stopped or rejected."""
+
+    def __init__(self, files, setup):
+        self.files, self.setup = files, setup
+        self.status_path = os.path.join(files.dir, STATUS_FILE)
+        self.loop = EventLoop()
+        self.session = None
+        self.stop_requested = False
+        self.stop_deadline = None
+        self.failures = 0
+        self.up_since = None
+        self.closed_reason = None
+        self.totals = [0, 0]  # bytes in/out of finished sessions
+
+    def local_ports_by_public_port(self):
+        return {s.public_port: s.local_port for s in self.setup.services()}
+
+    # -- one session --------------------------------------------------
+    def tls_context(self):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.load_verify_locations(self.files.cacert)
+        context.load_cert_chain(self.files.cert, self.files.key)
+        return context
+
+    def connect(self):
+        """Dial, authenticate and greet; returns (tls socket, WELCOME, leftover)."""
+        host, port = split_host_port(self.endpoint())
+        raw = socket.create_connection((host, port), timeout=HELLO_TIMEOUT_S)
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tls = self.tls_context().wrap_socket(raw, server_hostname=self.server_name())
+            tls.sendall(encode_control(Msg.HELLO, {
+                "kind": "control", "version": PROTOCOL_VERSION, "tunnel": self.setup.id}))
+            decoder = FrameDecoder(SERVER_SENDS)
+            answer = self.read_answer(tls, decoder)
+        except BaseException:
+            raw.close()
+            raise
+        tls.settimeout(None)
+        return tls, answer, bytes(decoder.buffer)
+
+    def endpoint(self):
+        """host:port of the server's tunnel port; PIPE2ME_TUNNEL overrides it."""
+        return os.environ.get("PIPE2ME_TUNNEL") or self.setup.tunnel
+
+    def server_name(self):
+        """The name the server's certificate must carry: the tunnel domain."""
+        return self.setup.tunnel_domain or self.setup.fqdn.split(".", 1)[1]
+
+    @staticmethod
+    def read_answer(tls, decoder):
+        """WELCOME's object; Rejected for a final REJECT, Unavailable otherwise."""
+        deadline = time.monotonic() + HELLO_TIMEOUT_S
+        while time.monotonic() < deadline:
+            data = tls.recv(MAX_FRAME_BYTES)
+            if not data:
+                raise Unavailable("server closed the connection during the greeting")
+            decoder.feed(data)
+            for msg, _stream, payload in decoder.frames():
+                obj = decode_control(payload)
+                if msg == Msg.WELCOME:
+                    return obj
+                if msg == Msg.REJECT:
+                    reason = str(obj.get("reason", "rejected"))[:300]
+                    raise (Rejected if obj.get("permanent") else Unavailable)(
+                        "server rejected the tunnel: " + reason)
+                raise ProtocolError("expected WELCOME, got %s" % msg.name)
+        raise Unavailable("no answer from the server within %d s" % HELLO_TIMEOUT_S)
+
+    def on_session_closed(self, reason):
+        session = self.session
+        self.totals[0] += session.local_written_bytes
+        self.totals[1] += session.local_read_bytes
+        self.session, self.up_since, self.closed_reason = None, None, reason
+        log.info("tunnel down reason=%s", reason)
+        self.write_status()
+        self.loop.stop()
+
+    # -- the loop of sessions -------------------------------------------
+    def run(self):
+        """Returns 0 after a clean stop; raises Rejected when the server refuses for good."""
+        self.loop.call_later(STATUS_INTERVAL_S, self.status_tick)
+        while not self.stop_requested:
+            try:
+                tls, welcome, leftover = self.connect()
+            except Rejected:
+                raise
+            except (Pipe2meError, OSError, ValueError) as exc:
+                self.closed_reason = str(exc)
+                self.wait_before_retry(exc)
+                continue
+            self.failures = 0
+            self.session = PodMux(self, tls, welcome, leftover)
+            self.up_since = time.time()
+            log.info("tunnel up fqdn=%s server=%s", welcome.get("fqdn"), self.endpoint())
+            self.write_status()
+            self.loop.run()
+        return 0
+
+    def wait_before_retry(self, exc):
+        self.failures += 1
+        ceiling = min(RECONNECT_MAX_S, RECONNECT_FIRST_S * 2 ** min(self.failures, 10))
+        delay = random.uniform(ceiling / 2, ceiling)
+        log.warning("tunnel connect failed attempt=%d retry_in=%.1fs error=%s",
+                    self.failures, delay, exc)
+        self.write_status()
+        self.loop.call_later(delay, self.loop.stop)
+        self.loop.run()
+
+    def request_stop(self):
+        """SIGTERM: let running streams finish (bounded), then stop."""
+        self.stop_requested = True
+        session = self.session
+        if session is None or not session.streams:
+            if session is not None:
+                session.destroy("pod stopping")
+            return self.loop.stop()
+        session.send_control(Msg.GOAWAY, {"reason": "pod stopping"})
+        session.draining = True
+        self.loop.call_later(STOP_GRACE_S, lambda: self.session and self.session.destroy("grace over"))
+
+    # -- status for `pipe2me_pod.py status` -----------------------------
+    def status_tick(self):
+        self.write_status()
+        self.loop.call_later(STATUS_INTERVAL_S, self.status_tick)
+
+    def write_status(self):
+        session = self.session
+        live_in = session.local_written_bytes if session else 0
+        live_out = session.local_read_bytes if session else 0
+        status = {"version": 1, "pid": os.getpid(), "up": session is not None,
+                  "since": self.up_since, "streams": len(session.streams) if session else 0,
+                  "bytes_in": self.totals[0] + live_in, "bytes_out": self.totals[1] + live_out,
+                  "last_error": None if session else self.closed_reason,
+                  "updated_at": time.time()}
+        try:
+            write_file_atomic(self.status_path, (json.dumps(status) + "\n").encode(), 0o644)
+        except OSError as exc:
+            log.debug("status file not written: %s", exc)
+
+
+def split_host_port(endpoint):
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError("bad tunnel endpoint %r (expected host:port)" % endpoint)
+    return host.strip("[]"), int(port)
+
+
+# =====================================================================
+# ECHO SERVICES — `start --echo`: built-in local services for testing a
+# setup end to end (http: the request line; https: the same over TLS with
+# the pod's certificate; others: bytes echoed back)
+# =====================================================================
+
+class EchoHttpHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+    server_version = "pipe2me-echo"
+
+    def __getattr__(self, name):
+        if name.startswith("do_"):
+            return self.echo
+        raise AttributeError(name)
+
+    def echo(self):
+        body = (self.requestline + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt, *args):
+        log.debug("echo %s", fmt % args)
+
+
+class EchoBytesHandler(socketserver.BaseRequestHandler):
+    def handle(self):
+        while True:
+            data = self.request.recv(65536)
+            if not data:
+                break
+            self.request.sendall(data)
+        with contextlib.suppress(OSError):
+            self.request.shutdown(socket.SHUT_WR)
+
+
+class EchoServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, port, handler, tls_context=None):
+        self.tls_context = tls_context
+        super().__init__((LOCAL_SERVICE_HOST, port), handler)
+
+    def finish_request(self, request, client_address):
+        if self.tls_context is not None:
+            request.settimeout(10)
+            request = self.tls_context.wrap_socket(request, server_side=True)
+        self.RequestHandlerClass(request, client_address, self)
+
+
+def start_echo_services(files, setup):
+    """Start one echo service per protocol on its local port; returns the servers."""
+    servers = []
+    for service in setup.services():
+        protocol, port = service.protocol, service.local_port
+        context = None
+        if protocol == "https":
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(files.cert, files.key)
+        handler = EchoHttpHandler if protocol in ("http", "https") else EchoBytesHandler
+        try:
+            server = EchoServer(port, handler, context)
+        except OSError as exc:
+            raise Unavailable("echo service cannot listen on port %d: %s" % (port, exc.strerror))
+        threading.Thread(target=server.serve_forever, name="echo-%d" % port, daemon=True).start()
+        servers.append(server)
+        log.info("echo service protocol=%s port=%d", protocol, port)
+    return servers
+
+
+# =====================================================================
+# COMMANDS — one function per command, each takes the parsed arguments
+# =====================================================================
+
+
+def parse_protocols(text):
+    """A comma list of protocols as a list; UsageError on unknown ones."""
+    protocols = [item.strip().lower() for item in (text or "").split(",")]
+    for protocol in protocols:
+        if protocol not in KNOWN_PROTOCOLS:
+            raise UsageError("bad protocol %r in --protocols: choose from %s"
+                             % (protocol, ",".join(KNOWN_PROTOCOLS)))
+    return protocols
+
+
+def cmd_setup(args):
+    """Create a tunnel on the server and the five files; print the FQDN."""
+    files = PodFiles(args.dir)
+    present = files.existing()
+    if present:
+        raise UsageError("%s already holds a setup (%s): run `clear` first or use another --dir"
+                         % (files.dir, os.path.basename(present[0])))
+    server = normalize_server_url(args.server)
+    if not args.auth:
+        raise UsageError("missing token: pass --auth TOKEN")
+    protocols = parse_protocols(args.protocols)
+    local_ports = None
+    if args.local_ports:
+        local_ports = parse_ports(args.local_ports, "--local-ports")
+        if len(local_ports) != len(protocols):
+            raise UsageError("--local-ports has %d ports for %d protocols: give one port per protocol"
+                             % (len(local_ports), len(protocols)))
+    require_openssl()
+    context = make_ssl_context(args.cacert, args.insecure)
+    created = make_pod_dir(files.dir)
+    try:
+        fqdn = create_tunnel(files, ApiClient(server, context), args.auth, protocols, local_ports)
+    except BaseException:
+        if created:
+            _remove_empty_dir(files.dir)
+        raise
+    print(fqdn)
+    return 0
+
+
+def create_tunnel(files, api, token, protocols, local_ports):
+    """Create the tunnel on the server and install it in `files`; its FQDN.
+
+    After the tunnel exists, any failure deletes it again (best effort) and
+    removes the files written so far.
+    """
+    check_server_config(api, protocols)
+    tunnel = api.create_tunnel(token, protocols)
+    log.info("tunnel created tunnel=%s fqdn=%s", tunnel["id"], tunnel["fqdn"])
+    try:
+        install_tunnel(files, api, api.base_url, tunnel, local_ports or tunnel["ports"])
+    except BaseException:
+        undo_setup(files, api, tunnel)
+        raise
+    return tunnel["fqdn"]
+
+
+def make_pod_dir(directory):
+    """Create the pod directory (mode 0700) if needed; True when it was created.
+
+    UsageError unless the directory is writable.
+    """
+    created = not os.path.isdir(directory)
+    try:
+        os.makedirs(directory, mode=POD_DIR_MODE, exist_ok=True)
+    except OSError as exc:
+        raise UsageError("cannot create %s: %s" % (directory, _reason(exc)))
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UsageError("cannot write to %s: permission denied" % directory)
+    return created
+
+
+def _remove_empty_dir(directory):
+    try:
+        os.rmdir(directory)
+    except OSError:
+        pass  # not empty or already gone: leave it
+
+
+def check_server_config(api, protocols):
+    """Refuse a server of another protocol version or one that lacks a protocol."""
+    config = api.get_config()
+    if config.get("protocol_version") != PROTOCOL_VERSION:
+        raise Rejected("server %s speaks protocol version %r, this pod %d: use matching versions"
+                       % (api.base_url, config.get("protocol_version"), PROTOCOL_VERSION))
+    offered = config.get("protocols")
+    if isinstance(offered, list):
+        for protocol in protocols:
+            if protocol not in offered:
+                raise Rejected("server %s does not offer protocol %s (it offers %s)"
+                               % (api.base_url, protocol, ",".join(map(str, offered))))
+    return config
+
+
+def install_tunnel(files, api, server, tunnel, local_ports):
+    """Make the key and CSR, get the certificate and CA, write the five files."""
+    api.secret = tunnel["secret"]
+    write_file_atomic(files.key, make_key(), SECRET_FILE_MODE)
+    cert = api.sign(tunnel["id"], make_csr(files.key, tunnel["fqdn"]))
+    cacert = api.get_cacert()
+    check_pin(api, cacert)
+    write_file_atomic(files.cert, cert, PUBLIC_FILE_MODE)
+    write_file_atomic(files.cacert, cacert, PUBLIC_FILE_MODE)
+    write_local(files, server, local_ports)
+    write_info(files, server, tunnel, tunnel["secret"])
+
+
+def check_pin(api, cacert):
+    """Over https, prove the CA about to be pinned verifies the server, so later calls work."""
+    if not api.base_url.startswith("https:"):
+        return
+    try:
+        context = ssl.create_default_context(cadata=cacert)
+    except ssl.SSLError as exc:
+        raise Rejected("bad CA certificate from %s/cacert: %s" % (api.base_url, exc))
+    pinned = ApiClient(api.base_url, context)
+    pinned.pinned = True
+    pinned.get_config()
+
+
+def undo_setup(files, api, tunnel):
+    """Best effort after a failed setup: delete the tunnel on the server, remove our files."""
+    try:
+        api.delete(tunnel["id"])
+        log.info("tunnel deleted after failed setup tunnel=%s", tunnel["id"])
+    except Pipe2meError as exc:
+        log.warning("could not delete the tunnel after failed setup tunnel=%s reason=%s",
+                    tunnel["id"], exc)
+    files.remove_all()
+
+
+def cmd_env(args):
+    """Print the settings as KEY='value' lines for `eval`; never the secret."""
+    setup = read_setup(PodFiles(args.dir))
+    values = {"PIPE2ME_SERVER": setup.server, "PIPE2ME_ID": setup.id, "PIPE2ME_FQDN": setup.fqdn}
+    for index, url in enumerate(setup.urls):
+        values["PIPE2ME_URLS_%d" % index] = url
+    values["PIPE2ME_TUNNEL"] = setup.tunnel
+    values["PIPE2ME_LOCAL_PORTS"] = ",".join(str(port) for port in setup.local_ports)
+    sys.stdout.write(format_inc(values))
+    return 0
+
+
+def cmd_verify(args):
+    """Print the FQDN while the tunnel is online; Rejected (exit 4) otherwise."""
+    setup = read_setup(PodFiles(args.dir))
+    status, answer = api_for_setup(setup).verify(setup.id)
+    if status == 200 and answer.get("status") == "online":
+        print(setup.fqdn)
+        return 0
+    state = {410: "expired", 404: "unknown"}.get(status, str(answer.get("status")))
+    raise Rejected("tunnel %s %s" % (setup.fqdn, state))
+
+
+def cmd_update(args):
+    """Extend (with --auth), refresh the settings, renew the certificate when due."""
+    setup = read_setup(PodFiles(args.dir))
+    api = api_for_setup(setup)
+    if args.auth:
+        api.extend(setup.id, args.auth)
+        log.info("tunnel extended tunnel=%s", setup.id)
+    tunnel = api.get_tunnel(setup.id)
+    changed = tunnel["expires_at"] != setup.expires_at
+    if tunnel.get("status") == "expired":
+        write_info(setup.files, setup.server, tunnel, setup.secret)
+        raise Rejected("tunnel %s expired: extend it with `update --auth TOKEN`" % setup.fqdn)
+    if changed or cert_needs_renewal(setup.files.cert):
+        cert = api.sign(setup.id, make_csr(setup.files.key, setup.fqdn))
+        write_file_atomic(setup.files.cert, cert, PUBLIC_FILE_MODE)
+        log.info("certificate renewed tunnel=%s", setup.id)
+    write_info(setup.files, setup.server, tunnel, setup.secret)
+    log.info("tunnel updated tunnel=%s expires_at=%d", setup.id, tunnel["expires_at"])
+    return 0
+
+
+def cmd_clear(args):
+    """Delete the tunnel on the server and remove the five files."""
+    files = PodFiles(args.dir)
+    if not files.existing():
+        raise UsageError("no setup in %s: nothing to clear" % files.dir)
+    setup = read_setup(files) if os.path.exists(files.info) else None
+    what = "tunnel %s and its files in %s" % (setup.fqdn, files.dir) if setup \
+        else "the files in %s (no tunnel settings, the server is not told)" % files.dir
+    if not args.yes:
+        confirm("Delete %s?" % what)
+    if setup:
+        try:
+            status = api_for_setup(setup).delete(setup.id)
+        except Pipe2meError as exc:
+            raise type(exc)("%s; nothing removed from %s" % (exc, files.dir))
+        if status == 200:
+            log.info("tunnel deleted tunnel=%s", setup.id)
+        else:
+            log.warning("tunnel already gone on the server tunnel=%s status=%d", setup.id, status)
+    removed = files.remove_all()
+    log.info("files removed dir=%s files=%s", files.dir, ",".join(removed))
+    return 0
+
+
+def confirm(question):
+    """Ask on the terminal; UsageError unless the answer is yes."""
+    if not sys.stdin.isatty():
+        raise UsageError("refusing to clear without --yes: stdin is not a terminal")
+    sys.stderr.write(question + " [y/N] ")
+    sys.stderr.flush()
+    answer = sys.stdin.readline().strip().lower()
+    if answer not in ("y", "yes"):
+        raise UsageError("not confirmed: nothing changed")
+
+
+def cmd_service(args):
+    """Print a service definition that runs `start` for this directory at boot."""
+    files = PodFiles(args.dir)
+    fqdn = read_setup(files).fqdn if os.path.exists(files.info) else None
+    name = "pipe2me-" + fqdn.split(".")[0] if fqdn else "pipe2me"
+    python = sys.executable if sys.executable and os.path.isabs(sys.executable) else "python3"
+    argv = [python, os.path.abspath(__file__), "--dir", files.dir, "start"]
+    if args.systemd:
+        text = systemd_unit(name, fqdn or files.dir, argv, _dir_owner(files.dir))
+    else:
+        template = PROCD_TEMPLATE if args.procd else SYSV_TEMPLATE
+        text = fill_template(template, name, fqdn or files.dir,
+                             " ".join(shlex.quote(arg) for arg in argv))
+    sys.stdout.write(text)
+    return 0
+
+
+def _dir_owner(directory):
+    """The name of the directory's owner unless it is root, for systemd's User=."""
+    try:
+        import pwd
+        uid = os.stat(directory).st_uid
+        return pwd.getpwuid(uid).pw_name if uid != 0 else None
+    except (ImportError, OSError, KeyError):
+        return None
+
+
+def fill_template(template, name, title, command):
+    return (template.replace("@NAME@", name).replace("@TITLE@", title)
+            .replace("@COMMAND@", command).replace("@DELAY@", str(SERVICE_RESTART_DELAY_S)))
+
+
+def systemd_quote(word):
+    """One ExecStart word: `%` and `$` escaped, double-quoted when needed."""
+    word = word.replace("%", "%%").replace("$", "$$")
+    if re.match(r"^[A-Za-z0-9_@%+=:,./-]+$", word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def systemd_unit(name, title, argv, user):
+    text = fill_template(SYSTEMD_TEMPLATE, name, title, " ".join(systemd_quote(a) for a in argv))
+    return text.replace("@USER@\n", "User=%s\n" % user if user else "")
+
+
+SYSTEMD_TEMPLATE = """\
+# Save as /etc/systemd/system/@NAME@.service, then:
+#   systemctl daemon-reload && systemctl enable --now @NAME@
+[Unit]
+Description=pipe2me tunnel @TITLE@
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=simple
+ExecStart=@COMMAND@
+Restart=on-failure
+RestartSec=@DELAY@
+# exit 2 (bad setup) and 4 (rejected, e.g. expired): restarting will not help
+RestartPreventExitStatus=2 4
+@USER@
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+PROCD_TEMPLATE = """\
+#!/bin/sh /etc/rc.common
+# pipe2me tunnel @TITLE@
+# Save as /etc/init.d/@NAME@, then:
+#   chmod +x /etc/init.d/@NAME@ && /etc/init.d/@NAME@ enable && /etc/init.d/@NAME@ start
+START=99
+STOP=10
+USE_PROCD=1
+
+start_service() {
+	procd_open_instance
+	procd_set_param command @COMMAND@
+	# respawn: threshold 3600 s, wait @DELAY@ s, retry forever
+	procd_set_param respawn 3600 @DELAY@ 0
+	procd_set_param stdout 1
+	procd_set_param stderr 1
+	procd_close_instance
+}
+"""
+
+SYSV_TEMPLATE = """\
+#!/bin/sh
+### BEGIN INIT INFO
+# Provides:          @NAME@
+# Required-Start:    $network $remote_fs $syslog
+# Required-Stop:     $network $remote_fs $syslog
+# Default-Start:     2 3 4 5
+# Default-Stop:      0 1 6
+# Short-Description: pipe2me tunnel @TITLE@
+### END INIT INFO
+# Save as /etc/init.d/@NAME@, then:
+#   chmod +x /etc/init.d/@NAME@ && update-rc.d @NAME@ defaults && /etc/init.d/@NAME@ start
+
+PIDFILE=/var/run/@NAME@.pid
+LOGFILE=/var/log/@NAME@.log
+
+# Runs the pod and restarts it after a failure; exit 0 (stopped), 2 (bad setup)
+# and 4 (rejected, e.g. expired) end the loop since restarting will not help.
+supervise() {
+	child=
+	trap 'if [ -n "$child" ]; then kill "$child" 2>/dev/null; wait "$child"; fi; exit 0' TERM
+	while :; do
+		@COMMAND@ &
+		child=$!
+		wait "$child"
+		rc=$?
+		child=
+		case $rc in 0|2|4) exit "$rc" ;; esac
+		sleep @DELAY@
+	done
+}
+
+is_running() {
+	[ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null
+}
+
+do_stop() {
+	if is_running; then
+		kill "$(cat "$PIDFILE")"
+		i=0
+		while is_running && [ "$i" -lt 20 ]; do sleep 1; i=$((i + 1)); done
+	fi
+	rm -f "$PIDFILE"
+}
+
+case "$1" in
+start)
+	if is_running; then echo "@NAME@ is already running"; exit 0; fi
+	supervise </dev/null >>"$LOGFILE" 2>&1 &
+	echo $! >"$PIDFILE"
+	;;
+stop)
+	do_stop
+	;;
+restart|force-reload)
+	do_stop
+	"$0" start
+	;;
+status)
+	if is_running; then echo "@NAME@ is running"; else echo "@NAME@ is stopped"; exit 3; fi
+	;;
+*)
+	echo "usage: $0 start|stop|restart|status" >&2
+	exit 2
+	;;
+esac
+"""
+
+
+def cmd_start(args):
+    files = PodFiles(args.dir)
+    setup = read_setup(files)
+    servers = start_echo_services(files, setup) if args.echo else []
+    runner = PodRunner(files, setup)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: runner.loop.call_soon_threadsafe(runner.request_stop))
+    log.info("pod ready fqdn=%s", setup.fqdn)
+    try:
+        return runner.run()
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+        runner.session = None
+        runner.write_status()
+
+
+def cmd_status(args):
+    files = PodFiles(args.dir)
+    setup = read_setup(files)
+    try:
+        with open(os.path.join(files.dir, STATUS_FILE), encoding="utf-8") as fh:
+            status = json.loads(fh.read())
+    except (OSError, ValueError):
+        status = {}
+    running = bool(status.get("pid")) and pid_alive(status["pid"]) and status.get("up") is not None
+    print("FQDN=%s" % setup.fqdn)
+    print("RUNNING=%s" % ("yes" if running else "no"))
+    print("TUNNEL=%s" % ("up" if running and status.get("up") else "down"))
+    print("STREAMS=%d" % (status.get("streams", 0) if running else 0))
+    print("BYTES_IN=%d" % status.get("bytes_in", 0))
+    print("BYTES_OUT=%d" % status.get("bytes_out", 0))
+    if status.get("last_error") and not status.get("up"):
+        print("LAST_ERROR=%s" % shlex.quote(status["last_error"]))
+    return 0 if running and status.get("up") else 3
+
+
+def pid_alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def cmd_check(args):
+    raise UsageError("check is not available yet")
+
+
+def cmd_map_ports(args):
+    raise UsageError("map-ports is not available yet")
+
+
+# =====================================================================
+# CLI — argument parsing, logging and main(); the entry point
+# =====================================================================
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises UsageError, so main() prints one line, not the usage."""
+
+    def error(self, message):
+        raise UsageError("%s (see %s --help)" % (message, self.prog))
+
+
+def add_global_options(parser, top_level):
+    """--dir, -v, -q, --silent, -k; on subcommands they only override when given."""
+    def default(value):
+        return value if top_level else argparse.SUPPRESS
+    parser.add_argument("--dir", default=default(os.environ.get(DIR_ENV) or os.getcwd()),
+                        help="pod directory (default: $%s or the current directory)" % DIR_ENV)
+    parser.add_argument("-v", "--verbose", action="count", default=default(0),
+                        help="log more (debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default(False),
+                        help="log warnings and errors only")
+    parser.add_argument("--silent", action="store_true", default=default(False),
+                        help="write nothing to stderr, not even the error line")
+    parser.add_argument("-k", "--insecure", action="store_true", default=default(False),
+                        help="setup: do not verify the server's TLS certificate")
+
+
+def build_parser():
+    parser = ArgumentParser(
+        prog="pipe2me_pod.py", description="pipe2me pod: publish local TCP services "
+        "through a pipe2me server.", epilog="Exit codes: 0 ok, 2 usage, 3 unavailable, "
+        "4 rejected, 130 interrupted.")
+    add_global_options(parser, top_level=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    def command(name, func, help_text):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        add_global_options(sub, top_level=False)
+        sub.set_defaults(func=func)
+        return sub
+
+    setup = command("setup", cmd_setup, "create a tunnel and this pod's key and certificate")
+    setup.add_argument("-s", "--server", help="server URL: http(s)://HOST[:PORT] or HOST[:PORT]")
+    setup.add_argument("--auth", "--token", dest="auth", help="auth token from the server")
+    setup.add_argument("--protocols", default=",".join(DEFAULT_PROTOCOLS),
+                       help="comma list of %s (default: %%(default)s)" % ",".join(KNOWN_PROTOCOLS))
+    setup.add_argument("--local-ports", "--ports", dest="local_ports",
+                       help="comma list of local ports, one per protocol (default: the public ones)")
+    setup.add_argument("--cacert", help="verify the server with the CA certificates in FILE")
+    command("env", cmd_env, "print the settings as shell variables")
+    command("verify", cmd_verify, "print the FQDN and exit 0 while the tunnel is online")
+    start = command("start", cmd_start, "run the tunnel in the foreground")
+    start.add_argument("--echo", action="store_true", help="also run echo services on the local ports")
+    command("status", cmd_status, "whether the tunnel connection is up")
+    update = command("update", cmd_update, "refresh the settings and renew the certificate")
+    update.add_argument("--auth", "--token", dest="auth", help="extend the tunnel with this token")
+    command("check", cmd_check, "ask the server to probe this pod's public address")
+    command("map-ports", cmd_map_ports, "open the public ports on the router")
+    clear = command("clear", cmd_clear, "delete the tunnel on the server and the local files")
+    clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    service = command("service", cmd_service, "print a service definition that runs start at boot")
+    kinds = service.add_mutually_exclusive_group(required=True)
+    for kind in ("systemd", "procd", "sysv"):
+        kinds.add_argument("--" + kind, action="store_true", help="for %s" % kind)
+    return parser
+
+
+def configure_logging(args):
+    """Send the pod's logs to stderr at the level the flags ask for."""
+    if args.silent:
+        level = logging.CRITICAL + 1
+    elif args.quiet:
+        level = logging.WARNING
+    elif args.verbose:
+        level = logging.DEBUG
+    else:
+        level = logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    for old in list(log.handlers):
+        log.removeHandler(old)
+    log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+
+
+def main(argv=None):
+    """Run one command; return the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        if "--silent" not in argv:
+            sys.stderr.write("pipe2me: %s\n" % exc)
+        return exc.exit_code
+    configure_logging(args)
+    try:
+        return args.func(args)
+    except Pipe2meError as exc:
+        if not args.silent:
+            sys.stderr.write("pipe2me: %s\n" % exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        if not args.silent:
+            sys.stderr.write("pipe2me: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
