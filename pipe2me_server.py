@@ -2080,9 +2080,9 @@ class Api:
 class ApiError(Exception):
     """An API answer other than 2xx: status, one-line message, extra JSON keys."""
 
-    def __init__(self, status, message, **extra):
+    def __init__(self, http_status, message, **extra):
         super().__init__(message)
-        self.status, self.message, self.extra = status, message, extra
+        self.status, self.message, self.extra = http_status, message, extra
 
 
 ROUTES = [
