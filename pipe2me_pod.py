@@ -353,32 +353,86 @@ def decode_control(payload):
 class FrameDecoder:
     """Splits a byte stream into frames.
 
-    feed() appends bytes; frames() yields (msg, stream, payload) for every
-    complete frame and keeps the rest. It holds at most one frame plus the last
-    chunk fed, raises ProtocolError for an unknown type or an oversized frame
-    and never raises anything else."""
+    frames(data) yields (msg, stream, payload) for what `data` completes.
+    DATA payloads are passed on as they arrive (cut-through), possibly in
+    several pieces, as memoryviews valid only until the next call; other
+    frames come whole, as bytes. It buffers at most one control frame, raises
+    ProtocolError for an unknown type or an oversized frame and never raises
+    anything else."""
 
     def __init__(self, allowed):
         self.allowed = allowed
-        self.buffer = bytearray()
+        self.buffer = bytearray()   # the header or control frame being assembled
+        self.header = None          # (msg, stream, length) once a header is whole
+        self.data_stream = 0        # DATA payload in progress: its stream ...
+        self.data_left = 0          # ... and how much of it is still to come
 
-    def feed(self, data):
-        self.buffer += data
-
-    def frames(self):
-        buf = self.buffer
-        while len(buf) >= FRAME_HEADER.size:
-            msg, stream, length = FRAME_HEADER.unpack_from(buf)
-            if msg not in self.allowed:
-                raise ProtocolError("unexpected frame type %d" % msg)
-            if length > MAX_FRAME_BYTES:
-                raise ProtocolError("frame of %d bytes exceeds the limit" % length)
-            end = FRAME_HEADER.size + length
-            if len(buf) < end:
+    def frames(self, data):
+        view = memoryview(data)
+        pos, end = 0, len(view)
+        while pos < end:
+            if self.data_left:
+                piece = view[pos:pos + self.data_left]
+                self.data_left -= len(piece)
+                pos += len(piece)
+                yield Msg.DATA, self.data_stream, piece
+                continue
+            want = FRAME_HEADER.size + (self.header[2] if self.header else 0)
+            take = min(want - len(self.buffer), end - pos)
+            self.buffer += view[pos:pos + take]
+            pos += take
+            if len(self.buffer) < want:
                 return
-            payload = bytes(buf[FRAME_HEADER.size:end])
-            del buf[:end]
-            yield Msg(msg), stream, payload
+            if self.header is None:
+                frame = self.start_frame()
+                if frame is not None:
+                    yield frame
+            else:
+                yield self.finish_frame()
+
+    def start_frame(self):
+        """A header is whole: check it; DATA switches to cut-through."""
+        msg, stream, length = FRAME_HEADER.unpack_from(self.buffer)
+        if msg not in self.allowed:
+            raise ProtocolError("unexpected frame type %d" % msg)
+        if length > MAX_FRAME_BYTES:
+            raise ProtocolError("frame of %d bytes exceeds the limit" % length)
+        if msg == Msg.DATA and length:
+            del self.buffer[:]
+            self.data_stream, self.data_left = stream, length
+            return None
+        self.header = (msg, stream, length)
+        return self.finish_frame() if not length else None
+
+    def finish_frame(self):
+        msg, stream, _length = self.header
+        payload = bytes(self.buffer[FRAME_HEADER.size:])
+        del self.buffer[:]
+        self.header = None
+        return Msg(msg), stream, payload
+
+
+def read_frame_blocking(sock, allowed, deadline):
+    """Read exactly one whole frame from a blocking socket (the greeting), so
+    nothing after it is consumed. ProtocolError on EOF, bad frames or after
+    `deadline` (time.monotonic())."""
+    header = recv_exactly(sock, FRAME_HEADER.size, deadline)
+    msg, stream, length = FRAME_HEADER.unpack(header)
+    if msg not in allowed or length > MAX_FRAME_BYTES:
+        raise ProtocolError("bad first frame (type %d, %d bytes)" % (msg, length))
+    return Msg(msg), stream, recv_exactly(sock, length, deadline)
+
+
+def recv_exactly(sock, size, deadline):
+    data = bytearray()
+    while len(data) < size:
+        if time.monotonic() > deadline:
+            raise ProtocolError("greeting not complete within %d s" % HELLO_TIMEOUT_S)
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ProtocolError("connection closed during the greeting")
+        data += chunk
+    return bytes(data)
 # ---- END SHARED protocol ----
 # ---- BEGIN SHARED relay (identical in pipe2me_server.py and pipe2me_pod.py) ----
 # One thread, one selector. A Mux owns one tunnel connection (TLS, non-blocking)
@@ -394,7 +448,9 @@ class FrameDecoder:
 # Half-close: local EOF -> EOF frame; EOF frame -> drain, then shutdown(SHUT_WR).
 # A Stream is finished when both directions are closed; RESET aborts it.
 
-READ_CHUNK_BYTES = 256 * 1024
+READ_CHUNK_BYTES = 256 * 1024          # one local read becomes one DATA frame
+TLS_READ_BYTES = 64 * 1024             # a TLS read returns one record (16 KiB) at most
+WRITE_CHUNK_BYTES = FRAME_HEADER.size + READ_CHUNK_BYTES  # >= any direct write, for TLS retries
 MUX_HIGH_WATER_BYTES = 1024 * 1024
 MUX_LOW_WATER_BYTES = 256 * 1024
 WINDOW_UPDATE_BYTES = STREAM_WINDOW_BYTES // 4
@@ -530,23 +586,26 @@ class Stream:
             self.on_readable()
 
     def on_readable(self):
-        if self.mux.congested:
-            self.mux.blocked.add(self)
+        mux = self.mux
+        if mux.congested:
+            mux.blocked.add(self)
             return self.update_interest()
-        try:
-            data = self.sock.recv(min(self.credit, READ_CHUNK_BYTES))
+        limit = FRAME_HEADER.size + min(self.credit, READ_CHUNK_BYTES)
+        try:  # straight into the shared frame buffer, behind room for the header
+            size = self.sock.recv_into(mux.scratch_view[FRAME_HEADER.size:limit])
         except (BlockingIOError, InterruptedError):
             return
         except SOCKET_GONE as exc:
             return self.abort("local read failed: %s" % exc)
         self.last_active = time.monotonic()
-        if not data:
+        if not size:
             self.read_closed = True
-            self.mux.send(Msg.EOF, self.id)
+            mux.send(Msg.EOF, self.id)
             return self.finish_if_done()
-        self.credit -= len(data)
-        self.mux.local_read_bytes += len(data)
-        self.mux.send(Msg.DATA, self.id, data)
+        self.credit -= size
+        mux.local_read_bytes += size
+        FRAME_HEADER.pack_into(mux.scratch, 0, Msg.DATA, self.id, size)
+        mux.send_view(mux.scratch_view[:FRAME_HEADER.size + size])
         if not self.credit:
             self.update_interest()
 
@@ -561,18 +620,41 @@ class Stream:
             self.update_interest()
 
     def on_data(self, payload):
+        """A piece of DATA (a view valid only now): write it, or keep a copy."""
         self.unacked += len(payload)
         if self.unacked > STREAM_WINDOW_BYTES:
             raise ProtocolError("stream %d: data beyond the window" % self.id)
         if self.peer_eof:
             raise ProtocolError("stream %d: data after EOF" % self.id)
         self.last_active = time.monotonic()
-        self.pending.append(payload)
+        if self.pending or self.connecting:
+            self.keep(payload)
+            return
+        try:
+            sent = self.sock.send(payload)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except SOCKET_GONE as exc:
+            return self.abort("local write failed: %s" % exc)
+        self.count_delivered(sent)
+        if sent < len(payload):
+            self.keep(payload[sent:])
+
+    def keep(self, payload):
+        was_empty = not self.pending
+        self.pending.append(bytes(payload))
         self.pending_bytes += len(payload)
-        if not self.connecting and len(self.pending) == 1:
-            self.flush_pending()
-        if not self.closed:
+        if was_empty:
             self.update_interest()
+
+    def count_delivered(self, sent):
+        """Bytes reached the local socket: count them, return credit in batches."""
+        self.delivered += sent
+        self.mux.local_written_bytes += sent
+        if self.delivered >= WINDOW_UPDATE_BYTES:
+            self.mux.send(Msg.WINDOW, self.id, U32.pack(self.delivered))
+            self.unacked -= self.delivered
+            self.delivered = 0
 
     def flush_pending(self):
         """Write what the peer sent; return credit; half-close after its EOF."""
@@ -585,16 +667,11 @@ class Stream:
             except SOCKET_GONE as exc:
                 return self.abort("local write failed: %s" % exc)
             self.pending_bytes -= sent
-            self.delivered += sent
-            self.mux.local_written_bytes += sent
+            self.count_delivered(sent)
             if sent < len(chunk):
                 self.pending[0] = chunk[sent:]
                 break
             self.pending.popleft()
-        if self.delivered >= WINDOW_UPDATE_BYTES:
-            self.mux.send(Msg.WINDOW, self.id, U32.pack(self.delivered))
-            self.unacked -= self.delivered
-            self.delivered = 0
         if self.peer_eof and not self.pending and not self.write_closed:
             self.shutdown_write()
 
@@ -667,8 +744,13 @@ class Mux:
         self.heartbeat_s = heartbeat_s
         self.last_heard = time.monotonic()
         self.heartbeat = loop.call_later(heartbeat_s, self.on_heartbeat)
+        self.scratch = bytearray(WRITE_CHUNK_BYTES)   # outgoing DATA, built in place
+        self.scratch_view = memoryview(self.scratch)
+        self.inbox = bytearray(TLS_READ_BYTES)        # incoming bytes, decoded in place
+        self.inbox_view = memoryview(self.inbox)
         sock.setblocking(False)
         loop.watch(sock, EVENT_READ, self.on_event)
+        loop.call_later(0, self.on_readable)  # TLS may hold bytes read during the greeting
 
     # -- sending -------------------------------------------------------
     def send(self, msg, stream, payload=b""):
@@ -680,6 +762,25 @@ class Mux:
             self.congested = True
         self.flush()
 
+    def send_view(self, view):
+        """Send a whole frame from a view; only what the socket refuses is copied."""
+        if self.closed:
+            return
+        if self.out:
+            self.out += view
+            if len(self.out) > MUX_HIGH_WATER_BYTES:
+                self.congested = True
+            return self.flush()
+        try:
+            sent = self.sock.send(view)
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+            sent = 0
+        except SOCKET_GONE as exc:
+            return self.destroy("send failed: %s" % exc)
+        if sent < len(view):
+            self.out += view[sent:]
+            self.loop.watch(self.sock, EVENT_READ | EVENT_WRITE, self.on_event)
+
     def send_control(self, msg, obj):
         self.send(msg, 0, json.dumps(obj, separators=(",", ":")).encode())
 
@@ -687,7 +788,7 @@ class Mux:
         while self.out and not self.closed:
             try:
                 with memoryview(self.out) as view:
-                    sent = self.sock.send(view[:READ_CHUNK_BYTES])
+                    sent = self.sock.send(view[:WRITE_CHUNK_BYTES])
             except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
                 break
             except SOCKET_GONE as exc:
@@ -711,19 +812,20 @@ class Mux:
             self.on_readable()
 
     def on_readable(self):
-        for _ in range(16):
+        if self.closed:
+            return
+        for _ in range(64):
             try:
-                data = self.sock.recv(READ_CHUNK_BYTES)
+                size = self.sock.recv_into(self.inbox)
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
                 return
             except SOCKET_GONE as exc:
                 return self.destroy("receive failed: %s" % exc)
-            if not data:
+            if not size:
                 return self.destroy("connection closed by peer")
             self.last_heard = time.monotonic()
-            self.decoder.feed(data)
             try:
-                for msg, stream, payload in self.decoder.frames():
+                for msg, stream, payload in self.decoder.frames(self.inbox_view[:size]):
                     self.dispatch(msg, stream, payload)
                     if self.closed:
                         return
@@ -1232,15 +1334,12 @@ STOP_GRACE_S = 10.0
 class PodMux(Mux):
     """The pod's end of the tunnel connection."""
 
-    def __init__(self, runner, sock, welcome, leftover):
+    def __init__(self, runner, sock, welcome):
         self.runner = runner
         self.services = runner.local_ports_by_public_port()
         self.draining = False
         super().__init__(runner.loop, sock, SERVER_SENDS, log,
                          float(welcome.get("heartbeat_interval_s") or HEARTBEAT_INTERVAL_S))
-        if leftover:
-            self.decoder.feed(leftover)
-            self.loop.call_later(0, self.on_readable)
 
     def on_open(self, stream_id, port):
         local_port = self.services.get(port)
@@ -1310,13 +1409,12 @@ class PodRunner:
             tls = self.tls_context().wrap_socket(raw, server_hostname=self.server_name())
             tls.sendall(encode_control(Msg.HELLO, {
                 "kind": "control", "version": PROTOCOL_VERSION, "tunnel": self.setup.id}))
-            decoder = FrameDecoder(SERVER_SENDS)
-            answer = self.read_answer(tls, decoder)
+            answer = self.read_answer(tls)
         except BaseException:
             raw.close()
             raise
         tls.settimeout(None)
-        return tls, answer, bytes(decoder.buffer)
+        return tls, answer
 
     def endpoint(self):
         """host:port of the server's tunnel port; PIPE2ME_TUNNEL overrides it."""
@@ -1327,24 +1425,21 @@ class PodRunner:
         return self.setup.tunnel_domain or self.setup.fqdn.split(".", 1)[1]
 
     @staticmethod
-    def read_answer(tls, decoder):
+    def read_answer(tls):
         """WELCOME's object; Rejected for a final REJECT, Unavailable otherwise."""
-        deadline = time.monotonic() + HELLO_TIMEOUT_S
-        while time.monotonic() < deadline:
-            data = tls.recv(MAX_FRAME_BYTES)
-            if not data:
-                raise Unavailable("server closed the connection during the greeting")
-            decoder.feed(data)
-            for msg, _stream, payload in decoder.frames():
-                obj = decode_control(payload)
-                if msg == Msg.WELCOME:
-                    return obj
-                if msg == Msg.REJECT:
-                    reason = str(obj.get("reason", "rejected"))[:300]
-                    raise (Rejected if obj.get("permanent") else Unavailable)(
-                        "server rejected the tunnel: " + reason)
-                raise ProtocolError("expected WELCOME, got %s" % msg.name)
-        raise Unavailable("no answer from the server within %d s" % HELLO_TIMEOUT_S)
+        try:
+            msg, _stream, payload = read_frame_blocking(
+                tls, SERVER_SENDS, time.monotonic() + HELLO_TIMEOUT_S)
+            obj = decode_control(payload)
+        except ProtocolError as exc:
+            raise Unavailable("greeting failed: %s" % exc) from None
+        if msg == Msg.WELCOME:
+            return obj
+        if msg == Msg.REJECT:
+            reason = str(obj.get("reason", "rejected"))[:300]
+            raise (Rejected if obj.get("permanent") else Unavailable)(
+                "server rejected the tunnel: " + reason)
+        raise Unavailable("expected WELCOME from the server, got %s" % msg.name)
 
     def on_session_closed(self, reason):
         session = self.session
@@ -1361,7 +1456,7 @@ class PodRunner:
         self.loop.call_later(STATUS_INTERVAL_S, self.status_tick)
         while not self.stop_requested:
             try:
-                tls, welcome, leftover = self.connect()
+                tls, welcome = self.connect()
             except Rejected:
                 raise
             except (Pipe2meError, OSError, ValueError) as exc:
@@ -1369,7 +1464,7 @@ class PodRunner:
                 self.wait_before_retry(exc)
                 continue
             self.failures = 0
-            self.session = PodMux(self, tls, welcome, leftover)
+            self.session = PodMux(self, tls, welcome)
             self.up_since = time.time()
             log.info("tunnel up fqdn=%s server=%s", welcome.get("fqdn"), self.endpoint())
             self.write_status()

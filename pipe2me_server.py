@@ -466,32 +466,86 @@ def decode_control(payload):
 class FrameDecoder:
     """Splits a byte stream into frames.
 
-    feed() appends bytes; frames() yields (msg, stream, payload) for every
-    complete frame and keeps the rest. It holds at most one frame plus the last
-    chunk fed, raises ProtocolError for an unknown type or an oversized frame
-    and never raises anything else."""
+    frames(data) yields (msg, stream, payload) for what `data` completes.
+    DATA payloads are passed on as they arrive (cut-through), possibly in
+    several pieces, as memoryviews valid only until the next call; other
+    frames come whole, as bytes. It buffers at most one control frame, raises
+    ProtocolError for an unknown type or an oversized frame and never raises
+    anything else."""
 
     def __init__(self, allowed):
         self.allowed = allowed
-        self.buffer = bytearray()
+        self.buffer = bytearray()   # the header or control frame being assembled
+        self.header = None          # (msg, stream, length) once a header is whole
+        self.data_stream = 0        # DATA payload in progress: its stream ...
+        self.data_left = 0          # ... and how much of it is still to come
 
-    def feed(self, data):
-        self.buffer += data
-
-    def frames(self):
-        buf = self.buffer
-        while len(buf) >= FRAME_HEADER.size:
-            msg, stream, length = FRAME_HEADER.unpack_from(buf)
-            if msg not in self.allowed:
-                raise ProtocolError("unexpected frame type %d" % msg)
-            if length > MAX_FRAME_BYTES:
-                raise ProtocolError("frame of %d bytes exceeds the limit" % length)
-            end = FRAME_HEADER.size + length
-            if len(buf) < end:
+    def frames(self, data):
+        view = memoryview(data)
+        pos, end = 0, len(view)
+        while pos < end:
+            if self.data_left:
+                piece = view[pos:pos + self.data_left]
+                self.data_left -= len(piece)
+                pos += len(piece)
+                yield Msg.DATA, self.data_stream, piece
+                continue
+            want = FRAME_HEADER.size + (self.header[2] if self.header else 0)
+            take = min(want - len(self.buffer), end - pos)
+            self.buffer += view[pos:pos + take]
+            pos += take
+            if len(self.buffer) < want:
                 return
-            payload = bytes(buf[FRAME_HEADER.size:end])
-            del buf[:end]
-            yield Msg(msg), stream, payload
+            if self.header is None:
+                frame = self.start_frame()
+                if frame is not None:
+                    yield frame
+            else:
+                yield self.finish_frame()
+
+    def start_frame(self):
+        """A header is whole: check it; DATA switches to cut-through."""
+        msg, stream, length = FRAME_HEADER.unpack_from(self.buffer)
+        if msg not in self.allowed:
+            raise ProtocolError("unexpected frame type %d" % msg)
+        if length > MAX_FRAME_BYTES:
+            raise ProtocolError("frame of %d bytes exceeds the limit" % length)
+        if msg == Msg.DATA and length:
+            del self.buffer[:]
+            self.data_stream, self.data_left = stream, length
+            return None
+        self.header = (msg, stream, length)
+        return self.finish_frame() if not length else None
+
+    def finish_frame(self):
+        msg, stream, _length = self.header
+        payload = bytes(self.buffer[FRAME_HEADER.size:])
+        del self.buffer[:]
+        self.header = None
+        return Msg(msg), stream, payload
+
+
+def read_frame_blocking(sock, allowed, deadline):
+    """Read exactly one whole frame from a blocking socket (the greeting), so
+    nothing after it is consumed. ProtocolError on EOF, bad frames or after
+    `deadline` (time.monotonic())."""
+    header = recv_exactly(sock, FRAME_HEADER.size, deadline)
+    msg, stream, length = FRAME_HEADER.unpack(header)
+    if msg not in allowed or length > MAX_FRAME_BYTES:
+        raise ProtocolError("bad first frame (type %d, %d bytes)" % (msg, length))
+    return Msg(msg), stream, recv_exactly(sock, length, deadline)
+
+
+def recv_exactly(sock, size, deadline):
+    data = bytearray()
+    while len(data) < size:
+        if time.monotonic() > deadline:
+            raise ProtocolError("greeting not complete within %d s" % HELLO_TIMEOUT_S)
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ProtocolError("connection closed during the greeting")
+        data += chunk
+    return bytes(data)
 # ---- END SHARED protocol ----
 # ---- BEGIN SHARED relay (identical in pipe2me_server.py and pipe2me_pod.py) ----
 # One thread, one selector. A Mux owns one tunnel connection (TLS, non-blocking)
@@ -507,7 +561,9 @@ class FrameDecoder:
 # Half-close: local EOF -> EOF frame; EOF frame -> drain, then shutdown(SHUT_WR).
 # A Stream is finished when both directions are closed; RESET aborts it.
 
-READ_CHUNK_BYTES = 256 * 1024
+READ_CHUNK_BYTES = 256 * 1024          # one local read becomes one DATA frame
+TLS_READ_BYTES = 64 * 1024             # a TLS read returns one record (16 KiB) at most
+WRITE_CHUNK_BYTES = FRAME_HEADER.size + READ_CHUNK_BYTES  # >= any direct write, for TLS retries
 MUX_HIGH_WATER_BYTES = 1024 * 1024
 MUX_LOW_WATER_BYTES = 256 * 1024
 WINDOW_UPDATE_BYTES = STREAM_WINDOW_BYTES // 4
@@ -643,23 +699,26 @@ class Stream:
             self.on_readable()
 
     def on_readable(self):
-        if self.mux.congested:
-            self.mux.blocked.add(self)
+        mux = self.mux
+        if mux.congested:
+            mux.blocked.add(self)
             return self.update_interest()
-        try:
-            data = self.sock.recv(min(self.credit, READ_CHUNK_BYTES))
+        limit = FRAME_HEADER.size + min(self.credit, READ_CHUNK_BYTES)
+        try:  # straight into the shared frame buffer, behind room for the header
+            size = self.sock.recv_into(mux.scratch_view[FRAME_HEADER.size:limit])
         except (BlockingIOError, InterruptedError):
             return
         except SOCKET_GONE as exc:
             return self.abort("local read failed: %s" % exc)
         self.last_active = time.monotonic()
-        if not data:
+        if not size:
             self.read_closed = True
-            self.mux.send(Msg.EOF, self.id)
+            mux.send(Msg.EOF, self.id)
             return self.finish_if_done()
-        self.credit -= len(data)
-        self.mux.local_read_bytes += len(data)
-        self.mux.send(Msg.DATA, self.id, data)
+        self.credit -= size
+        mux.local_read_bytes += size
+        FRAME_HEADER.pack_into(mux.scratch, 0, Msg.DATA, self.id, size)
+        mux.send_view(mux.scratch_view[:FRAME_HEADER.size + size])
         if not self.credit:
             self.update_interest()
 
@@ -674,18 +733,41 @@ class Stream:
             self.update_interest()
 
     def on_data(self, payload):
+        """A piece of DATA (a view valid only now): write it, or keep a copy."""
         self.unacked += len(payload)
         if self.unacked > STREAM_WINDOW_BYTES:
             raise ProtocolError("stream %d: data beyond the window" % self.id)
         if self.peer_eof:
             raise ProtocolError("stream %d: data after EOF" % self.id)
         self.last_active = time.monotonic()
-        self.pending.append(payload)
+        if self.pending or self.connecting:
+            self.keep(payload)
+            return
+        try:
+            sent = self.sock.send(payload)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except SOCKET_GONE as exc:
+            return self.abort("local write failed: %s" % exc)
+        self.count_delivered(sent)
+        if sent < len(payload):
+            self.keep(payload[sent:])
+
+    def keep(self, payload):
+        was_empty = not self.pending
+        self.pending.append(bytes(payload))
         self.pending_bytes += len(payload)
-        if not self.connecting and len(self.pending) == 1:
-            self.flush_pending()
-        if not self.closed:
+        if was_empty:
             self.update_interest()
+
+    def count_delivered(self, sent):
+        """Bytes reached the local socket: count them, return credit in batches."""
+        self.delivered += sent
+        self.mux.local_written_bytes += sent
+        if self.delivered >= WINDOW_UPDATE_BYTES:
+            self.mux.send(Msg.WINDOW, self.id, U32.pack(self.delivered))
+            self.unacked -= self.delivered
+            self.delivered = 0
 
     def flush_pending(self):
         """Write what the peer sent; return credit; half-close after its EOF."""
@@ -698,16 +780,11 @@ class Stream:
             except SOCKET_GONE as exc:
                 return self.abort("local write failed: %s" % exc)
             self.pending_bytes -= sent
-            self.delivered += sent
-            self.mux.local_written_bytes += sent
+            self.count_delivered(sent)
             if sent < len(chunk):
                 self.pending[0] = chunk[sent:]
                 break
             self.pending.popleft()
-        if self.delivered >= WINDOW_UPDATE_BYTES:
-            self.mux.send(Msg.WINDOW, self.id, U32.pack(self.delivered))
-            self.unacked -= self.delivered
-            self.delivered = 0
         if self.peer_eof and not self.pending and not self.write_closed:
             self.shutdown_write()
 
@@ -780,8 +857,13 @@ class Mux:
         self.heartbeat_s = heartbeat_s
         self.last_heard = time.monotonic()
         self.heartbeat = loop.call_later(heartbeat_s, self.on_heartbeat)
+        self.scratch = bytearray(WRITE_CHUNK_BYTES)   # outgoing DATA, built in place
+        self.scratch_view = memoryview(self.scratch)
+        self.inbox = bytearray(TLS_READ_BYTES)        # incoming bytes, decoded in place
+        self.inbox_view = memoryview(self.inbox)
         sock.setblocking(False)
         loop.watch(sock, EVENT_READ, self.on_event)
+        loop.call_later(0, self.on_readable)  # TLS may hold bytes read during the greeting
 
     # -- sending -------------------------------------------------------
     def send(self, msg, stream, payload=b""):
@@ -793,6 +875,25 @@ class Mux:
             self.congested = True
         self.flush()
 
+    def send_view(self, view):
+        """Send a whole frame from a view; only what the socket refuses is copied."""
+        if self.closed:
+            return
+        if self.out:
+            self.out += view
+            if len(self.out) > MUX_HIGH_WATER_BYTES:
+                self.congested = True
+            return self.flush()
+        try:
+            sent = self.sock.send(view)
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+            sent = 0
+        except SOCKET_GONE as exc:
+            return self.destroy("send failed: %s" % exc)
+        if sent < len(view):
+            self.out += view[sent:]
+            self.loop.watch(self.sock, EVENT_READ | EVENT_WRITE, self.on_event)
+
     def send_control(self, msg, obj):
         self.send(msg, 0, json.dumps(obj, separators=(",", ":")).encode())
 
@@ -800,7 +901,7 @@ class Mux:
         while self.out and not self.closed:
             try:
                 with memoryview(self.out) as view:
-                    sent = self.sock.send(view[:READ_CHUNK_BYTES])
+                    sent = self.sock.send(view[:WRITE_CHUNK_BYTES])
             except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
                 break
             except SOCKET_GONE as exc:
@@ -824,19 +925,20 @@ class Mux:
             self.on_readable()
 
     def on_readable(self):
-        for _ in range(16):
+        if self.closed:
+            return
+        for _ in range(64):
             try:
-                data = self.sock.recv(READ_CHUNK_BYTES)
+                size = self.sock.recv_into(self.inbox)
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
                 return
             except SOCKET_GONE as exc:
                 return self.destroy("receive failed: %s" % exc)
-            if not data:
+            if not size:
                 return self.destroy("connection closed by peer")
             self.last_heard = time.monotonic()
-            self.decoder.feed(data)
             try:
-                for msg, stream, payload in self.decoder.frames():
+                for msg, stream, payload in self.decoder.frames(self.inbox_view[:size]):
                     self.dispatch(msg, stream, payload)
                     if self.closed:
                         return
@@ -2254,15 +2356,12 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 class PodSession(Mux):
     """The server's end of one pod's tunnel connection."""
 
-    def __init__(self, hub, record, sock, address, leftover):
+    def __init__(self, hub, record, sock, address):
         self.hub, self.tunnel_id, self.fqdn = hub, record["id"], record["fqdn"]
         self.address = address
         self.draining = False
         self.saved_in = self.saved_out = 0
         super().__init__(hub.loop, sock, POD_SENDS, log, hub.settings.heartbeat_interval)
-        if leftover:
-            self.decoder.feed(leftover)
-            self.loop.call_later(0, self.on_readable)
 
     def on_control(self, msg, obj):
         if msg == Msg.GOAWAY:
@@ -2311,9 +2410,9 @@ class PodGate:
             sock.setblocking(True)
             sock.settimeout(HELLO_TIMEOUT_S)
             tls = self.context.wrap_socket(sock, server_side=True)
-            record, leftover = self.greet(tls)
+            record = self.greet(tls)
             tls.settimeout(None)
-            self.loop.call_soon_threadsafe(lambda: self.attach(record, tls, peer, leftover))
+            self.loop.call_soon_threadsafe(lambda: self.attach(record, tls, peer))
         except ProtocolError as exc:
             log.warning("pod refused pod=%s reason=%s", peer, exc)
             sock.close()
@@ -2325,9 +2424,11 @@ class PodGate:
 
     def greet(self, tls):
         """Read HELLO, check it against the client certificate, answer."""
-        decoder = FrameDecoder(POD_SENDS)
-        hello = read_first_frame(tls, decoder)
-        record, reason, permanent = self.judge(tls, hello)
+        msg, _stream, payload = read_frame_blocking(
+            tls, POD_SENDS, time.monotonic() + HELLO_TIMEOUT_S)
+        if msg != Msg.HELLO:
+            raise ProtocolError("first frame is %s, not HELLO" % msg.name)
+        record, reason, permanent = self.judge(tls, decode_control(payload))
         if reason:
             tls.sendall(encode_control(Msg.REJECT, {"reason": reason, "permanent": permanent}))
             tls.close()
@@ -2337,7 +2438,7 @@ class PodGate:
             "services": [{"protocol": p, "port": n}
                          for p, n in zip(record["protocols"], record["ports"])],
             "heartbeat_interval_s": self.settings.heartbeat_interval}))
-        return record, bytes(decoder.buffer)
+        return record
 
     def judge(self, tls, hello):
         """Return (record, refusal reason or None, whether the refusal is final)."""
@@ -2355,21 +2456,6 @@ class PodGate:
         if tunnel_status(record) != "online":
             return None, "tunnel %s expired" % record["fqdn"], True
         return record, None, False
-
-
-def read_first_frame(tls, decoder):
-    """Block until the first frame (HELLO) arrives; ProtocolError otherwise."""
-    deadline = time.monotonic() + HELLO_TIMEOUT_S
-    while time.monotonic() < deadline:
-        data = tls.recv(MAX_FRAME_BYTES)
-        if not data:
-            raise ProtocolError("connection closed before HELLO")
-        decoder.feed(data)
-        for msg, _stream, payload in decoder.frames():
-            if msg != Msg.HELLO:
-                raise ProtocolError("first frame is %s, not HELLO" % msg.name)
-            return decode_control(payload)
-    raise ProtocolError("no HELLO within %d s" % HELLO_TIMEOUT_S)
 
 # =====================================================================
 # FRONTS — where consumers arrive: each tunnel's public ports, the
@@ -2655,7 +2741,7 @@ class Hub:
         self.listeners = {}  # port -> (tunnel id, Listener)
         self.accepting = True
 
-    def attach(self, record, tls, peer, leftover):
+    def attach(self, record, tls, peer):
         """A pod passed the gate: it replaces any older session of its tunnel."""
         current = self.store.get(record["id"])
         if not self.accepting or current is None or tunnel_status(current) != "online":
@@ -2664,7 +2750,7 @@ class Hub:
         old = self.sessions.pop(record["id"], None)
         if old is not None:
             old.destroy("replaced by a new connection from %s" % peer)
-        self.sessions[record["id"]] = PodSession(self, current, tls, peer, leftover)
+        self.sessions[record["id"]] = PodSession(self, current, tls, peer)
         log.info("pod connected tunnel=%s fqdn=%s pod=%s", record["id"], record["fqdn"], peer)
 
     def on_session_closed(self, session):
