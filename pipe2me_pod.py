@@ -449,7 +449,7 @@ def recv_exactly(sock, size, deadline):
 # A Stream is finished when both directions are closed; RESET aborts it.
 
 READ_CHUNK_BYTES = 256 * 1024          # one local read becomes one DATA frame
-TLS_READ_BYTES = 64 * 1024             # a TLS read returns one record (16 KiB) at most
+TLS_READ_BYTES = 256 * 1024            # decoded per batch; a TLS read returns one 16 KiB record
 WRITE_CHUNK_BYTES = FRAME_HEADER.size + READ_CHUNK_BYTES  # >= any direct write, for TLS retries
 MUX_HIGH_WATER_BYTES = 1024 * 1024
 MUX_LOW_WATER_BYTES = 256 * 1024
@@ -814,16 +814,10 @@ class Mux:
     def on_readable(self):
         if self.closed:
             return
-        for _ in range(64):
-            try:
-                size = self.sock.recv_into(self.inbox)
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-                return
-            except SOCKET_GONE as exc:
-                return self.destroy("receive failed: %s" % exc)
-            if not size:
-                return self.destroy("connection closed by peer")
-            self.last_heard = time.monotonic()
+        for _ in range(16):
+            size, eof = self.read_batch()
+            if size:
+                self.last_heard = time.monotonic()
             try:
                 for msg, stream, payload in self.decoder.frames(self.inbox_view[:size]):
                     self.dispatch(msg, stream, payload)
@@ -831,9 +825,29 @@ class Mux:
                         return
             except ProtocolError as exc:
                 return self.fail(str(exc))
+            if eof:
+                return self.destroy(eof)
+            if size < len(self.inbox):
+                return
         pending = getattr(self.sock, "pending", None)
         if not self.closed and pending and pending():
             self.loop.call_later(0, lambda: self.closed or self.on_readable())
+
+    def read_batch(self):
+        """Fill the inbox with what has arrived (a TLS read returns one record,
+        so many reads make one batch and few local writes); (size, eof reason)."""
+        view, size = self.inbox_view, 0
+        while size < len(view):
+            try:
+                got = self.sock.recv_into(view[size:])
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                return size, None
+            except SOCKET_GONE as exc:
+                return size, "receive failed: %s" % exc
+            if not got:
+                return size, "connection closed by peer"
+            size += got
+        return size, None
 
     def dispatch(self, msg, stream_id, payload):
         if stream_id == 0:
