@@ -565,6 +565,7 @@ class Stream:
         self.peer_eof = False                  # EOF frame received
         self.write_closed = False              # SHUT_WR done on the socket
         self.last_active = time.monotonic()
+        self.paused = False                    # reading held back by a rate cap
         self.closed = False
         self.update_interest()
 
@@ -575,9 +576,18 @@ class Stream:
         if self.connecting or self.pending:
             events |= EVENT_WRITE
         if (not self.connecting and not self.read_closed and self.credit > 0
-                and not self.mux.congested):
+                and not self.mux.congested and not self.paused):
             events |= EVENT_READ
         self.mux.loop.watch(self.sock, events, self.on_event)
+
+    def pause_reading(self, seconds):
+        self.paused = True
+        self.update_interest()
+        self.mux.loop.call_later(seconds, self.resume_reading)
+
+    def resume_reading(self):
+        self.paused = False
+        self.update_interest()
 
     def on_event(self, mask):
         if mask & EVENT_WRITE:
@@ -606,7 +616,10 @@ class Stream:
         mux.local_read_bytes += size
         FRAME_HEADER.pack_into(mux.scratch, 0, Msg.DATA, self.id, size)
         mux.send_view(mux.scratch_view[:FRAME_HEADER.size + size])
-        if not self.credit:
+        pause = mux.pace(size) if mux.pace else 0
+        if pause > 0:
+            self.pause_reading(pause)
+        elif not self.credit:
             self.update_interest()
 
     def on_writable(self):
@@ -744,6 +757,8 @@ class Mux:
         self.heartbeat_s = heartbeat_s
         self.last_heard = time.monotonic()
         self.heartbeat = loop.call_later(heartbeat_s, self.on_heartbeat)
+        self.pace = None      # owner's rate cap: callable(bytes moved) -> seconds to pause
+        self.reading_paused = False
         self.scratch = bytearray(WRITE_CHUNK_BYTES)   # outgoing DATA, built in place
         self.scratch_view = memoryview(self.scratch)
         self.inbox = bytearray(TLS_READ_BYTES)        # incoming bytes, decoded in place
@@ -779,7 +794,8 @@ class Mux:
             return self.destroy("send failed: %s" % exc)
         if sent < len(view):
             self.out += view[sent:]
-            self.loop.watch(self.sock, EVENT_READ | EVENT_WRITE, self.on_event)
+            reading = 0 if self.reading_paused else EVENT_READ
+            self.loop.watch(self.sock, reading | EVENT_WRITE, self.on_event)
 
     def send_control(self, msg, obj):
         self.send(msg, 0, json.dumps(obj, separators=(",", ":")).encode())
@@ -801,14 +817,14 @@ class Mux:
             for stream in list(self.blocked):
                 stream.update_interest()
             self.blocked.clear()
-        events = EVENT_READ | (EVENT_WRITE if self.out else 0)
+        events = (0 if self.reading_paused else EVENT_READ) | (EVENT_WRITE if self.out else 0)
         self.loop.watch(self.sock, events, self.on_event)
 
     # -- receiving -----------------------------------------------------
     def on_event(self, mask):
         if mask & EVENT_WRITE:
             self.flush()
-        if mask & EVENT_READ and not self.closed:
+        if mask & EVENT_READ and not self.closed and not self.reading_paused:
             self.on_readable()
 
     def on_readable(self):
@@ -827,11 +843,26 @@ class Mux:
                 return self.fail(str(exc))
             if eof:
                 return self.destroy(eof)
+            pause = self.pace(size) if self.pace and size else 0
+            if pause > 0:
+                return self.pause_reading(pause)
             if size < len(self.inbox):
                 return
         pending = getattr(self.sock, "pending", None)
         if not self.closed and pending and pending():
             self.loop.call_later(0, lambda: self.closed or self.on_readable())
+
+    def pause_reading(self, seconds):
+        """A rate cap: stop reading the peer for a while (writes go on)."""
+        self.reading_paused = True
+        self.loop.watch(self.sock, EVENT_WRITE if self.out else 0, self.on_event)
+        self.loop.call_later(seconds, self.resume_reading)
+
+    def resume_reading(self):
+        self.reading_paused = False
+        if not self.closed:
+            self.flush()
+            self.on_readable()
 
     def read_batch(self):
         """Fill the inbox with what has arrived (a TLS read returns one record,

@@ -678,6 +678,7 @@ class Stream:
         self.peer_eof = False                  # EOF frame received
         self.write_closed = False              # SHUT_WR done on the socket
         self.last_active = time.monotonic()
+        self.paused = False                    # reading held back by a rate cap
         self.closed = False
         self.update_interest()
 
@@ -688,9 +689,18 @@ class Stream:
         if self.connecting or self.pending:
             events |= EVENT_WRITE
         if (not self.connecting and not self.read_closed and self.credit > 0
-                and not self.mux.congested):
+                and not self.mux.congested and not self.paused):
             events |= EVENT_READ
         self.mux.loop.watch(self.sock, events, self.on_event)
+
+    def pause_reading(self, seconds):
+        self.paused = True
+        self.update_interest()
+        self.mux.loop.call_later(seconds, self.resume_reading)
+
+    def resume_reading(self):
+        self.paused = False
+        self.update_interest()
 
     def on_event(self, mask):
         if mask & EVENT_WRITE:
@@ -719,7 +729,10 @@ class Stream:
         mux.local_read_bytes += size
         FRAME_HEADER.pack_into(mux.scratch, 0, Msg.DATA, self.id, size)
         mux.send_view(mux.scratch_view[:FRAME_HEADER.size + size])
-        if not self.credit:
+        pause = mux.pace(size) if mux.pace else 0
+        if pause > 0:
+            self.pause_reading(pause)
+        elif not self.credit:
             self.update_interest()
 
     def on_writable(self):
@@ -857,6 +870,8 @@ class Mux:
         self.heartbeat_s = heartbeat_s
         self.last_heard = time.monotonic()
         self.heartbeat = loop.call_later(heartbeat_s, self.on_heartbeat)
+        self.pace = None      # owner's rate cap: callable(bytes moved) -> seconds to pause
+        self.reading_paused = False
         self.scratch = bytearray(WRITE_CHUNK_BYTES)   # outgoing DATA, built in place
         self.scratch_view = memoryview(self.scratch)
         self.inbox = bytearray(TLS_READ_BYTES)        # incoming bytes, decoded in place
@@ -892,7 +907,8 @@ class Mux:
             return self.destroy("send failed: %s" % exc)
         if sent < len(view):
             self.out += view[sent:]
-            self.loop.watch(self.sock, EVENT_READ | EVENT_WRITE, self.on_event)
+            reading = 0 if self.reading_paused else EVENT_READ
+            self.loop.watch(self.sock, reading | EVENT_WRITE, self.on_event)
 
     def send_control(self, msg, obj):
         self.send(msg, 0, json.dumps(obj, separators=(",", ":")).encode())
@@ -914,14 +930,14 @@ class Mux:
             for stream in list(self.blocked):
                 stream.update_interest()
             self.blocked.clear()
-        events = EVENT_READ | (EVENT_WRITE if self.out else 0)
+        events = (0 if self.reading_paused else EVENT_READ) | (EVENT_WRITE if self.out else 0)
         self.loop.watch(self.sock, events, self.on_event)
 
     # -- receiving -----------------------------------------------------
     def on_event(self, mask):
         if mask & EVENT_WRITE:
             self.flush()
-        if mask & EVENT_READ and not self.closed:
+        if mask & EVENT_READ and not self.closed and not self.reading_paused:
             self.on_readable()
 
     def on_readable(self):
@@ -940,11 +956,26 @@ class Mux:
                 return self.fail(str(exc))
             if eof:
                 return self.destroy(eof)
+            pause = self.pace(size) if self.pace and size else 0
+            if pause > 0:
+                return self.pause_reading(pause)
             if size < len(self.inbox):
                 return
         pending = getattr(self.sock, "pending", None)
         if not self.closed and pending and pending():
             self.loop.call_later(0, lambda: self.closed or self.on_readable())
+
+    def pause_reading(self, seconds):
+        """A rate cap: stop reading the peer for a while (writes go on)."""
+        self.reading_paused = True
+        self.loop.watch(self.sock, EVENT_WRITE if self.out else 0, self.on_event)
+        self.loop.call_later(seconds, self.resume_reading)
+
+    def resume_reading(self):
+        self.reading_paused = False
+        if not self.closed:
+            self.flush()
+            self.on_readable()
 
     def read_batch(self):
         """Fill the inbox with what has arrived (a TLS read returns one record,
@@ -1159,22 +1190,25 @@ class Store:
         self.used_path = os.path.join(settings.state_dir, "used_tokens.json")
 
     def load(self):
-        """Read every tunnel file; unreadable ones are logged and left alone."""
+        """Read every tunnel file; unreadable ones are logged and left alone.
+
+        Holds the lock while reading: a tunnel created between the listing and
+        the swap (SIGHUP during API traffic) would be forgotten, its ports reused."""
         os.makedirs(self.settings.tunnel_dir, mode=0o700, exist_ok=True)
-        tunnels = {}
-        for name in sorted(os.listdir(self.settings.tunnel_dir)):
-            if not (name.endswith(".json") and TUNNEL_ID.fullmatch(name[:-5])):
-                continue
-            try:
-                record = read_json(os.path.join(self.settings.tunnel_dir, name))
-            except (OSError, ValueError) as exc:
-                log.error("unreadable tunnel file=%s error=%s", name, exc)
-                continue
-            tunnels[record["id"]] = record
-        used = set()
-        if os.path.exists(self.used_path):
-            used = set(read_json(self.used_path).get("used", []))
         with self.lock:
+            tunnels = {}
+            for name in sorted(os.listdir(self.settings.tunnel_dir)):
+                if not (name.endswith(".json") and TUNNEL_ID.fullmatch(name[:-5])):
+                    continue
+                try:
+                    record = read_json(os.path.join(self.settings.tunnel_dir, name))
+                except (OSError, ValueError) as exc:
+                    log.error("unreadable tunnel file=%s error=%s", name, exc)
+                    continue
+                tunnels[record["id"]] = record
+            used = set()
+            if os.path.exists(self.used_path):
+                used = set(read_json(self.used_path).get("used", []))
             self.tunnels, self.used_tokens = tunnels, used
         return len(tunnels)
 
@@ -2376,6 +2410,8 @@ class PodSession(Mux):
         self.draining = False
         self.saved_in = self.saved_out = 0
         super().__init__(hub.loop, sock, POD_SENDS, log, hub.settings.heartbeat_interval)
+        if record.get("rate"):
+            self.pace = RateCap(record["rate"]).pace
 
     def on_control(self, msg, obj):
         if msg == Msg.GOAWAY:
@@ -2400,6 +2436,26 @@ class PodSession(Mux):
         got_out = self.local_written_bytes - self.saved_out
         self.saved_in, self.saved_out = self.local_read_bytes, self.local_written_bytes
         return got_in, got_out
+
+
+class RateCap:
+    """Token bucket for a tunnel's `rate` (bytes per second, both directions
+    together, bursts of up to one second); Mux.pace calls pace()."""
+
+    def __init__(self, rate):
+        self.rate, self.allowance, self.stamp = rate, float(rate), time.monotonic()
+
+    def pace(self, nbytes):
+        now = time.monotonic()
+        self.allowance = min(self.rate, self.allowance + (now - self.stamp) * self.rate) - nbytes
+        self.stamp = now
+        return -self.allowance / self.rate if self.allowance < 0 else 0
+
+
+def traffic_left(record):
+    """Bytes the tunnel may still move under its token's max_traffic (None = no cap)."""
+    cap = record.get("max_traffic") or 0
+    return cap - record["bytes_in"] - record["bytes_out"] if cap else None
 
 
 class PodGate:
@@ -2469,6 +2525,9 @@ class PodGate:
             return None, "HELLO names another tunnel than the certificate", True
         if tunnel_status(record) != "online":
             return None, "tunnel %s expired" % record["fqdn"], True
+        left = traffic_left(record)
+        if left is not None and left <= 0:
+            return None, "tunnel %s used up its traffic allowance" % record["fqdn"], True
         return record, None, False
 
 # =====================================================================
@@ -2813,6 +2872,17 @@ class Hub:
         on_accept = lambda conn, address: self.open_stream(tunnel_id, port, conn, address)
         self.listeners[port] = (tunnel_id, Listener(self.loop, sock, on_accept, "port %d" % port))
 
+    def enforce_traffic_caps(self):
+        """Close sessions whose tunnel used up its token's max_traffic."""
+        for session in list(self.sessions.values()):
+            record = self.store.get(session.tunnel_id)
+            left = traffic_left(record) if record else None
+            moved = (session.local_read_bytes - session.saved_in
+                     + session.local_written_bytes - session.saved_out)
+            if left is not None and moved >= left:
+                log.warning("traffic allowance used up tunnel=%s", session.tunnel_id)
+                session.destroy("traffic allowance used up")
+
     def stream_count(self):
         return sum(len(s.streams) for s in self.sessions.values())
 
@@ -2888,7 +2958,13 @@ class Server:
 
     def start(self):
         created = self.prepare_state()
-        bound = self.bind_all()
+        try:
+            bound = self.bind_all()
+        except BaseException:
+            if created:  # the token was never printed: the next start makes and prints one
+                with contextlib.suppress(OSError):
+                    os.unlink(self.settings.tokens_file)
+            raise
         self.store.on_change = lambda tid: self.loop.call_soon_threadsafe(self.hub.sync)
         self.hub.sync()
         self.api.metrics = self.metrics_text
@@ -2914,6 +2990,7 @@ class Server:
             for session in list(self.hub.sessions.values()):
                 self.hub.save_traffic(session)
         self.expire_idle_streams()
+        self.hub.enforce_traffic_caps()
         self.loop.call_later(SWEEP_INTERVAL_S, self.sweep)
 
     def expire_idle_streams(self):
