@@ -739,6 +739,8 @@ class Stream:
         if self.connecting:
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
+                self.mux.log.warning("local service unavailable stream=%d error=%s",
+                                     self.id, os.strerror(err))
                 return self.abort("local connect failed: %s" % os.strerror(err))
             self.connecting = False
         self.flush_pending()
@@ -1043,13 +1045,16 @@ class Mux:
 
     # -- liveness and teardown -----------------------------------------
     def on_heartbeat(self):
+        """PING every interval; declare the peer dead the moment it has been
+        silent for three intervals (the next check is timed for that)."""
         if self.closed:
             return
         silent = time.monotonic() - self.last_heard
-        if silent > 3 * self.heartbeat_s:
-            return self.destroy("peer silent for %.0f s" % silent)
+        if silent >= 3 * self.heartbeat_s:
+            return self.destroy("peer silent for %.1f s" % silent)
         self.send(Msg.PING, 0, U32.pack(int(silent)))
-        self.heartbeat = self.loop.call_later(self.heartbeat_s, self.on_heartbeat)
+        next_check = min(self.heartbeat_s, 3 * self.heartbeat_s - silent)
+        self.heartbeat = self.loop.call_later(max(next_check, 0.01), self.on_heartbeat)
 
     def fail(self, reason):
         """The peer broke the protocol: say why, then close."""
