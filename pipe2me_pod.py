@@ -51,29 +51,25 @@ import contextlib
 import enum
 import errno
 import heapq
-import http.client
-import http.server
 import ipaddress
 import json
 import logging
 import os
 import random
 import re
+import resource
 import selectors
 import shlex
 import shutil
 import signal
 import socket
-import socketserver
 import ssl
 import struct
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 
 # =====================================================================
 # SETTINGS — constants and defaults; read by every section below
@@ -457,6 +453,16 @@ WINDOW_UPDATE_BYTES = STREAM_WINDOW_BYTES // 4
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
 SOCKET_GONE = (ConnectionError, TimeoutError, OSError)
+
+
+def raise_open_file_limit():
+    """Let the relay hold as many sockets as allowed: soft limit up to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 class EventLoop:
@@ -1249,6 +1255,11 @@ class ApiClient:
 
     def call(self, method, path, body=None, auth=False, answers=()):
         """(status, raw bytes) of `method path`; 2xx or a status in `answers`, else raises."""
+        # Imported here, not at the top: `start` never needs them, and on a
+        # router they would cost 3 MB of memory for the life of the tunnel.
+        import http.client
+        import urllib.error
+        import urllib.request
         request = urllib.request.Request(self.base_url + path, method=method)
         request.add_header("User-Agent", "pipe2me-pod/" + VERSION)
         request.add_header("Accept", "application/json")
@@ -1576,71 +1587,82 @@ def split_host_port(endpoint):
 # the pod's certificate; others: bytes echoed back)
 # =====================================================================
 
-class EchoHttpHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.0"
-    server_version = "pipe2me-echo"
-
-    def __getattr__(self, name):
-        if name.startswith("do_"):
-            return self.echo
-        raise AttributeError(name)
-
-    def echo(self):
-        body = (self.requestline + "\n").encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, fmt, *args):
-        log.debug("echo %s", fmt % args)
-
-
-class EchoBytesHandler(socketserver.BaseRequestHandler):
-    def handle(self):
-        while True:
-            data = self.request.recv(65536)
-            if not data:
-                break
-            self.request.sendall(data)
-        with contextlib.suppress(OSError):
-            self.request.shutdown(socket.SHUT_WR)
-
-
-class EchoServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, port, handler, tls_context=None):
-        self.tls_context = tls_context
-        super().__init__((LOCAL_SERVICE_HOST, port), handler)
-
-    def finish_request(self, request, client_address):
-        if self.tls_context is not None:
-            request.settimeout(10)
-            request = self.tls_context.wrap_socket(request, server_side=True)
-        self.RequestHandlerClass(request, client_address, self)
+ECHO_HEAD_BYTES = 64 * 1024
+ECHO_TIMEOUT_S = 30
 
 
 def start_echo_services(files, setup):
-    """Start one echo service per protocol on its local port; returns the servers."""
-    servers = []
+    """Start one echo service per protocol on its local port; returns the
+    listening sockets (closing one stops its service)."""
+    listeners = []
     for service in setup.services():
-        protocol, port = service.protocol, service.local_port
         context = None
-        if protocol == "https":
+        if service.protocol == "https":
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(files.cert, files.key)
-        handler = EchoHttpHandler if protocol in ("http", "https") else EchoBytesHandler
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            server = EchoServer(port, handler, context)
+            listener.bind((LOCAL_SERVICE_HOST, service.local_port))
+            listener.listen(128)
         except OSError as exc:
-            raise Unavailable("echo service cannot listen on port %d: %s" % (port, exc.strerror))
-        threading.Thread(target=server.serve_forever, name="echo-%d" % port, daemon=True).start()
-        servers.append(server)
-        log.info("echo service protocol=%s port=%d", protocol, port)
-    return servers
+            listener.close()
+            raise Unavailable("echo service cannot listen on port %d: %s"
+                              % (service.local_port, exc.strerror)) from None
+        threading.Thread(target=serve_echo, args=(listener, service.protocol, context),
+                         name="echo-%d" % service.local_port, daemon=True).start()
+        listeners.append(listener)
+        log.info("echo service protocol=%s port=%d", service.protocol, service.local_port)
+    return listeners
+
+
+def serve_echo(listener, protocol, context):
+    """Accept until the listener is closed; one thread per connection."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        threading.Thread(target=echo_one, args=(conn, protocol, context), daemon=True).start()
+
+
+def echo_one(conn, protocol, context):
+    try:
+        conn.settimeout(ECHO_TIMEOUT_S)
+        if context is not None:
+            conn = context.wrap_socket(conn, server_side=True)
+        if protocol in ("http", "https"):
+            echo_http(conn)
+        else:
+            echo_bytes(conn)
+    except OSError as exc:
+        log.debug("echo connection failed: %s", exc)
+    finally:
+        conn.close()
+
+
+def echo_http(conn):
+    """Answer one HTTP request with its request line."""
+    head = b""
+    while b"\r\n\r\n" not in head and len(head) < ECHO_HEAD_BYTES:
+        data = conn.recv(4096)
+        if not data:
+            return
+        head += data
+    line = head.split(b"\r\n", 1)[0]
+    body = b"" if line.startswith(b"HEAD ") else line + b"\n"
+    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                 b"Connection: close\r\n\r\n%s" % (len(line) + 1, body))
+
+
+def echo_bytes(conn):
+    """Echo bytes until EOF, then half-close."""
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            break
+        conn.sendall(data)
+    conn.shutdown(socket.SHUT_WR)
 
 
 # =====================================================================
@@ -2016,6 +2038,7 @@ esac
 def cmd_start(args):
     files = PodFiles(args.dir)
     setup = read_setup(files)
+    raise_open_file_limit()
     servers = start_echo_services(files, setup) if args.echo else []
     runner = PodRunner(files, setup)
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -2024,9 +2047,8 @@ def cmd_start(args):
     try:
         return runner.run()
     finally:
-        for server in servers:
-            server.shutdown()
-            server.server_close()
+        for listener in servers:
+            listener.close()
         runner.session = None
         runner.write_status()
 

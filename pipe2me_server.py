@@ -55,6 +55,7 @@ import json
 import logging
 import os
 import re
+import resource
 import secrets
 import selectors
 import shlex
@@ -193,7 +194,7 @@ CONFIG_KEYS = {
     "HEARTBEAT_INTERVAL": ("10", parse_positive_duration, "seconds between pings; 3x silent = dead"),
     "PORT_GRACE": ("1h", parse_duration, "how long an expired tunnel keeps its ports and name"),
     "SHUTDOWN_GRACE": ("10", parse_duration, "how long SIGTERM lets running streams finish"),
-    "MAX_STREAMS_PER_TUNNEL": ("1000", parse_count, "open streams per tunnel; 0 = no cap"),
+    "MAX_STREAMS_PER_TUNNEL": ("10000", parse_count, "open streams per tunnel; 0 = no cap"),
     "MAX_TUNNELS_PER_TOKEN": ("0", parse_count, "live tunnels per token; 0 = no cap"),
     "STREAM_IDLE_TIMEOUT": ("0", parse_duration, "close streams idle this long; 0 = never"),
 }
@@ -570,6 +571,16 @@ WINDOW_UPDATE_BYTES = STREAM_WINDOW_BYTES // 4
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
 SOCKET_GONE = (ConnectionError, TimeoutError, OSError)
+
+
+def raise_open_file_limit():
+    """Let the relay hold as many sockets as allowed: soft limit up to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 class EventLoop:
@@ -3217,6 +3228,7 @@ def cmd_dns_refresh(settings, _args):
 
 
 def cmd_serve(settings, _args):
+    raise_open_file_limit()
     server = Server(settings)
     server.start()
     server.run()
