@@ -26,7 +26,8 @@ Sections, in the order a tunnel comes to life:
     API           the HTTP API (JSON and shell format)
     TUNNEL SESSIONS  pod authentication and the live session per tunnel
     FRONTS        public ports, the Host-routed HTTP front, the SNI front
-    DNS           the built-in authoritative DNS responder
+    DNS           reachability checks, what each tunnel's name answers, the
+                  built-in authoritative responder, dnsimple records
     WIRING        the Server object: listeners, signals, sweeps
     CLI           admin commands and main()
 
@@ -43,12 +44,15 @@ import binascii
 import calendar
 import dataclasses
 import collections
+import concurrent.futures
 import contextlib
 import enum
 import errno
 import fcntl
+import functools
 import hashlib
 import heapq
+import http.client
 import http.server
 import ipaddress
 import json
@@ -68,7 +72,9 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from typing import Dict, List, Optional, Sequence, Tuple
 
 log = logging.getLogger("pipe2me.server")
@@ -82,12 +88,9 @@ PROTOCOL_PORTS = ("http", "https", "imap", "imaps", "smtp", "smtps", "ssh", "tcp
 DEFAULT_CONFIG_FILE = "~/pipe2me.server.conf"
 SWEEP_INTERVAL_S = 1.0            # expiry, deadlines and traffic bookkeeping
 TRAFFIC_SAVE_INTERVAL_S = 30.0    # how often live byte counters reach the store
-API_REQUEST_DEADLINE_S = 20.0     # a whole API request, against slowloris
 API_MAX_BODY_BYTES = 64 * 1024
 API_MAX_CONNECTIONS = 64
 FRONT_SNIFF_BYTES = 16 * 1024     # request head / ClientHello limit on the fronts
-FRONT_SNIFF_DEADLINE_S = 10.0
-MAX_PENDING_HANDSHAKES = 64
 BAD_TOKEN_LIMIT = 10              # failed token uses per address per window ...
 BAD_TOKEN_WINDOW_S = 60.0         # ... before answering 429
 
@@ -197,6 +200,10 @@ CONFIG_KEYS = {
     "MAX_STREAMS_PER_TUNNEL": ("10000", parse_count, "open streams per tunnel; 0 = no cap"),
     "MAX_TUNNELS_PER_TOKEN": ("0", parse_count, "live tunnels per token; 0 = no cap"),
     "STREAM_IDLE_TIMEOUT": ("0", parse_duration, "close streams idle this long; 0 = never"),
+    "MAX_PENDING_FRONT": ("1000", parse_count, "front connections still sending their head; 0 = no cap"),
+    "MAX_PENDING_HANDSHAKES": ("64", parse_count, "pod connections still authenticating; 0 = no cap"),
+    "FRONT_HEAD_DEADLINE": ("10", parse_positive_duration, "seconds a front connection may take to send its head"),
+    "API_REQUEST_DEADLINE": ("20", parse_positive_duration, "seconds an API connection may last (against slowloris)"),
 }
 
 
@@ -599,6 +606,14 @@ class EventLoop:
         self.waker_w.setblocking(False)
         self.watch(self.waker_r, EVENT_READ, self.on_wake)
         self.running = False
+        # Every Mux of this loop builds outgoing DATA in `scratch` and decodes
+        # incoming bytes in `inbox`. They are shared because one thread runs
+        # them all and no callback reads a Mux while another decodes: 512 KiB
+        # per loop instead of per pod connection (and no heap churn per flap).
+        self.scratch = bytearray(WRITE_CHUNK_BYTES)
+        self.scratch_view = memoryview(self.scratch)
+        self.inbox = bytearray(TLS_READ_BYTES)
+        self.inbox_view = memoryview(self.inbox)
 
     def watch(self, sock, events, callback=None):
         try:
@@ -699,9 +714,11 @@ class Stream:
         events = 0
         if self.connecting or self.pending:
             events |= EVENT_WRITE
-        if (not self.connecting and not self.read_closed and self.credit > 0
-                and not self.mux.congested and not self.paused):
-            events |= EVENT_READ
+        if not self.connecting and not self.read_closed and self.credit > 0 and not self.paused:
+            if self.mux.congested:
+                self.mux.blocked.add(self)  # flush() wakes it when the Mux drains
+            else:
+                events |= EVENT_READ
         self.mux.loop.watch(self.sock, events, self.on_event)
 
     def pause_reading(self, seconds):
@@ -885,10 +902,8 @@ class Mux:
         self.heartbeat = loop.call_later(heartbeat_s, self.on_heartbeat)
         self.pace = None      # owner's rate cap: callable(bytes moved) -> seconds to pause
         self.reading_paused = False
-        self.scratch = bytearray(WRITE_CHUNK_BYTES)   # outgoing DATA, built in place
-        self.scratch_view = memoryview(self.scratch)
-        self.inbox = bytearray(TLS_READ_BYTES)        # incoming bytes, decoded in place
-        self.inbox_view = memoryview(self.inbox)
+        self.scratch, self.scratch_view = loop.scratch, loop.scratch_view  # shared, see EventLoop
+        self.inbox, self.inbox_view = loop.inbox, loop.inbox_view
         sock.setblocking(False)
         loop.watch(sock, EVENT_READ, self.on_event)
         loop.call_later(0, self.on_readable)  # TLS may hold bytes read during the greeting
@@ -1297,6 +1312,7 @@ class Store:
             raise Rejected("this token was for one use and has been used")
         cap = self.settings.max_tunnels_per_token
         if cap and self.live_count_for_token(token_hash, now) >= cap:
+            log.warning("tunnel cap reached token_sha256=%s cap=%d", token_hash[:12], cap)
             raise Rejected("this token already has %d live tunnels (MAX_TUNNELS_PER_TOKEN)" % cap)
 
     def mark_token_used(self, token_hash):
@@ -1350,11 +1366,12 @@ class Store:
 
     def delete(self, tunnel_id):
         with self.lock:
-            if self.tunnels.pop(tunnel_id, None) is None:
+            if tunnel_id not in self.tunnels:
                 return False
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError):  # an OSError leaves the tunnel as it was
                 os.unlink(os.path.join(self.settings.tunnel_dir, tunnel_id + ".json"))
                 fsync_dir(self.settings.tunnel_dir)
+            del self.tunnels[tunnel_id]
         self.on_change(tunnel_id)
         return True
 
@@ -1363,7 +1380,10 @@ class Store:
         with self.lock:
             stale = [i for i, r in self.tunnels.items() if not self.holds_resources(r, now)]
         for tunnel_id in stale:
-            self.delete(tunnel_id)
+            try:
+                self.delete(tunnel_id)
+            except OSError as exc:  # read-only STATE_DIR: the next sweep tries again
+                log.error("stale tunnel not removed tunnel=%s error=%s", tunnel_id, exc.strerror)
         return stale
 
 
@@ -2152,7 +2172,7 @@ class Api:
         self.limiter = BadTokenLimiter()
         self.metrics = lambda: ""
         self.status_lines = lambda: []
-        self.reachability = None  # set by DNS wiring when available
+        self.reachability = None  # (record, client address, body) -> dict; set by the wiring
 
     # -- tunnel creation ------------------------------------------------
     def create_tunnel(self, token, protocols, address):
@@ -2251,6 +2271,34 @@ class ApiError(Exception):
         self.status, self.message, self.extra = http_status, message, extra
 
 
+# A state file that cannot be written (disk full, read-only, out of descriptors)
+# is the operator's problem: the client gets a clear 5xx, not a dropped connection.
+STATE_WRITE_STATUS = {errno.ENOSPC: 507, errno.EDQUOT: 507, errno.EROFS: 503,
+                      errno.EACCES: 503, errno.EPERM: 503, errno.EMFILE: 503,
+                      errno.ENFILE: 503, errno.EIO: 503}
+
+
+def state_write_failed(exc):
+    """(status, JSON body) for an OSError of a state write; None for other OSErrors."""
+    status = STATE_WRITE_STATUS.get(exc.errno)
+    if status is None:
+        return None
+    log.error("state write failed file=%s error=%s", exc.filename, exc.strerror)
+    return status, {"error": "cannot write state on the server: %s; retry later" % exc.strerror}
+
+
+def field(body, *names):
+    """The first non-empty string among body[name] for names, or "". JSON can
+    carry any type: anything but a string (or null) is a 400."""
+    for name in names:
+        value = body.get(name)
+        if value is not None and not isinstance(value, str):
+            raise ApiError(400, "%s must be a string" % name)
+        if value:
+            return value
+    return ""
+
+
 ROUTES = [
     ("GET", r"/", "page_status"),
     ("GET", r"/config", "page_config"),
@@ -2275,6 +2323,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     server_version = "pipe2me"
     protocol_version = "HTTP/1.0"
     timeout = 10
+    query = {}  # until dispatch() parses the URL: a bad request line is answered before
 
     def __getattr__(self, name):
         if name.startswith("do_"):
@@ -2282,15 +2331,24 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         raise AttributeError(name)
 
     def dispatch(self):
-        url = urllib.parse.urlsplit(self.path)
+        try:
+            url = urllib.parse.urlsplit(self.path)
+        except ValueError:  # e.g. "http://[::1" as the target
+            return self.reply(400, {"error": "malformed request target"})
         self.query = urllib.parse.parse_qs(url.query)
         try:
+            self.check_request()
             handler, params = self.route(self.command, url.path.rstrip("/") or "/")
             status, body = handler(**params)
         except ApiError as exc:
             status, body = exc.status, dict(exc.extra, error=exc.message)
         except Pipe2meError as exc:
             status, body = exc.http_status, {"error": str(exc)}
+        except OSError as exc:
+            answer = state_write_failed(exc)
+            if answer is None:
+                raise  # the client's socket failed: nobody to answer
+            status, body = answer
         self.reply(status, body)
 
     def route(self, method, path):
@@ -2305,14 +2363,24 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             raise ApiError(405, "method %s not allowed on %s" % (method[:20], path[:80]))
         raise ApiError(404, "no such endpoint %s" % path[:80])
 
+    def check_request(self):
+        """Refuse what HTTP/1.x does not allow before any endpoint runs."""
+        if self.request_version == "HTTP/0.9":
+            raise ApiError(400, "HTTP/0.9 requests are not supported; send HTTP/1.0 or 1.1")
+        if self.request_version == "HTTP/1.1" and "Host" not in self.headers:
+            raise ApiError(400, "an HTTP/1.1 request needs a Host header")
+
     # -- request and answer -------------------------------------------
     def body(self):
-        length = self.headers.get("Content-Length")
-        if length is None:
+        if "Transfer-Encoding" in self.headers:
+            raise ApiError(411, "send the body with a Content-Length (no Transfer-Encoding)")
+        lengths = set(self.headers.get_all("Content-Length") or [])
+        if not lengths:
             return {}
-        if not length.isdigit():
+        length = lengths.pop().strip() if len(lengths) == 1 else "conflicting"
+        if not re.fullmatch(r"[0-9]+", length):
             raise ApiError(400, "bad Content-Length")
-        if int(length) > API_MAX_BODY_BYTES:
+        if len(length) > 9 or int(length) > API_MAX_BODY_BYTES:
             raise ApiError(413, "request body over %d bytes" % API_MAX_BODY_BYTES)
         raw = self.rfile.read(int(length))
         try:
@@ -2322,7 +2390,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         if "json" in self.headers.get("Content-Type", "") or text.lstrip().startswith("{"):
             try:
                 data = json.loads(text)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise ApiError(400, "request body is not valid JSON") from None
             if not isinstance(data, dict):
                 raise ApiError(400, "request body must be a JSON object")
@@ -2333,13 +2401,16 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         auth = self.headers.get("Authorization", "")
         if auth.startswith("Bearer "):
             return auth[7:].strip()
-        return (body or {}).get("secret") or (self.query.get("secret") or [""])[-1]
+        return field(body or {}, "secret") or (self.query.get("secret") or [""])[-1]
 
     def wants_shell(self):
+        headers = getattr(self, "headers", None) or {}  # none yet after a bad request line
         return self.query.get("format", [""])[-1] == "shell" or \
-            "text/x-shellscript" in self.headers.get("Accept", "")
+            "text/x-shellscript" in headers.get("Accept", "")
 
     def reply(self, status, body, content_type=None):
+        if self.request_version == "HTTP/0.9":  # it has no status line; we refuse it anyway
+            self.request_version = "HTTP/1.0"
         if isinstance(body, str):
             data, ctype = body.encode(), content_type or "text/plain; charset=utf-8"
         elif self.wants_shell():
@@ -2382,7 +2453,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
     def post_tunnels(self):
         body = self.body()
-        token = body.get("token") or body.get("auth")
+        token = field(body, "token", "auth")
         view = self.server.create_tunnel(token, body.get("protocols", "https"),
                                          self.client_address[0])
         return 201, view
@@ -2403,14 +2474,15 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     def post_extend(self, id):
         body = self.body()
         record = self.server.tunnel_for(id, self.secret(body))
-        return 200, self.server.extend(record, body.get("token") or body.get("auth"),
+        return 200, self.server.extend(record, field(body, "token", "auth"),
                                        self.client_address[0])
 
     def post_check(self, id):
-        record = self.server.tunnel_for(id, self.secret(self.body()))
+        body = self.body()
+        record = self.server.tunnel_for(id, self.secret(body))
         if self.server.reachability is None:
             raise ApiError(404, "reachability checks are not available on this server")
-        return 200, self.server.reachability(record, self.client_address[0])
+        return 200, self.server.reachability(record, self.client_address[0], body)
 
 # =====================================================================
 # TUNNEL SESSIONS — authenticates pods on TUNNEL_PORT and keeps one live
@@ -2481,11 +2553,13 @@ class PodGate:
     def __init__(self, settings, store, tls_context, loop, attach):
         self.settings, self.store, self.context = settings, store, tls_context
         self.loop, self.attach = loop, attach
-        self.slots = threading.BoundedSemaphore(MAX_PENDING_HANDSHAKES)
+        self.cap = settings.max_pending_handshakes
+        self.slots = threading.BoundedSemaphore(self.cap or 1 << 30)
 
     def admit(self, sock, address):
         if not self.slots.acquire(blocking=False):
-            log.warning("too many pod handshakes, closing pod=%s", address[0])
+            log.warning("pod handshake cap reached, closing pod=%s:%d cap=%d",
+                        address[0], address[1], self.cap)
             return sock.close()
         threading.Thread(target=self.authenticate, args=(sock, address),
                          name="pod-handshake", daemon=True).start()
@@ -2496,9 +2570,9 @@ class PodGate:
             sock.setblocking(True)
             sock.settimeout(HELLO_TIMEOUT_S)
             tls = self.context.wrap_socket(sock, server_side=True)
-            record = self.greet(tls)
+            record, welcome = self.greet(tls)
             tls.settimeout(None)
-            self.loop.call_soon_threadsafe(lambda: self.attach(record, tls, peer))
+            self.loop.call_soon_threadsafe(lambda: self.attach(record, tls, peer, welcome))
         except ProtocolError as exc:
             log.warning("pod refused pod=%s reason=%s", peer, exc)
             sock.close()
@@ -2509,7 +2583,9 @@ class PodGate:
             self.slots.release()
 
     def greet(self, tls):
-        """Read HELLO, check it against the client certificate, answer."""
+        """Read HELLO and check it against the client certificate: REJECT, or
+        (record, WELCOME object), which Hub.attach sends once the session is
+        live, so a pod that reports "tunnel up" already gets consumers."""
         msg, _stream, payload = read_frame_blocking(
             tls, POD_SENDS, time.monotonic() + HELLO_TIMEOUT_S)
         if msg != Msg.HELLO:
@@ -2519,12 +2595,11 @@ class PodGate:
             tls.sendall(encode_control(Msg.REJECT, {"reason": reason, "permanent": permanent}))
             tls.close()
             raise ProtocolError(reason)
-        tls.sendall(encode_control(Msg.WELCOME, {
+        return record, {
             "tunnel": record["id"], "fqdn": record["fqdn"],
             "services": [{"protocol": p, "port": n}
                          for p, n in zip(record["protocols"], record["ports"])],
-            "heartbeat_interval_s": self.settings.heartbeat_interval}))
-        return record
+            "heartbeat_interval_s": self.settings.heartbeat_interval}
 
     def judge(self, tls, hello):
         """Return (record, refusal reason or None, whether the refusal is final)."""
@@ -2541,6 +2616,9 @@ class PodGate:
             return None, "HELLO names another tunnel than the certificate", True
         if tunnel_status(record) != "online":
             return None, "tunnel %s expired" % record["fqdn"], True
+        if cert_validity(der)[1] <= time.time():
+            return None, ("certificate of %s expired: renew it with `pipe2me_pod.py update`"
+                          % record["fqdn"]), True
         left = traffic_left(record)
         if left is not None and left <= 0:
             return None, "tunnel %s used up its traffic allowance" % record["fqdn"], True
@@ -2565,6 +2643,7 @@ class Listener:
         sock.setblocking(False)
         loop.watch(sock, EVENT_READ, self.on_event)
         self.closed = False
+        self.paused_since = None  # start of a descriptor shortage: logged once, with its end
 
     def on_event(self, _mask):
         for _ in range(ACCEPT_BATCH):
@@ -2578,11 +2657,19 @@ class Listener:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
                 raise
+            if self.paused_since is not None:
+                log.info("accept resumed listener=%s paused_for=%.1fs", self.name,
+                         time.monotonic() - self.paused_since)
+                self.paused_since = None
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.on_accept(conn, address)
 
     def pause(self, exc):
-        log.warning("accept paused listener=%s error=%s", self.name, exc)
+        """Out of descriptors: new connections wait in the backlog (the kernel
+        refuses beyond it) and accept() is retried every ACCEPT_PAUSE_S."""
+        if self.paused_since is None:
+            self.paused_since = time.monotonic()
+            log.warning("accept paused listener=%s error=%s", self.name, exc)
         self.loop.watch(self.sock, 0)
         self.loop.call_later(ACCEPT_PAUSE_S, self.resume)
 
@@ -2617,13 +2704,15 @@ class Sniffer:
     consuming bytes, so the chosen destination sees the connection untouched.
 
     parse returns None for "need more" or a callable(sock) that takes the
-    connection over. Gives up after FRONT_SNIFF_DEADLINE_S or
+    connection over. Gives up after `deadline_s` (FRONT_HEAD_DEADLINE) or
     FRONT_SNIFF_BYTES. Retries by timer with backoff so a partial head does
-    not make the selector spin."""
+    not make the selector spin. on_finish() is called exactly once, when the
+    connection leaves the sniffer for whatever reason."""
 
-    def __init__(self, loop, sock, parse, on_give_up):
+    def __init__(self, loop, sock, parse, on_give_up, deadline_s, on_finish):
         self.loop, self.sock, self.parse, self.on_give_up = loop, sock, parse, on_give_up
-        self.deadline = time.monotonic() + FRONT_SNIFF_DEADLINE_S
+        self.on_finish = on_finish
+        self.deadline = time.monotonic() + deadline_s
         self.delay = 0.005
         sock.setblocking(False)
         loop.watch(sock, EVENT_READ, self.on_event)
@@ -2638,24 +2727,30 @@ class Sniffer:
         except (BlockingIOError, InterruptedError):
             head = None
         except OSError:
-            return self.sock.close()
+            return self.finish(lambda sock: sock.close())
         if head == b"":
-            return self.sock.close()
+            return self.finish(lambda sock: sock.close())
         decision = self.parse(head) if head else None
         if decision is not None:
-            return decision(self.sock)
+            return self.finish(decision)
         if time.monotonic() > self.deadline or (head and len(head) >= FRONT_SNIFF_BYTES):
-            return self.on_give_up(self.sock)
+            return self.finish(self.on_give_up)
         self.loop.call_later(self.delay, self.peek)
         self.delay = min(self.delay * 2, 0.25)
 
+    def finish(self, action):
+        self.on_finish()
+        action(self.sock)
+
 
 def http_head_host(head):
-    """Host of a complete HTTP request head, "" when it has none, None if incomplete."""
-    end = head.find(b"\r\n\r\n")
-    if end < 0:
+    """Host of a complete HTTP request head, "" when it has none, None if incomplete.
+    Bare LF line ends count too (http.server accepts them), so such a head is
+    routed at once rather than held until FRONT_HEAD_DEADLINE."""
+    end = re.search(rb"\r?\n\r?\n", head)
+    if end is None:
         return None
-    for line in head[:end].split(b"\r\n")[1:]:
+    for line in head[:end.start()].split(b"\n")[1:]:
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"host":
             host = value.strip().decode("latin-1").lower()
@@ -2717,6 +2812,22 @@ class Fronts:
 
     def __init__(self, loop, settings, hub, api_server):
         self.loop, self.settings, self.hub, self.api_server = loop, settings, hub, api_server
+        self.pending = 0  # connections on either front still sending their head
+
+    def sniff(self, sock, address, parse, on_give_up):
+        """Hold a new front connection until its head routes it; beyond
+        MAX_PENDING_FRONT such connections a new one is closed at once."""
+        cap = self.settings.max_pending_front
+        if cap and self.pending >= cap:
+            log.warning("pending cap reached, consumer closed from=%s:%d cap=%d",
+                        address[0], address[1], cap)
+            return sock.close()
+        self.pending += 1
+        Sniffer(self.loop, sock, parse, on_give_up, self.settings.front_head_deadline,
+                self.on_sniffed)
+
+    def on_sniffed(self):
+        self.pending -= 1
 
     def is_api_name(self, name):
         domain = self.settings.tunnel_domain
@@ -2726,8 +2837,8 @@ class Fronts:
 
     # -- HTTP front -----------------------------------------------------
     def on_http_accept(self, sock, address):
-        Sniffer(self.loop, sock, lambda head: self.route_http(head, address),
-                lambda s: answer_and_close(s, 431, "Request Header Fields Too Large"))
+        self.sniff(sock, address, lambda head: self.route_http(head, address),
+                   lambda s: answer_and_close(s, 431, "Request Header Fields Too Large"))
 
     def route_http(self, head, address):
         host = http_head_host(head)
@@ -2750,8 +2861,8 @@ class Fronts:
 
     # -- HTTPS front ----------------------------------------------------
     def on_https_accept(self, sock, address):
-        Sniffer(self.loop, sock, lambda head: self.route_https(head, address),
-                lambda s: s.close())
+        self.sniff(sock, address, lambda head: self.route_https(head, address),
+                   lambda s: s.close())
 
     def route_https(self, head, address):
         try:
@@ -2769,16 +2880,1358 @@ class Fronts:
         return lambda sock: self.hub.open_stream(record["id"], port, sock, address)
 
 # =====================================================================
+# DNS — the shortest path: reachability checks of a pod's router, the
+# records each tunnel's name answers, and the providers that publish
+# them (builtin: the authoritative responder on DNS_PORT; dnsimple: its
+# v2 REST API). Used by the API (POST /tunnels/<id>/check), the wiring
+# (responder, reconciliation thread) and `dns-refresh`.
+# =====================================================================
+#
+# A tunnel's name points to the pod's router when the last check found
+# every port of the tunnel reachable there ("direct"), to the server
+# otherwise ("relayed"). The check is kept in the tunnel record:
+#     reach = {status: direct|relayed, address, lan_address, cgnat,
+#              ports: {port: ok}, checked_at, reason}
+# Split horizon: a client asking from the router's own public address gets
+# the pod's LAN address (routers without hairpin NAT), if the pod gave one.
+#
+# The built-in responder (DnsZone answers, DnsServer moves packets):
+#
+# | name                    | records                                        |
+# |-------------------------|------------------------------------------------|
+# | the domain (apex)       | SOA, NS, A/AAAA of the server, TXT (txt_lookup)|
+# | ns_name (if below)      | A/AAAA of the server, TXT                      |
+# | a tunnel FQDN           | A/AAAA from lookup (split horizon), TXT        |
+# | a name with TXT only    | TXT (ACME DNS-01 `_acme-challenge.<fqdn>`)     |
+# | any other name below    | NXDOMAIN, SOA in authority                     |
+# | existing, type missing  | NOERROR without answers (NODATA), SOA          |
+# | outside the domain      | REFUSED (not authoritative, no records)        |
+#
+# - ANY gets the A and AAAA records of the name; a name without addresses
+#   gets the synthesized `HINFO "RFC8482" ""` of RFC 8482 section 4.2.
+#   AXFR and IXFR are REFUSED: there is no zone transfer.
+# - Split horizon keys are the datagram's source, or a full /32 IPv4
+#   Client Subnet address; AAAA answers are never split. The Client Subnet
+#   option is echoed with scope /32 for such names, /0 otherwise.
+# - Size: UDP answers fit 512 bytes without EDNS0, else min(client's size,
+#   our 1232); a larger one is sent with TC set and its records dropped, so
+#   the client retries over TCP. TCP answers fit 65535.
+# - Unknown names are decided by the callbacks alone: an empty non-terminal
+#   gets NXDOMAIN.
+#
+# Glossary: *apex* the domain itself; *NODATA* NOERROR with no answers;
+# *ECS* the EDNS Client Subnet option; *split* LAN addresses per client;
+# *direct* / *relayed* the outcome of a reachability check.
+
+DNS_TTL_S = 60                     # of every tunnel record, both providers
+PROBE_TIMEOUT_S = 3.0              # per port: TCP connect, then the TLS handshake
+PROBE_MAX_PARALLEL = 8
+DNS_RECONCILE_INTERVAL_S = 60.0    # dnsimple: also without any change
+DNS_RETRY_FIRST_S = 5.0            # after a failure, doubling up to the interval
+DNS_RETRY_MAX_S = 3600.0           # longest wait a rate limit can impose
+DNS_OWNED_FILE = "dns_records.json"
+DNS_LOCK_FILE = "dns.lock"
+
+
+# ---- what a tunnel's name answers -----------------------------------------
+
+def server_addresses(settings):
+    """The server's own addresses for DNS: PUBLIC_ADDRESS, else a specific
+    LISTEN_ADDRESS, else 127.0.0.1 for a *.localhost domain (or none)."""
+    if settings.public_address:
+        return list(settings.public_address)
+    if settings.listen_address not in ("0.0.0.0", "::"):
+        return [settings.listen_address]
+    if settings.tunnel_domain == "localhost" or settings.tunnel_domain.endswith(".localhost"):
+        return ["127.0.0.1"]
+    return []
+
+
+def by_family(addresses):
+    """(IPv4 addresses, IPv6 addresses) of a list of address strings."""
+    return [a for a in addresses if ":" not in a], [a for a in addresses if ":" in a]
+
+
+def tunnel_answers(record, settings):
+    """(ipv4, ipv6, split) for a tunnel's name: the router's address in its
+    family when the last check said direct, the server's addresses otherwise;
+    split maps the router's address to the pod's LAN address."""
+    ipv4, ipv6 = by_family(server_addresses(settings))
+    reach = record.get("reach") or {}
+    if reach.get("status") != "direct" or not reach.get("address"):
+        return ipv4, ipv6, None
+    if ":" in reach["address"]:
+        return ipv4, [reach["address"]], None
+    lan = reach.get("lan_address")
+    return [reach["address"]], ipv6, ({reach["address"]: [lan]} if lan else None)
+
+
+def dns_wanted(records, settings, now):
+    """{(fqdn, "A"|"AAAA"): [addresses]} that every online tunnel should answer."""
+    wanted = {}
+    for record in records:
+        if tunnel_status(record, now) != "online":
+            continue
+        ipv4, ipv6, _split = tunnel_answers(record, settings)
+        for rtype, addresses in (("A", ipv4), ("AAAA", ipv6)):
+            if addresses:
+                wanted[(record["fqdn"], rtype)] = sorted(addresses)
+    return wanted
+
+
+# ---- reachability checks ----------------------------------------------------
+
+def is_own_address(address, settings):
+    """True when probing `address` would reach this host (and so the server's
+    own listeners): loopback, unspecified, PUBLIC_ADDRESS, or any address a
+    socket here can bind."""
+    ip = ipaddress.ip_address(address)
+    if ip.is_loopback or ip.is_unspecified or address in settings.public_address:
+        return True
+    with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
+                       socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind((address, 0))
+        except OSError:
+            return False
+    return True
+
+
+def plain_address(address):
+    """The address as a string, an IPv4-mapped IPv6 address as its IPv4."""
+    ip = ipaddress.ip_address(address)
+    return str(getattr(ip, "ipv4_mapped", None) or ip)
+
+
+def probe_port(address, port, protocol, fqdn, fingerprints, timeout_s=PROBE_TIMEOUT_S):
+    """Connect to address:port (and for https complete a TLS handshake whose
+    certificate is one of `fingerprints`); None when reachable, else why not."""
+    try:
+        sock = socket.create_connection((address, port), timeout=timeout_s)
+    except OSError as exc:
+        return "port %d: %s" % (port, exc.strerror or exc)
+    with sock:
+        if protocol != "https":
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # judged below by the tunnel's own fingerprints
+        try:
+            with context.wrap_socket(sock, server_hostname=fqdn) as tls:
+                der = tls.getpeercert(binary_form=True)
+        except (OSError, ValueError) as exc:
+            return "port %d: TLS handshake failed: %s" % (port, exc)
+    if not der or sha256_hex(der) not in fingerprints:
+        return "port %d: the TLS certificate there is not this tunnel's" % port
+    return None
+
+
+def probe_tunnel(record, address):
+    """{port: None or the reason it failed} for every service, probed in parallel."""
+    services = list(zip(record["protocols"], record["ports"]))
+    workers = max(1, min(PROBE_MAX_PARALLEL, len(services)))
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="probe") as pool:
+        futures = {port: pool.submit(probe_port, address, port, protocol, record["fqdn"],
+                                     record.get("cert_sha256", []))
+                   for protocol, port in services}
+    return {port: future.result() for port, future in futures.items()}
+
+
+def probe_outcome(record, address, settings):
+    """(status, {port: ok}, reason): "direct" when every port answered at address."""
+    if is_own_address(address, settings):
+        return "relayed", {}, ("%s is this server's own address (the pod runs on the"
+                               " server's host or its network): not probed" % address)
+    failures = probe_tunnel(record, address)
+    ports = {str(port): failure is None for port, failure in failures.items()}
+    reasons = [failure for failure in failures.values() if failure]
+    return ("relayed" if reasons else "direct"), ports, "; ".join(reasons) or None
+
+
+def body_address(body, key, version=None):
+    """An IP address string from the check's JSON body, "" when absent; 400 if bad."""
+    value = field(body, key).strip()
+    if not value:
+        return ""
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        raise ApiError(400, "%s is not an IP address" % key) from None
+    if version and ip.version != version:
+        raise ApiError(400, "%s must be an IPv%d address" % (key, version))
+    return str(ip)
+
+
+def check_reachability(settings, store, record, observed, body):
+    """POST /tunnels/<id>/check: probe the address the request came from on
+    every port of the tunnel, keep the outcome as record["reach"], return it.
+    body may carry external_address (the router's, as NAT-PMP/UPnP told the
+    pod) and lan_address (the pod's, for split horizon)."""
+    if tunnel_status(record) != "online":
+        raise ApiError(410, "tunnel %s expired" % record["fqdn"])
+    external, lan = body_address(body, "external_address"), body_address(body, "lan_address", 4)
+    address = plain_address(observed)
+    status, ports, reason = probe_outcome(record, address, settings)
+    cgnat = bool(external) and external != address
+    if cgnat:
+        reason = ("carrier-grade NAT: the router's external address %s is not the address"
+                  " the server sees (%s); %s" % (external, address, reason or "ports answered"))
+    reach = {"status": status, "address": address, "lan_address": lan or None,
+             "cgnat": cgnat, "ports": ports, "checked_at": int(time.time()), "reason": reason}
+    store.update(record["id"], reach=reach)
+    log.info("reachability checked tunnel=%s address=%s status=%s cgnat=%s reason=%s",
+             record["id"], address, status, str(cgnat).lower(), reason)
+    return dict(reach, id=record["id"], fqdn=record["fqdn"])
+
+
+def recheck_direct(settings, store, record, now):
+    """dns-refresh: probe a tunnel found direct at its recorded address again;
+    mark it relayed when a port stopped answering. Returns a change line or None."""
+    reach = record.get("reach") or {}
+    if reach.get("status") != "direct" or tunnel_status(record, now) != "online":
+        return None
+    status, ports, reason = probe_outcome(record, reach["address"], settings)
+    if status == "direct":
+        return None
+    store.update(record["id"], reach=dict(reach, status=status, ports=ports,
+                                          checked_at=int(now), reason=reason))
+    log.info("tunnel no longer direct tunnel=%s address=%s reason=%s",
+             record["id"], reach["address"], reason)
+    return "relayed %s (was direct at %s: %s)" % (record["fqdn"], reach["address"], reason)
+
+
+# ---- the built-in responder: constants ------------------------------------
+
+DNS_HEADER_BYTES = 12
+DNS_PLAIN_UDP_BYTES = 512          # RFC 1035 limit for UDP without EDNS0
+DNS_EDNS_UDP_BYTES = 1232          # our EDNS0 payload size (DNS flag day 2020)
+DNS_MAX_MESSAGE_BYTES = 65535      # what the TCP length prefix can carry
+DNS_MAX_NAME_BYTES = 255
+DNS_MAX_LABEL_BYTES = 63
+DNS_MAX_TXT_BYTES = 4096           # one TXT value; ACME values are 43 bytes
+DNS_TCP_IDLE_S = 10.0
+DNS_TCP_MAX_CLIENTS = 64
+DNS_SOA_TIMERS_S = (3600, 600, 604800)   # refresh, retry, expire
+
+_TYPE_A, _TYPE_NS, _TYPE_SOA, _TYPE_HINFO, _TYPE_TXT = 1, 2, 6, 13, 16
+_TYPE_AAAA, _TYPE_OPT, _TYPE_IXFR, _TYPE_AXFR, _TYPE_ANY = 28, 41, 251, 252, 255
+_CLASS_IN = 1
+_RCODE_NOERROR, _RCODE_FORMERR, _RCODE_SERVFAIL = 0, 1, 2
+_RCODE_NXDOMAIN, _RCODE_NOTIMP, _RCODE_REFUSED = 3, 4, 5
+_EXT_RCODE_BADVERS = 1             # BADVERS (16) >> 4, carried in the OPT TTL
+_FLAG_QR, _FLAG_AA, _FLAG_TC, _FLAG_RD = 0x8000, 0x0400, 0x0200, 0x0100
+_FLAG_OPCODE = 0x7800
+_EDNS_FLAG_DO = 0x8000
+_OPTION_ECS = 8
+_ECS_FAMILY_BITS = {1: 32, 2: 128}
+_HINFO_RFC8482 = b"\x07RFC8482\x00"
+_PLAIN_LABEL_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-_")
+_NO_RECORDS = ([], [], [])
+
+DnsTunnelRecord = collections.namedtuple("DnsTunnelRecord", "ipv4 ipv6 split")
+DnsTunnelRecord.__doc__ = """What `DnsZone.lookup` returns for a tunnel FQDN.
+
+ipv4, ipv6: lists of address strings answered for A and AAAA.
+split: None, or a dict mapping a client's public IPv4 string to the list of
+LAN IPv4 strings answered for A to that client instead of `ipv4`."""
+
+_Query = collections.namedtuple("_Query", "qid flags labels qtype qclass edns")
+_Edns = collections.namedtuple("_Edns", "udp_bytes version do ecs")
+_Ecs = collections.namedtuple("_Ecs", "family source address")
+
+
+class DnsFormatError(ValueError):
+    """A query that breaks the wire format; `DnsZone.answer` turns it into FORMERR."""
+
+
+class DnsFrameError(ValueError):
+    """A DNS-over-TCP length prefix that no message can have; close the connection."""
+
+
+# ---- wire parsing ---------------------------------------------------------
+
+def _read_name(packet, offset):
+    """Return (labels, offset after the name) for the name starting at offset.
+
+    Labels are bytes as sent (case kept). A compression pointer must point
+    below every byte of the name read so far, which rules out loops and
+    forward pointers with no counter. Raises DnsFormatError for those, for a
+    truncated name, a label over 63 bytes (or a reserved label type) and a
+    name over 255 bytes."""
+    labels, end, floor, size = [], None, offset, 1
+    while True:
+        if offset >= len(packet):
+            raise DnsFormatError("name runs past the end of the message")
+        length = packet[offset]
+        if length >= 0xC0:
+            if offset + 1 >= len(packet):
+                raise DnsFormatError("truncated compression pointer")
+            target = (length & 0x3F) << 8 | packet[offset + 1]
+            if target >= floor:
+                raise DnsFormatError("compression pointer loops or points forward")
+            end = offset + 2 if end is None else end
+            offset = floor = target
+            continue
+        if length > DNS_MAX_LABEL_BYTES:
+            raise DnsFormatError("label longer than 63 bytes")
+        if length == 0:
+            return labels, (offset + 1 if end is None else end)
+        size += length + 1
+        if size > DNS_MAX_NAME_BYTES:
+            raise DnsFormatError("name longer than 255 bytes")
+        if offset + 1 + length > len(packet):
+            raise DnsFormatError("label runs past the end of the message")
+        labels.append(bytes(packet[offset + 1:offset + 1 + length]))
+        offset += 1 + length
+
+
+def _read_record(packet, offset):
+    """Return (labels, rtype, rclass, ttl, rdata, next offset) of the RR at offset."""
+    labels, offset = _read_name(packet, offset)
+    if offset + 10 > len(packet):
+        raise DnsFormatError("record header runs past the end of the message")
+    rtype, rclass, ttl, rdlength = struct.unpack_from("!HHIH", packet, offset)
+    offset += 10
+    if offset + rdlength > len(packet):
+        raise DnsFormatError("record data runs past the end of the message")
+    return labels, rtype, rclass, ttl, bytes(packet[offset:offset + rdlength]), offset + rdlength
+
+
+def _read_ecs(body):
+    """Return the _Ecs of a Client Subnet option body (RFC 7871 section 6).
+
+    Raises DnsFormatError for an unknown family, a prefix longer than the
+    family allows, a non-zero scope (queries must send 0), an address of the
+    wrong length or with bits set beyond the source prefix."""
+    if len(body) < 4:
+        raise DnsFormatError("client subnet option too short")
+    family, source, scope = struct.unpack_from("!HBB", body)
+    address = bytes(body[4:])
+    if source > _ECS_FAMILY_BITS.get(family, -1) or scope != 0:
+        raise DnsFormatError("client subnet family, prefix or scope invalid")
+    if len(address) != (source + 7) // 8:
+        raise DnsFormatError("client subnet address length does not match its prefix")
+    if source % 8 and address[-1] & (0xFF >> (source % 8)):
+        raise DnsFormatError("client subnet address has bits beyond its prefix")
+    return _Ecs(family, source, address)
+
+
+def _read_options(rdata):
+    """Return the _Ecs of an OPT record's options, or None; others are ignored.
+
+    Raises DnsFormatError for a truncated option or a second ECS option."""
+    ecs, offset = None, 0
+    while offset < len(rdata):
+        if offset + 4 > len(rdata):
+            raise DnsFormatError("truncated EDNS option header")
+        code, length = struct.unpack_from("!HH", rdata, offset)
+        body = rdata[offset + 4:offset + 4 + length]
+        if len(body) != length:
+            raise DnsFormatError("truncated EDNS option")
+        offset += 4 + length
+        if code == _OPTION_ECS:
+            if ecs is not None:
+                raise DnsFormatError("second client subnet option")
+            ecs = _read_ecs(body)
+    return ecs
+
+
+def _read_edns(packet, offset, skip, count):
+    """Return the _Edns of the OPT record among the `count` records following
+    the `skip` records at offset, or None when there is none.
+
+    Every record is parsed, so a truncated message raises DnsFormatError, as
+    do a second OPT record and an OPT whose owner is not the root (RFC 6891
+    section 6.1.1). Bytes after the last record are ignored."""
+    edns = None
+    for index in range(skip + count):
+        labels, rtype, rclass, ttl, rdata, offset = _read_record(packet, offset)
+        if rtype != _TYPE_OPT or index < skip:
+            continue
+        if edns is not None or labels:
+            raise DnsFormatError("second OPT record, or OPT not owned by the root")
+        edns = _Edns(max(rclass, DNS_PLAIN_UDP_BYTES), (ttl >> 16) & 0xFF,
+                     bool(ttl & _EDNS_FLAG_DO), _read_options(rdata))
+    return edns
+
+
+def _parse_query(packet):
+    """Return the _Query of a message whose header says it is a QUERY.
+
+    Raises DnsFormatError unless it holds exactly one complete question
+    (not of type OPT) and well-formed records after it."""
+    qid, flags, qdcount, ancount, nscount, arcount = struct.unpack_from("!6H", packet)
+    if qdcount != 1:
+        raise DnsFormatError("a query must hold exactly one question")
+    labels, offset = _read_name(packet, DNS_HEADER_BYTES)
+    if offset + 4 > len(packet):
+        raise DnsFormatError("question runs past the end of the message")
+    qtype, qclass = struct.unpack_from("!HH", packet, offset)
+    if qtype == _TYPE_OPT:
+        raise DnsFormatError("OPT is not a question type")
+    edns = _read_edns(packet, offset + 4, ancount + nscount, arcount)
+    return _Query(qid, flags, labels, qtype, qclass, edns)
+
+
+# ---- wire building --------------------------------------------------------
+
+class _MessageWriter:
+    """Bytes of a message under construction; names are compressed against
+    every name written before (RFC 1035 section 4.1.4)."""
+
+    def __init__(self):
+        self.data = bytearray()
+        self._offsets = {}
+
+    def name(self, labels):
+        """Append labels as a name, ending in a pointer where a suffix repeats."""
+        for index, label in enumerate(labels):
+            suffix = tuple(part.lower() for part in labels[index:])
+            if suffix in self._offsets:
+                self.data += struct.pack("!H", 0xC000 | self._offsets[suffix])
+                return
+            if len(self.data) < 0x4000:
+                self._offsets[suffix] = len(self.data)
+            self.data += bytes([len(label)]) + label
+        self.data.append(0)
+
+    def record(self, owner, rtype, ttl, parts):
+        """Append one IN record; parts of its data are bytes, or tuples of
+        labels written as (compressible) names."""
+        self.name(owner)
+        self.data += struct.pack("!HHI", rtype, _CLASS_IN, ttl)
+        start = len(self.data)
+        self.data += b"\0\0"
+        for part in parts:
+            if isinstance(part, tuple):
+                self.name(part)
+            else:
+                self.data += part
+        struct.pack_into("!H", self.data, start, len(self.data) - start - 2)
+
+
+def _header_only(qid, flags, rcode):
+    """Return a response made of a header alone (FORMERR, NOTIMP, SERVFAIL)."""
+    flags = _FLAG_QR | (flags & (_FLAG_OPCODE | _FLAG_RD)) | rcode
+    return struct.pack("!6H", qid, flags, 0, 0, 0, 0)
+
+
+def _opt_record(edns, udp_bytes, ext_rcode, scope):
+    """Return our OPT record answering the query's `edns`: our UDP size, the
+    DO bit copied (RFC 3225), and the Client Subnet option echoed with
+    `scope` when the query carried one (RFC 7871 section 7.2.1)."""
+    options = b""
+    if edns.ecs is not None:
+        ecs = edns.ecs
+        options = struct.pack("!HHHBB", _OPTION_ECS, 4 + len(ecs.address),
+                              ecs.family, ecs.source, scope) + ecs.address
+    ttl = ext_rcode << 24 | (_EDNS_FLAG_DO if edns.do else 0)
+    return b"\0" + struct.pack("!HHIH", _TYPE_OPT, udp_bytes, ttl, len(options)) + options
+
+
+def _build(query, rcode, flags, sections, opt):
+    """Return the response bytes: header, the question as asked, the three
+    sections (lists of (owner, rtype, ttl, parts)), then `opt` (b"" for none)."""
+    answers, authority, additional = sections
+    flags |= _FLAG_QR | (query.flags & (_FLAG_OPCODE | _FLAG_RD)) | rcode
+    writer = _MessageWriter()
+    writer.data += struct.pack("!6H", query.qid, flags, 1, len(answers), len(authority),
+                               len(additional) + (1 if opt else 0))
+    writer.name(query.labels)
+    writer.data += struct.pack("!HH", query.qtype, query.qclass)
+    for record in answers + authority + additional:
+        writer.record(*record)
+    writer.data += opt
+    return bytes(writer.data)
+
+
+def _size_limit(edns, max_udp):
+    """Return the largest response allowed: 65535 over TCP (max_udp None),
+    512 over UDP without EDNS0, else min(client's size, max_udp), never
+    below 512 (RFC 6891 section 6.2.5)."""
+    if max_udp is None:
+        return DNS_MAX_MESSAGE_BYTES
+    if edns is None:
+        return DNS_PLAIN_UDP_BYTES
+    return max(DNS_PLAIN_UDP_BYTES, min(edns.udp_bytes, max_udp))
+
+
+def _packed_addresses(addresses, version):
+    """Return A/AAAA record data parts for address strings; a string that is
+    no address of that version is logged and skipped."""
+    parts = []
+    for text in addresses or ():
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            address = None
+        if address is None or address.version != version:
+            log.warning("dns skips bad address address=%r", text)
+            continue
+        parts.append([address.packed])
+    return parts
+
+
+def _txt_parts(texts):
+    """Return TXT record data parts, one record per text, each split into
+    255-byte character-strings; a text over DNS_MAX_TXT_BYTES is skipped."""
+    parts = []
+    for text in texts:
+        data = text.encode("utf-8")
+        if len(data) > DNS_MAX_TXT_BYTES:
+            log.warning("dns skips oversized txt bytes=%d", len(data))
+            continue
+        chunks = [data[i:i + 255] for i in range(0, len(data), 255)] or [b""]
+        parts.append([b"".join(bytes([len(chunk)]) + chunk for chunk in chunks)])
+    return parts
+
+
+def _client_keys(client_ip, edns):
+    """Return the client addresses that may select split answers: a full
+    /32 IPv4 Client Subnet address, then the transport source address
+    (an IPv4-mapped IPv6 source counts as its IPv4)."""
+    keys = []
+    ecs = edns.ecs if edns is not None else None
+    if ecs is not None and ecs.family == 1 and ecs.source == 32:
+        keys.append(str(ipaddress.IPv4Address(ecs.address)))
+    try:
+        address = ipaddress.ip_address(client_ip)
+        keys.append(str(getattr(address, "ipv4_mapped", None) or address))
+    except ValueError:
+        keys.append(client_ip)
+    return keys
+
+
+def _labels_of(name):
+    """Return the lowercased labels of a dotted name; ValueError if it is no
+    valid hostname-like name (ASCII, labels 1..63 bytes, 255 in all)."""
+    text = name.strip().rstrip(".").lower()
+    labels = tuple(text.encode("ascii").split(b".")) if text else ()
+    if not labels or not all(0 < len(label) <= DNS_MAX_LABEL_BYTES for label in labels) \
+            or len(text) + 2 > DNS_MAX_NAME_BYTES:
+        raise ValueError("not a valid DNS name: %r" % name)
+    return labels
+
+
+# ---- the zone -------------------------------------------------------------
+
+class DnsZone:
+    """The authoritative data for one domain, answering query bytes.
+
+    `lookup(name)` gets a lowercased FQDN without trailing dot, strictly
+    below the domain and other than ns_name, and returns a DnsTunnelRecord
+    (or any object with .ipv4, .ipv6, .split) or None if no tunnel has
+    that name. `txt_lookup(name)` gets any lowercased name in the domain
+    and returns a list of TXT strings (empty: none). Both are called from
+    the thread that calls `answer`, must not block, and see only names made
+    of letters, digits, '-' and '_'.
+
+    Attributes may be changed between calls: `serial` (the SOA serial, bump
+    it when records change), `ttl_s`, `server_ipv4`, `server_ipv6`.
+    """
+
+    def __init__(self, domain, server_ipv4=(), server_ipv6=(), ttl_s=60, ns_name=None,
+                 lookup=None, txt_lookup=None, serial=1):
+        self.domain_labels = _labels_of(domain)
+        self.domain = b".".join(self.domain_labels).decode("ascii")
+        self.ns_labels = _labels_of(ns_name or "ns." + self.domain)
+        self.ns_name = b".".join(self.ns_labels).decode("ascii")
+        self.hostmaster_labels = (b"hostmaster",) + self.domain_labels
+        for text in list(server_ipv4) + list(server_ipv6):
+            ipaddress.ip_address(text)  # refuse a bad server address at start
+        self.server_ipv4, self.server_ipv6 = list(server_ipv4), list(server_ipv6)
+        self.ttl_s, self.serial = int(ttl_s), int(serial)
+        self.lookup, self.txt_lookup = lookup, txt_lookup
+
+    def answer(self, packet, client_ip, max_udp=DNS_EDNS_UDP_BYTES):
+        """Return the response to the query `packet`, or None to send nothing.
+
+        client_ip is the source address of the packet (str); max_udp is our
+        UDP payload size (also advertised in OPT), or None for a query that
+        came over TCP. None is returned for messages shorter than a header
+        and for responses (QR set). Never raises for any packet: a malformed
+        query gets FORMERR, an opcode other than QUERY gets NOTIMP, both as a
+        bare header. Callback exceptions do propagate."""
+        if len(packet) < DNS_HEADER_BYTES:
+            return None
+        qid, flags = struct.unpack_from("!HH", packet)
+        if flags & _FLAG_QR:
+            return None
+        if flags & _FLAG_OPCODE:
+            return _header_only(qid, flags, _RCODE_NOTIMP)
+        try:
+            query = _parse_query(packet)
+        except DnsFormatError:
+            return _header_only(qid, flags, _RCODE_FORMERR)
+        return self._respond(query, client_ip, max_udp)
+
+    def _respond(self, query, client_ip, max_udp):
+        """Return the response to a parsed query, truncated to its size limit."""
+        edns, udp_bytes = query.edns, max_udp or DNS_EDNS_UDP_BYTES
+        if edns is not None and edns.version != 0:
+            opt = _opt_record(edns, udp_bytes, _EXT_RCODE_BADVERS, 0)
+            return _build(query, _RCODE_NOERROR, 0, _NO_RECORDS, opt)
+        rcode, flags, sections, split = self._resolve(query, _client_keys(client_ip, edns))
+        opt = b""
+        if edns is not None:
+            scope = 32 if split and edns.ecs is not None and edns.ecs.family == 1 else 0
+            opt = _opt_record(edns, udp_bytes, 0, scope)
+        response = _build(query, rcode, flags, sections, opt)
+        if len(response) > _size_limit(edns, max_udp):
+            response = _build(query, rcode, flags | _FLAG_TC, _NO_RECORDS, opt)
+        return response
+
+    def _resolve(self, query, client_keys):
+        """Return (rcode, flags, sections, split) for a query: `split` tells
+        whether the answer depends on the client's address."""
+        relative = self._relative(query.labels)
+        if relative is None or query.qclass != _CLASS_IN \
+                or query.qtype in (_TYPE_AXFR, _TYPE_IXFR):
+            return _RCODE_REFUSED, 0, _NO_RECORDS, False
+        node, split = self._node(relative, client_keys)
+        negative = ([], [self._soa_record()], [])
+        if node is None:
+            return _RCODE_NXDOMAIN, _FLAG_AA, negative, False
+        answers = self._select(node, query)
+        if not answers:
+            return _RCODE_NOERROR, _FLAG_AA, negative, split
+        glue = self._glue() if query.qtype == _TYPE_NS else []
+        return _RCODE_NOERROR, _FLAG_AA, (answers, [], glue), split
+
+    def _relative(self, labels):
+        """Return the lowercased labels in front of the domain, or None when
+        the name is not the domain or below it."""
+        lowered = tuple(label.lower() for label in labels)
+        cut = len(lowered) - len(self.domain_labels)
+        if cut < 0 or lowered[cut:] != self.domain_labels:
+            return None
+        return lowered[:cut]
+
+    def _node(self, relative, client_keys):
+        """Return ({rtype: [parts...]}, split) for an in-domain name, or
+        (None, False) when the name does not exist."""
+        if not all(_PLAIN_LABEL_BYTES.issuperset(label) for label in relative):
+            return None, False
+        name = b".".join(relative + self.domain_labels).decode("ascii")
+        node, split = self._address_node(relative, name, client_keys)
+        texts = self.txt_lookup(name) if self.txt_lookup is not None else []
+        if texts:
+            node = dict(node or {})
+            node[_TYPE_TXT] = _txt_parts(texts)
+        return node, split
+
+    def _address_node(self, relative, name, client_keys):
+        """Return (node, split) from the apex, ns_name or `lookup`, without TXT."""
+        if not relative or name == self.ns_name:
+            node = {_TYPE_A: _packed_addresses(self.server_ipv4, 4),
+                    _TYPE_AAAA: _packed_addresses(self.server_ipv6, 6)}
+            if not relative:
+                node[_TYPE_SOA] = [self._soa_record()[3]]
+                node[_TYPE_NS] = [[self.ns_labels]]
+            return node, False
+        record = self.lookup(name) if self.lookup is not None else None
+        if record is None:
+            return None, False
+        split = record.split or {}
+        ipv4 = next((split[key] for key in client_keys if key in split), record.ipv4)
+        return {_TYPE_A: _packed_addresses(ipv4, 4),
+                _TYPE_AAAA: _packed_addresses(record.ipv6, 6)}, bool(split)
+
+    def _select(self, node, query):
+        """Return the answer records of `node` for the query's type; for ANY
+        the A and AAAA records, or RFC 8482's HINFO when there are none."""
+        if query.qtype != _TYPE_ANY:
+            wanted = [(query.qtype, node.get(query.qtype, []))]
+        else:
+            wanted = [(_TYPE_A, node.get(_TYPE_A, [])), (_TYPE_AAAA, node.get(_TYPE_AAAA, []))]
+            if not any(parts for _, parts in wanted):
+                wanted = [(_TYPE_HINFO, [[_HINFO_RFC8482]])]
+        return [(query.labels, rtype, self.ttl_s, parts)
+                for rtype, all_parts in wanted for parts in all_parts]
+
+    def _soa_record(self):
+        """Return the apex SOA record; its minimum (negative TTL) is ttl_s."""
+        timers = struct.pack("!5I", self.serial & 0xFFFFFFFF, *DNS_SOA_TIMERS_S, self.ttl_s)
+        parts = [self.ns_labels, self.hostmaster_labels, timers]
+        return (self.domain_labels, _TYPE_SOA, self.ttl_s, parts)
+
+    def _glue(self):
+        """Return A/AAAA records of ns_name for an NS answer, if it is in the domain."""
+        if self._relative(self.ns_labels) is None:
+            return []
+        return [(self.ns_labels, rtype, self.ttl_s, parts)
+                for rtype, version, addresses in ((_TYPE_A, 4, self.server_ipv4),
+                                                  (_TYPE_AAAA, 6, self.server_ipv6))
+                for parts in _packed_addresses(addresses, version)]
+
+
+def servfail(packet):
+    """Return a bare SERVFAIL for query `packet` (when answering it failed),
+    or None when it has no header or is itself a response."""
+    if len(packet) < DNS_HEADER_BYTES:
+        return None
+    qid, flags = struct.unpack_from("!HH", packet)
+    return None if flags & _FLAG_QR else _header_only(qid, flags, _RCODE_SERVFAIL)
+
+
+# ---- DNS over TCP framing (RFC 1035 section 4.2.2) ------------------------
+
+def tcp_frames(buffer, max_frames=None):
+    """Remove the complete messages at the front of `buffer` and return them.
+
+    buffer is a bytearray holding a DNS-over-TCP stream (each message behind
+    a two-byte big-endian length); an incomplete message stays in it for the
+    next call. At most max_frames messages are taken (None: all). A length
+    below the 12-byte header means the stream is garbage: DnsFrameError is
+    raised (after the complete messages before it were returned by this or
+    an earlier call) and the connection should be closed."""
+    frames = []
+    while len(buffer) >= 2 and (max_frames is None or len(frames) < max_frames):
+        length = buffer[0] << 8 | buffer[1]
+        if length < DNS_HEADER_BYTES:
+            if frames:
+                break
+            raise DnsFrameError("dns tcp frame of %d bytes is shorter than a header" % length)
+        if len(buffer) < 2 + length:
+            break
+        frames.append(bytes(buffer[2:2 + length]))
+        del buffer[:2 + length]
+    return frames
+
+
+def _frame_complete(buffer):
+    """Tell whether buffer starts with a whole length-prefixed message."""
+    return len(buffer) >= 2 and len(buffer) >= 2 + (buffer[0] << 8 | buffer[1])
+
+
+def tcp_wrap(response):
+    """Return response behind its two-byte length prefix; ValueError over 65535 bytes."""
+    if len(response) > DNS_MAX_MESSAGE_BYTES:
+        raise ValueError("dns message of %d bytes does not fit a tcp frame" % len(response))
+    return struct.pack("!H", len(response)) + response
+
+
+# ---- sockets --------------------------------------------------------------
+
+def _bind_pair(address, port, attempts=16):
+    """Return (udp, tcp) non-blocking sockets bound to the same (address,
+    port); with port 0 the kernel picks one free for both (a few tries).
+    OSError when the port cannot be had."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    for attempt in range(attempts):
+        udp = socket.socket(family, socket.SOCK_DGRAM)
+        tcp = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            udp.bind((address, port))
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            tcp.bind((address, udp.getsockname()[1]))
+            tcp.listen(DNS_TCP_MAX_CLIENTS)
+        except OSError:
+            udp.close()
+            tcp.close()
+            if port != 0 or attempt == attempts - 1:
+                raise
+            continue
+        udp.setblocking(False)
+        tcp.setblocking(False)
+        return udp, tcp
+    raise OSError("no port free for dns on udp and tcp at %s" % address)
+
+
+class _DnsTcpClient:
+    """One DNS-over-TCP connection: bounded input and output buffers."""
+
+    def __init__(self, sock, peer, now):
+        self.sock, self.peer, self.last_active_s = sock, peer, now
+        self.inbuf, self.outbuf = bytearray(), bytearray()
+        self.events, self.eof, self.closed = selectors.EVENT_READ, False, False
+
+
+class DnsServer:
+    """Serves a DnsZone on UDP and TCP at (address, port).
+
+    Binds both sockets at construction (port 0: a free one, same for both,
+    in `.port`). `register(selector)` adds them to the caller's selector;
+    every key this class registers carries a callable taking the event
+    mask, so the wiring loop runs `key.data(mask)` for each ready key, and
+    `expire_idle(time.monotonic())` now and then. Handlers never block and
+    never raise for network or packet trouble: a bad datagram or connection
+    is logged and dropped, the server goes on. Settings are class attributes
+    and may be overridden per instance.
+
+    TCP: at most TCP_MAX_CLIENTS connections (more are closed at once), idle
+    ones closed after TCP_IDLE_S, pipelined queries answered in order. A
+    client's input holds at most TCP_INPUT_BYTES (one largest message);
+    reads stop while its output holds TCP_OUTPUT_BYTES or more, so a client
+    that never reads costs at most that plus one response until it idles
+    out. A length prefix below 12 bytes closes the connection.
+    """
+
+    UDP_DATAGRAMS_PER_EVENT = 64
+    TCP_IDLE_S = DNS_TCP_IDLE_S
+    TCP_MAX_CLIENTS = DNS_TCP_MAX_CLIENTS
+    TCP_INPUT_BYTES = DNS_MAX_MESSAGE_BYTES + 2
+    TCP_OUTPUT_BYTES = 2 * (DNS_MAX_MESSAGE_BYTES + 2)
+    UDP_PAYLOAD_BYTES = DNS_EDNS_UDP_BYTES
+
+    def __init__(self, zone, address="0.0.0.0", port=53):
+        self.zone = zone
+        self.udp_socket, self.tcp_socket = _bind_pair(address, port)
+        self.address, self.port = address, self.udp_socket.getsockname()[1]
+        self._selector = None
+        self._clients = {}
+        self._closed = False
+
+    def register(self, selector):
+        """Add the UDP socket and the TCP listener to selector (once)."""
+        self._selector = selector
+        selector.register(self.udp_socket, selectors.EVENT_READ, self.on_udp_readable)
+        selector.register(self.tcp_socket, selectors.EVENT_READ, self.on_tcp_accept)
+
+    def on_udp_readable(self, mask=selectors.EVENT_READ):
+        """Answer the datagrams waiting (at most UDP_DATAGRAMS_PER_EVENT)."""
+        for _ in range(self.UDP_DATAGRAMS_PER_EVENT):
+            try:
+                packet, peer = self.udp_socket.recvfrom(DNS_MAX_MESSAGE_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                log.debug("dns udp receive failed error=%s", error)
+                continue
+            response = self._answer(packet, peer[0], self.UDP_PAYLOAD_BYTES)
+            if response is None:
+                continue
+            try:
+                self.udp_socket.sendto(response, peer)
+            except OSError as error:
+                log.debug("dns udp send failed peer=%s error=%s", peer[0], error)
+
+    def on_tcp_accept(self, mask=selectors.EVENT_READ):
+        """Accept waiting connections; beyond TCP_MAX_CLIENTS they are closed."""
+        for _ in range(self.TCP_MAX_CLIENTS):
+            try:
+                sock, peer = self.tcp_socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                log.debug("dns tcp accept failed error=%s", error)
+                return
+            if len(self._clients) >= self.TCP_MAX_CLIENTS:
+                log.warning("dns tcp refused, too many clients peer=%s", peer[0])
+                sock.close()
+                continue
+            sock.setblocking(False)
+            client = _DnsTcpClient(sock, peer[0], time.monotonic())
+            self._clients[sock] = client
+            self._selector.register(sock, client.events,
+                                    functools.partial(self.on_tcp_event, client))
+
+    def on_tcp_event(self, client, mask):
+        """Move bytes of one TCP client: send what is pending, read, answer."""
+        if mask & selectors.EVENT_WRITE:
+            self._send(client)
+        if mask & selectors.EVENT_READ and not client.closed:
+            self._receive(client)
+        if not client.closed:
+            self._serve(client)
+
+    def expire_idle(self, now):
+        """Close TCP clients idle for TCP_IDLE_S or more at monotonic `now`;
+        return how many were closed."""
+        idle = [client for client in self._clients.values()
+                if now - client.last_active_s >= self.TCP_IDLE_S]
+        for client in idle:
+            self._drop(client, "idle")
+        return len(idle)
+
+    def close(self):
+        """Close every connection and both sockets; safe to call twice."""
+        for client in list(self._clients.values()):
+            self._drop(client, "server closing")
+        if self._closed:
+            return
+        self._closed = True
+        for sock in (self.udp_socket, self.tcp_socket):
+            if self._selector is not None:
+                self._selector.unregister(sock)
+            sock.close()
+
+    def _answer(self, packet, client_ip, max_udp):
+        """Return the zone's response; a failure inside it is logged (a bug
+        or a failing callback) and the client gets SERVFAIL."""
+        try:
+            return self.zone.answer(packet, client_ip, max_udp)
+        except Exception:  # per-query boundary: one bad query must not stop DNS
+            log.exception("dns answer failed peer=%s", client_ip)
+            return servfail(packet)
+
+    def _receive(self, client):
+        """Read what fits the client's input buffer; EOF marks it done."""
+        room = self.TCP_INPUT_BYTES - len(client.inbuf)
+        if room <= 0:
+            return
+        try:
+            data = client.sock.recv(room)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self._drop(client, "receive failed: %s" % error)
+            return
+        if not data:
+            client.eof = True
+            return
+        client.inbuf += data
+        client.last_active_s = time.monotonic()
+
+    def _send(self, client):
+        """Send as much pending output as the socket takes."""
+        if not client.outbuf:
+            return
+        try:
+            sent = client.sock.send(client.outbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self._drop(client, "send failed: %s" % error)
+            return
+        del client.outbuf[:sent]
+        client.last_active_s = time.monotonic()
+
+    def _serve(self, client):
+        """Answer buffered queries while output has room, then poll for what
+        the client needs next; close it once it is done and drained."""
+        try:
+            while len(client.outbuf) < self.TCP_OUTPUT_BYTES:
+                frames = tcp_frames(client.inbuf, max_frames=1)
+                if not frames:
+                    break
+                response = self._answer(frames[0], client.peer, None)
+                if response is not None:
+                    client.outbuf += tcp_wrap(response)
+        except DnsFrameError as error:
+            self._drop(client, str(error))
+            return
+        self._send(client)
+        self._poll(client)
+
+    def _poll(self, client):
+        """Register the events the client needs: write while output is
+        pending or a buffered query awaits its answer (the socket being
+        writable then wakes `_serve` again), read while both buffers have
+        room and the peer may send."""
+        if client.closed:
+            return
+        waiting = _frame_complete(client.inbuf)
+        events = selectors.EVENT_WRITE if client.outbuf or waiting else 0
+        if not client.eof and len(client.outbuf) < self.TCP_OUTPUT_BYTES \
+                and len(client.inbuf) < self.TCP_INPUT_BYTES:
+            events |= selectors.EVENT_READ
+        if not events:
+            self._drop(client, None)
+        elif events != client.events:
+            client.events = events
+            self._selector.modify(client.sock, events,
+                                  functools.partial(self.on_tcp_event, client))
+
+    def _drop(self, client, reason):
+        """Close a TCP client (idempotent); reason None means a clean end."""
+        if client.closed:
+            return
+        client.closed = True
+        self._clients.pop(client.sock, None)
+        if reason is not None:
+            log.debug("dns tcp closed peer=%s reason=%s", client.peer, reason)
+        if self._selector is not None:
+            self._selector.unregister(client.sock)
+        try:
+            client.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        client.sock.close()
+
+
+# ---- builtin provider: the responder fed from the store --------------------
+
+class BuiltinDns:
+    """The DnsZone of TUNNEL_DOMAIN and its DnsServer on DNS_PORT, answering
+    every online tunnel from the store. Lives in the loop thread: refresh()
+    (after any store change) rebuilds the names and bumps the SOA serial when
+    an answer changed. `txt` maps a name to TXT strings (ACME DNS-01)."""
+
+    def __init__(self, settings, store):
+        self.settings, self.store = settings, store
+        ipv4, ipv6 = by_family(server_addresses(settings))
+        self.txt = {}
+        self.names = {}             # fqdn -> (expires_at, DnsTunnelRecord)
+        self.next_expiry = None
+        self.zone = DnsZone(settings.tunnel_domain, ipv4, ipv6, ttl_s=DNS_TTL_S,
+                            lookup=self.lookup, txt_lookup=lambda name: self.txt.get(name, []),
+                            serial=int(time.time()))
+        self.server = None
+
+    def start(self, selector):
+        """Bind LISTEN_ADDRESS:DNS_PORT (UDP and TCP) and serve from `selector`."""
+        try:
+            self.server = DnsServer(self.zone, self.settings.listen_address, self.settings.dns_port)
+        except OSError as exc:
+            raise Unavailable("cannot serve DNS on %s port %s: %s" % (
+                self.settings.listen_address, self.settings.dns_port, exc.strerror or exc)) from None
+        self.server.register(selector)
+        self.refresh()
+        return self.server.port
+
+    def refresh(self, _tunnel_id=None):
+        now = time.time()
+        names = {}
+        for record in self.store.all():
+            if tunnel_status(record, now) == "online":
+                names[record["fqdn"]] = (record["expires_at"],
+                                         DnsTunnelRecord(*tunnel_answers(record, self.settings)))
+        self.next_expiry = min([expires for expires, _ in names.values()], default=None)
+        if names != self.names:
+            self.names = names
+            self.zone.serial = max(self.zone.serial + 1, int(now))
+
+    def lookup(self, name):
+        entry = self.names.get(name)
+        return entry[1] if entry and time.time() < entry[0] else None
+
+    def sweep(self, now):
+        """Once a second from the server's sweep: idle TCP clients, expiries."""
+        if self.server is not None:
+            self.server.expire_idle(time.monotonic())
+        if self.next_expiry is not None and now >= self.next_expiry:
+            self.refresh()
+
+    def close(self):
+        if self.server is not None:
+            self.server.close()
+
+
+# ---- dnsimple provider: its v2 REST API --------------------------------------
+
+DNSIMPLE_TIMEOUT_S = 15
+DNSIMPLE_PER_PAGE = 100            # the API's maximum
+DNSIMPLE_MAX_PAGES = 1000
+DNSIMPLE_MAX_ANSWER_BYTES = 4 * 1024 * 1024
+
+
+class DnsProviderError(Unavailable):
+    """The DNS provider failed or refused; worth retrying later (never fatal
+    to the server). `retry_at` (epoch seconds) when a rate limit says when."""
+
+    def __init__(self, message, retry_at=None):
+        super().__init__(message)
+        self.retry_at = retry_at
+
+
+def dnsimple_credentials(service):
+    """(token, account id or None) of DYNAMIC_DNS_SERVICE=dnsimple:TOKEN[:ACCOUNT]."""
+    parts = service.split(":")
+    return parts[1], (parts[2] if len(parts) > 2 and parts[2] else None)
+
+
+class DnsimpleClient:
+    """Calls to the dnsimple v2 API under base_url (DNSIMPLE_API_URL): bearer
+    token, JSON in and out, pagination, rate-limit headers. Every failure is a
+    DnsProviderError with dnsimple's `message`; the token never reaches a log."""
+
+    def __init__(self, base_url, token, account=None, timeout_s=DNSIMPLE_TIMEOUT_S):
+        self.base_url, self.token, self.account = base_url.rstrip("/"), token, account
+        self.timeout_s = timeout_s
+        self.rate_remaining = self.rate_reset = None
+
+    def call(self, method, path, body=None, query=None, answers=()):
+        """(status, decoded JSON or None) of one request; 2xx or a status in answers."""
+        url = "%s/v2%s%s" % (self.base_url, path, "?" + urllib.parse.urlencode(query) if query else "")
+        self.check_rate_limit(method, path)
+        request = urllib.request.Request(url, method=method, headers={
+            "Authorization": "Bearer " + self.token, "Accept": "application/json",
+            "User-Agent": "pipe2me-server"})
+        if body is not None:
+            request.data = json.dumps(body).encode()
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as answer:
+                self.note_rate_limit(answer.headers)
+                return answer.status, self.decode(answer.read(DNSIMPLE_MAX_ANSWER_BYTES), path)
+        except urllib.error.HTTPError as exc:
+            self.note_rate_limit(exc.headers)
+            data = exc.read(DNSIMPLE_MAX_ANSWER_BYTES)
+            if exc.code in answers:
+                return exc.code, None
+            raise self.refusal(method, path, exc.code, data) from None
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise DnsProviderError("dnsimple unreachable at %s: %s" % (self.base_url, reason)) from None
+
+    @staticmethod
+    def decode(data, path):
+        if not data:
+            return None
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise DnsProviderError("dnsimple answered %s with something else than JSON" % path) from None
+
+    def refusal(self, method, path, status, data):
+        try:
+            message = str(json.loads(data.decode("utf-8")).get("message"))[:300]
+        except (UnicodeDecodeError, ValueError, AttributeError):
+            message = "HTTP %d" % status
+        retry_at = self.rate_reset if status == 429 else None
+        return DnsProviderError("dnsimple refused %s %s: %d %s" % (method, path, status, message),
+                                retry_at)
+
+    def note_rate_limit(self, headers):
+        with contextlib.suppress(TypeError, ValueError):
+            self.rate_remaining = int(headers.get("X-RateLimit-Remaining"))
+            self.rate_reset = int(headers.get("X-RateLimit-Reset"))
+
+    def check_rate_limit(self, method, path):
+        """No request while the last answer said the hour's quota is used up."""
+        if self.rate_remaining == 0 and self.rate_reset and time.time() < self.rate_reset:
+            raise DnsProviderError("dnsimple rate limit used up until %s; %s %s not sent" % (
+                time.strftime("%H:%M:%S", time.localtime(self.rate_reset)), method, path),
+                self.rate_reset)
+
+    def data(self, method, path, body=None, query=None):
+        status, answer = self.call(method, path, body, query)
+        if status == 204:
+            return None
+        if not isinstance(answer, dict) or "data" not in answer:
+            raise DnsProviderError("dnsimple answered %s %s without data" % (method, path))
+        return answer
+
+    # -- the endpoints --------------------------------------------------
+    def account_id(self):
+        """The account of DYNAMIC_DNS_SERVICE, or the token's (GET /whoami)."""
+        if self.account is None:
+            account = (self.data("GET", "/whoami")["data"] or {}).get("account")
+            if not isinstance(account, dict) or "id" not in account:
+                raise DnsProviderError("this dnsimple token is a user token: give the account"
+                                       " as DYNAMIC_DNS_SERVICE=dnsimple:TOKEN:ACCOUNT_ID")
+            self.account = str(account["id"])
+        return self.account
+
+    def zone_exists(self, name):
+        status, _ = self.call("GET", "/%s/zones/%s" % (self.account_id(), name), answers=(404,))
+        return status == 200
+
+    def records(self, zone):
+        """Every record of the zone, through all pages."""
+        found, page = [], 1
+        while page <= DNSIMPLE_MAX_PAGES:
+            answer = self.data("GET", "/%s/zones/%s/records" % (self.account_id(), zone),
+                               query={"page": page, "per_page": DNSIMPLE_PER_PAGE})
+            found += [r for r in answer["data"] if isinstance(r, dict)]
+            if page >= int((answer.get("pagination") or {}).get("total_pages") or 1):
+                return found
+            page += 1
+        raise DnsProviderError("dnsimple zone %s has more than %d pages of records" % (zone, page - 1))
+
+    def create(self, zone, name, rtype, content):
+        return self.data("POST", "/%s/zones/%s/records" % (self.account_id(), zone), {
+            "name": name, "type": rtype, "content": content, "ttl": DNS_TTL_S})["data"]
+
+    def update(self, zone, record_id, content):
+        return self.data("PATCH", "/%s/zones/%s/records/%s" % (self.account_id(), zone, record_id),
+                         {"content": content, "ttl": DNS_TTL_S})["data"]
+
+    def delete(self, zone, record_id):
+        self.data("DELETE", "/%s/zones/%s/records/%s" % (self.account_id(), zone, record_id))
+
+
+@contextlib.contextmanager
+def dns_state_lock(state_dir):
+    """Held around a reconciliation: the server's thread and a `dns-refresh`
+    from cron never edit the records (and DNS_OWNED_FILE) at the same time."""
+    fd = os.open(os.path.join(state_dir, DNS_LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+class DnsimpleProvider:
+    """Makes the A/AAAA records of the tunnels in a dnsimple zone match what
+    they should answer, changing only what differs and touching only records
+    it created itself (their ids live in STATE_DIR/DNS_OWNED_FILE). The zone
+    is TUNNEL_DOMAIN or the nearest parent dnsimple has. Blocking: run it off
+    the loop thread."""
+
+    def __init__(self, settings, client=None):
+        token, account = dnsimple_credentials(settings.dynamic_dns_service)
+        self.client = client or DnsimpleClient(settings.dnsimple_api_url, token, account)
+        self.domain, self.state_dir = settings.tunnel_domain, settings.state_dir
+        self.owned_path = os.path.join(settings.state_dir, DNS_OWNED_FILE)
+        self.zone = None
+
+    def reconcile(self, wanted):
+        """wanted: {(fqdn, type): [addresses]}. Returns one line per change made."""
+        with dns_state_lock(self.state_dir):
+            zone = self.find_zone()
+            owned = self.load_owned()
+            mine = self.owned_records(zone, owned)
+            changes = []
+            for key in sorted(set(wanted) | set(mine)):
+                changes += self.converge(zone, key, wanted.get(key, []), mine.get(key, []), owned)
+        for line in changes:
+            log.info("dns record %s", line)
+        return changes
+
+    def find_zone(self):
+        if self.zone is None:
+            labels = self.domain.split(".")
+            for start in range(0, max(1, len(labels) - 1)):
+                if self.client.zone_exists(".".join(labels[start:])):
+                    self.zone = ".".join(labels[start:])
+                    break
+            else:
+                raise DnsProviderError("no dnsimple zone holds %s in account %s" % (
+                    self.domain, self.client.account_id()))
+        return self.zone
+
+    def load_owned(self):
+        """{record id: {fqdn, type}} of the records pipe2me created."""
+        try:
+            return read_json(self.owned_path).get("records", {})
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise DnsProviderError("cannot read %s: %s" % (self.owned_path, exc)) from None
+
+    def save_owned(self, owned):
+        write_json(self.owned_path, {"version": STATE_VERSION, "zone": self.zone,
+                                     "records": owned}, 0o600)
+
+    def owned_records(self, zone, owned):
+        """{(fqdn, type): [remote records]} of ours that still exist; ids of
+        records removed by someone else are forgotten."""
+        mine = {}
+        for record in self.client.records(zone):
+            if str(record.get("id")) in owned and record.get("type") in ("A", "AAAA"):
+                fqdn = "%s.%s" % (record["name"], zone) if record.get("name") else zone
+                mine.setdefault((fqdn, record["type"]), []).append(record)
+        present = {str(r["id"]) for records in mine.values() for r in records}
+        if set(owned) - present:
+            log.warning("dns records gone from dnsimple, forgotten ids=%s",
+                        ",".join(sorted(set(owned) - present)))
+            for record_id in set(owned) - present:
+                del owned[record_id]
+            self.save_owned(owned)
+        return mine
+
+    def converge(self, zone, key, contents, records, owned):
+        """Make our records of one (fqdn, type) hold exactly `contents`."""
+        fqdn, rtype = key
+        keep = {}
+        for record in records:
+            if record.get("content") in contents and record["content"] not in keep:
+                keep[record["content"]] = record
+        spare = [r for r in records if r not in keep.values()]
+        changes = []
+        for content, record in keep.items():
+            if record.get("ttl") != DNS_TTL_S:
+                self.client.update(zone, record["id"], content)
+                changes.append("updated %s %s %s ttl=%d" % (rtype, fqdn, content, DNS_TTL_S))
+        for content in [c for c in contents if c not in keep]:
+            changes.append(self.put(zone, fqdn, rtype, content, spare, owned))
+        for record in spare:
+            self.client.delete(zone, record["id"])
+            del owned[str(record["id"])]
+            self.save_owned(owned)
+            changes.append("deleted %s %s %s" % (rtype, fqdn, record.get("content")))
+        return changes
+
+    def put(self, zone, fqdn, rtype, content, spare, owned):
+        """Point one of our spare records at content, or create one."""
+        if spare:
+            record = spare.pop(0)
+            self.client.update(zone, record["id"], content)
+            return "updated %s %s %s (was %s)" % (rtype, fqdn, content, record.get("content"))
+        name = fqdn[:-len(zone) - 1] if fqdn != zone else ""
+        created = self.client.create(zone, name, rtype, content)
+        owned[str(created["id"])] = {"fqdn": fqdn, "type": rtype}
+        self.save_owned(owned)
+        return "created %s %s %s" % (rtype, fqdn, content)
+
+
+# ---- reconciliation off the loop thread --------------------------------------
+
+class DnsReconciler:
+    """Runs provider.reconcile(wanted()) in its own thread: soon after each
+    trigger() (a store change) and every DNS_RECONCILE_INTERVAL_S. A failure
+    is logged and retried after DNS_RETRY_FIRST_S, doubling up to the
+    interval, or when a rate limit says; it never stops the server."""
+
+    def __init__(self, provider, wanted, interval_s=DNS_RECONCILE_INTERVAL_S):
+        self.provider, self.wanted, self.interval_s = provider, wanted, interval_s
+        self.wake = threading.Event()
+        self.stopping = False
+        self.failures = 0
+        self.hold_until = 0.0       # monotonic: no attempt before (backoff, rate limit)
+        self.thread = threading.Thread(target=self.run, name="dns-reconcile", daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def trigger(self, _tunnel_id=None):
+        self.wake.set()
+
+    def stop(self):
+        self.stopping = True
+        self.wake.set()
+
+    def run(self):
+        due = time.monotonic()
+        while not self.stopping:
+            woke = self.wake.wait(max(0.0, due - time.monotonic()))
+            self.wake.clear()
+            if self.stopping:
+                return
+            if woke and time.monotonic() < self.hold_until:
+                due = self.hold_until  # a change while backing off: run when the wait is over
+                continue
+            delay = self.attempt()
+            due = time.monotonic() + delay
+            self.hold_until = due if self.failures else 0.0
+
+    def attempt(self):
+        """One reconciliation; returns the seconds until the next one."""
+        try:
+            self.provider.reconcile(self.wanted())
+        except DnsProviderError as exc:
+            return self.failed(exc, exc.retry_at)
+        except Exception as exc:  # thread boundary: a bug is logged, DNS goes on later
+            log.exception("dns update failed with a bug")
+            return self.failed(exc, None)
+        self.failures = 0
+        return self.interval_s
+
+    def failed(self, exc, retry_at):
+        self.failures += 1
+        delay = min(self.interval_s, DNS_RETRY_FIRST_S * 2 ** (self.failures - 1))
+        if retry_at:
+            delay = max(delay, min(retry_at - time.time(), DNS_RETRY_MAX_S))
+        log.warning("dns update failed attempt=%d retry_in=%.0fs error=%s",
+                    self.failures, delay, exc)
+        return delay
+
+# =====================================================================
 # WIRING — the Server: binds listeners, owns the loop, the hub of live
 # sessions, signals and periodic sweeps; built by main()
 # =====================================================================
 
 SERVER_CERT_DAYS = 90  # renewed at start when less than a week is left
+X509_V_FLAG_NO_CHECK_TIME = 0x200000  # OpenSSL's flag; the ssl module has no name for it
 
 
 class ApiServer:
     """Runs API requests in threads (at most API_MAX_CONNECTIONS at once) and
-    closes any that outlive API_REQUEST_DEADLINE_S."""
+    closes any that outlive API_REQUEST_DEADLINE (counted from the hand-over
+    by the front, which allows FRONT_HEAD_DEADLINE before it)."""
 
     def __init__(self, api, tls_context):
         self.api, self.tls_context = api, tls_context
@@ -2789,9 +4242,11 @@ class ApiServer:
     def serve(self, sock, address, tls):
         sock.setblocking(True)
         if not self.slots.acquire(blocking=False):
+            log.warning("api connection cap reached, closing from=%s:%d cap=%d",
+                        address[0], address[1], API_MAX_CONNECTIONS)
             return answer_and_close(sock, 429, "Too Many Requests", body="server busy\n")
         with self.lock:
-            self.deadlines[sock] = time.monotonic() + API_REQUEST_DEADLINE_S
+            self.deadlines[sock] = time.monotonic() + self.api.settings.api_request_deadline
         threading.Thread(target=self.handle, args=(sock, address, tls),
                          name="api", daemon=True).start()
 
@@ -2799,25 +4254,31 @@ class ApiServer:
         conn = sock
         try:
             sock.settimeout(ApiHandler.timeout)
-            if tls:
-                conn = self.tls_context.wrap_socket(sock, server_side=True)
+            if tls:  # wrapping detaches `sock`: the deadline moves to the TLS socket
+                conn = self.tls_context.wrap_socket(sock, server_side=True,
+                                                    do_handshake_on_connect=False)
+                with self.lock:
+                    self.deadlines[conn] = self.deadlines.pop(sock)
+                conn.do_handshake()
             ApiHandler(conn, address, self.api)
         except (OSError, ValueError) as exc:
             log.debug("api connection failed from=%s error=%s", address[0], exc)
         finally:
             with self.lock:
                 self.deadlines.pop(sock, None)
+                self.deadlines.pop(conn, None)
             with contextlib.suppress(OSError):
                 conn.close()
             self.slots.release()
 
     def expire(self, now):
-        """Shut down connections past their deadline (slow clients)."""
+        """Shut down connections past their deadline (slow clients). The
+        plain socket method acts on the descriptor, also under TLS."""
         with self.lock:
             late = [s for s, deadline in self.deadlines.items() if deadline < now]
         for sock in late:
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 class Hub:
@@ -2830,8 +4291,9 @@ class Hub:
         self.listeners = {}  # port -> (tunnel id, Listener)
         self.accepting = True
 
-    def attach(self, record, tls, peer):
-        """A pod passed the gate: it replaces any older session of its tunnel."""
+    def attach(self, record, tls, peer, welcome):
+        """A pod passed the gate: it replaces any older session of its tunnel
+        and is welcomed (a pod refused here sees its greeting cut short)."""
         current = self.store.get(record["id"])
         if not self.accepting or current is None or tunnel_status(current) != "online":
             tls.close()
@@ -2839,7 +4301,8 @@ class Hub:
         old = self.sessions.pop(record["id"], None)
         if old is not None:
             old.destroy("replaced by a new connection from %s" % peer)
-        self.sessions[record["id"]] = PodSession(self, current, tls, peer)
+        session = self.sessions[record["id"]] = PodSession(self, current, tls, peer)
+        session.send_control(Msg.WELCOME, welcome)
         log.info("pod connected tunnel=%s fqdn=%s pod=%s", record["id"], record["fqdn"], peer)
 
     def on_session_closed(self, session):
@@ -2849,7 +4312,10 @@ class Hub:
 
     def save_traffic(self, session):
         got_in, got_out = session.unsaved_traffic()
-        self.store.add_traffic(session.tunnel_id, got_in, got_out)
+        try:
+            self.store.add_traffic(session.tunnel_id, got_in, got_out)
+        except OSError as exc:  # counted in memory; the next save of the tunnel writes them
+            log.error("traffic not saved tunnel=%s error=%s", session.tunnel_id, exc.strerror)
 
     def open_stream(self, tunnel_id, port, sock, address):
         session = self.sessions.get(tunnel_id)
@@ -2865,10 +4331,12 @@ class Hub:
     def sync(self, _tunnel_id=None):
         """Make listeners and sessions match the store (after any change)."""
         now = time.time()
-        wanted = {}
+        wanted, online = {}, set()
         for record in self.store.all():
-            if tunnel_status(record, now) == "online" and self.accepting:
-                wanted.update({port: record["id"] for port in record["ports"]})
+            if tunnel_status(record, now) == "online":
+                online.add(record["id"])  # draining closes listeners, not sessions
+                if self.accepting:
+                    wanted.update({port: record["id"] for port in record["ports"]})
         for port, (tunnel_id, listener) in list(self.listeners.items()):
             if wanted.get(port) != tunnel_id:
                 listener.close()
@@ -2876,7 +4344,7 @@ class Hub:
         for port, tunnel_id in wanted.items():
             if port not in self.listeners:
                 self.listen(port, tunnel_id)
-        for tunnel_id in [t for t in self.sessions if t not in set(wanted.values())]:
+        for tunnel_id in [t for t in self.sessions if t not in online]:
             self.sessions[tunnel_id].destroy("tunnel expired or deleted")
 
     def listen(self, port, tunnel_id):
@@ -2902,6 +4370,15 @@ class Hub:
     def stream_count(self):
         return sum(len(s.streams) for s in self.sessions.values())
 
+    def unsaved_traffic(self, tunnel_id):
+        """(bytes in, bytes out) of the tunnel's live session not yet in the
+        store; read from API threads for /metrics, so it resets nothing."""
+        session = self.sessions.get(tunnel_id)
+        if session is None:
+            return 0, 0
+        return (session.local_read_bytes - session.saved_in,
+                session.local_written_bytes - session.saved_out)
+
 
 class Server:
     """Everything a running server owns, started by start() and run by run()."""
@@ -2918,6 +4395,8 @@ class Server:
         self.lock_fd = None
         self.stopping = False
         self.last_traffic_save = time.monotonic()
+        self.dns = None             # BuiltinDns when DNS_PORT is set
+        self.reconciler = None      # DnsReconciler for DYNAMIC_DNS_SERVICE=dnsimple:...
 
     # -- start-up -------------------------------------------------------
     def prepare_state(self):
@@ -2950,6 +4429,9 @@ class Server:
         context.minimum_version = ssl.TLSVersion.TLSv1_3
         context.load_cert_chain(*base_cert_files)
         context.verify_mode = ssl.CERT_REQUIRED
+        # Expiry is judged after HELLO (PodGate.judge), so that the pod of an
+        # expired tunnel gets a REJECT with the reason instead of a TLS alert.
+        context.verify_flags |= X509_V_FLAG_NO_CHECK_TIME
         context.load_verify_locations(cadata=self.ca.ca_pem())
         return context
 
@@ -2976,22 +4458,48 @@ class Server:
         created = self.prepare_state()
         try:
             bound = self.bind_all()
+            self.start_dns()
         except BaseException:
             if created:  # the token was never printed: the next start makes and prints one
                 with contextlib.suppress(OSError):
                     os.unlink(self.settings.tokens_file)
             raise
-        self.store.on_change = lambda tid: self.loop.call_soon_threadsafe(self.hub.sync)
+        self.store.on_change = self.on_store_change
         self.hub.sync()
         self.api.metrics = self.metrics_text
         self.api.status_lines = self.status_lines
         self.loop.call_later(SWEEP_INTERVAL_S, self.sweep)
         if created:
             print_first_token(self.settings, created)
-        log.info("ready http=%s:%d https=%s:%d tunnel=%s:%d domain=%s",
+        dns = " dns=%s:%d" % (self.settings.listen_address, self.dns.server.port) if self.dns else ""
+        log.info("ready http=%s:%d https=%s:%d tunnel=%s:%d domain=%s%s",
                  self.settings.listen_address, bound["http"], self.settings.listen_address,
                  bound["https"], self.settings.listen_address, bound["tunnel"],
-                 self.settings.tunnel_domain)
+                 self.settings.tunnel_domain, dns)
+
+    def start_dns(self):
+        """Reachability checks, the responder on DNS_PORT (if set) and the
+        dnsimple reconciliation thread (if chosen)."""
+        s = self.settings
+        self.api.reachability = lambda record, address, body: check_reachability(
+            s, self.store, record, address, body)
+        if s.dns_port is not None:
+            self.dns = BuiltinDns(s, self.store)
+            self.dns.start(self.loop.selector)
+        elif s.dynamic_dns_service == "builtin":
+            log.warning("DYNAMIC_DNS_SERVICE=builtin without DNS_PORT: nothing answers DNS")
+        if s.dynamic_dns_service.startswith("dnsimple:"):
+            self.reconciler = DnsReconciler(DnsimpleProvider(s),
+                                            lambda: dns_wanted(self.store.all(), s, time.time()))
+            self.reconciler.start()
+
+    def on_store_change(self, _tunnel_id=None):
+        """Any thread: listeners, DNS answers and dnsimple records follow the store."""
+        self.loop.call_soon_threadsafe(self.hub.sync)
+        if self.dns is not None:
+            self.loop.call_soon_threadsafe(self.dns.refresh)
+        if self.reconciler is not None:
+            self.reconciler.trigger()
 
     # -- running --------------------------------------------------------
     def sweep(self):
@@ -3007,6 +4515,8 @@ class Server:
                 self.hub.save_traffic(session)
         self.expire_idle_streams()
         self.hub.enforce_traffic_caps()
+        if self.dns is not None:
+            self.dns.sweep(now)
         self.loop.call_later(SWEEP_INTERVAL_S, self.sweep)
 
     def expire_idle_streams(self):
@@ -3024,6 +4534,7 @@ class Server:
         self.api.tokens = load_tokens(self.settings.tokens_file)
         count = self.store.load()
         self.hub.sync()
+        self.on_store_change()
         log.info("reloaded tokens=%d tunnels=%d", len(self.api.tokens), count)
 
     def drain(self):
@@ -3034,6 +4545,10 @@ class Server:
         log.info("stopping: no new connections, streams=%d", self.hub.stream_count())
         for listener in self.front_listeners:
             listener.close()
+        if self.dns is not None:
+            self.dns.close()
+        if self.reconciler is not None:
+            self.reconciler.stop()
         self.hub.accepting = False
         self.hub.sync()  # closes public listeners
         for session in list(self.hub.sessions.values()):
@@ -3075,8 +4590,9 @@ class Server:
             "# TYPE pipe2me_tunnel_bytes_total counter",
         ]
         for r in records:
-            lines.append('pipe2me_tunnel_bytes_total{fqdn="%s",direction="in"} %d' % (r["fqdn"], r["bytes_in"]))
-            lines.append('pipe2me_tunnel_bytes_total{fqdn="%s",direction="out"} %d' % (r["fqdn"], r["bytes_out"]))
+            live_in, live_out = self.hub.unsaved_traffic(r["id"])  # counters move at once
+            lines.append('pipe2me_tunnel_bytes_total{fqdn="%s",direction="in"} %d' % (r["fqdn"], r["bytes_in"] + live_in))
+            lines.append('pipe2me_tunnel_bytes_total{fqdn="%s",direction="out"} %d' % (r["fqdn"], r["bytes_out"] + live_out))
         return "\n".join(lines) + "\n"
 
     def status_lines(self):
@@ -3222,9 +4738,23 @@ def cmd_check_config(settings, _args):
 
 
 def cmd_dns_refresh(settings, _args):
-    if not settings.dynamic_dns_service:
+    """Re-check direct tunnels, then make the provider's records match the
+    store; prints one line per change (nothing when all was current)."""
+    if not settings.dynamic_dns_service and settings.dns_port is None:
         raise UsageError("DYNAMIC_DNS_SERVICE is empty: there are no DNS records to refresh")
-    raise UsageError("dns-refresh is not available yet")
+    store = Store(settings)
+    store.load()
+    now = time.time()
+    changes = [line for line in (recheck_direct(settings, store, record, now)
+                                 for record in store.all()) if line]
+    if settings.dynamic_dns_service.startswith("dnsimple:"):
+        changes += DnsimpleProvider(settings).reconcile(dns_wanted(store.all(), settings, now))
+    elif changes:
+        notify_server(settings)  # the built-in responder answers from the reloaded store
+    for line in changes:
+        print(line)
+    log.info("dns refreshed tunnels=%d changes=%d", len(store.all()), len(changes))
+    return 0
 
 
 def cmd_serve(settings, _args):

@@ -98,32 +98,129 @@ def _handled_messages(path, _cls):
     return set(re.findall(r"Msg\.([A-Z]+)", text))
 
 
-def test_protocol_decoder_randomized(server_mod):
-    """Any bytes: frames, "need more", or ProtocolError; never another exception,
-    never more buffered than one frame plus the last chunk."""
-    rng = random.Random(1234)
-    limit = server_mod.FRAME_HEADER.size + server_mod.MAX_FRAME_BYTES
-    for round_ in range(3000):
-        decoder = server_mod.FrameDecoder(server_mod.POD_SENDS)
-        chunks = []
-        for _ in range(rng.randrange(1, 6)):
-            kind = rng.random()
-            if kind < 0.4:
-                msg = rng.choice(sorted(server_mod.POD_SENDS))
-                chunk = server_mod.encode_frame(msg, rng.randrange(0, 2**32), os.urandom(rng.randrange(0, 64)))
-                chunk = chunk[: rng.randrange(1, len(chunk) + 1)]
-            elif kind < 0.7:
-                chunk = os.urandom(rng.randrange(1, 40))
+def random_frame(mod, allowed, rng):
+    """One frame of an allowed type; payload sizes from empty to MAX_FRAME_BYTES."""
+    msg = rng.choice(sorted(allowed))
+    size = rng.choice([0, 1, 4, rng.randrange(0, 3000), rng.randrange(0, mod.MAX_FRAME_BYTES + 1),
+                       mod.MAX_FRAME_BYTES])
+    return msg, rng.randrange(0, 2**32), rng.randbytes(size)
+
+
+def random_piece(mod, allowed, rng):
+    """Bytes of one kind: a valid frame, a cut-off one, junk, a header with any
+    type and length (oversized ones included), a frame of a forbidden type."""
+    kind = rng.randrange(5)
+    if kind == 0:
+        return mod.encode_frame(*random_frame(mod, allowed, rng))
+    if kind == 1:
+        frame = mod.encode_frame(*random_frame(mod, allowed, rng))
+        return frame[:rng.randrange(1, len(frame) + 1)]
+    if kind == 2:
+        return rng.randbytes(rng.randrange(1, 64))
+    if kind == 3:
+        length = rng.choice([rng.randrange(0, 2**32), mod.MAX_FRAME_BYTES + 1, 2**32 - 1])
+        return mod.FRAME_HEADER.pack(rng.randrange(0, 256), rng.randrange(0, 2**32), length)
+    forbidden = [m for m in range(256) if m not in allowed]
+    return mod.encode_frame(rng.choice(forbidden), 1, rng.randbytes(rng.randrange(0, 16)))
+
+
+def random_cuts(data, rng):
+    """data in chunks of random sizes, single bytes included."""
+    pos = 0
+    while pos < len(data):
+        size = rng.choice([1, rng.randrange(1, 20), rng.randrange(1, 70000), len(data)])
+        yield data[pos:pos + size]
+        pos += size
+
+
+def feed(mod, decoder, chunks):
+    """Feed chunks; check every frame and the buffer bound on the way. Returns
+    the frames with DATA pieces joined, as [msg, stream, payload]."""
+    bound = mod.FRAME_HEADER.size + mod.MAX_FRAME_BYTES
+    frames, fed, passed = [], 0, 0
+    for chunk in chunks:
+        fed += len(chunk)
+        for msg, stream, payload in decoder.frames(chunk):
+            assert msg in decoder.allowed and isinstance(msg, mod.Msg)
+            assert 0 <= stream < 2**32 and len(payload) <= mod.MAX_FRAME_BYTES
+            assert isinstance(payload, bytes) or msg == mod.Msg.DATA  # DATA: views, cut-through
+            passed += len(payload)
+            if msg == mod.Msg.DATA and frames and frames[-1][3]:
+                frames[-1][2] += bytes(payload)     # the next piece of the same DATA frame
             else:
-                chunk = server_mod.FRAME_HEADER.pack(rng.randrange(0, 256), 1, rng.randrange(0, 2**32))
-            chunks.append(chunk)
+                frames.append([msg, stream, bytes(payload), msg == mod.Msg.DATA])
+            if frames[-1][3] and decoder.data_left == 0:
+                frames[-1][3] = False
+        assert len(decoder.buffer) <= bound       # at most one header + one control frame
+        assert passed <= fed                      # nothing is invented
+    return [tuple(f[:3]) for f in frames]
+
+
+@pytest.mark.parametrize("side", ["server", "pod"])
+def test_protocol_decoder_randomized(server_mod, pod_mod, side):
+    """Any byte string, cut anywhere: frames, "need more", or ProtocolError;
+    never another exception, never more buffered than one header plus one
+    control frame; valid input comes out exactly as it went in."""
+    mod = server_mod if side == "server" else pod_mod
+    allowed = mod.POD_SENDS if side == "server" else mod.SERVER_SENDS
+    rng = random.Random(1234 if side == "server" else 4321)
+    outcomes = {"frames": 0, "need more": 0, "ProtocolError": 0}
+    for round_ in range(1500):
+        decoder = mod.FrameDecoder(allowed)
+        if round_ % 3 == 0:  # only valid frames: exact round trip under any cuts
+            sent = [random_frame(mod, allowed, rng) for _ in range(rng.randrange(1, 5))]
+            wire = b"".join(mod.encode_frame(*f) for f in sent)
+            assert feed(mod, decoder, random_cuts(wire, rng)) == sent
+            outcomes["frames"] += 1
+            continue
+        wire = b"".join(random_piece(mod, allowed, rng) for _ in range(rng.randrange(1, 6)))
         try:
-            for chunk in chunks:
-                for frame in decoder.frames(chunk):
-                    assert frame[0] in server_mod.POD_SENDS
-                assert len(decoder.buffer) <= limit
-        except server_mod.ProtocolError:
-            pass
+            got = feed(mod, decoder, random_cuts(wire, rng))
+        except mod.ProtocolError as exc:
+            assert str(exc) and "\n" not in str(exc)
+            outcomes["ProtocolError"] += 1
+            continue
+        outcomes["frames" if got else "need more"] += 1
+    assert all(outcomes.values()), outcomes  # every outcome was exercised
+
+
+def test_protocol_decoder_never_keeps_data(server_mod):
+    """40 MiB of DATA in random cuts passes through with nothing buffered
+    beyond a frame header: the decoder itself never grows with the input."""
+    mod, rng = server_mod, random.Random(99)
+    decoder = mod.FrameDecoder(mod.POD_SENDS)
+    frame = mod.encode_frame(mod.Msg.DATA, 3, b"d" * mod.MAX_FRAME_BYTES)
+    passed, wire = 0, frame * 160
+    for chunk in random_cuts(wire, rng):
+        for msg, stream, payload in decoder.frames(chunk):
+            assert (msg, stream) == (mod.Msg.DATA, 3)
+            passed += len(payload)
+        assert len(decoder.buffer) < mod.FRAME_HEADER.size
+    assert passed == 160 * mod.MAX_FRAME_BYTES
+
+
+def test_protocol_greeting_reader_randomized(server_mod):
+    """read_frame_blocking (the HELLO reader) on any bytes followed by EOF:
+    one allowed frame, or ProtocolError; never another exception."""
+    mod, rng = server_mod, random.Random(7)
+    for _ in range(300):
+        wire = b"".join(random_piece(mod, mod.POD_SENDS, rng) for _ in range(rng.randrange(1, 3)))
+        wire = wire[:200000]
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            ours.settimeout(5)
+            theirs.setblocking(False)
+            try:
+                theirs.send(wire)
+            except BlockingIOError:
+                pass
+            theirs.shutdown(socket.SHUT_WR)
+            try:
+                msg, stream, payload = mod.read_frame_blocking(
+                    ours, mod.POD_SENDS, time.monotonic() + 5)
+            except mod.ProtocolError:
+                continue
+            assert msg in mod.POD_SENDS and len(payload) <= mod.MAX_FRAME_BYTES
 
 
 def test_protocol_oversized_frame_refused(server_mod):
@@ -227,3 +324,69 @@ def test_protocol_unknown_stream_closes_connection(server_mod):
     pair.server.send(server_mod.Msg.DATA, 99, b"hello")
     pair.run_until(lambda: closed)
     assert "unknown stream" in closed[0]
+
+
+# ---- who handles and who sends each message, read from the code itself ----------------------
+
+RECEIVERS = {  # functions through which frames from the peer pass, per side
+    SERVER: ("Mux.dispatch", "Mux.on_frame_0", "PodSession.on_control", "PodGate.greet"),
+    POD: ("Mux.dispatch", "Mux.on_frame_0", "PodMux.on_control", "PodRunner.read_answer"),
+}
+SENDING_CALLS = {"send", "send_control", "encode_frame", "encode_control", "pack_into"}
+
+
+def _functions(path):
+    """{"Class.method" or "function": (ast node, inside a shared block?)}."""
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    shared_lines = set()
+    for match in SHARED.finditer(text):
+        first = text.count("\n", 0, match.start()) + 1
+        shared_lines.update(range(first, first + match.group(0).count("\n") + 1))
+    result = {}
+    for node in ast.parse(text).body:
+        children = node.body if isinstance(node, ast.ClassDef) else [node]
+        for child in children:
+            if isinstance(child, ast.FunctionDef):
+                name = "%s.%s" % (node.name, child.name) if child is not node else child.name
+                result[name] = (child, child.lineno in shared_lines)
+    return result
+
+
+def _msg_names(nodes):
+    return {n.attr for node in nodes for n in ast.walk(node)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "Msg"}
+
+
+def _compared(function):
+    """Msg members a function compares a frame type against."""
+    return _msg_names([n for n in ast.walk(function) if isinstance(n, ast.Compare)])
+
+
+def _sent(function):
+    """Msg members a function passes to a call that builds or sends a frame."""
+    calls = [n for n in ast.walk(function) if isinstance(n, ast.Call)
+             and getattr(n.func, "attr", getattr(n.func, "id", None)) in SENDING_CALLS]
+    return _msg_names([arg for call in calls for arg in call.args])
+
+
+def test_protocol_each_side_handles_exactly_what_the_other_sends_by_code(server_mod):
+    pod_sends = {m.name for m in server_mod.POD_SENDS}
+    server_sends = {m.name for m in server_mod.SERVER_SENDS}
+    for path, peer_sends, own_sends in ((SERVER, pod_sends, server_sends),
+                                         (POD, server_sends, pod_sends)):
+        functions = _functions(path)
+        handled = set().union(*(_compared(functions[name][0]) for name in RECEIVERS[path]))
+        missing = peer_sends - handled
+        assert not missing, "%s never looks at %s" % (os.path.basename(path), sorted(missing))
+        # What this side's own code (outside the shared blocks) sends is in its list,
+        # and everything in its list is sent somewhere (own code or shared relay).
+        own = set().union(*(_sent(node) for node, shared in functions.values() if not shared))
+        assert own <= own_sends, "%s sends %s" % (os.path.basename(path), sorted(own - own_sends))
+        shared = set().union(*(_sent(node) for node, shared in functions.values() if shared))
+        assert own_sends <= own | shared, sorted(own_sends - own - shared)
+    # The decoders are built with the peer's list, so anything else is a protocol error.
+    for path, cls, wanted in ((SERVER, "PodSession", "POD_SENDS"), (POD, "PodMux", "SERVER_SENDS")):
+        init = _functions(path)["%s.__init__" % cls][0]
+        names = {n.id for n in ast.walk(init) if isinstance(n, ast.Name)}
+        assert wanted in names and ({"POD_SENDS", "SERVER_SENDS"} - {wanted}).isdisjoint(names)
