@@ -32,6 +32,7 @@ Sections, in the order a tunnel comes to life:
     SHARED relay       stream relay, byte-identical with pipe2me_server.py
     POD FILES          the five files of a pod directory, the key and CSR
     SERVER API CLIENT  HTTP(S) calls to the server's JSON API
+    ROUTER PORT MAPPING  NAT-PMP and UPnP IGD: the public ports opened on the router
     COMMANDS           one function per command
     CLI                argument parsing, logging, main()
 
@@ -129,6 +130,11 @@ class Unavailable(Pipe2meError):
 class Rejected(Pipe2meError):
     """The server said no (bad token, expired, unknown): not worth retrying."""
     exit_code = 4
+
+
+class StopSignal(BaseException):
+    """SIGTERM/SIGINT while `start` is dialing: ends the blocking connect at once
+    and PodRunner.run() returns 0. No Pipe2meError, so no retry loop catches it."""
 
 
 # =====================================================================
@@ -481,6 +487,14 @@ class EventLoop:
         self.waker_w.setblocking(False)
         self.watch(self.waker_r, EVENT_READ, self.on_wake)
         self.running = False
+        # Every Mux of this loop builds outgoing DATA in `scratch` and decodes
+        # incoming bytes in `inbox`. They are shared because one thread runs
+        # them all and no callback reads a Mux while another decodes: 512 KiB
+        # per loop instead of per pod connection (and no heap churn per flap).
+        self.scratch = bytearray(WRITE_CHUNK_BYTES)
+        self.scratch_view = memoryview(self.scratch)
+        self.inbox = bytearray(TLS_READ_BYTES)
+        self.inbox_view = memoryview(self.inbox)
 
     def watch(self, sock, events, callback=None):
         try:
@@ -581,9 +595,11 @@ class Stream:
         events = 0
         if self.connecting or self.pending:
             events |= EVENT_WRITE
-        if (not self.connecting and not self.read_closed and self.credit > 0
-                and not self.mux.congested and not self.paused):
-            events |= EVENT_READ
+        if not self.connecting and not self.read_closed and self.credit > 0 and not self.paused:
+            if self.mux.congested:
+                self.mux.blocked.add(self)  # flush() wakes it when the Mux drains
+            else:
+                events |= EVENT_READ
         self.mux.loop.watch(self.sock, events, self.on_event)
 
     def pause_reading(self, seconds):
@@ -767,10 +783,8 @@ class Mux:
         self.heartbeat = loop.call_later(heartbeat_s, self.on_heartbeat)
         self.pace = None      # owner's rate cap: callable(bytes moved) -> seconds to pause
         self.reading_paused = False
-        self.scratch = bytearray(WRITE_CHUNK_BYTES)   # outgoing DATA, built in place
-        self.scratch_view = memoryview(self.scratch)
-        self.inbox = bytearray(TLS_READ_BYTES)        # incoming bytes, decoded in place
-        self.inbox_view = memoryview(self.inbox)
+        self.scratch, self.scratch_view = loop.scratch, loop.scratch_view  # shared, see EventLoop
+        self.inbox, self.inbox_view = loop.inbox, loop.inbox_view
         sock.setblocking(False)
         loop.watch(sock, EVENT_READ, self.on_event)
         loop.call_later(0, self.on_readable)  # TLS may hold bytes read during the greeting
@@ -1346,6 +1360,10 @@ class ApiClient:
         """The HTTP status: 200 deleted, 404 unknown, 410 expired."""
         return self.call_json("DELETE", "/tunnels/" + tunnel_id, auth=True, answers=(404, 410))[0]
 
+    def check(self, tunnel_id, body):
+        """The server's reachability check of this pod's router (POST .../check)."""
+        return self.call_json("POST", "/tunnels/%s/check" % tunnel_id, body, auth=True)[1]
+
     def get_cacert(self):
         text = self.call("GET", "/cacert")[1].decode("utf-8", "replace")
         if "-----BEGIN CERTIFICATE-----" not in text:
@@ -1377,6 +1395,778 @@ def api_for_setup(setup):
     api = ApiClient(setup.server, context, secret=setup.secret)
     api.pinned = True
     return api
+
+
+# =====================================================================
+# ROUTER PORT MAPPING — opens the tunnel's public ports on the pod's
+# home router (NAT-PMP, RFC 6886; UPnP IGD as fallback); used by the
+# `map-ports` command and by `start` to keep the leases renewed
+# =====================================================================
+#
+# Glossary: *gateway* is the pod's default router; *mapping* is one
+# (internal_port, external_port) pair of TCP ports, external = the tunnel's
+# public port; *lease* is how long the router keeps a mapping.
+#
+# NAT-PMP (RFC 6886) is a fixed 12/16-byte UDP exchange with the gateway on
+# port 5351. UPnP IGD is SSDP discovery (multicast), an XML device
+# description over HTTP and SOAP calls to the WANIPConnection (or
+# WANPPPConnection) control URL. `PortMapper` tries NAT-PMP first and falls
+# back to UPnP.
+
+class PortMapError(Unavailable):
+    """The router did not map (or unmap) a port. One-line message.
+
+    `method` is "natpmp" or "upnp" (None when both were tried); `code` is
+    the router's NAT-PMP result code or UPnP error code, if it gave one.
+    """
+
+    def __init__(self, message, method=None, code=None):
+        super().__init__(message)
+        self.method = method
+        self.code = code
+
+
+PORTMAP_LIFETIME_S = 7200          # RFC 6886 §3.3 recommends 2 hours
+PORTMAP_TIMEOUT_S = 4.0            # per method; NAT-PMP sends 5 requests in that time
+CHECK_ROUTER_TIMEOUT_S = 1.0       # `check` asking the router its external address
+PORTMAP_METHODS = ("natpmp", "upnp", "auto")
+
+NATPMP_PORT = 5351
+NATPMP_FIRST_WAIT_S = 0.25         # RFC 6886 §3.1: 250 ms, doubling
+NATPMP_MAX_REQUESTS = 9            # RFC 6886 §3.1: give up after 9 requests
+NATPMP_OP_EXTERNAL_ADDRESS = 0
+NATPMP_OP_MAP_TCP = 2
+NATPMP_RESULTS = {
+    1: "unsupported version",
+    2: "not authorized or refused (port mapping is turned off on the router)",
+    3: "network failure (the router has no external address yet)",
+    4: "out of resources (the router's mapping table is full)",
+    5: "unsupported opcode",
+}
+
+SSDP_ADDRESS = ("239.255.255.250", 1900)
+SSDP_SEARCH_TARGETS = (
+    "urn:schemas-upnp-org:device:InternetGatewayDevice:1",
+    "urn:schemas-upnp-org:service:WANIPConnection:1",
+    "urn:schemas-upnp-org:service:WANPPPConnection:1",
+)
+UPNP_SERVICE_TYPES = (             # in order of preference
+    "urn:schemas-upnp-org:service:WANIPConnection:2",
+    "urn:schemas-upnp-org:service:WANIPConnection:1",
+    "urn:schemas-upnp-org:service:WANPPPConnection:1",
+)
+UPNP_MAX_BODY_BYTES = 256 * 1024
+UPNP_ERRORS = {
+    402: "invalid arguments",
+    501: "action failed (port forwarding disabled on the router?)",
+    606: "action not authorized",
+    714: "no such mapping",
+    716: "wildcard not permitted in external port",
+    718: "conflict in mapping entry (the port is mapped to another host)",
+    724: "same port values required",
+    725: "only permanent leases supported",
+    728: "no port maps available",
+    729: "conflict with other mechanisms",
+}
+
+UpnpService = collections.namedtuple("UpnpService", "control_url service_type location")
+PortMapResult = collections.namedtuple(
+    "PortMapResult", "method external_address lease_end mappings")
+
+
+# ---- network facts ------------------------------------------------------
+
+def default_gateway(route_file="/proc/net/route"):
+    """Return the IPv4 default gateway as a dotted string, or None.
+
+    Reads the kernel routing table of the calling process's network
+    namespace; picks the default route with the lowest metric. Never
+    raises for a missing or unreadable file (None then).
+    """
+    best = None
+    try:
+        with open(route_file) as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 8 or fields[1] != "00000000" or fields[7] != "00000000":
+            continue
+        try:
+            flags, gateway, metric = int(fields[3], 16), int(fields[2], 16), int(fields[6])
+        except ValueError:
+            continue
+        if flags & 0x3 != 0x3:     # RTF_UP | RTF_GATEWAY
+            continue
+        if best is None or metric < best[0]:
+            best = (metric, socket.inet_ntoa(struct.pack("<L", gateway)))
+    return best[1] if best else None
+
+
+def local_address_toward(gateway):
+    """Return the pod's own IPv4 address on the route to `gateway`.
+
+    Connecting a UDP socket only asks the kernel for a route: no packet
+    is sent. Raises PortMapError when there is no route.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect((gateway, 9))
+            return sock.getsockname()[0]
+        except OSError as e:
+            raise PortMapError("no route to the router %s: %s" % (gateway, e)) from None
+
+
+def _check_port(port, allow_zero=False):
+    if not isinstance(port, int) or not (0 if allow_zero else 1) <= port <= 65535:
+        raise ValueError("bad TCP port %r" % (port,))
+    return port
+
+
+# ---- NAT-PMP (RFC 6886) -------------------------------------------------
+
+def natpmp_schedule(timeout_s):
+    """Return the waits (seconds) after each NAT-PMP request.
+
+    RFC 6886 §3.1: 250 ms after the first request, doubling after each
+    retransmission, at most 9 requests. The total is cut to `timeout_s`
+    (the last wait is shortened), so tests and impatient callers can
+    bound it; at least one request is always sent.
+    """
+    waits, wait, left = [], NATPMP_FIRST_WAIT_S, max(float(timeout_s), 0.001)
+    while left > 1e-6 and len(waits) < NATPMP_MAX_REQUESTS:
+        waits.append(min(wait, left))
+        left -= wait
+        wait *= 2
+    return waits
+
+
+def _natpmp_answer(data, request):
+    """Return (result_code, data) if `data` answers `request`, else None.
+
+    An answer carries version 0 and the request's opcode + 128; a success
+    must be full length and, for a mapping, name the same internal port.
+    Anything else is ignored (a stray or forged datagram).
+    """
+    if len(data) < 4 or data[0] != 0 or not data[1] & 0x80:
+        return None
+    result = struct.unpack("!H", data[2:4])[0]
+    if result != 0:
+        return result, data
+    if data[1] != 0x80 | request[1]:
+        return None
+    if request[1] == NATPMP_OP_EXTERNAL_ADDRESS:
+        return (0, data) if len(data) >= 12 else None
+    return (0, data) if len(data) >= 16 and data[8:10] == request[4:6] else None
+
+
+def _natpmp_receive(sock, request, wait_s):
+    """Wait up to `wait_s` for an answer to `request`; return it or None."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        try:
+            data = sock.recv(64)
+        except socket.timeout:
+            return None
+        answer = _natpmp_answer(data, request)
+        if answer is not None:
+            return answer
+    return None
+
+
+def _natpmp_exchange(gateway, request, timeout_s, port):
+    """Send `request` with RFC retransmissions; return the answer bytes.
+
+    Only datagrams from gateway:port are seen (connected socket). Raises
+    PortMapError on silence, on ICMP errors (port closed, unreachable), or
+    when the router answers with a non-zero result code.
+    """
+    where = "%s:%d" % (gateway, port)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect((gateway, port))
+            for wait_s in natpmp_schedule(timeout_s):
+                sock.send(request)
+                answer = _natpmp_receive(sock, request, wait_s)
+                if answer is not None:
+                    break
+            else:
+                answer = None
+        except ConnectionRefusedError:
+            raise PortMapError("no NAT-PMP service at %s (port closed)" % where, "natpmp") from None
+        except OSError as e:
+            raise PortMapError("NAT-PMP to %s failed: %s" % (where, e), "natpmp") from None
+    if answer is None:
+        raise PortMapError("no NAT-PMP answer from %s within %.1f s" % (where, timeout_s), "natpmp")
+    if answer[0] != 0:
+        reason = NATPMP_RESULTS.get(answer[0], "unknown result")
+        raise PortMapError("NAT-PMP router %s refused: %s (result %d)"
+                           % (where, reason, answer[0]), "natpmp", answer[0])
+    return answer[1]
+
+
+def natpmp_external_address(gateway, timeout_s=PORTMAP_TIMEOUT_S, port=NATPMP_PORT):
+    """Return the router's external IPv4 address as told by NAT-PMP.
+
+    Raises PortMapError (no answer, or refused).
+    """
+    data = _natpmp_exchange(gateway, struct.pack("!BB", 0, NATPMP_OP_EXTERNAL_ADDRESS),
+                            timeout_s, port)
+    return socket.inet_ntoa(data[8:12])
+
+
+def natpmp_map(gateway, internal_port, external_port, lifetime_s,
+               timeout_s=PORTMAP_TIMEOUT_S, port=NATPMP_PORT):
+    """Ask for a TCP mapping; return (external_port, lifetime_s) granted.
+
+    The router may grant another external port or a shorter lifetime:
+    the caller decides whether that is good enough. `lifetime_s` 0
+    deletes the mapping of `internal_port` (RFC 6886 §3.4: the suggested
+    external port is then sent as 0); the answer is then (0, 0).
+    Raises PortMapError.
+    """
+    _check_port(internal_port)
+    external_port = 0 if lifetime_s == 0 else _check_port(external_port, allow_zero=True)
+    request = struct.pack("!BBHHHI", 0, NATPMP_OP_MAP_TCP, 0, internal_port,
+                          external_port, int(lifetime_s))
+    data = _natpmp_exchange(gateway, request, timeout_s, port)
+    got_external, got_lifetime = struct.unpack("!HI", data[10:16])
+    return got_external, got_lifetime
+
+
+def natpmp_unmap(gateway, internal_port, timeout_s=PORTMAP_TIMEOUT_S, port=NATPMP_PORT):
+    """Delete the TCP mapping of `internal_port` (lifetime 0). Raises PortMapError."""
+    natpmp_map(gateway, internal_port, 0, 0, timeout_s, port)
+
+
+# ---- UPnP IGD -----------------------------------------------------------
+
+def _ssdp_request(target, mx_s):
+    return ("M-SEARCH * HTTP/1.1\r\nHOST: %s:%d\r\nMAN: \"ssdp:discover\"\r\n"
+            "MX: %d\r\nST: %s\r\n\r\n" % (SSDP_ADDRESS + (mx_s, target))).encode("ascii")
+
+
+def _ssdp_location(data, sender):
+    """Return the LOCATION of an SSDP answer if it points at its sender."""
+    lines = data.decode("latin-1").split("\r\n")
+    if not lines or " 200 " not in lines[0] + " ":
+        return None
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "location":
+            url = value.strip()
+            parts = urllib.parse.urlsplit(url)
+            # A LAN host may answer too: only trust a description on the answering host.
+            if parts.scheme == "http" and parts.hostname == sender:
+                return url
+    return None
+
+
+def _ssdp_receive(sock, timeout_s):
+    """Return the first IGD LOCATION answered within `timeout_s`, or None."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        try:
+            data, sender = sock.recvfrom(4096)
+        except socket.timeout:
+            return None
+        location = _ssdp_location(data, sender[0])
+        if location:
+            return location
+    return None
+
+
+def ssdp_discover(local_address=None, timeout_s=PORTMAP_TIMEOUT_S):
+    """Multicast an SSDP M-SEARCH for an IGD; return the first LOCATION URL.
+
+    Waits at most `timeout_s`; `local_address` picks the interface the
+    search leaves from. Raises PortMapError when no IGD answers.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP) as sock:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 2)
+        if local_address:
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
+                            socket.inet_aton(local_address))
+        mx_s = max(1, min(int(timeout_s), 5))
+        try:
+            for target in SSDP_SEARCH_TARGETS:
+                sock.sendto(_ssdp_request(target, mx_s), SSDP_ADDRESS)
+            location = _ssdp_receive(sock, timeout_s)
+        except OSError as e:
+            raise PortMapError("UPnP SSDP search failed: %s" % e, "upnp") from None
+    if location:
+        return location
+    raise PortMapError("no UPnP IGD answered SSDP within %.1f s" % timeout_s, "upnp")
+
+
+def _upnp_modules():
+    """(urllib.request, urllib.error, ElementTree), imported on first use, not
+    at the top: `start` on a router seldom needs them, and they would cost
+    memory for the life of the tunnel."""
+    import urllib.error
+    import urllib.request
+    import xml.etree.ElementTree as ElementTree
+    return urllib.request, urllib.error, ElementTree
+
+
+def _http_open(request, timeout_s):
+    """Open a URL on the LAN: no *_proxy environment settings, no redirects
+    (a router has no reason to redirect: a 3xx becomes an HTTPError)."""
+    request_module = _upnp_modules()[0]
+
+    class NoRedirect(request_module.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    opener = request_module.build_opener(request_module.ProxyHandler({}), NoRedirect())
+    return opener.open(request, timeout=timeout_s)
+
+
+def _local_name(tag):
+    return tag.rsplit("}", 1)[-1]
+
+
+def _parse_xml(data, what):
+    ElementTree = _upnp_modules()[2]
+    try:
+        return ElementTree.fromstring(data)
+    except ElementTree.ParseError as e:
+        raise PortMapError("UPnP %s is not XML: %s" % (what, e), "upnp") from None
+
+
+def upnp_find_service(location, timeout_s=PORTMAP_TIMEOUT_S):
+    """Fetch the IGD description at `location`; return its UpnpService.
+
+    Prefers WANIPConnection:2, then :1, then WANPPPConnection:1. Raises
+    PortMapError when the description is unreachable or has none.
+    """
+    try:
+        with _http_open(location, timeout_s) as response:
+            data = response.read(UPNP_MAX_BODY_BYTES)
+    except OSError as e:  # urllib's URLError included
+        raise PortMapError("UPnP description %s unreachable: %s" % (location, e), "upnp") from None
+    root = _parse_xml(data, "description " + location)
+    base = location
+    found = {}
+    for element in root.iter():
+        name = _local_name(element.tag)
+        if name == "URLBase" and (element.text or "").strip():
+            base = element.text.strip()
+        elif name == "service":
+            fields = {_local_name(c.tag): (c.text or "").strip() for c in element}
+            found.setdefault(fields.get("serviceType"), fields.get("controlURL"))
+    host = urllib.parse.urlsplit(location).hostname
+    for service_type in UPNP_SERVICE_TYPES:
+        if found.get(service_type):
+            control_url = urllib.parse.urljoin(base, found[service_type])
+            if urllib.parse.urlsplit(control_url).hostname != host:
+                raise PortMapError("UPnP device %s points its control URL elsewhere (%s)"
+                                   % (location, control_url), "upnp")
+            return UpnpService(control_url, service_type, location)
+    raise PortMapError("UPnP device %s offers no WAN connection service" % location, "upnp")
+
+
+def upnp_discover(local_address=None, timeout_s=PORTMAP_TIMEOUT_S):
+    """SSDP discovery plus description: return the router's UpnpService."""
+    return upnp_find_service(ssdp_discover(local_address, timeout_s), timeout_s)
+
+
+def _xml_text(value):
+    return str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _soap_envelope(service_type, action, args):
+    body = "".join("<%s>%s</%s>" % (name, _xml_text(value), name) for name, value in args)
+    return ('<?xml version="1.0"?>\r\n<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"'
+            ' s:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body>'
+            '<u:%s xmlns:u="%s">%s</u:%s></s:Body></s:Envelope>\r\n'
+            % (action, service_type, body, action)).encode("utf-8")
+
+
+def _soap_fault(data, action):
+    """Return a PortMapError for a SOAP fault body (UPnPError inside)."""
+    fields, ElementTree = {}, _upnp_modules()[2]
+    try:
+        fields = {_local_name(e.tag): (e.text or "").strip()
+                  for e in ElementTree.fromstring(data).iter()}
+    except ElementTree.ParseError:
+        pass
+    try:
+        code = int(fields.get("errorCode", ""))
+    except ValueError:
+        code = None
+    reason = UPNP_ERRORS.get(code) or fields.get("errorDescription") or "unknown error"
+    return PortMapError("UPnP %s refused by the router: %s (error %s)" % (action, reason, code),
+                        "upnp", code)
+
+
+def upnp_call(service, action, args=(), timeout_s=PORTMAP_TIMEOUT_S):
+    """Call a SOAP action; return the response's fields as {name: text}.
+
+    `args` is a sequence of (name, value) in the order the UPnP
+    specification lists them. Raises PortMapError for a SOAP fault (with
+    its UPnP error code) or a transport failure.
+    """
+    request_module, error_module, _ = _upnp_modules()
+    request = request_module.Request(
+        service.control_url, data=_soap_envelope(service.service_type, action, args),
+        headers={"Content-Type": 'text/xml; charset="utf-8"',
+                 "SOAPAction": '"%s#%s"' % (service.service_type, action)})
+    try:
+        with _http_open(request, timeout_s) as response:
+            data = response.read(UPNP_MAX_BODY_BYTES)
+    except error_module.HTTPError as e:
+        raise _soap_fault(e.read(UPNP_MAX_BODY_BYTES), action) from None
+    except OSError as e:  # urllib's URLError included
+        raise PortMapError("UPnP %s at %s failed: %s" % (action, service.control_url, e),
+                           "upnp") from None
+    root = _parse_xml(data, action + " answer")
+    for element in root.iter():
+        if _local_name(element.tag) == action + "Response":
+            return {_local_name(c.tag): (c.text or "").strip() for c in element}
+    raise PortMapError("UPnP %s answer lacks %sResponse" % (action, action), "upnp")
+
+
+def upnp_external_address(service, timeout_s=PORTMAP_TIMEOUT_S):
+    """Return the router's external IPv4 address (GetExternalIPAddress).
+
+    A private address is accepted (the router may sit behind another NAT,
+    which `check` will find out); the connection status is not required
+    to be "Connected". Raises PortMapError for an empty or bad address.
+    """
+    address = upnp_call(service, "GetExternalIPAddress", (), timeout_s).get(
+        "NewExternalIPAddress", "")
+    try:
+        socket.inet_aton(address)
+    except OSError:
+        address = ""
+    if not address or address == "0.0.0.0":
+        raise PortMapError("UPnP router has no external address (%r)" % address, "upnp")
+    return address
+
+
+def upnp_map(service, internal_client, internal_port, external_port, lifetime_s,
+             description, timeout_s=PORTMAP_TIMEOUT_S):
+    """AddPortMapping for TCP external_port -> internal_client:internal_port.
+
+    Returns the lease granted in seconds: `lifetime_s`, or 0 (permanent)
+    when the router only takes permanent leases (error 725). Raises
+    PortMapError (e.g. code 718 when another host holds the port).
+    """
+    def add(lease_s):
+        upnp_call(service, "AddPortMapping", (
+            ("NewRemoteHost", ""), ("NewExternalPort", _check_port(external_port)),
+            ("NewProtocol", "TCP"), ("NewInternalPort", _check_port(internal_port)),
+            ("NewInternalClient", internal_client), ("NewEnabled", 1),
+            ("NewPortMappingDescription", description), ("NewLeaseDuration", int(lease_s)),
+        ), timeout_s)
+    try:
+        add(lifetime_s)
+        return int(lifetime_s)
+    except PortMapError as e:
+        if e.code != 725 or lifetime_s == 0:
+            raise
+    add(0)
+    return 0
+
+
+def upnp_unmap(service, external_port, timeout_s=PORTMAP_TIMEOUT_S):
+    """DeletePortMapping for TCP `external_port`; a missing one is fine.
+
+    Raises PortMapError for any other refusal or a transport failure.
+    """
+    try:
+        upnp_call(service, "DeletePortMapping", (
+            ("NewRemoteHost", ""), ("NewExternalPort", _check_port(external_port)),
+            ("NewProtocol", "TCP")), timeout_s)
+    except PortMapError as e:
+        if e.code != 714:
+            raise
+
+
+# ---- the pod's view -----------------------------------------------------
+
+class PortMapper:
+    """Keeps a tunnel's public ports open on the pod's router.
+
+    `map_all` maps every (internal_port, external_port) pair with one
+    method, all or nothing: a partial success is undone before the next
+    method is tried or the error is raised. A router that grants another
+    external port counts as a failure, since the tunnel's public port is
+    what DNS will point at. Call `map_all` again when `renew_due` says so
+    (half the lease, as RFC 6886 §3.3 advises); `unmap_all` removes what
+    this mapper made. Blocking; not thread-safe; settings are class
+    attributes and may be overridden per instance.
+    """
+
+    timeout_s = PORTMAP_TIMEOUT_S
+    natpmp_port = NATPMP_PORT
+
+    def __init__(self, fqdn, gateway=None, method="auto", timeout_s=None, clock=time.time):
+        if method not in PORTMAP_METHODS:
+            raise ValueError("method must be one of %s" % ", ".join(PORTMAP_METHODS))
+        self.fqdn = fqdn
+        self.gateway = gateway
+        self.method = method
+        if timeout_s is not None:
+            self.timeout_s = timeout_s
+        self.clock = clock
+        self.result = None          # PortMapResult of the last success
+        self._renew_at = None
+        self._upnp = None           # UpnpService once discovered
+
+    def _gateway(self):
+        if self.gateway is None:
+            self.gateway = default_gateway()
+        if self.gateway is None:
+            raise PortMapError("no IPv4 default gateway: is this pod behind a router?")
+        return self.gateway
+
+    def _methods(self):
+        if self.method != "auto":
+            return [self.method]
+        first = self.result.method if self.result else "natpmp"
+        return [first] + [m for m in ("natpmp", "upnp") if m != first]
+
+    def map_all(self, mappings, lifetime_s=PORTMAP_LIFETIME_S):
+        """Map all pairs; return a PortMapResult(method, external_address,
+        lease_end, mappings). `lease_end` is epoch seconds of the shortest
+        lease granted (a permanent UPnP lease counts as `lifetime_s`).
+        Calling it again renews; pairs of the previous call missing from
+        this one are then removed. Raises PortMapError naming every
+        method's failure on one line; the previous mappings stay then.
+        """
+        mappings = [(_check_port(i), _check_port(e)) for i, e in mappings]
+        self._gateway()
+        failures = []
+        for method in self._methods():
+            try:
+                result = self._map_with(method, mappings, lifetime_s)
+            except PortMapError as e:
+                log.info("port mapping failed method=%s error=%s", method, e)
+                failures.append("%s: %s" % ("NAT-PMP" if method == "natpmp" else "UPnP", e))
+                if method == "upnp":
+                    self._upnp = None   # the router may have moved its control URL: rediscover
+                continue
+            if self.result:
+                stale = [m for m in self.result.mappings if m not in mappings]
+                self._unmap_quietly(self.result.method, stale)
+            self.result = result
+            self._renew_at = self.clock() + (result.lease_end - self.clock()) / 2
+            return result
+        raise PortMapError("router port mapping failed: " + "; ".join(failures))
+
+    def _map_with(self, method, mappings, lifetime_s):
+        gateway, now, done, leases = self._gateway(), self.clock(), [], []
+        try:
+            if method == "natpmp":
+                address = natpmp_external_address(gateway, self.timeout_s, self.natpmp_port)
+            else:
+                address = upnp_external_address(self._upnp_service(gateway), self.timeout_s)
+            for internal, external in mappings:
+                leases.append(self._map_one(method, gateway, internal, external, lifetime_s, done))
+                log.info("port mapped method=%s port=%d internal_port=%d lease_s=%d",
+                         method, external, internal, leases[-1])
+        except PortMapError:
+            self._unmap_quietly(method, done)
+            raise
+        lease_s = min([s if s > 0 else lifetime_s for s in leases] or [lifetime_s])
+        return PortMapResult(method, address, now + lease_s, list(mappings))
+
+    def _map_one(self, method, gateway, internal, external, lifetime_s, done):
+        """Map one pair, append it to `done`; return the lease granted."""
+        if method == "upnp":
+            client = local_address_toward(gateway)
+            lease = upnp_map(self._upnp_service(gateway), client, internal, external,
+                             lifetime_s, "pipe2me %s" % self.fqdn, self.timeout_s)
+            done.append((internal, external))
+            return lease
+        got_external, lease = natpmp_map(gateway, internal, external, lifetime_s,
+                                         self.timeout_s, self.natpmp_port)
+        done.append((internal, got_external))
+        if got_external != external:
+            raise PortMapError("router mapped internal port %d to external port %d, not %d"
+                               " (port taken on the router?)" % (internal, got_external, external),
+                               "natpmp")
+        return lease
+
+    def _upnp_service(self, gateway):
+        if self._upnp is None:
+            self._upnp = upnp_discover(local_address_toward(gateway), self.timeout_s)
+        return self._upnp
+
+    def _unmap_one(self, method, internal, external):
+        if method == "natpmp":
+            natpmp_unmap(self._gateway(), internal, self.timeout_s, self.natpmp_port)
+        else:
+            upnp_unmap(self._upnp_service(self._gateway()), external, self.timeout_s)
+
+    def _unmap_quietly(self, method, mappings):
+        """Undo mappings; log failures instead of raising (best effort)."""
+        for internal, external in mappings:
+            try:
+                self._unmap_one(method, internal, external)
+            except PortMapError as e:
+                log.warning("port unmapping failed method=%s port=%d error=%s", method, external, e)
+
+    def state(self):
+        """The last result as JSON-ready data (what pipe2me.portmap.json holds)."""
+        result = self.result
+        return {"version": 1, "fqdn": self.fqdn, "method": self.method,
+                "gateway": self.gateway, "used": result.method,
+                "external_address": result.external_address,
+                "lease_end": int(result.lease_end),
+                "mappings": [list(pair) for pair in result.mappings],
+                "upnp": list(self._upnp) if self._upnp and result.method == "upnp" else None}
+
+    @classmethod
+    def from_state(cls, state, same_gateway=True, **kwargs):
+        """A mapper that holds the mappings of `state()`: unmap_all removes
+        them, map_all renews them. same_gateway=False finds the gateway again."""
+        mapper = cls(state["fqdn"], state["gateway"] if same_gateway else None,
+                     state.get("method", "auto"), **kwargs)
+        mapper.result = PortMapResult(state["used"], state["external_address"],
+                                      float(state["lease_end"]),
+                                      [tuple(pair) for pair in state["mappings"]])
+        mapper._renew_at = mapper.clock() + (mapper.result.lease_end - mapper.clock()) / 2
+        if state.get("upnp"):
+            mapper._upnp = UpnpService(*state["upnp"])
+        return mapper
+
+    def renew_due(self, now=None):
+        """True when a mapping exists and half its lease has passed."""
+        if self._renew_at is None:
+            return False
+        return (self.clock() if now is None else now) >= self._renew_at
+
+    def unmap_all(self):
+        """Remove every mapping of the last `map_all`; idempotent.
+
+        Raises PortMapError if the router refused to remove one (the
+        others are still tried); the lease expires by itself anyway.
+        """
+        result, self.result, self._renew_at = self.result, None, None
+        if result is None:
+            return
+        failures = []
+        for internal, external in result.mappings:
+            try:
+                self._unmap_one(result.method, internal, external)
+                log.info("port unmapped method=%s port=%d", result.method, external)
+            except PortMapError as e:
+                failures.append("port %d: %s" % (external, e))
+        if failures:
+            raise PortMapError("router port unmapping failed: " + "; ".join(failures),
+                               result.method)
+
+
+# ---- the pod's mappings on disk and while `start` runs ----------------------
+
+PORTMAP_FILE = "pipe2me.portmap.json"
+PORTMAP_RETRY_S = 30.0             # after a failed renewal (the lease usually has long left)
+PORTMAP_JOIN_S = 15.0              # how long a stop waits for a renewal under way
+
+
+def portmap_path(directory):
+    return os.path.join(directory, PORTMAP_FILE)
+
+
+def save_portmap(directory, mapper, lifetime_s):
+    state = dict(mapper.state(), lifetime_s=int(lifetime_s))
+    write_file_atomic(portmap_path(directory), json.dumps(state, indent=1) + "\n", PUBLIC_FILE_MODE)
+
+
+def load_portmap(directory):
+    """The saved state of `map-ports`, or None when there is none."""
+    try:
+        with open(portmap_path(directory), encoding="utf-8") as fh:
+            state = json.loads(fh.read())
+        PortMapResult(state["used"], state["external_address"], float(state["lease_end"]),
+                      [tuple(pair) for pair in state["mappings"]])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError("%s is damaged (%s): run `map-ports` again"
+                         % (portmap_path(directory), _reason(exc)))
+    return state
+
+
+def map_pod_ports(directory, setup, method, lifetime_s):
+    """`map-ports`: every service's public port -> its local port; saved."""
+    pairs = [(service.local_port, service.public_port) for service in setup.services()]
+    mapper = PortMapper(setup.fqdn, method=method)
+    result = mapper.map_all(pairs, lifetime_s)
+    save_portmap(directory, mapper, lifetime_s)
+    return result
+
+
+def unmap_pod_ports(directory):
+    """`clear`: remove the saved mappings at the router (best effort) and the file."""
+    state = load_portmap(directory)
+    if state is None:
+        return
+    try:
+        PortMapper.from_state(state).unmap_all()
+    except PortMapError as exc:
+        log.warning("port mappings not removed, they expire with their lease: %s", exc)
+    remove_file(portmap_path(directory))
+
+
+class PortMapKeeper:
+    """Keeps the saved mappings alive while `start` runs: maps at once (a
+    clean stop removed them), then renews at half the lease. The router is
+    asked from a thread, so the loop never waits on it; a failed renewal is
+    logged and retried after PORTMAP_RETRY_S. close(unmap=True) removes the
+    mappings (clean stop); pipe2me.portmap.json stays for the next start."""
+
+    def __init__(self, directory, state):
+        self.directory, self.state = directory, state
+        self.lifetime_s = int(state.get("lifetime_s") or PORTMAP_LIFETIME_S)
+        self.mapper = PortMapper.from_state(state, same_gateway=False)
+        self.loop = self.timer = self.thread = None
+        self.closed = False
+
+    def start(self, loop):
+        self.loop = loop
+        self.schedule(0)
+
+    def schedule(self, delay_s):
+        if not self.closed:
+            self.timer = self.loop.call_later(delay_s, self.renew)
+
+    def renew(self):
+        self.thread = threading.Thread(target=self.renew_in_thread, name="portmap", daemon=True)
+        self.thread.start()
+
+    def renew_in_thread(self):
+        pairs = [tuple(pair) for pair in self.state["mappings"]]
+        try:
+            result = self.mapper.map_all(pairs, self.lifetime_s)
+            save_portmap(self.directory, self.mapper, self.lifetime_s)
+            delay = max(1.0, (result.lease_end - time.time()) / 2)
+            log.info("port mapping renewed method=%s address=%s renew_in=%.0fs",
+                     result.method, result.external_address, delay)
+        except Pipe2meError as exc:
+            delay = PORTMAP_RETRY_S
+            log.warning("port mapping renewal failed retry_in=%.0fs error=%s", delay, exc)
+        self.loop.call_soon_threadsafe(lambda: self.schedule(delay))
+
+    def close(self, unmap):
+        """Stop renewing; with unmap, remove the mappings at the router."""
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.thread is not None:
+            self.thread.join(PORTMAP_JOIN_S)
+        if not unmap or self.mapper.result is None:
+            return
+        try:
+            self.mapper.unmap_all()
+        except PortMapError as exc:
+            log.warning("port mappings not removed, they expire with their lease: %s", exc)
 
 
 # =====================================================================
@@ -1445,6 +2235,7 @@ class PodRunner:
         self.session = None
         self.stop_requested = False
         self.stop_deadline = None
+        self.connecting = False  # in connect(): a stop signal raises StopSignal
         self.failures = 0
         self.up_since = None
         self.closed_reason = None
@@ -1515,9 +2306,16 @@ class PodRunner:
     def run(self):
         """Returns 0 after a clean stop; raises Rejected when the server refuses for good."""
         self.loop.call_later(STATUS_INTERVAL_S, self.status_tick)
+        try:
+            return self.run_sessions()
+        except StopSignal:
+            log.info("stopped while connecting")
+            return 0
+
+    def run_sessions(self):
         while not self.stop_requested:
             try:
-                tls, welcome = self.connect()
+                tls, welcome = self.connect_or_stop()
             except Rejected:
                 raise
             except (Pipe2meError, OSError, ValueError) as exc:
@@ -1541,6 +2339,23 @@ class PodRunner:
         self.write_status()
         self.loop.call_later(delay, self.loop.stop)
         self.loop.run()
+
+    def connect_or_stop(self):
+        """connect(), during which a stop signal raises StopSignal (on_stop_signal)."""
+        self.connecting = True
+        try:
+            return self.connect()
+        finally:
+            self.connecting = False
+
+    def on_stop_signal(self, *_):
+        """SIGTERM/SIGINT handler (main thread, between bytecodes). A session
+        drains through the loop; while dialing there is nothing to drain and
+        the connect could block for HELLO_TIMEOUT_S, so it ends right here."""
+        if self.connecting:
+            self.connecting = False
+            raise StopSignal()
+        self.loop.call_soon_threadsafe(self.request_stop)
 
     def request_stop(self):
         """SIGTERM: let running streams finish (bounded), then stop."""
@@ -1864,6 +2679,7 @@ def cmd_clear(args):
             log.info("tunnel deleted tunnel=%s", setup.id)
         else:
             log.warning("tunnel already gone on the server tunnel=%s status=%d", setup.id, status)
+    unmap_pod_ports(files.dir)
     removed = files.remove_all()
     log.info("files removed dir=%s files=%s", files.dir, ",".join(removed))
     return 0
@@ -2041,12 +2857,18 @@ def cmd_start(args):
     raise_open_file_limit()
     servers = start_echo_services(files, setup) if args.echo else []
     runner = PodRunner(files, setup)
+    keeper = start_port_keeper(files.dir, runner.loop)
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: runner.loop.call_soon_threadsafe(runner.request_stop))
+        signal.signal(signum, runner.on_stop_signal)
     log.info("pod ready fqdn=%s", setup.fqdn)
+    clean = False
     try:
-        return runner.run()
+        code = runner.run()
+        clean = True
+        return code
     finally:
+        if keeper is not None:
+            keeper.close(unmap=clean)  # a clean stop removes the router's mappings
         for listener in servers:
             listener.close()
         runner.session = None
@@ -2081,12 +2903,71 @@ def pid_alive(pid):
     return True
 
 
+def start_port_keeper(directory, loop):
+    """A PortMapKeeper running in `loop` when `map-ports` saved mappings, else None."""
+    try:
+        state = load_portmap(directory)
+    except UsageError as exc:
+        log.warning("port mappings not kept: %s", exc)
+        return None
+    if state is None:
+        return None
+    keeper = PortMapKeeper(directory, state)
+    keeper.start(loop)
+    return keeper
+
+
+def iso_time(epoch):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)) if epoch else ""
+
+
 def cmd_check(args):
-    raise UsageError("check is not available yet")
+    """Ask the server to probe this pod's public address on every port;
+    print STATUS=online (directly reachable) or offline, ADDRESS, TIME."""
+    files = PodFiles(args.dir)
+    setup = read_setup(files)
+    answer = api_for_setup(setup).check(setup.id, check_facts(files.dir, setup, args.router))
+    direct = answer.get("status") == "direct"
+    print("STATUS=%s" % ("online" if direct else "offline"))
+    print("ADDRESS=%s" % answer.get("address", ""))
+    print("TIME=%s" % iso_time(answer.get("checked_at")))
+    if answer.get("cgnat"):
+        print("CGNAT=yes")
+    if not direct:
+        log.info("not directly reachable, consumers go through the server: %s",
+                 answer.get("reason"))
+    return 0
+
+
+def check_facts(directory, setup, ask_router):
+    """What `check` tells the server: the router's external address (saved by
+    map-ports, or asked by NAT-PMP) and, when every local port equals its
+    public port, this pod's LAN address (for split-horizon DNS)."""
+    facts, state, gateway = {}, load_portmap(directory), default_gateway()
+    external = state["external_address"] if state else None
+    if external is None and ask_router and gateway:
+        try:
+            external = natpmp_external_address(gateway, CHECK_ROUTER_TIMEOUT_S)
+        except PortMapError as exc:
+            log.debug("router did not tell its external address: %s", exc)
+    if external:
+        facts["external_address"] = external
+    if gateway and all(s.local_port == s.public_port for s in setup.services()):
+        with contextlib.suppress(PortMapError):
+            facts["lan_address"] = local_address_toward(gateway)
+    return facts
 
 
 def cmd_map_ports(args):
-    raise UsageError("map-ports is not available yet")
+    """Open the tunnel's public ports on the router (NAT-PMP, else UPnP IGD),
+    external port = public port, internal = local port; saved for `start`."""
+    files = PodFiles(args.dir)
+    result = map_pod_ports(files.dir, read_setup(files), args.method, args.lifetime)
+    print("METHOD=%s" % result.method)
+    print("EXTERNAL_ADDRESS=%s" % result.external_address)
+    print("LEASE_END=%s" % iso_time(result.lease_end))
+    print("PORTS=%s" % ",".join(str(external) for _, external in result.mappings))
+    return 0
 
 
 # =====================================================================
@@ -2147,8 +3028,14 @@ def build_parser():
     command("status", cmd_status, "whether the tunnel connection is up")
     update = command("update", cmd_update, "refresh the settings and renew the certificate")
     update.add_argument("--auth", "--token", dest="auth", help="extend the tunnel with this token")
-    command("check", cmd_check, "ask the server to probe this pod's public address")
-    command("map-ports", cmd_map_ports, "open the public ports on the router")
+    check = command("check", cmd_check, "ask the server to probe this pod's public address")
+    check.add_argument("--no-router", dest="router", action="store_false",
+                       help="do not ask the router (NAT-PMP) for its external address")
+    map_ports = command("map-ports", cmd_map_ports, "open the public ports on the router")
+    map_ports.add_argument("--method", choices=PORTMAP_METHODS, default="auto",
+                           help="natpmp, upnp, or auto: NAT-PMP, then UPnP IGD (default)")
+    map_ports.add_argument("--lifetime", type=int, default=PORTMAP_LIFETIME_S, metavar="SECONDS",
+                           help="lease to ask for, renewed by `start` at half (default %(default)s)")
     clear = command("clear", cmd_clear, "delete the tunnel on the server and the local files")
     clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     service = command("service", cmd_service, "print a service definition that runs start at boot")
