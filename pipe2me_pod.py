@@ -3028,14 +3028,9 @@ def build_parser():
     command("status", cmd_status, "whether the tunnel connection is up")
     update = command("update", cmd_update, "refresh the settings and renew the certificate")
     update.add_argument("--auth", "--token", dest="auth", help="extend the tunnel with this token")
-    check = command("check", cmd_check, "ask the server to probe this pod's public address")
-    check.add_argument("--no-router", dest="router", action="store_false",
-                       help="do not ask the router (NAT-PMP) for its external address")
-    map_ports = command("map-ports", cmd_map_ports, "open the public ports on the router")
-    map_ports.add_argument("--method", choices=PORTMAP_METHODS, default="auto",
-                           help="natpmp, upnp, or auto: NAT-PMP, then UPnP IGD (default)")
-    map_ports.add_argument("--lifetime", type=int, default=PORTMAP_LIFETIME_S, metavar="SECONDS",
-                           help="lease to ask for, renewed by `start` at half (default %(default)s)")
+    add_router_arguments(
+        command("check", cmd_check, "ask the server to probe this pod's public address"),
+        command("map-ports", cmd_map_ports, "open the public ports on the router"))
     clear = command("clear", cmd_clear, "delete the tunnel on the server and the local files")
     clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     service = command("service", cmd_service, "print a service definition that runs start at boot")
@@ -3043,6 +3038,16 @@ def build_parser():
     for kind in ("systemd", "procd", "sysv"):
         kinds.add_argument("--" + kind, action="store_true", help="for %s" % kind)
     return parser
+
+
+def add_router_arguments(check, map_ports):
+    """The options of `check` and `map-ports`."""
+    check.add_argument("--no-router", dest="router", action="store_false",
+                       help="do not ask the router (NAT-PMP) for its external address")
+    map_ports.add_argument("--method", choices=PORTMAP_METHODS, default="auto",
+                           help="natpmp, upnp, or auto: NAT-PMP, then UPnP IGD (default)")
+    map_ports.add_argument("--lifetime", type=int, default=PORTMAP_LIFETIME_S, metavar="SECONDS",
+                           help="lease to ask for, renewed by `start` at half (default %(default)s)")
 
 
 def configure_logging(args):

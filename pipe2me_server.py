@@ -1240,6 +1240,8 @@ class Store:
             used = set()
             if os.path.exists(self.used_path):
                 used = set(read_json(self.used_path).get("used", []))
+            # a crash between a tunnel's file and used_tokens.json loses nothing
+            used |= {r["token_sha256"] for r in tunnels.values() if r.get("token_unique")}
             self.tunnels, self.used_tokens = tunnels, used
         return len(tunnels)
 
@@ -1299,10 +1301,11 @@ class Store:
                 "expires_at": now + options["lifespan"], "cert_sha256": [],
                 "bytes_in": 0, "bytes_out": 0,
                 "max_traffic": options["max_traffic"], "rate": options["rate"],
+                "token_unique": options["unique"],
             }
+            self.save(record)  # first: a unique token's use is also read from here
             if options["unique"]:
-                self.mark_token_used(token_hash)
-            self.save(record)
+                self.mark_token_used_or_undo(token_hash, record)
             self.tunnels[record["id"]] = record
         self.on_change(record["id"])
         return dict(record), secret
@@ -1314,6 +1317,14 @@ class Store:
         if cap and self.live_count_for_token(token_hash, now) >= cap:
             log.warning("tunnel cap reached token_sha256=%s cap=%d", token_hash[:12], cap)
             raise Rejected("this token already has %d live tunnels (MAX_TUNNELS_PER_TOKEN)" % cap)
+
+    def mark_token_used_or_undo(self, token_hash, record):
+        try:
+            self.mark_token_used(token_hash)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.settings.tunnel_dir, record["id"] + ".json"))
+            raise
 
     def mark_token_used(self, token_hash):
         used = self.used_tokens | {token_hash}
@@ -4213,8 +4224,8 @@ class DnsReconciler:
     def failed(self, exc, retry_at):
         self.failures += 1
         delay = min(self.interval_s, DNS_RETRY_FIRST_S * 2 ** (self.failures - 1))
-        if retry_at:
-            delay = max(delay, min(retry_at - time.time(), DNS_RETRY_MAX_S))
+        if retry_at:  # the rate limit's reset, in whole seconds: one more to be past it
+            delay = min(max(retry_at + 1.0 - time.time(), 1.0), DNS_RETRY_MAX_S)
         log.warning("dns update failed attempt=%d retry_in=%.0fs error=%s",
                     self.failures, delay, exc)
         return delay
@@ -4261,6 +4272,7 @@ class ApiServer:
                     self.deadlines[conn] = self.deadlines.pop(sock)
                 conn.do_handshake()
             ApiHandler(conn, address, self.api)
+            linger(conn)
         except (OSError, ValueError) as exc:
             log.debug("api connection failed from=%s error=%s", address[0], exc)
         finally:
@@ -4279,6 +4291,20 @@ class ApiServer:
         for sock in late:
             with contextlib.suppress(OSError):
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+def linger(conn, limit_bytes=4 << 20, limit_s=2.0):
+    """Half-close, then read and drop what the client still sends (an
+    oversized body answered early), so closing with unread input does not
+    reset the connection before the client has read the answer."""
+    conn.shutdown(socket.SHUT_WR)
+    deadline, dropped = time.monotonic() + limit_s, 0
+    while dropped < limit_bytes and time.monotonic() < deadline:
+        conn.settimeout(max(0.01, deadline - time.monotonic()))
+        data = conn.recv(65536)
+        if not data:
+            return
+        dropped += len(data)
 
 
 class Hub:
@@ -4488,6 +4514,8 @@ class Server:
             self.dns.start(self.loop.selector)
         elif s.dynamic_dns_service == "builtin":
             log.warning("DYNAMIC_DNS_SERVICE=builtin without DNS_PORT: nothing answers DNS")
+        if s.dynamic_dns_service and not server_addresses(s):
+            log.warning("PUBLIC_ADDRESS is empty: names of relayed tunnels get no address")
         if s.dynamic_dns_service.startswith("dnsimple:"):
             self.reconciler = DnsReconciler(DnsimpleProvider(s),
                                             lambda: dns_wanted(self.store.all(), s, time.time()))
@@ -4747,12 +4775,15 @@ def cmd_dns_refresh(settings, _args):
     now = time.time()
     changes = [line for line in (recheck_direct(settings, store, record, now)
                                  for record in store.all()) if line]
-    if settings.dynamic_dns_service.startswith("dnsimple:"):
-        changes += DnsimpleProvider(settings).reconcile(dns_wanted(store.all(), settings, now))
-    elif changes:
-        notify_server(settings)  # the built-in responder answers from the reloaded store
     for line in changes:
-        print(line)
+        print(line, flush=True)
+    if changes:
+        notify_server(settings)  # the running server answers (and publishes) the new state
+    if settings.dynamic_dns_service.startswith("dnsimple:"):
+        made = DnsimpleProvider(settings).reconcile(dns_wanted(store.all(), settings, now))
+        for line in made:
+            print(line)
+        changes += made
     log.info("dns refreshed tunnels=%d changes=%d", len(store.all()), len(changes))
     return 0
 

@@ -152,7 +152,11 @@ class ServerHandle:
                                ("--tunnel-port", self.tunnel)):
                 argv[argv.index(flag) + 1] = str(port)
         self.proc = Proc(argv, self.workdir, self.name, env=self.env)
-        ready = self.proc.wait_for(r"ready http=[\d.]+:(\d+) https=[\d.]+:(\d+) tunnel=[\d.]+:(\d+)")
+        try:
+            ready = self.proc.wait_for(r"ready http=[\d.]+:(\d+) https=[\d.]+:(\d+) tunnel=[\d.]+:(\d+)")
+        except AssertionError:
+            self.proc.stop(signal.SIGKILL)
+            raise
         self.http, self.https, self.tunnel = (int(p) for p in ready.groups())
         out = re.search(r"^token: (\S+)", self.proc.stdout(), re.M)
         if out:

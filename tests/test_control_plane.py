@@ -814,6 +814,19 @@ def test_token_unique_used_by_20_parallel_setups_succeeds_once(srv, workdir):
     assert len(srv.tunnel_files()) == 1
 
 
+def test_token_unique_stays_used_when_crash_lost_used_tokens_file(srv, workdir):
+    """The tunnel file is written first and records the token's single use, so
+    a crash before used_tokens.json is written cannot make the token usable again."""
+    assert srv.admin("tokens", "add", "once-only", "unique:true", reload=True).returncode == 0
+    assert setup_ok(srv, os.path.join(workdir, "pod-a"), "once-only", "https")
+    srv.proc.stop(signal.SIGKILL)
+    os.unlink(os.path.join(srv.state_dir, "used_tokens.json"))
+    srv.start(fixed_ports=True)
+    done = pod_setup(srv, os.path.join(workdir, "pod-b"), "once-only")
+    assert_one_line_failure(done, "used")
+    assert len(srv.tunnel_files()) == 1
+
+
 # ---- 9. configuration refused at start -----------------------------------------------------------
 
 def start_fails(workdir, args, conf_lines=None, conf_in_home=False):
