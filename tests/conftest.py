@@ -126,15 +126,61 @@ class Proc:
         return self.popen.poll() is None
 
 
+MiB = 1024 * 1024
+# Configuration keys a test server must not inherit from the machine's environment.
+CONFIG_KEY_NAMES = tuple(re.findall(r'^    "([A-Z_]+)": \(', open(SERVER).read(), re.M))
+
+
+def clean_env(home):
+    """os.environ without configuration keys or PIPE2ME_* variables, with HOME=home
+    (so no ~/pipe2me.server.conf of this machine is read)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in CONFIG_KEY_NAMES and not k.startswith("PIPE2ME_")}
+    os.makedirs(home, exist_ok=True)
+    env["HOME"] = home
+    return env
+
+
+def connect(port, host="127.0.0.1", timeout=10.0):
+    sock = socket.create_connection((host, port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def recv_to_eof(sock, timeout=20.0, limit=64 * MiB):
+    """Everything the peer sends until it shuts down writing; fails on a deadline."""
+    deadline = time.monotonic() + timeout
+    got = bytearray()
+    while len(got) <= limit:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(MiB)
+        except socket.timeout:
+            raise AssertionError("no EOF within %.0f s (got %d bytes)" % (timeout, len(got)))
+        if not chunk:
+            return bytes(got)
+        got += chunk
+    raise AssertionError("peer sent more than %d bytes" % limit)
+
+
+def echo_round_trip(port, payload=b"ping through pipe2me\n", timeout=10.0, host="127.0.0.1"):
+    """Send payload, half-close, return what comes back before EOF."""
+    with connect(port, host, timeout) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        return recv_to_eof(sock, timeout)
+
+
 class ServerHandle:
-    """A running pipe2me server on 127.0.0.1 with free ports."""
+    """A running pipe2me server on 127.0.0.1 with free ports, reading no
+    configuration of this machine."""
 
     def __init__(self, workdir, extra=(), env=None, state_dir=None, ports=None, name="server"):
         self.workdir = workdir
         self.state_dir = state_dir or os.path.join(workdir, "state")
         self.tunnel_ports = ports or free_port_range(24)
         self.extra = list(extra)
-        self.env = env
+        self.env = env or clean_env(os.path.join(workdir, "home"))
         self.name = name
         self.start()
 

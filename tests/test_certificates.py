@@ -1,8 +1,6 @@
 """The CERTIFICATES section of pipe2me_server.py against the real openssl CLI."""
 
-import base64
 import datetime
-import importlib.util
 import os
 import random
 import shutil
@@ -10,7 +8,6 @@ import socket
 import ssl
 import stat
 import subprocess
-import sys
 import threading
 import time
 

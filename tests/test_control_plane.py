@@ -26,30 +26,18 @@ import urllib.request
 
 import pytest
 
-from conftest import (POD, SERVER, Proc, ServerHandle, free_port_range,
+from conftest import (clean_env, CONFIG_KEY_NAMES, POD, SERVER, Proc, ServerHandle, free_port_range,
                       wait_until)
 
 DOMAIN = "pipe2.localhost"
 FQDN_RE = re.compile(r"^[a-z]+-[a-z]+-[a-z]+(-\d+)?\.pipe2\.localhost$")
 POD_FILE_NAMES = {"pipe2me.info.inc", "pipe2me.local.inc", "pipe2me.openssl.priv",
                   "pipe2me.openssl.cert", "pipe2me.cacert"}
-CONFIG_KEY_NAMES = ("TUNNEL_DOMAIN", "TUNNEL_PORTS", "DYNAMIC_DNS_SERVICE", "STATE_DIR",
-                    "LISTEN_ADDRESS", "PUBLIC_ADDRESS", "HTTP_PORT", "HTTPS_PORT",
-                    "TUNNEL_PORT", "DNS_PORT", "TOKENS_FILE")
 RUN_TIMEOUT_S = 60
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 # ---- environment and processes ----------------------------------------------
-
-def clean_env(home):
-    """os.environ without configuration keys or PIPE2ME_DIR, with HOME=home."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in CONFIG_KEY_NAMES and not k.startswith("PIPE2ME_")}
-    os.makedirs(home, exist_ok=True)
-    env["HOME"] = home
-    return env
-
 
 class Server(ServerHandle):
     """A ServerHandle whose process reads no configuration of this machine."""

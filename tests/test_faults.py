@@ -33,11 +33,10 @@ import urllib.request
 
 import pytest
 
-from conftest import (POD, SERVER, Proc, ServerHandle, free_port, pod_env, public_ports,
+from conftest import (connect, recv_to_eof, echo_round_trip, MiB, POD, SERVER, Proc, ServerHandle, free_port, pod_env, public_ports,
                       run_pod, setup_pod, wait_until)
 
 KiB = 1024
-MiB = 1024 * KiB
 HEARTBEAT_S = 1                       # conftest starts every server with --heartbeat-interval 1
 DETECT_SLACK_S = 0.5                  # log flush and polling on top of 3 heartbeats
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -46,35 +45,6 @@ HAS_NETNS_TOOLS = all(shutil.which(tool) for tool in ("ip", "nft"))
 
 
 # ---- consumers -------------------------------------------------------------------------------
-
-def connect(port, host="127.0.0.1", timeout=10.0):
-    sock = socket.create_connection((host, port), timeout=timeout)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-def recv_to_eof(sock, timeout=20.0, limit=64 * MiB):
-    """Everything the peer sends until it shuts down writing; fails on a deadline."""
-    deadline = time.monotonic() + timeout
-    got = bytearray()
-    while len(got) <= limit:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            chunk = sock.recv(MiB)
-        except socket.timeout:
-            raise AssertionError("no EOF within %.0f s (got %d bytes)" % (timeout, len(got)))
-        if not chunk:
-            return bytes(got)
-        got += chunk
-    raise AssertionError("peer sent more than %d bytes" % limit)
-
-
-def echo_round_trip(port, payload=b"ping through pipe2me\n", timeout=10.0, host="127.0.0.1"):
-    with connect(port, host, timeout) as sock:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        return recv_to_eof(sock, timeout)
-
 
 def end_of(sock, timeout):
     """How a connection ends: "eof" or "reset" within timeout, else AssertionError.

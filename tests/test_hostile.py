@@ -29,7 +29,7 @@ import time
 
 import pytest
 
-from conftest import POD, ServerHandle, free_port, setup_pod, start_pod, wait_until
+from conftest import clean_env, POD, ServerHandle, free_port, setup_pod, start_pod, wait_until
 
 DOMAIN = "pipe2.localhost"
 MAIN_TOKEN = "main-token-hostile"
@@ -41,8 +41,6 @@ API_DEADLINE_S = 5           # --api-request-deadline
 SLACK_S = 2.5                # the sweep runs every second; scheduling on a busy CI box
 DEADLINE_FLAGS = ["--front-head-deadline", str(HEAD_DEADLINE_S),
                   "--api-request-deadline", str(API_DEADLINE_S)]
-CONFIG_KEY_NAMES = ("TUNNEL_DOMAIN", "TUNNEL_PORTS", "STATE_DIR", "LISTEN_ADDRESS",
-                    "HTTP_PORT", "HTTPS_PORT", "TUNNEL_PORT", "TOKENS_FILE")
 ATTACKER = "127.0.0.8"       # source address of the point-8 requests (own rate-limit bucket)
 
 
@@ -52,14 +50,6 @@ def report(area, case, outcome, seconds=None):
 
 
 # ---- servers ------------------------------------------------------------------------
-
-def clean_env(home):
-    env = {k: v for k, v in os.environ.items()
-           if k not in CONFIG_KEY_NAMES and not k.startswith("PIPE2ME_")}
-    os.makedirs(home, exist_ok=True)
-    env["HOME"] = home
-    return env
-
 
 class Server(ServerHandle):
     """A server reading no configuration of this machine, with known tokens."""

@@ -26,10 +26,9 @@ import urllib.request
 
 import pytest
 
-from conftest import (SERVER, Proc, ServerHandle, free_port, public_ports, run_pod,
+from conftest import (connect, recv_to_eof, echo_round_trip, MiB, SERVER, Proc, ServerHandle, free_port, public_ports, run_pod,
                       setup_pod, start_pod, wait_until)
 
-MiB = 1024 * 1024
 BIG_BYTES = 100 * MiB
 HEARTBEAT_S = 1                       # conftest starts every server with --heartbeat-interval 1
 RSS_SLACK_BYTES = 8 * MiB             # allowed server growth beyond the stalled stream's window
@@ -49,36 +48,6 @@ def curl_ok(*args):
     done = curl(*args)
     assert done.returncode == 0, done.stderr.decode()
     return done.stdout
-
-
-def connect(port, timeout=10.0):
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-def recv_to_eof(sock, timeout=20.0, limit=64 * MiB):
-    """Everything the peer sends until it shuts down writing; fails on a deadline."""
-    deadline = time.monotonic() + timeout
-    got = bytearray()
-    while len(got) <= limit:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            chunk = sock.recv(MiB)
-        except socket.timeout:
-            raise AssertionError("no EOF within %.0f s (got %d bytes)" % (timeout, len(got)))
-        if not chunk:
-            return bytes(got)
-        got += chunk
-    raise AssertionError("peer sent more than %d bytes" % limit)
-
-
-def echo_round_trip(port, payload=b"ping through pipe2me\n", timeout=10.0):
-    """Send payload, half-close, return what comes back before EOF."""
-    with connect(port, timeout) as sock:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        return recv_to_eof(sock, timeout)
 
 
 def closed_within(port, seconds):
