@@ -1104,3 +1104,26 @@ def test_api_status_page_and_unknown_paths(first):
     assert_json_error(status, body)
     status, body = call_json(server.url + "/tunnels/%s/verify" % ("0" * 16))
     assert status == 404 and body["status"] == "unknown", body
+
+
+# ---- the documented example configuration --------------------------------------------------------
+
+def test_config_example_documents_every_key_and_is_accepted(server_mod, workdir):
+    """Every configuration key appears in pipe2me.server.conf.example with a
+    comment above it, and the server accepts the file as it is."""
+    path = os.path.join(os.path.dirname(SERVER), "pipe2me.server.conf.example")
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.read().splitlines()
+    keys = {}
+    for number, line in enumerate(lines):
+        match = re.match(r"^([A-Z_]+)=", line)
+        if match:
+            keys[match.group(1)] = number
+            assert lines[number - 1].startswith("#"), "%s has no comment" % match.group(1)
+    assert set(keys) == set(server_mod.CONFIG_KEYS)
+    env = clean_env(os.path.join(workdir, "home"))
+    done = run_server(["--config", path, "--state-dir", os.path.join(workdir, "state"),
+                       "check-config"], env)
+    assert done.returncode == 0, done.stderr
+    for key in server_mod.CONFIG_KEYS:
+        assert re.search(r"^%s=" % key, done.stdout, re.M), key
