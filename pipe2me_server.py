@@ -1251,6 +1251,11 @@ class Store:
             record = self.tunnels.get(tunnel_id)
             return json.loads(json.dumps(record)) if record else None
 
+    def is_online(self, tunnel_id, now=None):
+        with self.lock:
+            record = self.tunnels.get(tunnel_id)
+            return record is not None and tunnel_status(record, now) == "online"
+
     def all(self):
         with self.lock:
             return [json.loads(json.dumps(r)) for r in self.tunnels.values()]
@@ -4393,6 +4398,12 @@ class Hub:
                 log.warning("traffic allowance used up tunnel=%s", session.tunnel_id)
                 session.destroy("traffic allowance used up")
 
+    def expire(self, now):
+        """Close the listeners and sessions of tunnels that went offline."""
+        if any(not self.store.is_online(tunnel_id, now)
+               for tunnel_id, _listener in self.listeners.values()):
+            self.sync()
+
     def stream_count(self):
         return sum(len(s.streams) for s in self.sessions.values())
 
@@ -4534,9 +4545,7 @@ class Server:
         now = time.time()
         self.api_server.expire(time.monotonic())
         self.store.purge_stale(now)
-        if any(tunnel_status(self.store.get(t) or {"expires_at": 0}, now) != "online"
-               for t in [l[0] for l in self.hub.listeners.values()]):
-            self.hub.sync()
+        self.hub.expire(now)
         if time.monotonic() - self.last_traffic_save > TRAFFIC_SAVE_INTERVAL_S:
             self.last_traffic_save = time.monotonic()
             for session in list(self.hub.sessions.values()):
