@@ -482,6 +482,7 @@ class EventLoop:
         self.timers = []
         self.timer_seq = 0
         self.soon = collections.deque()
+        self.interest = {}  # socket -> (events, callback) as registered
         self.waker_r, self.waker_w = socket.socketpair()
         self.waker_r.setblocking(False)
         self.waker_w.setblocking(False)
@@ -497,17 +498,20 @@ class EventLoop:
         self.inbox_view = memoryview(self.inbox)
 
     def watch(self, sock, events, callback=None):
-        try:
-            key = self.selector.get_key(sock)
-        except (KeyError, ValueError):
-            key = None
-        if key is None:
+        """Called on every change of interest: a system call only when the
+        events or the callback really change (bound methods compare equal)."""
+        current = self.interest.get(sock)
+        if current is None:
             if events:
                 self.selector.register(sock, events, callback)
+                self.interest[sock] = (events, callback)
         elif not events:
             self.selector.unregister(sock)
-        elif key.events != events or (callback and key.data is not callback):
-            self.selector.modify(sock, events, callback or key.data)
+            del self.interest[sock]
+        elif current != (events, callback or current[1]):
+            callback = callback or current[1]
+            self.selector.modify(sock, events, callback)
+            self.interest[sock] = (events, callback)
 
     def call_later(self, delay_s, callback):
         """Run callback after delay_s; returns a handle whose cancel() stops it."""
@@ -2206,7 +2210,8 @@ class PodMux(Mux):
             log.warning("local service refused port=%d error=%s", local_port, os.strerror(err))
             self.send(Msg.RESET, stream_id, b"local service unavailable")
             return
-        self.add_stream(stream_id, sock, connecting=True)
+        # on loopback the connect is often done at once: no wait for writable then
+        self.add_stream(stream_id, sock, connecting=(err == errno.EINPROGRESS))
 
     def on_control(self, msg, obj):
         if msg == Msg.GOAWAY:

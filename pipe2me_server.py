@@ -601,6 +601,7 @@ class EventLoop:
         self.timers = []
         self.timer_seq = 0
         self.soon = collections.deque()
+        self.interest = {}  # socket -> (events, callback) as registered
         self.waker_r, self.waker_w = socket.socketpair()
         self.waker_r.setblocking(False)
         self.waker_w.setblocking(False)
@@ -616,17 +617,20 @@ class EventLoop:
         self.inbox_view = memoryview(self.inbox)
 
     def watch(self, sock, events, callback=None):
-        try:
-            key = self.selector.get_key(sock)
-        except (KeyError, ValueError):
-            key = None
-        if key is None:
+        """Called on every change of interest: a system call only when the
+        events or the callback really change (bound methods compare equal)."""
+        current = self.interest.get(sock)
+        if current is None:
             if events:
                 self.selector.register(sock, events, callback)
+                self.interest[sock] = (events, callback)
         elif not events:
             self.selector.unregister(sock)
-        elif key.events != events or (callback and key.data is not callback):
-            self.selector.modify(sock, events, callback or key.data)
+            del self.interest[sock]
+        elif current != (events, callback or current[1]):
+            callback = callback or current[1]
+            self.selector.modify(sock, events, callback)
+            self.interest[sock] = (events, callback)
 
     def call_later(self, delay_s, callback):
         """Run callback after delay_s; returns a handle whose cancel() stops it."""
