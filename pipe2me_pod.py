@@ -191,13 +191,14 @@ def read_text(path):
         raise UsageError("cannot read %s: %s" % (path, _reason(exc)))
 
 
-def write_file_atomic(path, data, mode=PUBLIC_FILE_MODE):
+def write_file_atomic(path, data, mode=PUBLIC_FILE_MODE, durable=True):
     """Replace `path` by `data` (bytes or str) atomically, with file mode `mode`.
 
     The temporary file is created with mode 0600, so a secret is never
     readable by others, not even for a moment; it is fsynced, then renamed
     over `path`, then the directory is fsynced. A crash leaves either the
-    old or the new content.
+    old or the new content. durable=False skips the fsyncs (for files that
+    are rewritten often and worthless after a crash, on a router's flash).
     """
     if isinstance(data, str):
         data = data.encode("utf-8")
@@ -210,7 +211,8 @@ def write_file_atomic(path, data, mode=PUBLIC_FILE_MODE):
             handle.write(data)
             handle.flush()
             os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(temp, path)
     except OSError as exc:
         remove_file(temp)
@@ -218,7 +220,8 @@ def write_file_atomic(path, data, mode=PUBLIC_FILE_MODE):
     except BaseException:
         remove_file(temp)
         raise
-    _fsync_dir(directory)
+    if durable:
+        _fsync_dir(directory)
 
 
 def _fsync_dir(directory):
@@ -2236,6 +2239,7 @@ class PodRunner:
     def __init__(self, files, setup):
         self.files, self.setup = files, setup
         self.status_path = os.path.join(files.dir, STATUS_FILE)
+        self.status_written = None  # the file's content, to write only changes
         self.loop = EventLoop()
         self.session = None
         self.stop_requested = False
@@ -2386,11 +2390,14 @@ class PodRunner:
         status = {"version": 1, "pid": os.getpid(), "up": session is not None,
                   "since": self.up_since, "streams": len(session.streams) if session else 0,
                   "bytes_in": self.totals[0] + live_in, "bytes_out": self.totals[1] + live_out,
-                  "last_error": None if session else self.closed_reason,
-                  "updated_at": time.time()}
+                  "last_error": None if session else self.closed_reason}
+        text = json.dumps(status) + "\n"
+        if text == self.status_written:
+            return
         try:
-            write_file_atomic(self.status_path, (json.dumps(status) + "\n").encode(), 0o644)
-        except OSError as exc:
+            write_file_atomic(self.status_path, text, 0o644, durable=False)
+            self.status_written = text
+        except Pipe2meError as exc:
             log.debug("status file not written: %s", exc)
 
 
