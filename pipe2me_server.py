@@ -1904,31 +1904,6 @@ def openssl_time(epoch: int) -> str:
 
 # ---- files --------------------------------------------------------------------
 
-def write_file_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
-    """Replace path with data so that readers, even after a crash, see the old or the new file whole.
-
-    The data and the directory entry are fsynced before returning.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, temp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _read_text(path: str, what: str) -> str:
     """The ASCII text of path, or UsageError naming what it was meant to be."""
     try:
@@ -2022,8 +1997,8 @@ class CertAuthority:
                             "-addext", "subjectKeyIdentifier=hash"], input_bytes=key)
         # Key before cert: ensure() creates a root while ca.pem is missing, so a
         # crash between the two writes is repaired by the next start.
-        write_file_atomic(self.key_file, key, 0o600)
-        write_file_atomic(self.cert_file, cert, 0o644)
+        write_atomic(self.key_file, key, 0o600)
+        write_atomic(self.cert_file, cert, 0o644)
 
     def _check_key_matches(self) -> None:
         """UsageError unless the CA key exists, is unencrypted and belongs to the CA cert."""
@@ -2091,7 +2066,7 @@ class CertAuthority:
                         cwd=work)
             with open(os.path.join(work, "leaf.pem"), "r", encoding="ascii") as handle:
                 leaf = handle.read()
-        write_file_atomic(os.path.join(self.issued_dir, serial + ".pem"), leaf.encode("ascii"))
+        write_atomic(os.path.join(self.issued_dir, serial + ".pem"), leaf.encode("ascii"))
         return leaf
 
     def issue_server_cert(self, names: Sequence[str], ips: Sequence[str], key_path: str,
@@ -2119,9 +2094,9 @@ class CertAuthority:
         extensions = _leaf_extensions(san, "digitalSignature", "serverAuth")
         start, end = self._window(time.time() + days * 86400)
         leaf = self._issue(csr.decode("ascii"), common_name, extensions, start, end)
-        write_file_atomic(key_path, key, 0o600)
-        write_file_atomic(cert_path, leaf.encode("ascii"), 0o644)
-        write_file_atomic(cert_path + ".json", json.dumps(record, sort_keys=True).encode("ascii"))
+        write_atomic(key_path, key, 0o600)
+        write_atomic(cert_path, leaf.encode("ascii"), 0o644)
+        write_atomic(cert_path + ".json", json.dumps(record, sort_keys=True).encode("ascii"))
         return True
 
     def _server_record(self, names: Sequence[str], ips: Sequence[str]) -> dict:

@@ -206,7 +206,7 @@ def test_ca_root_creation_failure_leaves_no_half_ca(tmp_path, monkeypatch):
 
 
 def test_ca_crash_between_key_and_cert_writes_recovers(tmp_path, monkeypatch):
-    real = cs.write_file_atomic
+    real = cs.write_atomic
     written = []
 
     def crash_on_second_write(path, data, mode=0o644):
@@ -215,12 +215,12 @@ def test_ca_crash_between_key_and_cert_writes_recovers(tmp_path, monkeypatch):
         written.append(path)
         real(path, data, mode)
 
-    monkeypatch.setattr(cs, "write_file_atomic", crash_on_second_write)
+    monkeypatch.setattr(cs, "write_atomic", crash_on_second_write)
     authority = cs.CertAuthority(str(tmp_path / "ca"))
     with pytest.raises(KeyboardInterrupt):
         authority.ensure(DOMAIN)
     assert len(written) == 1
-    monkeypatch.setattr(cs, "write_file_atomic", real)
+    monkeypatch.setattr(cs, "write_atomic", real)
     authority.ensure(DOMAIN)
     assert "BEGIN CERTIFICATE" in authority.ca_pem()
 
