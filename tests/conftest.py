@@ -4,6 +4,7 @@ runner that waits for a log line with a deadline, a running server and pods.
 Every process started here is stopped by its PID at teardown; SIGTERM must
 make it exit 0 without a traceback."""
 
+import errno
 import importlib.util
 import os
 import random
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -169,6 +171,59 @@ def echo_round_trip(port, payload=b"ping through pipe2me\n", timeout=10.0, host=
         sock.sendall(payload)
         sock.shutdown(socket.SHUT_WR)
         return recv_to_eof(sock, timeout)
+
+
+class LocalService:
+    """A TCP service in this process: handler(sock) runs in a thread per
+    connection. `ends` records how each connection ended ("eof", "reset")."""
+
+    def __init__(self, handler, port=0, backlog=512):
+        self.handler = handler
+        self.ends = []
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(backlog)
+        self.port = self.sock.getsockname()[1]
+        self.acceptor = threading.Thread(target=self.accept_loop, daemon=True)
+        self.acceptor.start()
+
+    def accept_loop(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # stop() shut the listening socket down
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn):
+        with conn:
+            conn.settimeout(60)
+            try:
+                self.handler(conn)
+                self.ends.append("eof")
+            except (ConnectionResetError, BrokenPipeError):
+                self.ends.append("reset")
+            except OSError as exc:  # ENOTCONN: the peer reset it before our shutdown
+                self.ends.append("reset" if exc.errno == errno.ENOTCONN else "error %s" % exc)
+
+    def stop(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() on Linux
+        except OSError:
+            pass
+        self.sock.close()
+        self.acceptor.join(5)
+        assert not self.acceptor.is_alive()
+
+
+def echo_handler(conn):
+    while True:
+        data = conn.recv(256 * 1024)
+        if not data:
+            break
+        conn.sendall(data)
+    conn.shutdown(socket.SHUT_WR)
 
 
 class ServerHandle:

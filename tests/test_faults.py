@@ -33,7 +33,7 @@ import urllib.request
 
 import pytest
 
-from conftest import (connect, recv_to_eof, echo_round_trip, MiB, POD, SERVER, Proc, ServerHandle, free_port, pod_env, public_ports,
+from conftest import (LocalService, echo_handler, connect, recv_to_eof, echo_round_trip, MiB, POD, SERVER, Proc, ServerHandle, free_port, pod_env, public_ports,
                       run_pod, setup_pod, wait_until)
 
 KiB = 1024
@@ -143,59 +143,6 @@ def stop_checked(proc, timeout=20.0):
     code = proc.stop(timeout=timeout)
     assert "Traceback" not in proc.stderr(), proc.stderr()[-3000:]
     return code
-
-
-class LocalService:
-    """A TCP service in this process: handler(sock) runs in a thread per
-    connection. `ends` records how each connection ended ("eof", "reset")."""
-
-    def __init__(self, handler, port=0, backlog=512):
-        self.handler = handler
-        self.ends = []
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen(backlog)
-        self.port = self.sock.getsockname()[1]
-        self.acceptor = threading.Thread(target=self.accept_loop, daemon=True)
-        self.acceptor.start()
-
-    def accept_loop(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return  # stop() shut the listening socket down
-            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
-
-    def serve(self, conn):
-        with conn:
-            conn.settimeout(60)
-            try:
-                self.handler(conn)
-                self.ends.append("eof")
-            except (ConnectionResetError, BrokenPipeError):
-                self.ends.append("reset")
-            except OSError as exc:
-                self.ends.append("error %s" % exc)
-
-    def stop(self):
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() on Linux
-        except OSError:
-            pass
-        self.sock.close()
-        self.acceptor.join(5)
-        assert not self.acceptor.is_alive()
-
-
-def echo_handler(conn):
-    while True:
-        data = conn.recv(256 * KiB)
-        if not data:
-            break
-        conn.sendall(data)
-    conn.shutdown(socket.SHUT_WR)
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ import urllib.request
 
 import pytest
 
-from conftest import (connect, recv_to_eof, echo_round_trip, MiB, SERVER, Proc, ServerHandle, free_port, public_ports, run_pod,
+from conftest import (LocalService, echo_handler, connect, recv_to_eof, echo_round_trip, MiB, SERVER, Proc, ServerHandle, free_port, public_ports, run_pod,
                       setup_pod, start_pod, wait_until)
 
 BIG_BYTES = 100 * MiB
@@ -207,55 +207,6 @@ def stop_pod(proc):
     code = proc.stop()
     assert "Traceback" not in proc.stderr(), proc.stderr()[-3000:]
     return code
-
-
-class LocalService:
-    """A TCP service on 127.0.0.1 inside the test process: handler(sock) runs
-    in a thread for each connection."""
-
-    def __init__(self, handler, port=0):
-        self.handler = handler
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen(256)
-        self.port = self.sock.getsockname()[1]
-        self.acceptor = threading.Thread(target=self.accept_loop, daemon=True)
-        self.acceptor.start()
-
-    def accept_loop(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return  # stop() shut the listening socket down
-            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
-
-    def serve(self, conn):
-        with conn:
-            try:
-                conn.settimeout(30)
-                self.handler(conn)
-            except OSError:
-                pass
-
-    def stop(self):
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() on Linux
-        except OSError:
-            pass
-        self.sock.close()
-        self.acceptor.join(5)
-        assert not self.acceptor.is_alive()
-
-
-def echo_handler(conn):
-    while True:
-        data = conn.recv(256 * 1024)
-        if not data:
-            break
-        conn.sendall(data)
-    conn.shutdown(socket.SHUT_WR)
 
 
 # ---- fixtures ------------------------------------------------------------------------------
