@@ -33,6 +33,8 @@ Sections, in the order a tunnel comes to life:
     POD FILES          the five files of a pod directory, the key and CSR
     SERVER API CLIENT  HTTP(S) calls to the server's JSON API
     ROUTER PORT MAPPING  NAT-PMP and UPnP IGD: the public ports opened on the router
+    TUNNEL CLIENT      `start`: the tunnel connection, streams to local services, reconnects
+    ECHO SERVICES      `start --echo`: built-in local services for end-to-end checks
     COMMANDS           one function per command
     CLI                argument parsing, logging, main()
 

@@ -17,7 +17,7 @@ stream multiplexed over that connection.
 Sections, in the order a tunnel comes to life:
     SETTINGS      configuration keys, defaults, parsing and validation
     ERRORS        the exception tree and exit codes
-    HELPERS       atomic files, shell format, logging helpers, name words
+    HELPERS       atomic files, shell format, secrets, name words
     SHARED protocol / SHARED relay   the wire contract and the selector relay,
                   byte-identical in pipe2me_pod.py
     TOKENS        tokens.conf: who may create tunnels, within which limits
