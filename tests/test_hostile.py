@@ -1352,7 +1352,7 @@ def test_brake_idle_stream_closed_after_the_timeout(brakes):
     while time.monotonic() - start < 4.5:  # the busy one talks every half second
         busy.sendall(b"tick")
         assert busy.recv(16) == b"tick"
-        time.sleep(0.5)
+        time.sleep(0.5)  # the busy stream's pace: it stays active while the idle one times out
     waiter.join(10)
     answer, seconds = closed[0]
     report("brake", "idle-stream-timeout-2s", "closed", seconds)
