@@ -4689,6 +4689,8 @@ def cmd_tokens(settings, args):
             print(format_token_line(mask_secret(name), options))
         return 0
     if args.action == "add":
+        if args.name and args.name.partition(":")[0] in TOKEN_OPTIONS:
+            args.options, args.name = [args.name] + args.options, None  # `add max_ports:3`
         name = args.name or new_token_name()
         if not TOKEN_NAME.fullmatch(name):
             raise UsageError("a token name needs 4+ characters without spaces, '=' or '#'")

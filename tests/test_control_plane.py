@@ -1127,3 +1127,15 @@ def test_config_example_documents_every_key_and_is_accepted(server_mod, workdir)
     assert done.returncode == 0, done.stderr
     for key in server_mod.CONFIG_KEYS:
         assert re.search(r"^%s=" % key, done.stdout, re.M), key
+
+
+def test_admin_tokens_add_without_name_generates_one(workdir):
+    env = clean_env(os.path.join(workdir, "home"))
+    state = os.path.join(workdir, "state")
+    done = run_server(["--state-dir", state, "tokens", "add", "max_ports:3", "lifespan:1h"], env)
+    assert done.returncode == 0, done.stderr
+    name = done.stdout.strip()
+    assert name.startswith("p2m-") and len(name) > 20
+    with open(os.path.join(state, "tokens.conf")) as fh:
+        line = [l for l in fh.read().splitlines() if l.startswith(name)][0]
+    assert "max_ports:3" in line and "lifespan:3600" in line
