@@ -433,8 +433,10 @@ def read_frame_blocking(sock, allowed, deadline):
 def recv_exactly(sock, size, deadline):
     data = bytearray()
     while len(data) < size:
-        if time.monotonic() > deadline:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
             raise ProtocolError("greeting not complete within %d s" % HELLO_TIMEOUT_S)
+        sock.settimeout(remaining)  # the deadline bounds the whole greeting, not each read
         chunk = sock.recv(size - len(data))
         if not chunk:
             raise ProtocolError("connection closed during the greeting")
