@@ -279,6 +279,20 @@ class ServerHandle:
 
 
 @pytest.fixture
+def services():
+    """LocalServices started by a test, stopped after it: services(handler, port=0)."""
+    started = []
+
+    def start(handler, port=0):
+        service = LocalService(handler, port)
+        started.append(service)
+        return service
+    yield start
+    for service in started:
+        service.stop()
+
+
+@pytest.fixture
 def workdir(tmp_path):
     return str(tmp_path)
 

@@ -33,7 +33,7 @@ import urllib.request
 
 import pytest
 
-from conftest import (LocalService, echo_handler, connect, recv_to_eof, echo_round_trip, MiB, POD, SERVER, Proc, ServerHandle, free_port, pod_env, public_ports,
+from conftest import (echo_handler, connect, recv_to_eof, echo_round_trip, MiB, POD, SERVER, Proc, ServerHandle, free_port, pod_env, public_ports,
                       run_pod, setup_pod, wait_until)
 
 KiB = 1024
@@ -145,17 +145,6 @@ def stop_checked(proc, timeout=20.0):
     return code
 
 
-@pytest.fixture
-def services():
-    started = []
-
-    def start(handler, port=0):
-        service = LocalService(handler, port)
-        started.append(service)
-        return service
-    yield start
-    for service in started:
-        service.stop()
 
 
 class PodSet:

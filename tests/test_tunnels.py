@@ -26,7 +26,7 @@ import urllib.request
 
 import pytest
 
-from conftest import (LocalService, echo_handler, connect, recv_to_eof, echo_round_trip, MiB, SERVER, Proc, ServerHandle, free_port, public_ports, run_pod,
+from conftest import (echo_handler, connect, recv_to_eof, echo_round_trip, MiB, SERVER, Proc, ServerHandle, free_port, public_ports, run_pod,
                       setup_pod, start_pod, wait_until)
 
 BIG_BYTES = 100 * MiB
@@ -232,18 +232,6 @@ def echo_pod(hub):
     assert stop_pod(proc) == 0
 
 
-@pytest.fixture
-def services():
-    """LocalServices started by a test, stopped after it."""
-    started = []
-
-    def start(handler, port=0):
-        service = LocalService(handler, port)
-        started.append(service)
-        return service
-    yield start
-    for service in started:
-        service.stop()
 
 
 @pytest.fixture
@@ -572,15 +560,20 @@ def test_tunnel_local_service_down_then_back(hub, workdir, pods, services):
 
 # ---- 8. expired tunnel ----------------------------------------------------------------------
 
-@pytest.mark.slow
-def test_tunnel_expired_pod_rejected_exit_4_and_ports_closed(server, workdir, pods):
+def setup_short_lived_pod(server, pod_dir):
+    """A one-port tcp tunnel from a token of SHORT_LIFESPAN_S; returns its FQDN."""
     seen = len(server.proc.stderr())
     added = server_admin(server, "tokens", "add", "short-lived-token",
                          "lifespan:%d" % SHORT_LIFESPAN_S, "max_ports:1")
     assert added.returncode == 0, added.stderr
     server.proc.wait_for(r"reloaded tokens=", after=seen)
+    return setup_pod(server, pod_dir, "tcp", [free_port()], token="short-lived-token")
+
+
+@pytest.mark.slow
+def test_tunnel_expired_pod_rejected_exit_4_and_ports_closed(server, workdir, pods):
     pod_dir = os.path.join(workdir, "pod")
-    fqdn = setup_pod(server, pod_dir, "tcp", [free_port()], token="short-lived-token")
+    fqdn = setup_short_lived_pod(server, pod_dir)
     expires_at = int(pod_info(pod_dir)["PIPE2ME_EXPIRES_AT"])
     port = public_ports(pod_dir)[0]
     pod = pods(pod_dir, "--echo")
@@ -602,13 +595,8 @@ def test_tunnel_expired_pod_rejected_exit_4_and_ports_closed(server, workdir, po
 def test_tunnel_expired_certificate_of_extended_tunnel_refused_until_update(server, workdir, pods):
     """The server judges certificate expiry itself (after HELLO, to give a reason):
     an extended tunnel whose pod kept its old certificate is refused, not let in."""
-    seen = len(server.proc.stderr())
-    added = server_admin(server, "tokens", "add", "short-lived-token",
-                         "lifespan:%d" % SHORT_LIFESPAN_S, "max_ports:1")
-    assert added.returncode == 0, added.stderr
-    server.proc.wait_for(r"reloaded tokens=", after=seen)
     pod_dir = os.path.join(workdir, "pod")
-    fqdn = setup_pod(server, pod_dir, "tcp", [free_port()], token="short-lived-token")
+    fqdn = setup_short_lived_pod(server, pod_dir)
     info = pod_info(pod_dir)
     request = urllib.request.Request(
         "%s/tunnels/%s/extend" % (server.url, info["PIPE2ME_ID"]), method="POST",
