@@ -48,7 +48,6 @@ authority, pinned by the pod after setup).
 Requires Python 3.8 or newer and the `openssl` command-line tool.
 """
 
-import argparse
 import collections
 import contextlib
 import enum
@@ -56,22 +55,22 @@ import errno
 import heapq
 import ipaddress
 import json
-import logging
+import marshal
+import mmap
 import os
 import random
 import re
 import resource
 import selectors
 import shlex
-import shutil
 import signal
 import socket
 import ssl
 import struct
-import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.parse
 
 # =====================================================================
@@ -80,7 +79,40 @@ import urllib.parse
 
 VERSION = "1.0"
 LOGGER_NAME = "pipe2me.pod"
-log = logging.getLogger(LOGGER_NAME)
+LOG_LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "SILENT": 100}
+
+
+class PodLog:
+    """The pod's log: lines like the logging module's `%(asctime)s
+    %(levelname)s %(name)s %(message)s` on stderr. Not the logging module
+    itself: it would add 1 MB to the 20 a pod may take on a router."""
+
+    def __init__(self, name):
+        self.name, self.level = name, LOG_LEVELS["WARNING"]
+
+    def debug(self, message, *args):
+        self.write("DEBUG", message, args)
+
+    def info(self, message, *args):
+        self.write("INFO", message, args)
+
+    def warning(self, message, *args):
+        self.write("WARNING", message, args)
+
+    def write(self, level, message, args):
+        if LOG_LEVELS[level] < self.level or sys.stderr is None:
+            return
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+        try:
+            sys.stderr.write("%s,%03d %s %s %s\n" % (stamp, int(now % 1 * 1000), level,
+                                                     self.name, message % args if args else message))
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass  # stderr gone (closed terminal): the pod runs on
+
+
+log = PodLog(LOGGER_NAME)
 
 DIR_ENV = "PIPE2ME_DIR"
 
@@ -256,6 +288,7 @@ def _reason(exc):
 
 def require_openssl():
     """The path of the openssl CLI; UsageError naming the package when missing."""
+    import shutil  # here, not at the top: `start` never needs it (pod RSS)
     path = shutil.which("openssl")
     if path is None:
         raise UsageError("openssl command not found: " + OPENSSL_PACKAGE_HINT)
@@ -268,6 +301,7 @@ def run_openssl(args, input_bytes=None):
     The only place that runs openssl. Failure raises Pipe2meError with the
     last line openssl wrote to stderr.
     """
+    import subprocess  # here, not at the top: `start` never runs openssl (pod RSS)
     argv = [require_openssl()] + [str(arg) for arg in args]
     log.debug("openssl run args=%s", " ".join(argv[1:]))
     try:
@@ -478,6 +512,55 @@ def raise_open_file_limit():
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+# Python keeps, for the life of a process, most of the memory its compiler
+# took for the script the process started with: about 8 MB for the pod and
+# 11 MB for the server on Python 3.11. The server and `start` run for months,
+# so they re-execute themselves once, keeping their PID, from the script's
+# compiled code handed over in an anonymous in-memory file, with -S: both
+# scripts use the standard library only, so nothing from site-packages
+# belongs in the process.
+CODE_FD_VARIABLE = "PIPE2ME_CODE_FD"
+CODE_LOADER = ("import marshal,os,sys;"
+               "code=marshal.load(os.fdopen(int(os.environ.pop('PIPE2ME_CODE_FD')),'rb'));"
+               "del sys.argv[0];"
+               "exec(code,{'__name__':'__main__','__file__':sys.argv[0],'__cached__':'memfd'})")
+
+
+def run_from_compiled_code(environment=None):
+    """Re-execute this script from its compiled code (see above), with the
+    `environment` variables added. Returns only when that is done already,
+    not wanted (imported, run with -m) or not possible."""
+    script = globals()
+    path = script.get("__file__")
+    if (script.get("__name__") != "__main__" or script.get("__cached__") or not path
+            or not sys.executable or not hasattr(os, "memfd_create")):
+        return
+    try:
+        with open(path, "rb") as fh:
+            code = compile(fh.read(), path, "exec", dont_inherit=True)
+        fd = os.memfd_create("pipe2me-code", 0)
+    except (OSError, SyntaxError, ValueError):
+        return
+    try:
+        os.write(fd, marshal.dumps(code))
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.set_inheritable(fd, True)
+        flags = ["-W" + option for option in sys.warnoptions] + ["-O"] * sys.flags.optimize
+        for name, value in getattr(sys, "_xoptions", {}).items():
+            flags += ["-X", name if value is True else "%s=%s" % (name, value)]
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        environment = dict(environment or {}, **{CODE_FD_VARIABLE: str(fd)})
+        os.environ.update(environment)
+        os.execv(sys.executable, [sys.executable, "-S"] + flags + ["-c", CODE_LOADER, path]
+                 + sys.argv[1:])
+    except OSError:
+        for name in environment or ():
+            os.environ.pop(name, None)
+        os.close(fd)
+
+
 class EventLoop:
     """A selectors loop with timers and a thread-safe call_soon.
 
@@ -499,9 +582,11 @@ class EventLoop:
         # incoming bytes in `inbox`. They are shared because one thread runs
         # them all and no callback reads a Mux while another decodes: 512 KiB
         # per loop instead of per pod connection (and no heap churn per flap).
-        self.scratch = bytearray(WRITE_CHUNK_BYTES)
+        # Anonymous maps: a page costs memory only once written, where
+        # bytearray(n) writes all n bytes (an idle pod stays 0.5 MB smaller).
+        self.scratch = mmap.mmap(-1, WRITE_CHUNK_BYTES)
         self.scratch_view = memoryview(self.scratch)
-        self.inbox = bytearray(TLS_READ_BYTES)
+        self.inbox = mmap.mmap(-1, TLS_READ_BYTES)
         self.inbox_view = memoryview(self.inbox)
 
     def watch(self, sock, events, callback=None):
@@ -2870,6 +2955,7 @@ esac
 def cmd_start(args):
     files = PodFiles(args.dir)
     setup = read_setup(files)
+    run_from_compiled_code(hand_over_arguments(args))
     raise_open_file_limit()
     servers = start_echo_services(files, setup) if args.echo else []
     runner = PodRunner(files, setup)
@@ -2991,15 +3077,28 @@ def cmd_map_ports(args):
 # =====================================================================
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises UsageError, so main() prints one line, not the usage."""
+# argparse is imported where a parser is built, not at the top: `start`,
+# re-executed from compiled code, gets its parsed arguments handed over and
+# never builds one (argparse and the parser would be 1.4 MB of pod RSS).
+ARGS_VARIABLE = "PIPE2ME_ARGS"
 
-    def error(self, message):
-        raise UsageError("%s (see %s --help)" % (message, self.prog))
+
+def argument_parser_class():
+    import argparse
+
+    class ArgumentParser(argparse.ArgumentParser):
+        """argparse that raises UsageError, so main() prints one line, not the usage."""
+
+        def error(self, message):
+            raise UsageError("%s (see %s --help)" % (message, self.prog))
+
+    return ArgumentParser
 
 
 def add_global_options(parser, top_level):
     """--dir, -v, -q, --silent, -k; on subcommands they only override when given."""
+    import argparse
+
     def default(value):
         return value if top_level else argparse.SUPPRESS
     parser.add_argument("--dir", default=default(os.environ.get(DIR_ENV) or os.getcwd()),
@@ -3015,7 +3114,7 @@ def add_global_options(parser, top_level):
 
 
 def build_parser():
-    parser = ArgumentParser(
+    parser = argument_parser_class()(
         prog="pipe2me_pod.py", description="pipe2me pod: publish local TCP services "
         "through a pipe2me server.", epilog="Exit codes: 0 ok, 2 usage, 3 unavailable, "
         "4 rejected, 130 interrupted.")
@@ -3069,27 +3168,40 @@ def add_router_arguments(check, map_ports):
 def configure_logging(args):
     """Send the pod's logs to stderr at the level the flags ask for."""
     if args.silent:
-        level = logging.CRITICAL + 1
+        log.level = LOG_LEVELS["SILENT"]
     elif args.quiet:
-        level = logging.WARNING
+        log.level = LOG_LEVELS["WARNING"]
     elif args.verbose:
-        level = logging.DEBUG
+        log.level = LOG_LEVELS["DEBUG"]
     else:
-        level = logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    for old in list(log.handlers):
-        log.removeHandler(old)
-    log.addHandler(handler)
-    log.setLevel(level)
-    log.propagate = False
+        log.level = LOG_LEVELS["INFO"]
+
+
+HANDED_OVER_COMMANDS = {"start": cmd_start}  # the commands that call run_from_compiled_code()
+
+
+def hand_over_arguments(args):
+    """ARGS_VARIABLE's value for run_from_compiled_code(): the parsed `args`."""
+    values = {name: value for name, value in vars(args).items() if name != "func"}
+    return {ARGS_VARIABLE: json.dumps(values)}
+
+
+def handed_over_arguments():
+    """The arguments hand_over_arguments() passed to this process, or None."""
+    text = os.environ.pop(ARGS_VARIABLE, None)
+    if text is None:
+        return None
+    args = types.SimpleNamespace(**json.loads(text))
+    args.func = HANDED_OVER_COMMANDS[args.command]
+    return args
 
 
 def main(argv=None):
     """Run one command; return the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    args = handed_over_arguments()
     try:
-        args = build_parser().parse_args(argv)
+        args = args or build_parser().parse_args(argv)
     except UsageError as exc:
         if "--silent" not in argv:
             sys.stderr.write("pipe2me: %s\n" % exc)

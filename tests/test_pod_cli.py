@@ -451,6 +451,21 @@ def test_service_procd_respawns(pod_dir):
 # -- import has no side effects -----------------------------------------------------
 
 
-def test_cli_import_configures_no_logging():
+def test_cli_import_configures_no_logging(capsys):
     fresh = _load_pod()
-    assert fresh.log.handlers == []
+    fresh.log.info("not shown before the CLI sets the level")
+    assert capsys.readouterr().err == ""
+    fresh.log.warning("shown %s", "always")
+    assert capsys.readouterr().err.endswith(" WARNING pipe2me.pod shown always\n")
+
+
+def test_cli_start_process_holds_no_unneeded_modules():
+    """What `start` leaves out to stay small: logging, argparse (its arguments
+    are handed over), subprocess and shutil (openssl is not run)."""
+    code = ("import sys; sys.argv = [sys.argv[1]]; "
+            "exec(compile(open(sys.argv[0]).read(), sys.argv[0], 'exec'), {'__name__': 'pod'}); "
+            "print(' '.join(sorted(m for m in ('logging', 'argparse', 'subprocess', 'shutil') "
+            "if m in sys.modules)))")
+    done = subprocess.run([sys.executable, "-S", "-c", code, POD_SCRIPT], stdout=subprocess.PIPE,
+                          timeout=RUN_TIMEOUT_S, check=True)
+    assert done.stdout.decode().split() == []

@@ -26,7 +26,7 @@ import urllib.request
 
 import pytest
 
-from conftest import (echo_handler, connect, recv_to_eof, echo_round_trip, MiB, SERVER, Proc, ServerHandle, free_port, public_ports, run_pod,
+from conftest import (echo_handler, connect, recv_to_eof, echo_round_trip, MiB, POD, SERVER, Proc, ServerHandle, free_port, public_ports, run_pod,
                       setup_pod, start_pod, wait_until)
 
 BIG_BYTES = 100 * MiB
@@ -268,6 +268,26 @@ def test_tunnel_echo_through_public_port_and_fronts(hub, echo_pod):
     # The API stays on the bare address of the same front.
     config = json.loads(curl_ok("http://127.0.0.1:%d/config" % hub.http))
     assert config["https_port"] == hub.https
+
+
+def test_tunnel_server_and_start_run_from_compiled_code_with_their_arguments(hub, echo_pod):
+    """Both long-running processes re-executed themselves once from compiled
+    code under -S, keeping their PID (the one the test started) and their
+    arguments: the pod's --echo services answer."""
+    pod_dir, _fqdn, ports, proc = echo_pod
+    for process, script, args in ((hub.proc, SERVER, hub.argv()[2:]),
+                                  (proc, POD, ["--dir", pod_dir, "start", "--echo"])):
+        with open("/proc/%d/cmdline" % process.pid, "rb") as fh:
+            argv = fh.read().decode().split("\0")[:-1]
+        assert argv[1:3] == ["-S", "-c"] and "marshal.load" in argv[3], argv
+        assert argv[4:] == [script] + args
+    assert echo_round_trip(ports["tcp"], b"compiled\n") == b"compiled\n"
+
+
+def test_tunnel_run_from_compiled_code_does_nothing_when_imported(server_mod, pod_mod):
+    for module in (server_mod, pod_mod):
+        assert module.run_from_compiled_code({"PIPE2ME_TEST_VARIABLE": "1"}) is None
+        assert "PIPE2ME_TEST_VARIABLE" not in os.environ
 
 
 def test_tunnel_https_front_shows_the_pods_own_certificate(hub, echo_pod):
