@@ -744,13 +744,15 @@ class Stream:
         if self.connecting:
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
-                self.mux.log.warning("local service unavailable stream=%d error=%s",
-                                     self.id, os.strerror(err))
-                return self.abort("local connect failed: %s" % os.strerror(err))
+                return self.local_connect_failed(os.strerror(err))
             self.connecting = False
         self.flush_pending()
         if not self.closed:
             self.update_interest()
+
+    def local_connect_failed(self, reason):
+        self.mux.log.warning("local service unavailable stream=%d error=%s", self.id, reason)
+        return self.abort("local connect failed: %s" % reason)
 
     def on_data(self, payload):
         """A piece of DATA (a view valid only now): write it, or keep a copy."""
@@ -760,15 +762,20 @@ class Stream:
         if self.peer_eof:
             raise ProtocolError("stream %d: data after EOF" % self.id)
         self.last_active = time.monotonic()
-        if self.pending or self.connecting:
+        if self.pending:
             self.keep(payload)
             return
-        try:
+        try:  # even while connecting: a loopback connect is done by now, send says if not
             sent = self.sock.send(payload)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except SOCKET_GONE as exc:
+            if self.connecting:
+                return self.local_connect_failed(exc.strerror or str(exc))
             return self.abort("local write failed: %s" % exc)
+        if sent and self.connecting:
+            self.connecting = False
+            self.update_interest()
         self.count_delivered(sent)
         if sent < len(payload):
             self.keep(payload[sent:])
@@ -887,13 +894,17 @@ class Mux:
 
     # -- sending -------------------------------------------------------
     def send(self, msg, stream, payload=b""):
+        self.queue(msg, stream, payload)
+        self.flush()
+
+    def queue(self, msg, stream, payload=b""):
+        """Add a frame to `out`; the next send or flush writes it."""
         if self.closed:
             return
         self.out += FRAME_HEADER.pack(msg, stream, len(payload))
         self.out += payload
         if len(self.out) > MUX_HIGH_WATER_BYTES:
             self.congested = True
-        self.flush()
 
     def send_view(self, view):
         """Send a whole frame from a view; only what the socket refuses is copied."""
@@ -1035,10 +1046,16 @@ class Mux:
 
     # -- streams -------------------------------------------------------
     def open_stream(self, sock, port):
-        """Server side: carry a new consumer socket to the pod's `port` service."""
+        """Server side: carry a new consumer socket to the pod's `port` service.
+        What the consumer sent with its connect goes in the OPEN's TLS record,
+        so the pod connects and writes in one wake-up."""
         self.highest_stream += 1
-        self.send(Msg.OPEN, self.highest_stream, U16.pack(port))
-        return self.add_stream(self.highest_stream, sock)
+        self.queue(Msg.OPEN, self.highest_stream, U16.pack(port))
+        stream = self.add_stream(self.highest_stream, sock)
+        stream.on_readable()
+        if self.out:
+            self.flush()
+        return stream
 
     def add_stream(self, stream_id, sock, connecting=False):
         sock.setblocking(False)

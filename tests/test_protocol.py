@@ -332,7 +332,7 @@ RECEIVERS = {  # functions through which frames from the peer pass, per side
     SERVER: ("Mux.dispatch", "Mux.on_frame_0", "PodSession.on_control", "PodGate.greet"),
     POD: ("Mux.dispatch", "Mux.on_frame_0", "PodMux.on_control", "PodRunner.read_answer"),
 }
-SENDING_CALLS = {"send", "send_control", "encode_frame", "encode_control", "pack_into"}
+SENDING_CALLS = {"send", "queue", "send_control", "encode_frame", "encode_control", "pack_into"}
 
 
 def _functions(path):
