@@ -623,7 +623,8 @@ def run_from_compiled_code(environment=None):
     except (OSError, SyntaxError, ValueError):
         return
     try:
-        os.write(fd, marshal.dumps(code))
+        with open(fd, "wb", closefd=False) as fh:
+            marshal.dump(code, fh)
         os.lseek(fd, 0, os.SEEK_SET)
         os.set_inheritable(fd, True)
         flags = ["-W" + option for option in sys.warnoptions] + ["-O"] * sys.flags.optimize
