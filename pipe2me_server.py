@@ -610,10 +610,12 @@ CODE_LOADER = ("import marshal,os,sys;"
 def run_from_compiled_code(environment=None):
     """Re-execute this script from its compiled code (see above), with the
     `environment` variables added. Returns only when that is done already,
-    not wanted (imported, run with -m) or not possible."""
+    not wanted (imported, run with -m, under a debugger, profiler or
+    coverage tool) or not possible."""
     script = globals()
     path = script.get("__file__")
     if (script.get("__name__") != "__main__" or script.get("__cached__") or not path
+            or sys.gettrace() or sys.getprofile()
             or not sys.executable or not hasattr(os, "memfd_create")):
         return
     try:

@@ -459,6 +459,32 @@ def test_cli_import_configures_no_logging(capsys):
     assert capsys.readouterr().err.endswith(" WARNING pipe2me.pod shown always\n")
 
 
+RUN_AS_MAIN = """
+import os, sys
+script = sys.argv[1]
+del sys.argv[1]
+module = {"__name__": "loaded", "__file__": script}
+exec(compile(open(script).read(), script, "exec"), module)
+module["__name__"] = "__main__"
+if os.environ.get("TRACED"):
+    sys.settrace(lambda *args: None)
+module["run_from_compiled_code"]()
+print("not re-executed")
+"""
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_cli_run_from_compiled_code_re_executes_unless_traced(traced):
+    """The script as __main__ re-executes (here into `--help`); under a
+    debugger, profiler or coverage tool (a trace function) it runs on."""
+    env = dict(os.environ, TRACED="1" if traced else "")
+    done = subprocess.run([sys.executable, "-c", RUN_AS_MAIN, POD_SCRIPT, "--help"], env=env,
+                          stdout=subprocess.PIPE, timeout=RUN_TIMEOUT_S, check=True)
+    out = done.stdout.decode()
+    assert ("not re-executed" in out) == traced, out
+    assert ("usage: pipe2me_pod.py" in out) == (not traced), out
+
+
 def test_cli_start_process_holds_no_unneeded_modules():
     """What `start` leaves out to stay small: logging, argparse (its arguments
     are handed over), subprocess and shutil (openssl is not run)."""
