@@ -49,10 +49,15 @@ REQUIRED_TOOLS = ("ip", "nft", "miniupnpd")
 STUN_MAGIC_COOKIE = 0x2112A442
 
 # Listens on port 0, prints the port, then answers every connection with
-# "<banner> <peer address>\n" until its deadline.
+# "<banner> <peer address>\n" until its deadline; over TLS when given a
+# certificate and key.
 BANNER_SERVER_SCRIPT = r"""
-import socket, sys, time
+import socket, ssl, sys, time
 banner, deadline = sys.argv[1].encode(), time.monotonic() + float(sys.argv[2])
+context = None
+if len(sys.argv) > 5:  # certificate and key: answer over TLS
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(sys.argv[4], sys.argv[5])
 srv = socket.socket()
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind(("0.0.0.0", int(sys.argv[3])))
@@ -64,8 +69,12 @@ while time.monotonic() < deadline:
         conn, peer = srv.accept()
     except socket.timeout:
         break
-    with conn:
-        conn.sendall(banner + b" " + peer[0].encode() + b"\n")
+    conn.settimeout(5)
+    try:
+        with context.wrap_socket(conn, server_side=True) if context else conn as out:
+            out.sendall(banner + b" " + peer[0].encode() + b"\n")
+    except OSError:
+        conn.close()
 """
 
 # Connects, reads until EOF (or timeout, at most 64 KiB), prints "OK <data>"
@@ -343,13 +352,14 @@ table inet filter {
                                % (argv[0], role, timeout_s, err.strip()[-500:])) from None
         return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
-    def start_banner_server(self, role, banner, port=0, max_s=None):
-        """Start a TCP server in `role` answering "<banner> <peer ip>\\n".
+    def start_banner_server(self, role, banner, port=0, max_s=None, tls=None):
+        """Start a TCP server in `role` answering "<banner> <peer ip>\\n", over
+        TLS when `tls` is (certificate file, key file).
 
         Returns (port, Popen); the server stops by itself after `max_s`.
         """
         proc = self.run_in(role, [sys.executable, "-c", BANNER_SERVER_SCRIPT, banner,
-                                  str(max_s or self.HELPER_MAX_S), str(port)],
+                                  str(max_s or self.HELPER_MAX_S), str(port)] + list(tls or ()),
                            stdout=subprocess.PIPE, universal_newlines=True)
         line = _read_line(proc, self.READY_TIMEOUT_S)
         if not line or not line.strip().isdigit():

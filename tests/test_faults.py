@@ -1118,22 +1118,29 @@ def test_faults_server_sigterm_refuses_new_lets_streams_finish_exits_0(workdir, 
         listeners = (port, server.http, server.https, server.tunnel)
         wait_until(lambda: all(refused(p) for p in listeners), timeout=1.0,
                    what="every listener refusing new connections")
-        refused_after = time.monotonic() - termed_at
-        code, took = wait_exit(server.proc, SERVER_GRACE_S + EXIT_SLACK_S + 1)
-        short.thread.join(5)
-        long.thread.join(5)
-        print("\nserver SIGTERM: listeners refused after %.3f s; ~1 s stream ended %s after "
-              "%.2f s; endless stream ended %s after %.2f s; exit %d after %.2f s (grace %d s)"
-              % (refused_after, short.result[2], short.result[3] - termed_at, long.result[2],
-                 long.result[3] - termed_at, code, took, SERVER_GRACE_S))
-        assert short.result[:3] == short_stream_expected()
-        assert long.result[2] in ("eof", "reset")
-        assert SERVER_GRACE_S - 0.5 <= long.result[3] - termed_at <= SERVER_GRACE_S + EXIT_SLACK_S
-        assert code == 0 and took <= SERVER_GRACE_S + EXIT_SLACK_S
-        assert "Traceback" not in server.proc.stderr()
+        check_graceful_stop("server", server.proc, SERVER_GRACE_S, termed_at,
+                            time.monotonic() - termed_at, short, long)
     finally:
         if server.proc.alive():
             server.proc.stop(signal.SIGKILL)
+
+
+def check_graceful_stop(what, proc, grace_s, termed_at, refused_after, short, long):
+    """After SIGTERM at `termed_at` (new connections refused `refused_after`
+    it): the ~1 s stream ended complete, the endless one was cut at the
+    grace, and the process exited 0 within it, with no traceback."""
+    code, took = wait_exit(proc, grace_s + EXIT_SLACK_S + 1)
+    short.thread.join(5)
+    long.thread.join(5)
+    print("\n%s SIGTERM: new connections refused after %.3f s; ~1 s stream ended %s after "
+          "%.2f s; endless stream ended %s after %.2f s; exit %d after %.2f s (grace %d s)"
+          % (what, refused_after, short.result[2], short.result[3] - termed_at, long.result[2],
+             long.result[3] - termed_at, code, took, grace_s))
+    assert short.result[:3] == short_stream_expected()
+    assert long.result[2] in ("eof", "reset")
+    assert grace_s - 0.5 <= long.result[3] - termed_at <= grace_s + EXIT_SLACK_S
+    assert code == 0 and took <= grace_s + EXIT_SLACK_S
+    assert "Traceback" not in proc.stderr()
 
 
 @pytest.mark.slow
@@ -1151,19 +1158,8 @@ def test_faults_pod_sigterm_refuses_new_lets_streams_finish_exits_0(server, work
     server.proc.wait_for(r"pod going away tunnel=", after=seen, timeout=2)
     with connect(port) as late:                     # new consumers are closed at once
         assert end_of(late, 1.0) in ("eof", "reset")
-    refused_after = time.monotonic() - termed_at
-    code, took = wait_exit(pod, POD_GRACE_S + EXIT_SLACK_S + 1)
-    short.thread.join(5)
-    long.thread.join(5)
-    print("\npod SIGTERM: new consumer closed within %.3f s; ~1 s stream ended %s after %.2f s; "
-          "endless stream ended %s after %.2f s; exit %d after %.2f s (grace %d s)"
-          % (refused_after, short.result[2], short.result[3] - termed_at, long.result[2],
-             long.result[3] - termed_at, code, took, POD_GRACE_S))
-    assert short.result[:3] == short_stream_expected()
-    assert long.result[2] in ("eof", "reset")
-    assert POD_GRACE_S - 0.5 <= long.result[3] - termed_at <= POD_GRACE_S + EXIT_SLACK_S
-    assert code == 0 and took <= POD_GRACE_S + EXIT_SLACK_S
-    assert "Traceback" not in pod.stderr()
+    check_graceful_stop("pod", pod, POD_GRACE_S, termed_at, time.monotonic() - termed_at,
+                        short, long)
 
 
 def pending_connection(listener):

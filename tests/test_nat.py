@@ -20,7 +20,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 
@@ -46,30 +45,6 @@ def find_python38():
 
 POD_PYTHON = find_python38() or sys.executable  # the pod must run on Python 3.8
 
-# A TLS service with the pod's own certificate: "tls-service <peer>\n" per connection.
-TLS_SERVICE = r"""
-import socket, ssl, sys, time
-context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-context.load_cert_chain(sys.argv[1], sys.argv[2])
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("0.0.0.0", int(sys.argv[3])))
-srv.listen(16)
-print(srv.getsockname()[1], flush=True)
-deadline = time.monotonic() + float(sys.argv[4])
-while time.monotonic() < deadline:
-    srv.settimeout(max(deadline - time.monotonic(), 0.01))
-    try:
-        conn, peer = srv.accept()
-    except socket.timeout:
-        break
-    conn.settimeout(5)
-    try:
-        with context.wrap_socket(conn, server_side=True) as tls:
-            tls.sendall(b"tls-service " + peer[0].encode() + b"\n")
-    except OSError:
-        conn.close()
-"""
 
 FETCH = r"""
 import sys, urllib.request
@@ -150,12 +125,10 @@ class Home:
         self.tcp_port = int(env["PIPE2ME_URLS_0"].rsplit(":", 1)[1])
         self.https_port = int(env["PIPE2ME_URLS_1"].rsplit(":", 1)[1])
         self.nat.start_banner_server("lan", "tcp-service", port=self.tcp_port, max_s=SERVICE_MAX_S)
-        proc = self.nat.run_in("lan", [sys.executable, "-c", TLS_SERVICE,
-                                       os.path.join(self.pod_dir, "pipe2me.openssl.cert"),
-                                       os.path.join(self.pod_dir, "pipe2me.openssl.priv"),
-                                       str(self.https_port), str(SERVICE_MAX_S)],
-                               stdout=subprocess.PIPE, universal_newlines=True)
-        assert nat_testbed._read_line(proc, 15), "TLS service did not start"
+        self.nat.start_banner_server(  # TLS with the pod's own certificate
+            "lan", "tls-service", port=self.https_port, max_s=SERVICE_MAX_S,
+            tls=(os.path.join(self.pod_dir, "pipe2me.openssl.cert"),
+                 os.path.join(self.pod_dir, "pipe2me.openssl.priv")))
 
     def start_pod(self, name="pod"):
         self.pod = NsProc(self.nat, "lan", [POD_PYTHON, POD, "--dir", self.pod_dir, "start"],
