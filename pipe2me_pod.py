@@ -640,8 +640,13 @@ class EventLoop:
             timeout = 0
         elif self.timers:
             timeout = max(0.0, self.timers[0][0] - time.monotonic())
+        interest = self.interest
         for key, mask in self.selector.select(timeout):
-            key.data(mask)
+            # An earlier callback of this batch may have closed or re-watched
+            # the socket: deliver only what is still asked for, to its callback.
+            current = interest.get(key.fileobj)
+            if current is not None and mask & current[0]:
+                current[1](mask & current[0])
         while self.soon:
             self.soon.popleft()()
         now = time.monotonic()

@@ -721,8 +721,13 @@ class EventLoop:
             timeout = 0
         elif self.timers:
             timeout = max(0.0, self.timers[0][0] - time.monotonic())
+        interest = self.interest
         for key, mask in self.selector.select(timeout):
-            key.data(mask)
+            # An earlier callback of this batch may have closed or re-watched
+            # the socket: deliver only what is still asked for, to its callback.
+            current = interest.get(key.fileobj)
+            if current is not None and mask & current[0]:
+                current[1](mask & current[0])
         while self.soon:
             self.soon.popleft()()
         now = time.monotonic()
@@ -3913,6 +3918,22 @@ class DnsServer:
 
 # ---- builtin provider: the responder fed from the store --------------------
 
+class LoopSelector:
+    """The selector calls DnsServer makes, routed through EventLoop.watch so
+    the server's loop knows (and guards) every socket it serves."""
+
+    def __init__(self, loop):
+        self.loop = loop
+
+    def register(self, sock, events, callback):
+        self.loop.watch(sock, events, callback)
+
+    modify = register
+
+    def unregister(self, sock):
+        self.loop.watch(sock, 0)
+
+
 class BuiltinDns:
     """The DnsZone of TUNNEL_DOMAIN and its DnsServer on DNS_PORT, answering
     every online tunnel from the store. Lives in the loop thread: refresh()
@@ -4569,7 +4590,7 @@ class Server:
             s, self.store, record, address, body)
         if s.dns_port is not None:
             self.dns = BuiltinDns(s, self.store)
-            self.dns.start(self.loop.selector)
+            self.dns.start(LoopSelector(self.loop))
         elif s.dynamic_dns_service == "builtin":
             log.warning("DYNAMIC_DNS_SERVICE=builtin without DNS_PORT: nothing answers DNS")
         if s.dynamic_dns_service and not server_addresses(s):

@@ -230,6 +230,36 @@ def test_protocol_oversized_frame_refused(server_mod):
         list(decoder.frames(header))
 
 
+@pytest.mark.parametrize("side", ["server", "pod"])
+def test_protocol_loop_drops_events_of_a_socket_closed_earlier_in_the_batch(server_mod, pod_mod, side):
+    """Two sockets ready in one select(): whichever callback runs first closes
+    the other (as a stream's abort does when DATA meets a refused connect).
+    The closed socket's callback must not run on its dead descriptor."""
+    mod = server_mod if side == "server" else pod_mod
+    loop = mod.EventLoop()
+    pairs = [socket.socketpair() for _ in range(2)]
+    called = []
+
+    def callback_of(mine, other):
+        def on_event(mask):
+            called.append(mine)
+            loop.watch(other, 0)
+            other.close()
+            mine.recv(1)
+        return on_event
+    a, b = pairs[0][0], pairs[1][0]
+    loop.watch(a, mod.EVENT_READ, callback_of(a, b))
+    loop.watch(b, mod.EVENT_READ, callback_of(b, a))
+    for _near, far in pairs:
+        far.send(b"x")
+    loop.call_later(0, lambda: None)
+    loop.run_once()
+    assert len(called) == 1
+    for near, far in pairs:
+        near.close()
+        far.close()
+
+
 class Pair:
     """Two Muxes connected by a socketpair, streams to local socketpairs."""
 
