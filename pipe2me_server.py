@@ -1288,6 +1288,36 @@ STATE_VERSION = 1
 TUNNEL_ID = re.compile(r"[0-9a-f]{16}")
 
 
+def ephemeral_port_range(path="/proc/sys/net/ipv4/ip_local_port_range"):
+    """The kernel's range for outgoing connections' local ports, or None."""
+    try:
+        with open(path) as f:
+            first, last = (int(v) for v in f.read().split())
+    except (OSError, ValueError):
+        return None
+    return range(first, last + 1)
+
+
+def warn_if_ports_meet_ephemeral_range(ports):
+    ephemeral = ephemeral_port_range()
+    if ephemeral and ports[0] <= ephemeral[-1] and ephemeral[0] <= ports[-1]:
+        log.warning("TUNNEL_PORTS %d..%d meets the kernel's ephemeral ports %d..%d: an outgoing "
+                    "connection can hold a public port for a while (net.ipv4.ip_local_port_range)",
+                    ports[0], ports[-1], ephemeral[0], ephemeral[-1])
+
+
+def port_can_listen(address, port):
+    """Whether a public listener could bind (address, port) right now."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
 class Store:
     """Tunnel records, one JSON file each, written atomically.
 
@@ -1420,11 +1450,18 @@ class Store:
         self.used_tokens = used
 
     def free_ports(self, count, now):
+        """The first `count` ports of TUNNEL_PORTS that no tunnel holds and no
+        other socket on this machine has bound (a listener of another program,
+        or an outgoing connection's local port when the range meets the
+        kernel's ephemeral range)."""
         taken = self.taken_ports(now)
-        free = [p for p in self.settings.tunnel_ports if p not in taken]
-        if len(free) < count:
-            raise Unavailable("no free public ports left in TUNNEL_PORTS")
-        return free[:count]
+        free = []
+        for port in self.settings.tunnel_ports:
+            if port not in taken and port_can_listen(self.settings.listen_address, port):
+                free.append(port)
+                if len(free) == count:
+                    return free
+        raise Unavailable("no free public ports left in TUNNEL_PORTS")
 
     def new_id(self):
         while True:
@@ -2698,6 +2735,7 @@ class PodGate:
 
 ACCEPT_BATCH = 64
 ACCEPT_PAUSE_S = 0.5  # after EMFILE: stop accepting briefly instead of spinning
+PUBLIC_PORT_RETRY_S = 2.0  # a public port held by another socket is tried again
 
 
 class Listener:
@@ -4388,6 +4426,8 @@ class Hub:
         self.loop, self.settings, self.store = loop, settings, store
         self.sessions = {}
         self.listeners = {}  # port -> (tunnel id, Listener)
+        self.unbound = set()  # wanted ports another socket holds; retried by timer
+        self.retry_armed = False
         self.accepting = True
 
     def attach(self, record, tls, peer, welcome):
@@ -4427,8 +4467,8 @@ class Hub:
             return sock.close()
         session.open_stream(sock, port)
 
-    def sync(self, _tunnel_id=None):
-        """Make listeners and sessions match the store (after any change)."""
+    def online_tunnels(self):
+        """{port: tunnel id} that should be listening, and the set of online ids."""
         now = time.time()
         wanted, online = {}, set()
         for record in self.store.all():
@@ -4436,6 +4476,12 @@ class Hub:
                 online.add(record["id"])  # draining closes listeners, not sessions
                 if self.accepting:
                     wanted.update({port: record["id"] for port in record["ports"]})
+        return wanted, online
+
+    def sync(self, _tunnel_id=None):
+        """Make listeners and sessions match the store (after any change)."""
+        wanted, online = self.online_tunnels()
+        self.unbound.intersection_update(wanted)
         for port, (tunnel_id, listener) in list(self.listeners.items()):
             if wanted.get(port) != tunnel_id:
                 listener.close()
@@ -4447,13 +4493,29 @@ class Hub:
             self.sessions[tunnel_id].destroy("tunnel expired or deleted")
 
     def listen(self, port, tunnel_id):
+        """Open the public listener; a port some other socket holds is tried
+        again every PUBLIC_PORT_RETRY_S until it is free or no longer wanted."""
         try:
             sock = bind_listener(self.settings.listen_address, port)
         except Unavailable as exc:
-            log.error("public port unavailable tunnel=%s error=%s", tunnel_id, exc)
+            if port not in self.unbound:
+                log.error("public port unavailable, retrying every %gs tunnel=%s error=%s",
+                          PUBLIC_PORT_RETRY_S, tunnel_id, exc)
+            self.unbound.add(port)
+            if not self.retry_armed:
+                self.retry_armed = True
+                self.loop.call_later(PUBLIC_PORT_RETRY_S, self.retry_unbound)
             return
+        if port in self.unbound:
+            self.unbound.discard(port)
+            log.info("public port listening tunnel=%s port=%d", tunnel_id, port)
         on_accept = lambda conn, address: self.open_stream(tunnel_id, port, conn, address)
         self.listeners[port] = (tunnel_id, Listener(self.loop, sock, on_accept, "port %d" % port))
+
+    def retry_unbound(self):
+        self.retry_armed = False
+        if self.unbound:
+            self.sync()
 
     def enforce_traffic_caps(self):
         """Close sessions whose tunnel used up its token's max_traffic."""
@@ -4570,6 +4632,7 @@ class Server:
                     os.unlink(self.settings.tokens_file)
             raise
         self.store.on_change = self.on_store_change
+        warn_if_ports_meet_ephemeral_range(self.settings.tunnel_ports)
         self.hub.sync()
         self.api.metrics = self.metrics_text
         self.api.status_lines = self.status_lines

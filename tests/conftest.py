@@ -47,11 +47,26 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def ports_outside_ephemeral_range():
+    """(low, high) for public port ranges: below the kernel's ephemeral
+    ports, where no outgoing connection of another test can take one."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            first, last = (int(v) for v in f.read().split())
+    except (OSError, ValueError):
+        first, last = 32768, 60999
+    if first - 20000 >= 2000:
+        return 20000, first
+    return last + 1, 65536
+
+
 def free_port_range(count, attempts=50):
-    """A run of `count` consecutive ports that are free right now."""
+    """A run of `count` consecutive ports that are free right now, outside
+    the ephemeral range."""
     rng = random.Random()
+    low, high = ports_outside_ephemeral_range()
     for _ in range(attempts):
-        base = rng.randrange(20000, 60000 - count)
+        base = rng.randrange(low, high - count)
         socks = []
         try:
             for port in range(base, base + count):

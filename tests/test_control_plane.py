@@ -857,6 +857,20 @@ def test_config_bad_tunnel_ports_refused_with_file_and_line(workdir, value):
     assert "%s:2" % path in lines[0] and "TUNNEL_PORTS" in lines[0], lines[0]
 
 
+def test_config_tunnel_ports_in_the_ephemeral_range_warned_once_at_start(workdir):
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        first, last = (int(v) for v in f.read().split())
+    inside = Server(os.path.join(workdir, "a"), ports=range(first, first + 10))
+    outside = Server(os.path.join(workdir, "b"), ports=free_port_range(10))
+    try:
+        warned = [l for l in inside.proc.stderr().splitlines() if "ephemeral ports" in l]
+        assert len(warned) == 1 and "%d..%d" % (first, last) in warned[0], inside.proc.stderr()
+        assert "ephemeral ports" not in outside.proc.stderr()
+    finally:
+        inside.stop_clean()
+        outside.stop_clean()
+
+
 def test_config_bad_flag_refused_naming_the_flag(workdir):
     code, err, _ = start_fails(workdir, ["--tunnel-ports", "1...1"])
     assert code == 2

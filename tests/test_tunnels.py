@@ -508,6 +508,62 @@ def test_tunnel_pod_back_after_server_killed_and_restarted(server, workdir, pods
     assert echo_round_trip(port) == b"ping through pipe2me\n"
 
 
+class HeldLikeAnOutgoingConnection:
+    """A connected socket whose local port is `port`, bound the way the kernel
+    binds an outgoing connection (no SO_REUSEADDR), so no listener can take
+    the port. release() closes the far end first: the held side then leaves
+    no TIME_WAIT on the port."""
+
+    def __init__(self, port):
+        self.far = socket.create_server(("127.0.0.1", 0))
+        self.near = socket.socket()
+        self.near.bind(("127.0.0.1", port))
+        self.near.connect(self.far.getsockname())
+        self.accepted, _ = self.far.accept()
+
+    def release(self):
+        self.accepted.close()
+        self.near.settimeout(5)
+        assert self.near.recv(1) == b""
+        self.near.close()
+        self.far.close()
+
+
+def test_tunnel_setup_skips_a_public_port_another_socket_holds(server, workdir, pods):
+    first = server.tunnel_ports[0]
+    held = HeldLikeAnOutgoingConnection(first)
+    try:
+        pod_dir = os.path.join(workdir, "pod")
+        setup_pod(server, pod_dir, "tcp", [free_port()])
+        port = public_ports(pod_dir)[0]
+        assert port != first and port in server.tunnel_ports
+        pods(pod_dir, "--echo")
+        assert echo_round_trip(port) == b"ping through pipe2me\n"
+    finally:
+        held.release()
+
+
+@pytest.mark.slow
+def test_tunnel_public_port_held_at_restart_listens_once_freed(server, workdir, pods):
+    pod_dir = os.path.join(workdir, "pod")
+    setup_pod(server, pod_dir, "tcp", [free_port()])
+    port = public_ports(pod_dir)[0]
+    pod = pods(pod_dir, "--echo")
+    assert echo_round_trip(port) == b"ping through pipe2me\n"
+    server.proc.stop(signal.SIGKILL)
+    held = HeldLikeAnOutgoingConnection(port)
+    try:
+        seen = len(pod.stderr())
+        server.start(fixed_ports=True)
+        server.proc.wait_for(r"public port unavailable, retrying every \S+ tunnel=\S+ "
+                             r"error=cannot listen on 127.0.0.1 port %d" % port)
+        pod.wait_for(r"tunnel up", after=seen)
+    finally:
+        held.release()
+    server.proc.wait_for(r"public port listening tunnel=\S+ port=%d" % port, timeout=10)
+    assert echo_round_trip(port) == b"ping through pipe2me\n"
+
+
 @pytest.mark.slow
 def test_tunnel_frozen_pod_replaced_at_once_and_declared_dead(server, workdir, pods, services):
     echo = services(echo_handler)
