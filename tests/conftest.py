@@ -47,14 +47,17 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def ephemeral_ports():
+    """(first, last) of the kernel's local ports for outgoing connections."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        first, last = (int(v) for v in f.read().split())
+    return first, last
+
+
 def ports_outside_ephemeral_range():
     """(low, high) for public port ranges: below the kernel's ephemeral
     ports, where no outgoing connection of another test can take one."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            first, last = (int(v) for v in f.read().split())
-    except (OSError, ValueError):
-        first, last = 32768, 60999
+    first, last = ephemeral_ports()
     if first - 20000 >= 2000:
         return 20000, first
     return last + 1, 65536

@@ -26,7 +26,7 @@ import urllib.request
 
 import pytest
 
-from conftest import (clean_env, CONFIG_KEY_NAMES, POD, SERVER, Proc, ServerHandle, free_port_range,
+from conftest import (clean_env, CONFIG_KEY_NAMES, POD, SERVER, Proc, ServerHandle, ephemeral_ports, free_port_range,
                       wait_until)
 
 DOMAIN = "pipe2.localhost"
@@ -858,8 +858,7 @@ def test_config_bad_tunnel_ports_refused_with_file_and_line(workdir, value):
 
 
 def test_config_tunnel_ports_in_the_ephemeral_range_warned_once_at_start(workdir):
-    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-        first, last = (int(v) for v in f.read().split())
+    first, last = ephemeral_ports()
     inside = Server(os.path.join(workdir, "a"), ports=range(first, first + 10))
     outside = Server(os.path.join(workdir, "b"), ports=free_port_range(10))
     try:
