@@ -4967,7 +4967,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
     flags = {key: getattr(args, key) for key in CONFIG_KEYS}
     try:
         settings = load_settings(args.config, flags)

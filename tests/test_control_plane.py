@@ -864,7 +864,9 @@ def test_config_tunnel_ports_in_the_ephemeral_range_warned_once_at_start(workdir
     try:
         warned = [l for l in inside.proc.stderr().splitlines() if "ephemeral ports" in l]
         assert len(warned) == 1 and "%d..%d" % (first, last) in warned[0], inside.proc.stderr()
+        assert " WARNING pipe2me.server TUNNEL_PORTS " in warned[0]  # the pod's line format
         assert "ephemeral ports" not in outside.proc.stderr()
+        assert re.search(r"^\S+ \S+ INFO pipe2me.server ready ", outside.proc.stderr(), re.M)
     finally:
         inside.stop_clean()
         outside.stop_clean()
