@@ -41,12 +41,6 @@ def pod_mod():
     return load_script(POD, "pipe2me_pod")
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def ephemeral_ports():
     """(first, last) of the kernel's local ports for outgoing connections."""
     with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
@@ -55,12 +49,28 @@ def ephemeral_ports():
 
 
 def ports_outside_ephemeral_range():
-    """(low, high) for public port ranges: below the kernel's ephemeral
-    ports, where no outgoing connection of another test can take one."""
+    """(low, high) for the ports tests choose: below the kernel's ephemeral
+    ports, where no outgoing connection can take one before it is bound."""
     first, last = ephemeral_ports()
     if first - 20000 >= 2000:
         return 20000, first
     return last + 1, 65536
+
+
+def free_port(attempts=200):
+    """A port free right now, outside the ephemeral range: no outgoing
+    connection can take it before the test binds it."""
+    rng = random.Random()
+    low, high = ports_outside_ephemeral_range()
+    for _ in range(attempts):
+        port = rng.randrange(low, high)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found in %d..%d" % (low, high - 1))
 
 
 def free_port_range(count, attempts=50):
