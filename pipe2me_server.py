@@ -1306,18 +1306,6 @@ def warn_if_ports_meet_ephemeral_range(ports):
                     ports[0], ports[-1], ephemeral[0], ephemeral[-1])
 
 
-def port_can_listen(address, port):
-    """Whether a public listener could bind (address, port) right now."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((address, port))
-        except OSError:
-            return False
-    return True
-
-
 class Store:
     """Tunnel records, one JSON file each, written atomically.
 
@@ -2735,7 +2723,6 @@ class PodGate:
 
 ACCEPT_BATCH = 64
 ACCEPT_PAUSE_S = 0.5  # after EMFILE: stop accepting briefly instead of spinning
-PUBLIC_PORT_RETRY_S = 2.0  # a public port held by another socket is tried again
 
 
 class Listener:
@@ -2788,19 +2775,29 @@ class Listener:
             self.sock.close()
 
 
-def bind_listener(address, port, kind=socket.SOCK_STREAM):
-    """A bound (and for TCP listening) socket; Unavailable naming the port if taken."""
+def bind_listener(address, port, kind=socket.SOCK_STREAM, listen=True):
+    """A bound (and for TCP, unless told not to, listening) socket;
+    Unavailable naming the port if taken."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, kind)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((address, port))
-        if kind == socket.SOCK_STREAM:
+        if kind == socket.SOCK_STREAM and listen:
             sock.listen(1024)
     except OSError as exc:
         sock.close()
         raise Unavailable("cannot listen on %s port %d: %s" % (address, port, exc.strerror)) from None
     return sock
+
+
+def port_can_listen(address, port):
+    """Whether a public listener could bind (address, port) right now."""
+    try:
+        bind_listener(address, port, listen=False).close()
+    except Unavailable:
+        return False
+    return True
 
 
 class Sniffer:
@@ -4426,8 +4423,7 @@ class Hub:
         self.loop, self.settings, self.store = loop, settings, store
         self.sessions = {}
         self.listeners = {}  # port -> (tunnel id, Listener)
-        self.unbound = set()  # wanted ports another socket holds; retried by timer
-        self.retry_armed = False
+        self.unbound = set()  # wanted ports another socket holds; expire() retries them
         self.accepting = True
 
     def attach(self, record, tls, peer, welcome):
@@ -4467,8 +4463,8 @@ class Hub:
             return sock.close()
         session.open_stream(sock, port)
 
-    def online_tunnels(self):
-        """{port: tunnel id} that should be listening, and the set of online ids."""
+    def sync(self, _tunnel_id=None):
+        """Make listeners and sessions match the store (after any change)."""
         now = time.time()
         wanted, online = {}, set()
         for record in self.store.all():
@@ -4476,11 +4472,6 @@ class Hub:
                 online.add(record["id"])  # draining closes listeners, not sessions
                 if self.accepting:
                     wanted.update({port: record["id"] for port in record["ports"]})
-        return wanted, online
-
-    def sync(self, _tunnel_id=None):
-        """Make listeners and sessions match the store (after any change)."""
-        wanted, online = self.online_tunnels()
         self.unbound.intersection_update(wanted)
         for port, (tunnel_id, listener) in list(self.listeners.items()):
             if wanted.get(port) != tunnel_id:
@@ -4494,28 +4485,20 @@ class Hub:
 
     def listen(self, port, tunnel_id):
         """Open the public listener; a port some other socket holds is tried
-        again every PUBLIC_PORT_RETRY_S until it is free or no longer wanted."""
+        again by expire(), once a second, until it is free or no longer wanted."""
         try:
             sock = bind_listener(self.settings.listen_address, port)
         except Unavailable as exc:
             if port not in self.unbound:
                 log.error("public port unavailable, retrying every %gs tunnel=%s error=%s",
-                          PUBLIC_PORT_RETRY_S, tunnel_id, exc)
+                          SWEEP_INTERVAL_S, tunnel_id, exc)
             self.unbound.add(port)
-            if not self.retry_armed:
-                self.retry_armed = True
-                self.loop.call_later(PUBLIC_PORT_RETRY_S, self.retry_unbound)
             return
         if port in self.unbound:
             self.unbound.discard(port)
             log.info("public port listening tunnel=%s port=%d", tunnel_id, port)
         on_accept = lambda conn, address: self.open_stream(tunnel_id, port, conn, address)
         self.listeners[port] = (tunnel_id, Listener(self.loop, sock, on_accept, "port %d" % port))
-
-    def retry_unbound(self):
-        self.retry_armed = False
-        if self.unbound:
-            self.sync()
 
     def enforce_traffic_caps(self):
         """Close sessions whose tunnel used up its token's max_traffic."""
@@ -4529,9 +4512,10 @@ class Hub:
                 session.destroy("traffic allowance used up")
 
     def expire(self, now):
-        """Close the listeners and sessions of tunnels that went offline."""
-        if any(not self.store.is_online(tunnel_id, now)
-               for tunnel_id, _listener in self.listeners.values()):
+        """Close the listeners and sessions of tunnels that went offline, and
+        try again the public ports another socket held."""
+        if self.unbound or any(not self.store.is_online(tunnel_id, now)
+                               for tunnel_id, _listener in self.listeners.values()):
             self.sync()
 
     def stream_count(self):
