@@ -338,7 +338,7 @@ PROTOCOL_VERSION = 1
 FRAME_HEADER = struct.Struct("!BII")
 MAX_FRAME_BYTES = 256 * 1024          # largest payload a peer may send
 STREAM_WINDOW_BYTES = 4 * 1024 * 1024  # per stream and direction: 100 MB/s at 40 ms
-HELLO_TIMEOUT_S = 10                  # the first frame must arrive within this
+HELLO_TIMEOUT_S = 10                  # the pod's wait for WELCOME (the server's: HELLO_TIMEOUT)
 HEARTBEAT_INTERVAL_S = 10             # PING when idle; silent for 3x = dead
 
 
@@ -469,7 +469,7 @@ def recv_exactly(sock, size, deadline):
     while len(data) < size:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise ProtocolError("greeting not complete within %d s" % HELLO_TIMEOUT_S)
+            raise ProtocolError("greeting not complete before its deadline")
         sock.settimeout(remaining)  # the deadline bounds the whole greeting, not each read
         chunk = sock.recv(size - len(data))
         if not chunk:
@@ -2300,7 +2300,7 @@ RECONNECT_FIRST_S = 0.5
 RECONNECT_MAX_S = 60.0
 STATUS_FILE = "pipe2me.status.json"
 STATUS_INTERVAL_S = 2.0
-STOP_GRACE_S = 10.0
+STOP_GRACE_S = 10.0                   # default of `start --stop-grace`
 
 
 class PodMux(Mux):
@@ -2350,8 +2350,9 @@ class PodMux(Mux):
 class PodRunner:
     """Runs `start`: one session at a time, forever, until stopped or rejected."""
 
-    def __init__(self, files, setup):
+    def __init__(self, files, setup, stop_grace_s=STOP_GRACE_S):
         self.files, self.setup = files, setup
+        self.stop_grace_s = stop_grace_s
         self.status_path = os.path.join(files.dir, STATUS_FILE)
         self.status_written = None  # the file's content, to write only changes
         self.loop = EventLoop()
@@ -2490,7 +2491,8 @@ class PodRunner:
             return self.loop.stop()
         session.send_control(Msg.GOAWAY, {"reason": "pod stopping"})
         session.draining = True
-        self.loop.call_later(STOP_GRACE_S, lambda: self.session and self.session.destroy("grace over"))
+        self.loop.call_later(self.stop_grace_s,
+                             lambda: self.session and self.session.destroy("grace over"))
 
     # -- status for `pipe2me_pod.py status` -----------------------------
     def status_tick(self):
@@ -2983,7 +2985,7 @@ def cmd_start(args):
     run_from_compiled_code(hand_over_arguments(args))
     raise_open_file_limit()
     servers = start_echo_services(files, setup) if args.echo else []
-    runner = PodRunner(files, setup)
+    runner = PodRunner(files, setup, args.stop_grace)
     keeper = start_port_keeper(files.dir, runner.loop)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, runner.on_stop_signal)
@@ -3138,6 +3140,18 @@ def add_global_options(parser, top_level):
                         help="setup: do not verify the server's TLS certificate")
 
 
+def positive_seconds(text):
+    """argparse type: a number of seconds above 0."""
+    import argparse
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError("expected seconds above 0, got %r" % text)
+    return seconds
+
+
 def build_parser():
     parser = argument_parser_class()(
         prog="pipe2me_pod.py", description="pipe2me pod: publish local TCP services "
@@ -3165,6 +3179,8 @@ def build_parser():
     command("verify", cmd_verify, "print the FQDN and exit 0 while the tunnel is online")
     start = command("start", cmd_start, "run the tunnel in the foreground")
     start.add_argument("--echo", action="store_true", help="also run echo services on the local ports")
+    start.add_argument("--stop-grace", type=positive_seconds, default=STOP_GRACE_S, metavar="S",
+                       help="how long SIGTERM lets running streams finish (default %(default)s)")
     command("status", cmd_status, "whether the tunnel connection is up")
     update = command("update", cmd_update, "refresh the settings and renew the certificate")
     update.add_argument("--auth", "--token", dest="auth", help="extend the tunnel with this token")

@@ -198,6 +198,7 @@ CONFIG_KEYS = {
     "HEARTBEAT_INTERVAL": ("10", parse_positive_duration, "seconds between pings; 3x silent = dead"),
     "PORT_GRACE": ("1h", parse_duration, "how long an expired tunnel keeps its ports and name"),
     "SHUTDOWN_GRACE": ("10", parse_duration, "how long SIGTERM lets running streams finish"),
+    "HELLO_TIMEOUT": ("10", parse_positive_duration, "seconds a pod connection has for its TLS handshake and HELLO"),
     "MAX_STREAMS_PER_TUNNEL": ("10000", parse_count, "open streams per tunnel; 0 = no cap"),
     "MAX_TUNNELS_PER_TOKEN": ("0", parse_count, "live tunnels per token; 0 = no cap"),
     "STREAM_IDLE_TIMEOUT": ("0", parse_duration, "close streams idle this long; 0 = never"),
@@ -419,7 +420,7 @@ PROTOCOL_VERSION = 1
 FRAME_HEADER = struct.Struct("!BII")
 MAX_FRAME_BYTES = 256 * 1024          # largest payload a peer may send
 STREAM_WINDOW_BYTES = 4 * 1024 * 1024  # per stream and direction: 100 MB/s at 40 ms
-HELLO_TIMEOUT_S = 10                  # the first frame must arrive within this
+HELLO_TIMEOUT_S = 10                  # the pod's wait for WELCOME (the server's: HELLO_TIMEOUT)
 HEARTBEAT_INTERVAL_S = 10             # PING when idle; silent for 3x = dead
 
 
@@ -550,7 +551,7 @@ def recv_exactly(sock, size, deadline):
     while len(data) < size:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise ProtocolError("greeting not complete within %d s" % HELLO_TIMEOUT_S)
+            raise ProtocolError("greeting not complete before its deadline")
         sock.settimeout(remaining)  # the deadline bounds the whole greeting, not each read
         chunk = sock.recv(size - len(data))
         if not chunk:
@@ -2659,7 +2660,7 @@ class PodGate:
         peer = "%s:%d" % address[:2]
         try:
             sock.setblocking(True)
-            sock.settimeout(HELLO_TIMEOUT_S)
+            sock.settimeout(self.settings.hello_timeout)
             tls = self.context.wrap_socket(sock, server_side=True)
             record, welcome = self.greet(tls)
             tls.settimeout(None)
@@ -2678,7 +2679,7 @@ class PodGate:
         (record, WELCOME object), which Hub.attach sends once the session is
         live, so a pod that reports "tunnel up" already gets consumers."""
         msg, _stream, payload = read_frame_blocking(
-            tls, POD_SENDS, time.monotonic() + HELLO_TIMEOUT_S)
+            tls, POD_SENDS, time.monotonic() + self.settings.hello_timeout)
         if msg != Msg.HELLO:
             raise ProtocolError("first frame is %s, not HELLO" % msg.name)
         record, reason, permanent = self.judge(tls, decode_control(payload))

@@ -1040,7 +1040,7 @@ def test_faults_1000_streams_random_sizes_and_half_closes_byte_exact(server, wor
 # ---- 7. SIGTERM with live streams: stop accepting, let streams finish, exit 0 ----------------
 
 SERVER_GRACE_S = 5
-POD_GRACE_S = 10                   # the pod's STOP_GRACE_S
+POD_GRACE_S = 3                    # `start --stop-grace` of the pod below (default 10)
 EXIT_SLACK_S = 1.5
 PACED_CHUNK = 16 * KiB
 
@@ -1150,7 +1150,7 @@ def test_faults_pod_sigterm_refuses_new_lets_streams_finish_exits_0(server, work
     pod_dir = os.path.join(workdir, "pod")
     setup_pod(server, pod_dir, "tcp", [service.port])
     port = public_ports(pod_dir)[0]
-    pod = pods(pod_dir, name="pod")
+    pod = pods(pod_dir, "--stop-grace", str(POD_GRACE_S), name="pod")
     short, long = PacedStream(port, b"S"), PacedStream(port, b"L")
     seen = len(server.proc.stderr())
     termed_at = time.monotonic()
