@@ -9,7 +9,6 @@ and through the admin commands, not only through the API.
 
 import base64
 import calendar
-import hashlib
 import json
 import os
 import re
@@ -21,20 +20,18 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 from conftest import (clean_env, CONFIG_KEY_NAMES, POD, SERVER, Proc, ServerHandle, ephemeral_ports, free_port_range,
                       wait_until)
+from helpers import (DOMAIN, cert_fields, cert_sha256, create_tunnel, make_csr, make_key, openssl,
+                     request_json)
 
-DOMAIN = "pipe2.localhost"
 FQDN_RE = re.compile(r"^[a-z]+-[a-z]+-[a-z]+(-\d+)?\.pipe2\.localhost$")
 POD_FILE_NAMES = {"pipe2me.info.inc", "pipe2me.local.inc", "pipe2me.openssl.priv",
                   "pipe2me.openssl.cert", "pipe2me.cacert"}
 RUN_TIMEOUT_S = 60
-NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 # ---- environment and processes ----------------------------------------------
@@ -134,27 +131,6 @@ def write_tokens(state_dir, lines):
 
 # ---- HTTP clients ---------------------------------------------------------------
 
-def call(url, method="GET", body=None, secret=None, raw=None, timeout=20):
-    """(status, content type, body bytes) of one request with urllib, never through a proxy."""
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    request = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    if secret:
-        request.add_header("Authorization", "Bearer " + secret)
-    try:
-        with NO_PROXY.open(request, timeout=timeout) as answer:
-            return answer.status, answer.headers.get("Content-Type", ""), answer.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.headers.get("Content-Type", ""), exc.read()
-
-
-def call_json(url, *args, **kwargs):
-    status, ctype, data = call(url, *args, **kwargs)
-    assert "application/json" in ctype, (status, ctype, data[:300])
-    return status, json.loads(data.decode())
-
-
 def assert_json_error(status, body, low=400, high=499):
     assert low <= status <= high, (status, body)
     assert set(body) >= {"error"} and isinstance(body["error"], str), body
@@ -163,8 +139,7 @@ def assert_json_error(status, body, low=400, high=499):
 
 
 def create(server, token, protocols=("http", "https")):
-    return call_json(server.url + "/tunnels", "POST",
-                     {"token": token, "protocols": list(protocols)})
+    return create_tunnel(server, token, protocols)
 
 
 def curl(*args):
@@ -181,38 +156,6 @@ def curl_get(url, *extra):
     body, _, meta = out.rpartition(marker)
     status, _, ctype = meta.decode().partition(" ")
     return int(status), ctype, body
-
-
-# ---- openssl ---------------------------------------------------------------------
-
-def openssl(*args, input_bytes=None):
-    done = subprocess.run(["openssl"] + [str(a) for a in args], input=input_bytes,
-                          capture_output=True, timeout=60)
-    assert done.returncode == 0, done.stderr.decode()
-    return done.stdout.decode()
-
-
-def cert_summary(path):
-    """subject, SAN, basicConstraints, keyUsage, extendedKeyUsage as openssl prints them."""
-    out = openssl("x509", "-in", path, "-noout", "-subject", "-nameopt", "RFC2253",
-                  "-ext", "subjectAltName,basicConstraints,keyUsage,extendedKeyUsage")
-    lines = [line.strip() for line in out.splitlines()]
-    fields = {"subject": lines[0].partition("=")[2]}
-    for index, line in enumerate(lines):
-        if line.startswith("X509v3 "):
-            fields[line[len("X509v3 "):].split(":")[0]] = lines[index + 1]
-    return fields
-
-
-def pem_fingerprint(pem_text):
-    body = "".join(pem_text.strip().splitlines()[1:-1])
-    return hashlib.sha256(base64.b64decode(body)).hexdigest()
-
-
-def file_fingerprint(path):
-    with open(path, encoding="ascii") as fh:
-        text = fh.read()
-    return pem_fingerprint(text[:text.index("-----END CERTIFICATE-----") + 25])
 
 
 # ---- fixtures -------------------------------------------------------------------------
@@ -300,7 +243,7 @@ def test_setup_writes_five_files_with_private_key_0600(first):
         mode = stat.S_IMODE(os.stat(os.path.join(pod_dir, name)).st_mode)
         assert mode == 0o600, (name, oct(mode))
     key = os.path.join(pod_dir, "pipe2me.openssl.priv")
-    assert "ASN1 OID: prime256v1" in openssl("pkey", "-in", key, "-noout", "-text_pub")
+    assert b"ASN1 OID: prime256v1" in openssl("pkey", "-in", key, "-noout", "-text_pub")
     cert = os.path.join(pod_dir, "pipe2me.openssl.cert")
     assert openssl("pkey", "-in", key, "-pubout") == openssl("x509", "-in", cert, "-noout", "-pubkey")
 
@@ -329,7 +272,7 @@ def test_cert_verifies_and_names_only_the_fqdn(first):
         verified = subprocess.run(["openssl", "verify", "-purpose", purpose, "-CAfile", cacert,
                                    cert], capture_output=True, text=True, timeout=60)
         assert verified.returncode == 0, (purpose, verified.stdout + verified.stderr)
-    fields = cert_summary(cert)
+    fields = cert_fields(cert)
     assert fields["subject"] == "CN=" + fqdn
     assert fields["Subject Alternative Name"] == "DNS:" + fqdn
     assert fields["Basic Constraints"] == "CA:FALSE"
@@ -343,8 +286,8 @@ def test_cert_ends_no_later_than_the_tunnel(first):
     _, pod_dir, _ = first
     info = read_inc(os.path.join(pod_dir, "pipe2me.info.inc"))
     cert = os.path.join(pod_dir, "pipe2me.openssl.cert")
-    end = openssl("x509", "-in", cert, "-noout", "-enddate", "-dateopt", "iso_8601")
-    not_after = calendar.timegm(time.strptime(end.strip().partition("=")[2], "%Y-%m-%d %H:%M:%SZ"))
+    end = cert_fields(cert)["notAfter"]
+    not_after = calendar.timegm(time.strptime(end, "%Y-%m-%d %H:%M:%SZ"))
     assert not_after <= int(info["PIPE2ME_EXPIRES_AT"]) + 1
 
 
@@ -513,7 +456,7 @@ API_REFUSALS = {
 def test_api_create_refusals_are_json_4xx_and_change_nothing(quiet_server):
     before = snapshot(quiet_server)
     for case, (raw, expected) in sorted(API_REFUSALS.items()):
-        status, body = call_json(quiet_server.url + "/tunnels", "POST", raw=raw)
+        status, body = request_json(quiet_server.url + "/tunnels", "POST", raw=raw)
         assert status == expected, (case, status, body)
         assert_json_error(status, body)
     assert snapshot(quiet_server) == before
@@ -533,25 +476,6 @@ def test_api_too_many_bad_tokens_get_429(quiet_server):
 
 # ---- 6. the CA refuses CSRs that ask for more than the tunnel's name -------------------------
 
-def make_key(path, kind="ec"):
-    if kind == "ec":
-        openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", path)
-    else:
-        openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:%d" % kind,
-                "-out", path)
-    return path
-
-
-def make_csr(key, cn, *addext, outform="PEM"):
-    args = ["req", "-new", "-key", key, "-config", os.devnull, "-subj", "/CN=" + cn,
-            "-outform", outform]
-    for ext in addext:
-        args += ["-addext", ext]
-    done = subprocess.run(["openssl"] + args, capture_output=True, timeout=60)
-    assert done.returncode == 0, done.stderr.decode()
-    return done.stdout
-
-
 def issued_certs(state_dir):
     directory = os.path.join(state_dir, "ca", "issued")
     return sorted(os.path.join(directory, n) for n in os.listdir(directory))
@@ -562,44 +486,45 @@ def test_cert_refuses_csrs_beyond_the_tunnel_name(srv, tmp_path):
     assert status == 201, tunnel
     fqdn, secret = tunnel["fqdn"], tunnel["secret"]
     url = "%s/tunnels/%s/cert" % (srv.url, tunnel["id"])
-    ec = make_key(str(tmp_path / "ec.pem"))
-    rsa1024 = make_key(str(tmp_path / "rsa1024.pem"), 1024)
+    ec = make_key(tmp_path / "ec.pem")
+    rsa1024 = make_key(tmp_path / "rsa1024.pem", "rsa1024")
     bad = {  # case: (CSR, what the one-line reason must mention)
-        "other-name": (make_csr(ec, "other-name-here." + DOMAIN), "other-name-here"),
-        "other-name-in-san": (make_csr(ec, fqdn, "subjectAltName=DNS:evil." + DOMAIN), "evil"),
-        "extra-san": (make_csr(ec, fqdn, "subjectAltName=DNS:%s,DNS:evil.example" % fqdn),
+        "other-name": (make_csr(ec, "/CN=other-name-here." + DOMAIN), "other-name-here"),
+        "other-name-in-san": (make_csr(ec, "/CN=" + fqdn, "subjectAltName=DNS:evil." + DOMAIN), "evil"),
+        "extra-san": (make_csr(ec, "/CN=" + fqdn, "subjectAltName=DNS:%s,DNS:evil.example" % fqdn),
                       "evil.example"),
-        "extra-ip-san": (make_csr(ec, fqdn, "subjectAltName=DNS:%s,IP:127.0.0.1" % fqdn),
+        "extra-ip-san": (make_csr(ec, "/CN=" + fqdn, "subjectAltName=DNS:%s,IP:127.0.0.1" % fqdn),
                          "alternative name"),
-        "ca-true": (make_csr(ec, fqdn, "basicConstraints=critical,CA:TRUE"), "CA certificate"),
-        "rsa-1024": (make_csr(rsa1024, fqdn), "1024-bit"),
-        "not-pem": (b"this is not a certificate request", "PEM"),
-        "der-base64": (base64.b64encode(make_csr(ec, fqdn, outform="DER")), "PEM"),
-        "empty": (b"", "csr"),
+        "ca-true": (make_csr(ec, "/CN=" + fqdn, "basicConstraints=critical,CA:TRUE"), "CA certificate"),
+        "rsa-1024": (make_csr(rsa1024, "/CN=" + fqdn), "1024-bit"),
+        "not-pem": ("this is not a certificate request", "PEM"),
+        "der-base64": (base64.b64encode(make_csr(ec, "/CN=" + fqdn, outform="DER")).decode(),
+                       "PEM"),
+        "empty": ("", "csr"),
     }
     issued_before = issued_certs(srv.state_dir)
     record_before = srv.records()[tunnel["id"]]
     for case, (csr, fragment) in sorted(bad.items()):
-        status, body = call_json(url, "POST", {"csr": csr.decode("ascii")}, secret=secret)
+        status, body = request_json(url, "POST", {"csr": csr}, secret=secret)
         assert status == 400, (case, status, body)
         assert_json_error(status, body)
         assert fragment.lower() in body["error"].lower(), (case, body)
     assert issued_certs(srv.state_dir) == issued_before
     assert srv.records()[tunnel["id"]] == record_before
-    good = make_csr(ec, fqdn).decode()
+    good = make_csr(ec, "/CN=" + fqdn)
     for secret_given, expected in ((None, 401), ("wrong-secret", 401)):
-        status, body = call_json(url, "POST", {"csr": good}, secret=secret_given)
+        status, body = request_json(url, "POST", {"csr": good}, secret=secret_given)
         assert status == expected, body
         assert_json_error(status, body)
-    status, body = call_json(url.replace(tunnel["id"], "0" * 16), "POST", {"csr": good},
+    status, body = request_json(url.replace(tunnel["id"], "0" * 16), "POST", {"csr": good},
                              secret=secret)
     assert status == 404, body
-    status, body = call_json(url, "POST", {"csr": good}, secret=secret)
+    status, body = request_json(url, "POST", {"csr": good}, secret=secret)
     assert status == 200 and body["not_after"] <= tunnel["expires_at"], body
     leaf = tmp_path / "leaf.pem"
     leaf.write_text(body["cert"])
-    assert cert_summary(str(leaf))["Subject Alternative Name"] == "DNS:" + fqdn
-    assert srv.records()[tunnel["id"]]["cert_sha256"] == [pem_fingerprint(body["cert"])]
+    assert cert_fields(str(leaf))["Subject Alternative Name"] == "DNS:" + fqdn
+    assert srv.records()[tunnel["id"]]["cert_sha256"] == [cert_sha256(body["cert"])]
     assert "Traceback" not in srv.proc.stderr()
 
 
@@ -608,14 +533,14 @@ def test_cert_every_issued_cert_names_only_its_tunnel(srv, workdir):
              for i in range(2)}
     records = srv.records()
     fingerprints = {fp: r["fqdn"] for r in records.values() for fp in r["cert_sha256"]}
-    server_fp = file_fingerprint(os.path.join(srv.state_dir, "ca", "server.pem"))
+    server_fp = cert_sha256(os.path.join(srv.state_dir, "ca", "server.pem"))
     leaves = 0
     for path in issued_certs(srv.state_dir):
-        fp = file_fingerprint(path)
+        fp = cert_sha256(path)
         if fp == server_fp:
             continue
         leaves += 1
-        fields = cert_summary(path)
+        fields = cert_fields(path)
         fqdn = fingerprints[fp]
         assert fqdn in fqdns
         assert fields["subject"] == "CN=" + fqdn
@@ -634,7 +559,7 @@ def burst_create(url, token, count, protocols=("http", "https")):
     def worker(index):
         barrier.wait(timeout=20)
         try:
-            results[index] = call_json(url + "/tunnels", "POST",
+            results[index] = request_json(url + "/tunnels", "POST",
                                        {"token": token, "protocols": list(protocols)}, timeout=30)
         except (OSError, ValueError) as exc:
             results[index] = (None, repr(exc))
@@ -696,7 +621,7 @@ class Burst:
             if self.stop.is_set():
                 return
             try:
-                status, body = call_json(self.url + "/tunnels", "POST",
+                status, body = request_json(self.url + "/tunnels", "POST",
                                          {"token": self.token, "protocols": ["http", "https"]},
                                          timeout=15)
             except (OSError, ValueError, AssertionError) as exc:
@@ -751,7 +676,7 @@ def test_store_sigkill_during_burst_keeps_completed_tunnels(workdir):
         for body in burst.created:
             record = records[body["id"]]
             assert (record["fqdn"], record["ports"]) == (body["fqdn"], body["ports"])
-            status, shown = call_json("%s/tunnels/%s" % (server.url, body["id"]),
+            status, shown = request_json("%s/tunnels/%s" % (server.url, body["id"]),
                                       secret=body["secret"])
             assert status == 200 and shown["ports"] == body["ports"], shown
         assert len(pods) >= 3
@@ -761,7 +686,7 @@ def test_store_sigkill_during_burst_keeps_completed_tunnels(workdir):
             assert record["fqdn"] == fqdn
             assert [u.rsplit(":", 1)[1] for u in (info["PIPE2ME_URLS_0"], info["PIPE2ME_URLS_1"])] \
                 == [str(p) for p in record["ports"]]
-            fingerprint = file_fingerprint(os.path.join(pod_dir, "pipe2me.openssl.cert"))
+            fingerprint = cert_sha256(os.path.join(pod_dir, "pipe2me.openssl.cert"))
             assert fingerprint in record["cert_sha256"]
             verified = pod(pod_dir, "verify")
             assert verified.returncode == 0 and verified.stdout.strip() == fqdn, verified.stderr
@@ -1057,7 +982,7 @@ def test_api_cacert_config_over_curl(first, tmp_path):
         assert body == fh.read()
     ca_file = tmp_path / "ca.pem"
     ca_file.write_bytes(body)
-    fields = cert_summary(str(ca_file))
+    fields = cert_fields(str(ca_file))
     assert fields["Basic Constraints"] == "CA:TRUE"
     status, ctype, body = curl_get(server.url + "/config")
     assert status == 200 and ctype == "application/json"
@@ -1114,10 +1039,10 @@ def test_api_status_page_and_unknown_paths(first):
     status, ctype, body = curl_get(server.url + "/no/such/page")
     assert status == 404 and ctype == "application/json"
     assert_json_error(status, json.loads(body))
-    status, body = call_json(server.url + "/config", "DELETE")
+    status, body = request_json(server.url + "/config", "DELETE")
     assert status == 405
     assert_json_error(status, body)
-    status, body = call_json(server.url + "/tunnels/%s/verify" % ("0" * 16))
+    status, body = request_json(server.url + "/tunnels/%s/verify" % ("0" * 16))
     assert status == 404 and body["status"] == "unknown", body
 
 

@@ -21,12 +21,11 @@ import struct
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 from conftest import SERVER, ServerHandle, load_script, setup_pod, wait_until
+from helpers import request, request_json
 
 srv = load_script(SERVER, "pipe2me_server")
 
@@ -815,17 +814,8 @@ def read_info(pod_dir):
 def api_check(handle, pod_dir, body=None):
     """POST /tunnels/<id>/check as the pod would; (status, answer)."""
     info = read_info(pod_dir)
-    request = urllib.request.Request(
-        "%s/tunnels/%s/check" % (handle.url, info["PIPE2ME_ID"]), method="POST",
-        data=json.dumps(body or {}).encode(),
-        headers={"Authorization": "Bearer " + info["PIPE2ME_SECRET"],
-                 "Content-Type": "application/json"})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(request, timeout=30) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return request_json("%s/tunnels/%s/check" % (handle.url, info["PIPE2ME_ID"]), "POST",
+                        body or {}, secret=info["PIPE2ME_SECRET"], timeout=30)
 
 
 def tunnel_file(handle, pod_dir):
@@ -984,12 +974,9 @@ def test_dns_check_needs_the_tunnel_secret(dns_server_proc, tmp_path):
     pod_dir = str(tmp_path / "pod")
     setup_pod(dns_server_proc, pod_dir, "tcp")
     info = read_info(pod_dir)
-    request = urllib.request.Request("%s/tunnels/%s/check" % (dns_server_proc.url, info["PIPE2ME_ID"]),
-                                     method="POST", data=b"{}")
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with pytest.raises(urllib.error.HTTPError) as caught:
-        opener.open(request, timeout=30)
-    assert caught.value.code == 401
+    answer = request("%s/tunnels/%s/check" % (dns_server_proc.url, info["PIPE2ME_ID"]), "POST",
+                     {}, timeout=30)
+    assert answer.status == 401, answer.body
 
 
 @pytest.fixture

@@ -11,18 +11,17 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
 from conftest import SERVER, ServerHandle, free_port, run_pod, setup_pod, wait_until
+from helpers import api
 from dnsimple_standin import DnsimpleStandin
 
 TOKEN = "dnsimple-account-token-0123"
 ZONE = "example.com"
 DOMAIN = "pipe2." + ZONE
 PUBLIC = "198.51.100.7"
-NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 @pytest.fixture
@@ -137,8 +136,7 @@ def test_dnsimple_refresh_while_the_server_is_stopped(standin, workdir, tmp_path
 
 
 def api_alive(server):
-    with NO_PROXY.open(server.url + "/config", timeout=10) as answer:
-        return answer.status == 200
+    return api(server, "GET", "/config", timeout=10).status == 200
 
 
 def test_dnsimple_outage_logged_and_retried_never_fatal(standin, workdir, tmp_path):

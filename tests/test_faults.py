@@ -22,24 +22,21 @@ import selectors
 import shutil
 import signal
 import socket
-import ssl
 import struct
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 from conftest import (echo_handler, connect, recv_to_eof, echo_round_trip, MiB, POD, SERVER, Proc, ServerHandle, free_port, pod_env, public_ports,
                       run_pod, setup_pod, wait_until)
+from helpers import api, make_csr, make_key
 
 KiB = 1024
 HEARTBEAT_S = 1                       # conftest starts every server with --heartbeat-interval 1
 DETECT_SLACK_S = 0.5                  # log flush and polling on top of 3 heartbeats
-NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 HAS_NETNS_TOOLS = all(shutil.which(tool) for tool in ("ip", "nft"))
 
@@ -69,32 +66,6 @@ def refused(port, host="127.0.0.1"):
     with socket.socket() as sock:
         sock.settimeout(1.0)
         return sock.connect_ex((host, port)) == errno.ECONNREFUSED
-
-
-def api_get(base_url, path, timeout=10.0, context=None):
-    """(status, decoded JSON) of a GET; HTTP errors are answers too."""
-    try:
-        if context is not None:
-            answer = urllib.request.urlopen(base_url + path, timeout=timeout, context=context)
-        else:
-            answer = NO_PROXY.open(base_url + path, timeout=timeout)
-        with answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
-
-
-def api_post(base_url, path, body, secret=None, timeout=30.0):
-    """(status, content type, raw body) of a JSON POST."""
-    request = urllib.request.Request(base_url + path, data=json.dumps(body).encode(),
-                                     method="POST", headers={"Content-Type": "application/json"})
-    if secret:
-        request.add_header("Authorization", "Bearer " + secret)
-    try:
-        with NO_PROXY.open(request, timeout=timeout) as answer:
-            return answer.status, answer.headers.get("Content-Type"), answer.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.headers.get("Content-Type"), exc.read()
 
 
 # ---- processes -------------------------------------------------------------------------------
@@ -641,12 +612,6 @@ class LimitedServer(ServerHandle):
         return ["prlimit", "--nofile=%d:%d" % (FD_LIMIT, FD_LIMIT)] + super().argv()
 
 
-def api_over_tls(server):
-    """GET /config through the HTTPS front, verifying the server with its own CA."""
-    context = ssl.create_default_context(cafile=os.path.join(server.state_dir, "ca", "ca.pem"))
-    return api_get("https://127.0.0.1:%d" % server.https, "/config", context=context)
-
-
 @pytest.mark.slow
 def test_faults_fd_exhaustion_server_survives_and_serves_again(workdir, pods, echo_process):
     server = LimitedServer(workdir)
@@ -680,8 +645,8 @@ def test_faults_fd_exhaustion_server_survives_and_serves_again(workdir, pods, ec
         server.proc.wait_for(r"accept resumed listener=", after=seen, timeout=5)
         for port in ports:
             assert echo_round_trip(port) == b"ping through pipe2me\n"
-        assert api_get(server.url, "/config")[0] == 200
-        assert api_over_tls(server)[0] == 200
+        assert api(server, "GET", "/config").status == 200
+        assert api(server, "GET", "/config", tls=True).status == 200
         assert stop_checked(pod) == 0
         pods(pod_dir, name="pod-again")            # the tunnel port still accepts pods
         assert echo_round_trip(ports[0]) == b"ping through pipe2me\n"
@@ -756,24 +721,14 @@ class StateFault:
         self.mounts = 0
 
 
-def make_csr(workdir, fqdn):
-    key, csr = os.path.join(workdir, "extra.key"), os.path.join(workdir, "extra.csr")
-    sh("openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
-       "-out", key)
-    sh("openssl", "req", "-new", "-key", key, "-subj", "/CN=" + fqdn, "-out", csr)
-    with open(csr) as fh:
-        return fh.read()
-
-
 def tunnel_secret(pod_dir):
     with open(os.path.join(pod_dir, "pipe2me.info.inc")) as fh:
         return re.search(r"^PIPE2ME_SECRET='([^']*)'", fh.read(), re.M).group(1)
 
 
 def assert_json_error(answer, status):
-    code, ctype, body = answer
-    assert code == status and ctype == "application/json", answer
-    message = json.loads(body)["error"]
+    assert answer.status == status, (answer.status, answer.body)
+    message = answer.json()["error"]
     assert "cannot write state" in message and "\n" not in message, message
     return message
 
@@ -806,10 +761,10 @@ def test_faults_state_dir_full_or_readonly_setup_fails_clearly_state_stays(workd
         assert done.returncode != 0 and len(lines) == 1 and "cannot write state" in lines[0], \
             done.stderr
         assert not os.path.exists(new_dir) or not os.listdir(new_dir)
-        created = api_post(server.url, "/tunnels", {"token": server.token, "protocols": ["tcp"]})
+        created = api(server, "POST", "/tunnels", {"token": server.token, "protocols": ["tcp"]})
         message = assert_json_error(created, status)
-        signed = api_post(server.url, "/tunnels/%s/cert" % old["id"],
-                          {"csr": make_csr(workdir, old["fqdn"])}, secret=secret)
+        csr = make_csr(make_key(os.path.join(workdir, "extra.key")), "/CN=" + old["fqdn"])
+        signed = api(server, "POST", "/tunnels/%s/cert" % old["id"], {"csr": csr}, secret=secret)
         assert_json_error(signed, status)
         listed = server_admin(server, "tunnels", "list")
         assert listed.returncode == 0 and old["fqdn"] in listed.stdout, listed.stderr

@@ -14,7 +14,6 @@ defaults (10 s, 20 s and 10 s) are checked to stay sane. Each test prints
 what it tried and what came back (`pytest -s` shows it)."""
 
 import hashlib
-import http.client
 import json
 import os
 import random
@@ -23,15 +22,13 @@ import select
 import shlex
 import socket
 import ssl
-import subprocess
 import threading
 import time
 
 import pytest
 
 from conftest import clean_env, POD, ServerHandle, free_port, setup_pod, start_pod, wait_until
-
-DOMAIN = "pipe2.localhost"
+from helpers import DOMAIN, api, cert_fields, cert_sha256, create_tunnel, make_csr, make_key, openssl
 MAIN_TOKEN = "main-token-hostile"
 UNIQUE_TOKEN = "unique-token-hostile"
 SHORT_TOKEN = "short-token-hostile"
@@ -103,37 +100,10 @@ class Server(ServerHandle):
         assert "Traceback" not in self.proc.stderr(), self.proc.stderr()[-3000:]
 
 
-def api_call(server, method, path, body=None, secret=None, source=None, tls=False,
-             timeout=10.0, raw=None):
-    """(status, JSON object or bytes) of one API request through a front."""
-    address = (source, 0) if source else None
-    if tls:
-        conn = http.client.HTTPSConnection("127.0.0.1", server.https, timeout=timeout,
-                                           source_address=address, context=server.tls_context())
-    else:
-        conn = http.client.HTTPConnection("127.0.0.1", server.http, timeout=timeout,
-                                          source_address=address)
-    headers = {"Host": DOMAIN}
-    data = raw
-    if body is not None:
-        data = json.dumps(body).encode()
-        headers["Content-Type"] = "application/json"
-    if secret:
-        headers["Authorization"] = "Bearer " + secret
-    try:
-        conn.request(method, path, body=data, headers=headers)
-        answer = conn.getresponse()
-        payload = answer.read()
-    finally:
-        conn.close()
-    if "application/json" in (answer.getheader("Content-Type") or ""):
-        return answer.status, json.loads(payload.decode())
-    return answer.status, payload
-
-
-def create_tunnel(server, token, protocols=("tcp",), source=None):
-    return api_call(server, "POST", "/tunnels", {"token": token, "protocols": list(protocols)},
-                    source=source)
+def api_call(server, method, path, body=None, **options):
+    """(status, JSON object or bytes) of one API request by the bare domain's name."""
+    options.setdefault("timeout", 10.0)
+    return api(server, method, path, body, host=DOMAIN, **options).pair()
 
 
 # ---- raw connections ----------------------------------------------------------------------
@@ -308,12 +278,6 @@ def api_server(tmp_path_factory):
     assert status == 201, server.victim
     yield server
     assert server.stop() == 0
-
-
-def openssl(*args):
-    done = subprocess.run(["openssl"] + [str(a) for a in args], capture_output=True, timeout=60)
-    assert done.returncode == 0, done.stderr.decode()
-    return done.stdout
 
 
 def foreign_ca_leaf(workdir, fqdn):
@@ -1044,45 +1008,13 @@ def test_front_http_without_host_or_with_1000_headers(relay):
 # 11. Certificate requests: only the tunnel's own name, never a CA, nothing else signed
 # =====================================================================================
 
-def make_key(workdir, name, *genpkey):
-    path = os.path.join(workdir, name + ".key")
-    if not os.path.exists(path):
-        openssl("genpkey", *genpkey, "-out", path)
-    return path
-
-
-def make_csr(key, subject, *addext):
-    args = ["req", "-new", "-key", key, "-config", os.devnull, "-subj", subject]
-    for ext in addext:
-        args += ["-addext", ext]
-    return openssl(*args).decode()
-
-
-def cert_fields(path):
-    out = openssl("x509", "-in", path, "-noout", "-subject", "-nameopt", "RFC2253", "-ext",
-                  "subjectAltName,basicConstraints,keyUsage,extendedKeyUsage,nameConstraints")
-    lines = [line.strip() for line in out.decode().splitlines()]
-    fields = {"subject": lines[0].partition("=")[2]}
-    for index, line in enumerate(lines):
-        if line.startswith("X509v3 "):
-            fields[line[len("X509v3 "):].split(":")[0]] = lines[index + 1]
-    return fields
-
-
-def pem_sha256(path):
-    with open(path, encoding="ascii") as fh:
-        text = fh.read()
-    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(text[:text.index("-----END CERTIFICATE-----")
-                                                        + 25])).hexdigest()
-
-
 def hostile_csrs(workdir, fqdn, other_fqdn, ca_pem):
-    ec = make_key(workdir, "ec", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256")
-    rsa_1024 = make_key(workdir, "rsa1024", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024")
-    rsa_512 = make_key(workdir, "rsa512", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:512")
-    p192 = make_key(workdir, "p192", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime192v1")
-    k256 = make_key(workdir, "k256", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:secp256k1")
-    ed448 = make_key(workdir, "ed448", "-algorithm", "ED448")
+    ec = make_key(os.path.join(workdir, "ec.key"), "ec256")
+    rsa_1024 = make_key(os.path.join(workdir, "rsa1024.key"), "rsa1024")
+    rsa_512 = make_key(os.path.join(workdir, "rsa512.key"), "rsa512")
+    p192 = make_key(os.path.join(workdir, "p192.key"), "p192")
+    k256 = make_key(os.path.join(workdir, "k256.key"), "secp256k1")
+    ed448 = make_key(os.path.join(workdir, "ed448.key"), "ed448")
     cn = "/CN=" + fqdn
     good = make_csr(ec, cn)
     body = "".join(good.splitlines()[1:-1])
@@ -1149,7 +1081,7 @@ def test_cert_hostile_csrs_refused_and_every_issued_cert_is_exact(api_server, tm
     if status != 413:
         wrong.append(("one-megabyte", status, body))
     # the victim's name from this tunnel's secret, this tunnel's name for the victim's id
-    ec = make_key(workdir, "ec", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256")
+    ec = make_key(os.path.join(workdir, "ec.key"), "ec256")
     for case, path, csr, secret, expected in (
             ("csr-for-victim-with-own-secret", url, make_csr(ec, "/CN=" + server.victim["fqdn"]),
              tunnel["secret"], 400),
@@ -1182,12 +1114,12 @@ def assert_issued_certs_exact(server):
         with open(os.path.join(server.state_dir, "tunnels", name)) as fh:
             record = json.load(fh)
         records.update({fp: record for fp in record["cert_sha256"]})
-    own = pem_sha256(os.path.join(server.state_dir, "ca", "server.pem"))
+    own = cert_sha256(os.path.join(server.state_dir, "ca", "server.pem"))
     issued_dir = os.path.join(server.state_dir, "ca", "issued")
     leaves = 0
     for name in sorted(os.listdir(issued_dir)):
         path = os.path.join(issued_dir, name)
-        fingerprint = pem_sha256(path)
+        fingerprint = cert_sha256(path)
         if fingerprint == own:
             continue
         fields = cert_fields(path)

@@ -22,18 +22,17 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import pytest
 
 from conftest import (echo_handler, connect, recv_to_eof, echo_round_trip, MiB, POD, SERVER, Proc, ServerHandle, free_port, public_ports, run_pod,
                       setup_pod, start_pod, wait_until)
+from helpers import api, cert_sha256
 
 BIG_BYTES = 100 * MiB
 HEARTBEAT_S = 1                       # conftest starts every server with --heartbeat-interval 1
 RSS_SLACK_BYTES = 8 * MiB             # allowed server growth beyond the stalled stream's window
 SHORT_LIFESPAN_S = 4                  # setup, start and one echo fit in it on a loaded machine
-NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 # ---- clients -------------------------------------------------------------------------------
@@ -186,13 +185,6 @@ def server_admin(server, *args):
                           env=server.env)
 
 
-def cert_fingerprint(pem_text):
-    done = subprocess.run(["openssl", "x509", "-noout", "-fingerprint", "-sha256"],
-                          input=pem_text.encode(), capture_output=True, timeout=30)
-    assert done.returncode == 0, done.stderr.decode()
-    return done.stdout.decode().strip().partition("=")[2]
-
-
 def memory_bytes(pid, field="VmRSS"):
     with open("/proc/%d/status" % pid, encoding="ascii") as fh:
         match = re.search(r"^%s:\s+(\d+) kB" % field, fh.read(), re.M)
@@ -300,14 +292,14 @@ def test_tunnel_https_front_shows_the_pods_own_certificate(hub, echo_pod):
     assert shown, done.stdout.decode()[-2000:] + done.stderr.decode()[-2000:]
     with open(os.path.join(pod_dir, "pipe2me.openssl.cert"), encoding="ascii") as fh:
         own = fh.read()
-    assert cert_fingerprint(shown.group(0)) == cert_fingerprint(own)
+    assert cert_sha256(shown.group(0)) == cert_sha256(own)
     # and not the server's own certificate, which the bare name gets
-    api = subprocess.run(["openssl", "s_client", "-servername", "pipe2.localhost",
+    bare = subprocess.run(["openssl", "s_client", "-servername", "pipe2.localhost",
                           "-connect", "127.0.0.1:%d" % hub.https],
                          capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
     api_pem = re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----",
-                        api.stdout.decode(), re.S)
-    assert api_pem and cert_fingerprint(api_pem.group(0)) != cert_fingerprint(own)
+                        bare.stdout.decode(), re.S)
+    assert api_pem and cert_sha256(api_pem.group(0)) != cert_sha256(own)
 
 
 # ---- 2. HTTP front: redirect for https-only tunnels, 404 for unknown names -------------------
@@ -674,13 +666,9 @@ def test_tunnel_expired_certificate_of_extended_tunnel_refused_until_update(serv
     pod_dir = os.path.join(workdir, "pod")
     fqdn = setup_short_lived_pod(server, pod_dir)
     info = pod_info(pod_dir)
-    request = urllib.request.Request(
-        "%s/tunnels/%s/extend" % (server.url, info["PIPE2ME_ID"]), method="POST",
-        data=json.dumps({"token": server.token}).encode(),
-        headers={"Authorization": "Bearer " + info["PIPE2ME_SECRET"],
-                 "Content-Type": "application/json"})
-    with NO_PROXY.open(request, timeout=20) as answer:
-        assert json.loads(answer.read().decode())["status"] == "online"
+    extended = api(server, "POST", "/tunnels/%s/extend" % info["PIPE2ME_ID"],
+                   {"token": server.token}, secret=info["PIPE2ME_SECRET"])
+    assert extended.json()["status"] == "online", extended.body
     cert_end = int(info["PIPE2ME_EXPIRES_AT"])
     wait_until(lambda: time.time() > cert_end + 1, timeout=SHORT_LIFESPAN_S + 4, interval=0.1,
                what="the first certificate to expire")
@@ -761,10 +749,8 @@ def tunnel_bytes(server, tunnel_id):
 
 def api_tunnel(server, pod_dir):
     info = pod_info(pod_dir)
-    request = urllib.request.Request("%s/tunnels/%s" % (server.url, info["PIPE2ME_ID"]))
-    request.add_header("Authorization", "Bearer " + info["PIPE2ME_SECRET"])
-    with NO_PROXY.open(request, timeout=20) as answer:
-        return json.loads(answer.read().decode())
+    return api(server, "GET", "/tunnels/" + info["PIPE2ME_ID"],
+               secret=info["PIPE2ME_SECRET"]).json()
 
 
 @pytest.mark.slow

@@ -1,0 +1,190 @@
+"""One kit for every test module: the API client, and openssl for keys, CSRs
+and certificate fields. Fixtures and processes stay in conftest.py.
+
+    api(server, "POST", "/tunnels", {"token": t, "protocols": ["tcp"]})
+    request("https://127.0.0.1:8443/config", context=ctx)
+    make_csr(make_key(path), "/CN=" + fqdn, "subjectAltName=DNS:" + fqdn)
+    cert_fields(pem_or_path)["Subject Alternative Name"]
+
+Requests go straight to the address in the URL (http.client: never through a
+proxy of this machine), optionally from a given source address, so tests can
+play clients on several loopback addresses."""
+
+import hashlib
+import http.client
+import json
+import os
+import ssl
+import subprocess
+import tempfile
+import urllib.parse
+
+DOMAIN = "pipe2.localhost"
+
+
+# ---- the API -----------------------------------------------------------------------
+
+class Answer:
+    """One HTTP answer: status, content type, raw body and headers."""
+
+    def __init__(self, status, ctype, body, headers):
+        self.status, self.ctype, self.body, self.headers = status, ctype, body, headers
+
+    def json(self):
+        """The body as JSON; fails the test when the answer is not JSON."""
+        assert "application/json" in self.ctype, (self.status, self.ctype, self.body[:300])
+        return json.loads(self.body.decode())
+
+    def pair(self):
+        """(status, JSON object), or (status, raw bytes) for an answer that is not JSON."""
+        if "application/json" in self.ctype:
+            return self.status, self.json()
+        return self.status, self.body
+
+
+def request(url, method="GET", body=None, secret=None, raw=None, source=None, host=None,
+            context=None, timeout=20.0, headers=None):
+    """One request to `url`: `body` is sent as JSON, `raw` bytes as they are (both
+    labelled JSON unless `headers` say otherwise); `secret` as a bearer token;
+    `host` overrides the Host header; `source` is the local address."""
+    parts = urllib.parse.urlsplit(url)
+    address = (source, 0) if source else None
+    if parts.scheme == "https":
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout,
+                                           source_address=address, context=context)
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout,
+                                          source_address=address)
+    sent = dict(headers or {})
+    if host:
+        sent["Host"] = host
+    data = json.dumps(body).encode() if body is not None else raw
+    if data is not None:
+        sent.setdefault("Content-Type", "application/json")
+    if secret:
+        sent["Authorization"] = "Bearer " + secret
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    try:
+        conn.request(method, target, body=data, headers=sent)
+        answer = conn.getresponse()
+        payload = answer.read()
+    finally:
+        conn.close()
+    return Answer(answer.status, answer.getheader("Content-Type") or "", payload, answer.headers)
+
+
+def request_json(url, method="GET", body=None, **options):
+    """(status, JSON object) of one request; fails the test when the answer is not JSON."""
+    answer = request(url, method, body, **options)
+    return answer.status, answer.json()
+
+
+def api(server, method, path, body=None, tls=False, **options):
+    """One API request to a running server (a conftest ServerHandle) through its
+    HTTP front, or its HTTPS front with tls=True (verified with the server's CA)."""
+    if tls:
+        options.setdefault("context", server_tls_context(server))
+        url = "https://127.0.0.1:%d%s" % (server.https, path)
+    else:
+        url = "http://127.0.0.1:%d%s" % (server.http, path)
+    return request(url, method, body, **options)
+
+
+def server_tls_context(server):
+    """A client context that trusts the server's own CA."""
+    return ssl.create_default_context(cafile=os.path.join(server.state_dir, "ca", "ca.pem"))
+
+
+def create_tunnel(server, token, protocols=("tcp",), **options):
+    """POST /tunnels: (status, JSON answer)."""
+    answer = api(server, "POST", "/tunnels", {"token": token, "protocols": list(protocols)},
+                 **options)
+    return answer.status, answer.json()
+
+
+# ---- openssl: keys, CSRs, certificate fields ----------------------------------------
+
+KEY_ARGS = {
+    "ec256": ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+    "ec384": ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"],
+    "ec521": ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521"],
+    "p192": ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime192v1"],
+    "secp256k1": ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:secp256k1"],
+    "rsa2048": ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+    "rsa1024": ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"],
+    "rsa512": ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:512"],
+    "ed25519": ["-algorithm", "ED25519"],
+    "ed448": ["-algorithm", "ED448"],
+}
+
+
+def openssl(*args, input_bytes=None, cwd=None):
+    """Run openssl; its stdout, or the test fails with its stderr."""
+    done = subprocess.run(["openssl"] + [str(a) for a in args], input=input_bytes, cwd=cwd,
+                          capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
+    return done.stdout
+
+
+def make_key(path, kind="ec256"):
+    """A private key of `kind` (see KEY_ARGS) at `path`, made once; returns the path."""
+    path = str(path)
+    if not os.path.exists(path):
+        openssl("genpkey", *KEY_ARGS[kind], "-out", path)
+    return path
+
+
+def make_csr(key, subject, *addext, outform="PEM"):
+    """A CSR made by `openssl req` with this subject and these -addext values:
+    PEM text, or DER bytes with outform="DER"."""
+    args = ["req", "-new", "-key", key, "-config", os.devnull, "-subj", subject,
+            "-outform", outform]
+    for ext in addext:
+        args += ["-addext", ext]
+    out = openssl(*args)
+    return out.decode() if outform == "PEM" else out
+
+
+def first_pem_cert(pem_or_path):
+    """The first CERTIFICATE block of PEM text or of a PEM file."""
+    text = pem_or_path
+    if "-----BEGIN" not in text:
+        with open(text, encoding="ascii") as fh:
+            text = fh.read()
+    end = text.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----")
+    return text[text.index("-----BEGIN CERTIFICATE-----"):end] + "\n"
+
+
+def cert_sha256(pem_or_path):
+    """SHA-256 (hex) of the first certificate's DER."""
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(first_pem_cert(pem_or_path))).hexdigest()
+
+
+CERT_EXTENSIONS = "subjectAltName,basicConstraints,keyUsage,extendedKeyUsage,nameConstraints"
+
+
+def cert_fields(pem_or_path):
+    """Fields of the first certificate as openssl prints them, without -text:
+    subject (RFC 2253), serial, notBefore, notAfter (ISO 8601), and one entry
+    per extension named as openssl names it ("Subject Alternative Name") with
+    the line of its value; `critical` lists the extensions marked critical."""
+    with tempfile.NamedTemporaryFile("w", suffix=".pem") as fh:
+        fh.write(first_pem_cert(pem_or_path))
+        fh.flush()
+        out = openssl("x509", "-in", fh.name, "-noout", "-subject", "-nameopt", "RFC2253",
+                      "-serial", "-startdate", "-enddate", "-dateopt", "iso_8601",
+                      "-ext", CERT_EXTENSIONS).decode()
+    lines = [line.rstrip() for line in out.splitlines()]
+    fields = {"critical": set()}
+    for index, line in enumerate(lines):
+        if "=" in line and not line.startswith(" "):
+            key, _, value = line.partition("=")
+            fields[key] = value
+        elif line.startswith("X509v3 "):
+            name, _, flag = line[len("X509v3 "):].partition(":")
+            fields[name] = lines[index + 1].strip()
+            if "critical" in flag:
+                fields["critical"].add(name)
+    return fields
