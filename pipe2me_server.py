@@ -26,8 +26,10 @@ Sections, in the order a tunnel comes to life:
     API           the HTTP API (JSON and shell format)
     TUNNEL SESSIONS  pod authentication and the live session per tunnel
     FRONTS        public ports, the Host-routed HTTP front, the SNI front
-    DNS           reachability checks, what each tunnel's name answers, the
-                  built-in authoritative responder, dnsimple records
+    REACHABILITY  direct or relayed: probing a pod's router on every port
+    DNS           what each tunnel's name answers, the built-in
+                  authoritative responder (rate limited, fair shares)
+    DNSIMPLE      the tunnels' records at dnsimple, reconciled in a thread
     WIRING        the Server object: listeners, signals, sweeps
     CLI           admin commands and main()
 
@@ -142,6 +144,10 @@ def parse_addresses(value):
     return [parse_address(v) for v in re.split(r"[\s,]+", value.strip()) if v]
 
 
+def parse_networks(value):
+    return [str(ipaddress.ip_network(v, strict=False)) for v in re.split(r"[\s,]+", value.strip()) if v]
+
+
 def parse_path(value):
     return os.path.abspath(os.path.expanduser(value)) if value.strip() else ""
 
@@ -192,6 +198,9 @@ CONFIG_KEYS = {
     "HTTPS_PORT": ("8443", parse_port, "HTTPS front (SNI passthrough) and API over TLS"),
     "TUNNEL_PORT": ("8444", parse_port, "where pods connect"),
     "DNS_PORT": ("", parse_optional_port, "built-in DNS responder port; empty = off"),
+    "DNS_RATE_LIMIT": ("100", parse_count, "UDP DNS answers per second to one IPv4 /24 or IPv6 /56; 0 = no limit"),
+    "DNS_RATE_SLIP": ("2", parse_count, "past DNS_RATE_LIMIT every Nth query gets a truncated answer (retry over TCP), the rest none; 0 = none"),
+    "DNS_CLIENT_SUBNET_FROM": ("", parse_networks, "resolvers (addresses or networks) whose EDNS client-subnet option is honoured; empty = none"),
     "TOKENS_FILE": ("", parse_path, "auth tokens; default $STATE_DIR/tokens.conf"),
     "CA_CERT": ("", parse_path, "operator-supplied intermediate CA certificate (+ chain)"),
     "CA_KEY": ("", parse_path, "its private key"),
@@ -2982,11 +2991,9 @@ class Fronts:
         return lambda sock: self.hub.open_stream(record["id"], port, sock, address)
 
 # =====================================================================
-# DNS — the shortest path: reachability checks of a pod's router, the
-# records each tunnel's name answers, and the providers that publish
-# them (builtin: the authoritative responder on DNS_PORT; dnsimple: its
-# v2 REST API). Used by the API (POST /tunnels/<id>/check), the wiring
-# (responder, reconciliation thread) and `dns-refresh`.
+# REACHABILITY — whether a pod's router answers on every port of its
+# tunnel, kept in the tunnel record; run by the API (POST
+# /tunnels/<id>/check, wired in by the Server) and by `dns-refresh`
 # =====================================================================
 #
 # A tunnel's name points to the pod's router when the last check found
@@ -2994,94 +3001,13 @@ class Fronts:
 # otherwise ("relayed"). The check is kept in the tunnel record:
 #     reach = {status: direct|relayed, address, lan_address, cgnat,
 #              ports: {port: ok}, checked_at, reason}
-# Split horizon: a client asking from the router's own public address gets
-# the pod's LAN address (routers without hairpin NAT), if the pod gave one.
-#
-# The built-in responder (DnsZone answers, DnsServer moves packets):
-#
-# | name                    | records                                        |
-# |-------------------------|------------------------------------------------|
-# | the domain (apex)       | SOA, NS, A/AAAA of the server, TXT (txt_lookup)|
-# | ns_name (if below)      | A/AAAA of the server, TXT                      |
-# | a tunnel FQDN           | A/AAAA from lookup (split horizon), TXT        |
-# | a name with TXT only    | TXT (ACME DNS-01 `_acme-challenge.<fqdn>`)     |
-# | any other name below    | NXDOMAIN, SOA in authority                     |
-# | existing, type missing  | NOERROR without answers (NODATA), SOA          |
-# | outside the domain      | REFUSED (not authoritative, no records)        |
-#
-# - ANY gets the A and AAAA records of the name; a name without addresses
-#   gets the synthesized `HINFO "RFC8482" ""` of RFC 8482 section 4.2.
-#   AXFR and IXFR are REFUSED: there is no zone transfer.
-# - Split horizon keys are the datagram's source, or a full /32 IPv4
-#   Client Subnet address; AAAA answers are never split. The Client Subnet
-#   option is echoed with scope /32 for such names, /0 otherwise.
-# - Size: UDP answers fit 512 bytes without EDNS0, else min(client's size,
-#   our 1232); a larger one is sent with TC set and its records dropped, so
-#   the client retries over TCP. TCP answers fit 65535.
-# - Unknown names are decided by the callbacks alone: an empty non-terminal
-#   gets NXDOMAIN.
-#
-# Glossary: *apex* the domain itself; *NODATA* NOERROR with no answers;
-# *ECS* the EDNS Client Subnet option; *split* LAN addresses per client;
-# *direct* / *relayed* the outcome of a reachability check.
+# The check probes the address the request came from; the pod may add the
+# router's external address (carrier-grade NAT shows as a mismatch) and its
+# own LAN address (for DNS's split horizon).
 
-DNS_TTL_S = 60                     # of every tunnel record, both providers
 PROBE_TIMEOUT_S = 3.0              # per port: TCP connect, then the TLS handshake
 PROBE_MAX_PARALLEL = 8
-DNS_RECONCILE_INTERVAL_S = 60.0    # dnsimple: also without any change
-DNS_RETRY_FIRST_S = 5.0            # after a failure, doubling up to the interval
-DNS_RETRY_MAX_S = 3600.0           # longest wait a rate limit can impose
-DNS_OWNED_FILE = "dns_records.json"
-DNS_LOCK_FILE = "dns.lock"
 
-
-# ---- what a tunnel's name answers -----------------------------------------
-
-def server_addresses(settings):
-    """The server's own addresses for DNS: PUBLIC_ADDRESS, else a specific
-    LISTEN_ADDRESS, else 127.0.0.1 for a *.localhost domain (or none)."""
-    if settings.public_address:
-        return list(settings.public_address)
-    if settings.listen_address not in ("0.0.0.0", "::"):
-        return [settings.listen_address]
-    if settings.tunnel_domain == "localhost" or settings.tunnel_domain.endswith(".localhost"):
-        return ["127.0.0.1"]
-    return []
-
-
-def by_family(addresses):
-    """(IPv4 addresses, IPv6 addresses) of a list of address strings."""
-    return [a for a in addresses if ":" not in a], [a for a in addresses if ":" in a]
-
-
-def tunnel_answers(record, settings):
-    """(ipv4, ipv6, split) for a tunnel's name: the router's address in its
-    family when the last check said direct, the server's addresses otherwise;
-    split maps the router's address to the pod's LAN address."""
-    ipv4, ipv6 = by_family(server_addresses(settings))
-    reach = record.get("reach") or {}
-    if reach.get("status") != "direct" or not reach.get("address"):
-        return ipv4, ipv6, None
-    if ":" in reach["address"]:
-        return ipv4, [reach["address"]], None
-    lan = reach.get("lan_address")
-    return [reach["address"]], ipv6, ({reach["address"]: [lan]} if lan else None)
-
-
-def dns_wanted(records, settings, now):
-    """{(fqdn, "A"|"AAAA"): [addresses]} that every online tunnel should answer."""
-    wanted = {}
-    for record in records:
-        if tunnel_status(record, now) != "online":
-            continue
-        ipv4, ipv6, _split = tunnel_answers(record, settings)
-        for rtype, addresses in (("A", ipv4), ("AAAA", ipv6)):
-            if addresses:
-                wanted[(record["fqdn"], rtype)] = sorted(addresses)
-    return wanted
-
-
-# ---- reachability checks ----------------------------------------------------
 
 def is_own_address(address, settings):
     """True when probing `address` would reach this host (and so the server's
@@ -3202,17 +3128,112 @@ def recheck_direct(settings, store, record, now):
     return "relayed %s (was direct at %s: %s)" % (record["fqdn"], reach["address"], reason)
 
 
-# ---- the built-in responder: constants ------------------------------------
+
+# =====================================================================
+# DNS — what each tunnel's name answers (from its reachability), and the
+# built-in authoritative responder on DNS_PORT; used by the wiring, by
+# `dns-refresh` and by DNSIMPLE. ACME DNS-01 publishes its TXT values
+# with BuiltinDns.set_txt(name, values) (DnsimpleProvider.set_txt alike).
+# =====================================================================
+#
+# Split horizon: a client asking from the router's own public address gets
+# the pod's LAN address (routers without hairpin NAT), if the pod gave one.
+#
+# The built-in responder (DnsZone answers, DnsResponder moves packets):
+#
+# | name                    | records                                        |
+# |-------------------------|------------------------------------------------|
+# | the domain (apex)       | SOA, NS, A/AAAA of the server, TXT (txt_lookup)|
+# | ns_name (if below)      | A/AAAA of the server, TXT                      |
+# | a tunnel FQDN           | A/AAAA from lookup (split horizon), TXT        |
+# | a name with TXT only    | TXT (ACME DNS-01 `_acme-challenge.<fqdn>`)     |
+# | any other name below    | NXDOMAIN, SOA in authority                     |
+# | existing, type missing  | NOERROR without answers (NODATA), SOA          |
+# | outside the domain      | REFUSED (not authoritative, no records)        |
+#
+# - ANY gets the A and AAAA records of the name; a name without addresses
+#   gets the synthesized `HINFO "RFC8482" ""` of RFC 8482 section 4.2.
+#   AXFR and IXFR are REFUSED: there is no zone transfer.
+# - Split horizon keys are the query's source, or a full /32 IPv4 Client
+#   Subnet address from a resolver listed in DNS_CLIENT_SUBNET_FROM (from
+#   anyone else the option is ignored and not echoed); AAAA answers are
+#   never split. An honoured option is echoed with scope /32 for such
+#   names, /0 otherwise.
+# - Size: UDP answers fit 512 bytes without EDNS0, else min(client's size,
+#   our 1232); a larger one is sent with TC set and its records dropped, so
+#   the client retries over TCP. TCP answers fit 65535. Names in answers
+#   are not compressed (the answers are small).
+# - Abuse: UDP answers are rate limited per source prefix (DNS_RATE_LIMIT,
+#   DNS_RATE_SLIP: RateLimiter); UDP work is bounded per loop turn so tunnel
+#   traffic keeps its turns; TCP connections get capped threads, a small
+#   share per source and a deadline per whole query (DnsResponder).
+# - Unknown names are decided by the callbacks alone: an empty non-terminal
+#   gets NXDOMAIN.
+#
+# Glossary: *apex* the domain itself; *NODATA* NOERROR with no answers;
+# *ECS* the EDNS Client Subnet option; *split* LAN addresses per client;
+# *direct* / *relayed* the outcome of a reachability check; *slip* a
+# truncated answer instead of a dropped one (RRL).
+
+DNS_TTL_S = 60                     # of every tunnel record, both providers
+
+
+# ---- what a tunnel's name answers -----------------------------------------
+def server_addresses(settings):
+    """The server's own addresses for DNS: PUBLIC_ADDRESS, else a specific
+    LISTEN_ADDRESS, else 127.0.0.1 for a *.localhost domain (or none)."""
+    if settings.public_address:
+        return list(settings.public_address)
+    if settings.listen_address not in ("0.0.0.0", "::"):
+        return [settings.listen_address]
+    if settings.tunnel_domain == "localhost" or settings.tunnel_domain.endswith(".localhost"):
+        return ["127.0.0.1"]
+    return []
+
+
+def by_family(addresses):
+    """(IPv4 addresses, IPv6 addresses) of a list of address strings."""
+    return [a for a in addresses if ":" not in a], [a for a in addresses if ":" in a]
+
+
+def tunnel_answers(record, settings):
+    """(ipv4, ipv6, split) for a tunnel's name: the router's address in its
+    family when the last check said direct, the server's addresses otherwise;
+    split maps the router's address to the pod's LAN address."""
+    ipv4, ipv6 = by_family(server_addresses(settings))
+    reach = record.get("reach") or {}
+    if reach.get("status") != "direct" or not reach.get("address"):
+        return ipv4, ipv6, None
+    if ":" in reach["address"]:
+        return ipv4, [reach["address"]], None
+    lan = reach.get("lan_address")
+    return [reach["address"]], ipv6, ({reach["address"]: [lan]} if lan else None)
+
+
+def dns_wanted(records, settings, now):
+    """{(fqdn, "A"|"AAAA"): [addresses]} that every online tunnel should answer."""
+    wanted = {}
+    for record in records:
+        if tunnel_status(record, now) != "online":
+            continue
+        ipv4, ipv6, _split = tunnel_answers(record, settings)
+        for rtype, addresses in (("A", ipv4), ("AAAA", ipv6)):
+            if addresses:
+                wanted[(record["fqdn"], rtype)] = sorted(addresses)
+    return wanted
+
+
+
+# ---- the built-in responder: wire format ------------------------------------
 
 DNS_HEADER_BYTES = 12
 DNS_PLAIN_UDP_BYTES = 512          # RFC 1035 limit for UDP without EDNS0
 DNS_EDNS_UDP_BYTES = 1232          # our EDNS0 payload size (DNS flag day 2020)
 DNS_MAX_MESSAGE_BYTES = 65535      # what the TCP length prefix can carry
+DNS_MAX_QUERY_BYTES = 4096         # read of one UDP datagram
 DNS_MAX_NAME_BYTES = 255
 DNS_MAX_LABEL_BYTES = 63
 DNS_MAX_TXT_BYTES = 4096           # one TXT value; ACME values are 43 bytes
-DNS_TCP_IDLE_S = 10.0
-DNS_TCP_MAX_CLIENTS = 64
 DNS_SOA_TIMERS_S = (3600, 600, 604800)   # refresh, retry, expire
 
 _TYPE_A, _TYPE_NS, _TYPE_SOA, _TYPE_HINFO, _TYPE_TXT = 1, 2, 6, 13, 16
@@ -3246,12 +3267,6 @@ class DnsFormatError(ValueError):
     """A query that breaks the wire format; `DnsZone.answer` turns it into FORMERR."""
 
 
-class DnsFrameError(ValueError):
-    """A DNS-over-TCP length prefix that no message can have; close the connection."""
-
-
-# ---- wire parsing ---------------------------------------------------------
-
 def _read_name(packet, offset):
     """Return (labels, offset after the name) for the name starting at offset.
 
@@ -3279,24 +3294,10 @@ def _read_name(packet, offset):
         if length == 0:
             return labels, (offset + 1 if end is None else end)
         size += length + 1
-        if size > DNS_MAX_NAME_BYTES:
-            raise DnsFormatError("name longer than 255 bytes")
-        if offset + 1 + length > len(packet):
-            raise DnsFormatError("label runs past the end of the message")
+        if size > DNS_MAX_NAME_BYTES or offset + 1 + length > len(packet):
+            raise DnsFormatError("name longer than 255 bytes or past the end of the message")
         labels.append(bytes(packet[offset + 1:offset + 1 + length]))
         offset += 1 + length
-
-
-def _read_record(packet, offset):
-    """Return (labels, rtype, rclass, ttl, rdata, next offset) of the RR at offset."""
-    labels, offset = _read_name(packet, offset)
-    if offset + 10 > len(packet):
-        raise DnsFormatError("record header runs past the end of the message")
-    rtype, rclass, ttl, rdlength = struct.unpack_from("!HHIH", packet, offset)
-    offset += 10
-    if offset + rdlength > len(packet):
-        raise DnsFormatError("record data runs past the end of the message")
-    return labels, rtype, rclass, ttl, bytes(packet[offset:offset + rdlength]), offset + rdlength
 
 
 def _read_ecs(body):
@@ -3309,12 +3310,10 @@ def _read_ecs(body):
         raise DnsFormatError("client subnet option too short")
     family, source, scope = struct.unpack_from("!HBB", body)
     address = bytes(body[4:])
-    if source > _ECS_FAMILY_BITS.get(family, -1) or scope != 0:
-        raise DnsFormatError("client subnet family, prefix or scope invalid")
-    if len(address) != (source + 7) // 8:
-        raise DnsFormatError("client subnet address length does not match its prefix")
-    if source % 8 and address[-1] & (0xFF >> (source % 8)):
-        raise DnsFormatError("client subnet address has bits beyond its prefix")
+    if source > _ECS_FAMILY_BITS.get(family, -1) or scope != 0 \
+            or len(address) != (source + 7) // 8 \
+            or source % 8 and address[-1] & (0xFF >> (source % 8)):
+        raise DnsFormatError("client subnet family, prefix, scope or address invalid")
     return _Ecs(family, source, address)
 
 
@@ -3327,13 +3326,10 @@ def _read_options(rdata):
         if offset + 4 > len(rdata):
             raise DnsFormatError("truncated EDNS option header")
         code, length = struct.unpack_from("!HH", rdata, offset)
-        body = rdata[offset + 4:offset + 4 + length]
-        if len(body) != length:
-            raise DnsFormatError("truncated EDNS option")
-        offset += 4 + length
+        body, offset = rdata[offset + 4:offset + 4 + length], offset + 4 + length
+        if offset > len(rdata) or code == _OPTION_ECS and ecs is not None:
+            raise DnsFormatError("truncated EDNS option, or a second client subnet option")
         if code == _OPTION_ECS:
-            if ecs is not None:
-                raise DnsFormatError("second client subnet option")
             ecs = _read_ecs(body)
     return ecs
 
@@ -3347,7 +3343,13 @@ def _read_edns(packet, offset, skip, count):
     section 6.1.1). Bytes after the last record are ignored."""
     edns = None
     for index in range(skip + count):
-        labels, rtype, rclass, ttl, rdata, offset = _read_record(packet, offset)
+        labels, offset = _read_name(packet, offset)
+        if offset + 10 > len(packet):
+            raise DnsFormatError("record header runs past the end of the message")
+        rtype, rclass, ttl, rdlength = struct.unpack_from("!HHIH", packet, offset)
+        rdata, offset = packet[offset + 10:offset + 10 + rdlength], offset + 10 + rdlength
+        if offset > len(packet):
+            raise DnsFormatError("record data runs past the end of the message")
         if rtype != _TYPE_OPT or index < skip:
             continue
         if edns is not None or labels:
@@ -3375,41 +3377,14 @@ def _parse_query(packet):
     return _Query(qid, flags, labels, qtype, qclass, edns)
 
 
-# ---- wire building --------------------------------------------------------
+def _name_bytes(labels):
+    """A name in wire format, never compressed (our answers are small)."""
+    return b"".join(bytes([len(label)]) + label for label in labels) + b"\0"
 
-class _MessageWriter:
-    """Bytes of a message under construction; names are compressed against
-    every name written before (RFC 1035 section 4.1.4)."""
 
-    def __init__(self):
-        self.data = bytearray()
-        self._offsets = {}
-
-    def name(self, labels):
-        """Append labels as a name, ending in a pointer where a suffix repeats."""
-        for index, label in enumerate(labels):
-            suffix = tuple(part.lower() for part in labels[index:])
-            if suffix in self._offsets:
-                self.data += struct.pack("!H", 0xC000 | self._offsets[suffix])
-                return
-            if len(self.data) < 0x4000:
-                self._offsets[suffix] = len(self.data)
-            self.data += bytes([len(label)]) + label
-        self.data.append(0)
-
-    def record(self, owner, rtype, ttl, parts):
-        """Append one IN record; parts of its data are bytes, or tuples of
-        labels written as (compressible) names."""
-        self.name(owner)
-        self.data += struct.pack("!HHI", rtype, _CLASS_IN, ttl)
-        start = len(self.data)
-        self.data += b"\0\0"
-        for part in parts:
-            if isinstance(part, tuple):
-                self.name(part)
-            else:
-                self.data += part
-        struct.pack_into("!H", self.data, start, len(self.data) - start - 2)
+def _rr(owner, rtype, ttl, rdata):
+    """One IN resource record in wire format."""
+    return _name_bytes(owner) + struct.pack("!HHIH", rtype, _CLASS_IN, ttl, len(rdata)) + rdata
 
 
 def _header_only(qid, flags, rcode):
@@ -3421,7 +3396,7 @@ def _header_only(qid, flags, rcode):
 def _opt_record(edns, udp_bytes, ext_rcode, scope):
     """Return our OPT record answering the query's `edns`: our UDP size, the
     DO bit copied (RFC 3225), and the Client Subnet option echoed with
-    `scope` when the query carried one (RFC 7871 section 7.2.1)."""
+    `scope` when the query carried one we honour (RFC 7871 section 7.2.1)."""
     options = b""
     if edns.ecs is not None:
         ecs = edns.ecs
@@ -3433,35 +3408,19 @@ def _opt_record(edns, udp_bytes, ext_rcode, scope):
 
 def _build(query, rcode, flags, sections, opt):
     """Return the response bytes: header, the question as asked, the three
-    sections (lists of (owner, rtype, ttl, parts)), then `opt` (b"" for none)."""
+    sections (lists of records in wire format), then `opt` (b"" for none)."""
     answers, authority, additional = sections
     flags |= _FLAG_QR | (query.flags & (_FLAG_OPCODE | _FLAG_RD)) | rcode
-    writer = _MessageWriter()
-    writer.data += struct.pack("!6H", query.qid, flags, 1, len(answers), len(authority),
-                               len(additional) + (1 if opt else 0))
-    writer.name(query.labels)
-    writer.data += struct.pack("!HH", query.qtype, query.qclass)
-    for record in answers + authority + additional:
-        writer.record(*record)
-    writer.data += opt
-    return bytes(writer.data)
-
-
-def _size_limit(edns, max_udp):
-    """Return the largest response allowed: 65535 over TCP (max_udp None),
-    512 over UDP without EDNS0, else min(client's size, max_udp), never
-    below 512 (RFC 6891 section 6.2.5)."""
-    if max_udp is None:
-        return DNS_MAX_MESSAGE_BYTES
-    if edns is None:
-        return DNS_PLAIN_UDP_BYTES
-    return max(DNS_PLAIN_UDP_BYTES, min(edns.udp_bytes, max_udp))
+    header = struct.pack("!6H", query.qid, flags, 1, len(answers), len(authority),
+                         len(additional) + (1 if opt else 0))
+    question = _name_bytes(query.labels) + struct.pack("!HH", query.qtype, query.qclass)
+    return header + question + b"".join(answers + authority + additional) + opt
 
 
 def _packed_addresses(addresses, version):
-    """Return A/AAAA record data parts for address strings; a string that is
-    no address of that version is logged and skipped."""
-    parts = []
+    """Return A/AAAA record data for address strings; a string that is no
+    address of that version is logged and skipped."""
+    found = []
     for text in addresses or ():
         try:
             address = ipaddress.ip_address(text)
@@ -3470,38 +3429,22 @@ def _packed_addresses(addresses, version):
         if address is None or address.version != version:
             log.warning("dns skips bad address address=%r", text)
             continue
-        parts.append([address.packed])
-    return parts
+        found.append(address.packed)
+    return found
 
 
-def _txt_parts(texts):
-    """Return TXT record data parts, one record per text, each split into
-    255-byte character-strings; a text over DNS_MAX_TXT_BYTES is skipped."""
-    parts = []
+def _txt_data(texts):
+    """Return TXT record data, one record per text, each split into 255-byte
+    character-strings; a text over DNS_MAX_TXT_BYTES is skipped."""
+    found = []
     for text in texts:
         data = text.encode("utf-8")
         if len(data) > DNS_MAX_TXT_BYTES:
             log.warning("dns skips oversized txt bytes=%d", len(data))
             continue
         chunks = [data[i:i + 255] for i in range(0, len(data), 255)] or [b""]
-        parts.append([b"".join(bytes([len(chunk)]) + chunk for chunk in chunks)])
-    return parts
-
-
-def _client_keys(client_ip, edns):
-    """Return the client addresses that may select split answers: a full
-    /32 IPv4 Client Subnet address, then the transport source address
-    (an IPv4-mapped IPv6 source counts as its IPv4)."""
-    keys = []
-    ecs = edns.ecs if edns is not None else None
-    if ecs is not None and ecs.family == 1 and ecs.source == 32:
-        keys.append(str(ipaddress.IPv4Address(ecs.address)))
-    try:
-        address = ipaddress.ip_address(client_ip)
-        keys.append(str(getattr(address, "ipv4_mapped", None) or address))
-    except ValueError:
-        keys.append(client_ip)
-    return keys
+        found.append(b"".join(bytes([len(chunk)]) + chunk for chunk in chunks))
+    return found
 
 
 def _labels_of(name):
@@ -3515,7 +3458,17 @@ def _labels_of(name):
     return labels
 
 
-# ---- the zone -------------------------------------------------------------
+@functools.lru_cache(maxsize=4096)
+def source_prefix(address, ipv4_bits, ipv6_bits):
+    """The network a per-source limit counts `address` (a string) in: its
+    IPv4 /ipv4_bits or IPv6 /ipv6_bits, an IPv4-mapped address as IPv4."""
+    ip = ipaddress.ip_address(address)
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    bits = ipv4_bits if ip.version == 4 else ipv6_bits
+    return str(ipaddress.ip_network((ip, bits), strict=False))
+
+
+# ---- the zone: what a query gets ---------------------------------------------
 
 class DnsZone:
     """The authoritative data for one domain, answering query bytes.
@@ -3524,16 +3477,18 @@ class DnsZone:
     below the domain and other than ns_name, and returns a DnsTunnelRecord
     (or any object with .ipv4, .ipv6, .split) or None if no tunnel has
     that name. `txt_lookup(name)` gets any lowercased name in the domain
-    and returns a list of TXT strings (empty: none). Both are called from
-    the thread that calls `answer`, must not block, and see only names made
-    of letters, digits, '-' and '_'.
+    and returns a list of TXT strings (empty: none). Both must not block,
+    may be called from several threads at once, and see only names made of
+    letters, digits, '-' and '_'. A Client Subnet option is honoured only
+    from a source inside `subnet_resolvers` (networks); from anyone else it
+    is ignored, as a server without ECS would.
 
     Attributes may be changed between calls: `serial` (the SOA serial, bump
     it when records change), `ttl_s`, `server_ipv4`, `server_ipv6`.
     """
 
     def __init__(self, domain, server_ipv4=(), server_ipv6=(), ttl_s=60, ns_name=None,
-                 lookup=None, txt_lookup=None, serial=1):
+                 lookup=None, txt_lookup=None, serial=1, subnet_resolvers=()):
         self.domain_labels = _labels_of(domain)
         self.domain = b".".join(self.domain_labels).decode("ascii")
         self.ns_labels = _labels_of(ns_name or "ns." + self.domain)
@@ -3544,14 +3499,16 @@ class DnsZone:
         self.server_ipv4, self.server_ipv6 = list(server_ipv4), list(server_ipv6)
         self.ttl_s, self.serial = int(ttl_s), int(serial)
         self.lookup, self.txt_lookup = lookup, txt_lookup
+        self.subnet_resolvers = [ipaddress.ip_network(n, strict=False) for n in subnet_resolvers]
 
-    def answer(self, packet, client_ip, max_udp=DNS_EDNS_UDP_BYTES):
+    def answer(self, packet, client_ip, max_udp=DNS_EDNS_UDP_BYTES, slip=False):
         """Return the response to the query `packet`, or None to send nothing.
 
         client_ip is the source address of the packet (str); max_udp is our
         UDP payload size (also advertised in OPT), or None for a query that
-        came over TCP. None is returned for messages shorter than a header
-        and for responses (QR set). Never raises for any packet: a malformed
+        came over TCP; `slip` asks for a bare truncated answer (the rate
+        limiter's). None is returned for messages shorter than a header and
+        for responses (QR set). Never raises for any packet: a malformed
         query gets FORMERR, an opcode other than QUERY gets NOTIMP, both as a
         bare header. Callback exceptions do propagate."""
         if len(packet) < DNS_HEADER_BYTES:
@@ -3565,28 +3522,62 @@ class DnsZone:
             query = _parse_query(packet)
         except DnsFormatError:
             return _header_only(qid, flags, _RCODE_FORMERR)
+        if slip:
+            return _build(query, _RCODE_NOERROR, _FLAG_TC, _NO_RECORDS, b"")
         return self._respond(query, client_ip, max_udp)
 
     def _respond(self, query, client_ip, max_udp):
-        """Return the response to a parsed query, truncated to its size limit."""
+        """Return the response to a parsed query, truncated to its size limit:
+        65535 bytes over TCP, 512 over UDP without EDNS0, else the client's
+        size within [512, max_udp] (RFC 6891 section 6.2.5)."""
         edns, udp_bytes = query.edns, max_udp or DNS_EDNS_UDP_BYTES
+        if edns is not None and edns.ecs is not None and not self._trusted(client_ip):
+            edns = edns._replace(ecs=None)
         if edns is not None and edns.version != 0:
             opt = _opt_record(edns, udp_bytes, _EXT_RCODE_BADVERS, 0)
             return _build(query, _RCODE_NOERROR, 0, _NO_RECORDS, opt)
-        rcode, flags, sections, split = self._resolve(query, _client_keys(client_ip, edns))
+        rcode, flags, sections, split = self._resolve(query, self._client_keys(client_ip, edns))
         opt = b""
         if edns is not None:
             scope = 32 if split and edns.ecs is not None and edns.ecs.family == 1 else 0
             opt = _opt_record(edns, udp_bytes, 0, scope)
         response = _build(query, rcode, flags, sections, opt)
-        if len(response) > _size_limit(edns, max_udp):
+        limit = DNS_MAX_MESSAGE_BYTES if max_udp is None else DNS_PLAIN_UDP_BYTES \
+            if edns is None else max(DNS_PLAIN_UDP_BYTES, min(edns.udp_bytes, max_udp))
+        if len(response) > limit:
             response = _build(query, rcode, flags | _FLAG_TC, _NO_RECORDS, opt)
         return response
+
+    def _trusted(self, client_ip):
+        """Whether the query's source is a resolver whose Client Subnet counts."""
+        try:
+            address = ipaddress.ip_address(client_ip)
+        except ValueError:
+            return False
+        address = getattr(address, "ipv4_mapped", None) or address
+        return any(address in network for network in self.subnet_resolvers)
+
+    @staticmethod
+    def _client_keys(client_ip, edns):
+        """Return the client addresses that may select split answers: a full
+        /32 IPv4 Client Subnet address (honoured ones only), then the
+        transport source (an IPv4-mapped IPv6 source counts as its IPv4)."""
+        keys = []
+        ecs = edns.ecs if edns is not None else None
+        if ecs is not None and ecs.family == 1 and ecs.source == 32:
+            keys.append(str(ipaddress.IPv4Address(ecs.address)))
+        try:
+            address = ipaddress.ip_address(client_ip)
+            keys.append(str(getattr(address, "ipv4_mapped", None) or address))
+        except ValueError:
+            keys.append(client_ip)
+        return keys
 
     def _resolve(self, query, client_keys):
         """Return (rcode, flags, sections, split) for a query: `split` tells
         whether the answer depends on the client's address."""
-        relative = self._relative(query.labels)
+        lowered = tuple(label.lower() for label in query.labels)
+        relative = self._relative(lowered)
         if relative is None or query.qclass != _CLASS_IN \
                 or query.qtype in (_TYPE_AXFR, _TYPE_IXFR):
             return _RCODE_REFUSED, 0, _NO_RECORDS, False
@@ -3600,44 +3591,37 @@ class DnsZone:
         glue = self._glue() if query.qtype == _TYPE_NS else []
         return _RCODE_NOERROR, _FLAG_AA, (answers, [], glue), split
 
-    def _relative(self, labels):
-        """Return the lowercased labels in front of the domain, or None when
-        the name is not the domain or below it."""
-        lowered = tuple(label.lower() for label in labels)
+    def _relative(self, lowered):
+        """Return the labels in front of the domain, or None when the name is
+        not the domain or below it."""
         cut = len(lowered) - len(self.domain_labels)
-        if cut < 0 or lowered[cut:] != self.domain_labels:
-            return None
-        return lowered[:cut]
+        return lowered[:cut] if cut >= 0 and lowered[cut:] == self.domain_labels else None
 
     def _node(self, relative, client_keys):
-        """Return ({rtype: [parts...]}, split) for an in-domain name, or
-        (None, False) when the name does not exist."""
+        """Return ({rtype: [record data]}, split) for an in-domain name, or
+        (None, False) when the name does not exist. The apex and ns_name
+        answer the server's addresses, other names what `lookup` says."""
         if not all(_PLAIN_LABEL_BYTES.issuperset(label) for label in relative):
             return None, False
         name = b".".join(relative + self.domain_labels).decode("ascii")
-        node, split = self._address_node(relative, name, client_keys)
-        texts = self.txt_lookup(name) if self.txt_lookup is not None else []
-        if texts:
-            node = dict(node or {})
-            node[_TYPE_TXT] = _txt_parts(texts)
-        return node, split
-
-    def _address_node(self, relative, name, client_keys):
-        """Return (node, split) from the apex, ns_name or `lookup`, without TXT."""
+        node, split = None, False
         if not relative or name == self.ns_name:
             node = {_TYPE_A: _packed_addresses(self.server_ipv4, 4),
                     _TYPE_AAAA: _packed_addresses(self.server_ipv6, 6)}
             if not relative:
-                node[_TYPE_SOA] = [self._soa_record()[3]]
-                node[_TYPE_NS] = [[self.ns_labels]]
-            return node, False
-        record = self.lookup(name) if self.lookup is not None else None
-        if record is None:
-            return None, False
-        split = record.split or {}
-        ipv4 = next((split[key] for key in client_keys if key in split), record.ipv4)
-        return {_TYPE_A: _packed_addresses(ipv4, 4),
-                _TYPE_AAAA: _packed_addresses(record.ipv6, 6)}, bool(split)
+                node.update({_TYPE_SOA: [self._soa_data()], _TYPE_NS: [_name_bytes(self.ns_labels)]})
+        else:
+            record = self.lookup(name) if self.lookup is not None else None
+            if record is not None:
+                split = record.split or {}
+                ipv4 = next((split[key] for key in client_keys if key in split), record.ipv4)
+                node = {_TYPE_A: _packed_addresses(ipv4, 4),
+                        _TYPE_AAAA: _packed_addresses(record.ipv6, 6)}
+        texts = self.txt_lookup(name) if self.txt_lookup is not None else []
+        if texts:
+            node = dict(node or {})
+            node[_TYPE_TXT] = _txt_data(texts)
+        return node, bool(split)
 
     def _select(self, node, query):
         """Return the answer records of `node` for the query's type; for ANY
@@ -3646,25 +3630,27 @@ class DnsZone:
             wanted = [(query.qtype, node.get(query.qtype, []))]
         else:
             wanted = [(_TYPE_A, node.get(_TYPE_A, [])), (_TYPE_AAAA, node.get(_TYPE_AAAA, []))]
-            if not any(parts for _, parts in wanted):
-                wanted = [(_TYPE_HINFO, [[_HINFO_RFC8482]])]
-        return [(query.labels, rtype, self.ttl_s, parts)
-                for rtype, all_parts in wanted for parts in all_parts]
+            if not any(found for _, found in wanted):
+                wanted = [(_TYPE_HINFO, [_HINFO_RFC8482])]
+        return [_rr(query.labels, rtype, self.ttl_s, rdata)
+                for rtype, found in wanted for rdata in found]
+
+    def _soa_data(self):
+        """The apex SOA's data; its minimum (the negative TTL) is ttl_s."""
+        timers = struct.pack("!5I", self.serial & 0xFFFFFFFF, *DNS_SOA_TIMERS_S, self.ttl_s)
+        return _name_bytes(self.ns_labels) + _name_bytes(self.hostmaster_labels) + timers
 
     def _soa_record(self):
-        """Return the apex SOA record; its minimum (negative TTL) is ttl_s."""
-        timers = struct.pack("!5I", self.serial & 0xFFFFFFFF, *DNS_SOA_TIMERS_S, self.ttl_s)
-        parts = [self.ns_labels, self.hostmaster_labels, timers]
-        return (self.domain_labels, _TYPE_SOA, self.ttl_s, parts)
+        return _rr(self.domain_labels, _TYPE_SOA, self.ttl_s, self._soa_data())
 
     def _glue(self):
         """Return A/AAAA records of ns_name for an NS answer, if it is in the domain."""
         if self._relative(self.ns_labels) is None:
             return []
-        return [(self.ns_labels, rtype, self.ttl_s, parts)
+        return [_rr(self.ns_labels, rtype, self.ttl_s, rdata)
                 for rtype, version, addresses in ((_TYPE_A, 4, self.server_ipv4),
                                                   (_TYPE_AAAA, 6, self.server_ipv6))
-                for parts in _packed_addresses(addresses, version)]
+                for rdata in _packed_addresses(addresses, version)]
 
 
 def servfail(packet):
@@ -3676,329 +3662,246 @@ def servfail(packet):
     return None if flags & _FLAG_QR else _header_only(qid, flags, _RCODE_SERVFAIL)
 
 
-# ---- DNS over TCP framing (RFC 1035 section 4.2.2) ------------------------
+# ---- the responder: UDP on the loop, TCP in capped threads --------------------
 
-def tcp_frames(buffer, max_frames=None):
-    """Remove the complete messages at the front of `buffer` and return them.
-
-    buffer is a bytearray holding a DNS-over-TCP stream (each message behind
-    a two-byte big-endian length); an incomplete message stays in it for the
-    next call. At most max_frames messages are taken (None: all). A length
-    below the 12-byte header means the stream is garbage: DnsFrameError is
-    raised (after the complete messages before it were returned by this or
-    an earlier call) and the connection should be closed."""
-    frames = []
-    while len(buffer) >= 2 and (max_frames is None or len(frames) < max_frames):
-        length = buffer[0] << 8 | buffer[1]
-        if length < DNS_HEADER_BYTES:
-            if frames:
-                break
-            raise DnsFrameError("dns tcp frame of %d bytes is shorter than a header" % length)
-        if len(buffer) < 2 + length:
-            break
-        frames.append(bytes(buffer[2:2 + length]))
-        del buffer[:2 + length]
-    return frames
+DNS_UDP_PER_TURN = 4               # datagrams answered per loop turn: tunnels keep theirs
+DNS_TCP_MAX_CLIENTS = 64
+DNS_TCP_PER_SOURCE = 4             # of those, per IPv4 address or IPv6 /64
+DNS_TCP_QUERY_DEADLINE_S = 5.0     # to receive one whole query and send its answer
+DNS_RRL_TABLE_SIZE = 10000         # source prefixes the rate limiter remembers
+DNS_RRL_IPV4_BITS, DNS_RRL_IPV6_BITS = 24, 56   # BIND's defaults
 
 
-def _frame_complete(buffer):
-    """Tell whether buffer starts with a whole length-prefixed message."""
-    return len(buffer) >= 2 and len(buffer) >= 2 + (buffer[0] << 8 | buffer[1])
+class RateLimiter:
+    """Response rate limiting per source prefix (IPv4 /24, IPv6 /56), in
+    the spirit of BIND's RRL: a prefix gets `rate` answers per second (a
+    burst of as many); past that, every `slip`th query gets a bare answer
+    with TC set, so a real resolver retries over TCP (which a forged source
+    cannot), and the others get nothing. slip 0: nothing at all; rate 0:
+    no limit. At most TABLE_SIZE prefixes are remembered, the least
+    recently seen forgotten first. Used by the loop thread only."""
+
+    TABLE_SIZE = DNS_RRL_TABLE_SIZE
+    ANSWER, SLIP, DROP = "answer", "slip", "drop"
+
+    def __init__(self, rate, slip):
+        self.rate, self.slip = rate, slip
+        self.buckets = collections.OrderedDict()   # prefix -> [tokens, at, over the rate]
+
+    def judge(self, address, now):
+        """ANSWER, SLIP or DROP for one query from `address` at monotonic `now`."""
+        if not self.rate:
+            return self.ANSWER
+        key = source_prefix(address, DNS_RRL_IPV4_BITS, DNS_RRL_IPV6_BITS)
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = [float(self.rate), now, 0]
+            if len(self.buckets) > self.TABLE_SIZE:
+                self.buckets.popitem(last=False)
+        else:
+            self.buckets.move_to_end(key)
+        bucket[0] = min(float(self.rate), bucket[0] + (now - bucket[1]) * self.rate)
+        bucket[1] = now
+        if bucket[0] >= 1.0:
+            bucket[0] -= 1.0
+            return self.ANSWER
+        bucket[2] += 1
+        return self.SLIP if self.slip and bucket[2] % self.slip == 0 else self.DROP
 
 
-def tcp_wrap(response):
-    """Return response behind its two-byte length prefix; ValueError over 65535 bytes."""
-    if len(response) > DNS_MAX_MESSAGE_BYTES:
-        raise ValueError("dns message of %d bytes does not fit a tcp frame" % len(response))
-    return struct.pack("!H", len(response)) + response
-
-
-# ---- sockets --------------------------------------------------------------
-
-def _bind_pair(address, port, attempts=16):
-    """Return (udp, tcp) non-blocking sockets bound to the same (address,
-    port); with port 0 the kernel picks one free for both (a few tries).
-    OSError when the port cannot be had."""
+def _bind_udp_and_tcp(address, port, attempts=16):
+    """(udp socket, tcp listener) on the same (address, port); port 0: one
+    free for both (a few tries). Unavailable when the port cannot be had."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    for attempt in range(attempts):
+    for _ in range(attempts):
         udp = socket.socket(family, socket.SOCK_DGRAM)
-        tcp = socket.socket(family, socket.SOCK_STREAM)
         try:
             udp.bind((address, port))
-            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            tcp.bind((address, udp.getsockname()[1]))
-            tcp.listen(DNS_TCP_MAX_CLIENTS)
-        except OSError:
+        except OSError as exc:
             udp.close()
-            tcp.close()
-            if port != 0 or attempt == attempts - 1:
-                raise
-            continue
-        udp.setblocking(False)
-        tcp.setblocking(False)
-        return udp, tcp
-    raise OSError("no port free for dns on udp and tcp at %s" % address)
-
-
-class _DnsTcpClient:
-    """One DNS-over-TCP connection: bounded input and output buffers."""
-
-    def __init__(self, sock, peer, now):
-        self.sock, self.peer, self.last_active_s = sock, peer, now
-        self.inbuf, self.outbuf = bytearray(), bytearray()
-        self.events, self.eof, self.closed = selectors.EVENT_READ, False, False
-
-
-class DnsServer:
-    """Serves a DnsZone on UDP and TCP at (address, port).
-
-    Binds both sockets at construction (port 0: a free one, same for both,
-    in `.port`). `register(selector)` adds them to the caller's selector;
-    every key this class registers carries a callable taking the event
-    mask, so the wiring loop runs `key.data(mask)` for each ready key, and
-    `expire_idle(time.monotonic())` now and then. Handlers never block and
-    never raise for network or packet trouble: a bad datagram or connection
-    is logged and dropped, the server goes on. Settings are class attributes
-    and may be overridden per instance.
-
-    TCP: at most TCP_MAX_CLIENTS connections (more are closed at once), idle
-    ones closed after TCP_IDLE_S, pipelined queries answered in order. A
-    client's input holds at most TCP_INPUT_BYTES (one largest message);
-    reads stop while its output holds TCP_OUTPUT_BYTES or more, so a client
-    that never reads costs at most that plus one response until it idles
-    out. A length prefix below 12 bytes closes the connection.
-    """
-
-    UDP_DATAGRAMS_PER_EVENT = 64
-    TCP_IDLE_S = DNS_TCP_IDLE_S
-    TCP_MAX_CLIENTS = DNS_TCP_MAX_CLIENTS
-    TCP_INPUT_BYTES = DNS_MAX_MESSAGE_BYTES + 2
-    TCP_OUTPUT_BYTES = 2 * (DNS_MAX_MESSAGE_BYTES + 2)
-    UDP_PAYLOAD_BYTES = DNS_EDNS_UDP_BYTES
-
-    def __init__(self, zone, address="0.0.0.0", port=53):
-        self.zone = zone
-        self.udp_socket, self.tcp_socket = _bind_pair(address, port)
-        self.address, self.port = address, self.udp_socket.getsockname()[1]
-        self._selector = None
-        self._clients = {}
-        self._closed = False
-
-    def register(self, selector):
-        """Add the UDP socket and the TCP listener to selector (once)."""
-        self._selector = selector
-        selector.register(self.udp_socket, selectors.EVENT_READ, self.on_udp_readable)
-        selector.register(self.tcp_socket, selectors.EVENT_READ, self.on_tcp_accept)
-
-    def on_udp_readable(self, mask=selectors.EVENT_READ):
-        """Answer the datagrams waiting (at most UDP_DATAGRAMS_PER_EVENT)."""
-        for _ in range(self.UDP_DATAGRAMS_PER_EVENT):
-            try:
-                packet, peer = self.udp_socket.recvfrom(DNS_MAX_MESSAGE_BYTES)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as error:
-                log.debug("dns udp receive failed error=%s", error)
-                continue
-            response = self._answer(packet, peer[0], self.UDP_PAYLOAD_BYTES)
-            if response is None:
-                continue
-            try:
-                self.udp_socket.sendto(response, peer)
-            except OSError as error:
-                log.debug("dns udp send failed peer=%s error=%s", peer[0], error)
-
-    def on_tcp_accept(self, mask=selectors.EVENT_READ):
-        """Accept waiting connections; beyond TCP_MAX_CLIENTS they are closed."""
-        for _ in range(self.TCP_MAX_CLIENTS):
-            try:
-                sock, peer = self.tcp_socket.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as error:
-                log.debug("dns tcp accept failed error=%s", error)
-                return
-            if len(self._clients) >= self.TCP_MAX_CLIENTS:
-                log.warning("dns tcp refused, too many clients peer=%s", peer[0])
-                sock.close()
-                continue
-            sock.setblocking(False)
-            client = _DnsTcpClient(sock, peer[0], time.monotonic())
-            self._clients[sock] = client
-            self._selector.register(sock, client.events,
-                                    functools.partial(self.on_tcp_event, client))
-
-    def on_tcp_event(self, client, mask):
-        """Move bytes of one TCP client: send what is pending, read, answer."""
-        if mask & selectors.EVENT_WRITE:
-            self._send(client)
-        if mask & selectors.EVENT_READ and not client.closed:
-            self._receive(client)
-        if not client.closed:
-            self._serve(client)
-
-    def expire_idle(self, now):
-        """Close TCP clients idle for TCP_IDLE_S or more at monotonic `now`;
-        return how many were closed."""
-        idle = [client for client in self._clients.values()
-                if now - client.last_active_s >= self.TCP_IDLE_S]
-        for client in idle:
-            self._drop(client, "idle")
-        return len(idle)
-
-    def close(self):
-        """Close every connection and both sockets; safe to call twice."""
-        for client in list(self._clients.values()):
-            self._drop(client, "server closing")
-        if self._closed:
-            return
-        self._closed = True
-        for sock in (self.udp_socket, self.tcp_socket):
-            if self._selector is not None:
-                self._selector.unregister(sock)
-            sock.close()
-
-    def _answer(self, packet, client_ip, max_udp):
-        """Return the zone's response; a failure inside it is logged (a bug
-        or a failing callback) and the client gets SERVFAIL."""
+            raise Unavailable("cannot serve DNS on %s port %d: %s" % (
+                address, port, exc.strerror or exc)) from None
         try:
-            return self.zone.answer(packet, client_ip, max_udp)
+            return udp, bind_listener(address, udp.getsockname()[1])
+        except Unavailable:
+            udp.close()
+            if port:
+                raise
+    raise Unavailable("no port free for DNS on both UDP and TCP at %s" % address)
+
+
+class DnsResponder:
+    """Serves a DnsZone on UDP and TCP at (address, port) (port 0: a free
+    one, in `.port`), through the server's EventLoop `loop`.
+
+    UDP: each loop turn answers at most UDP_PER_TURN datagrams, so under a
+    flood the rest wait (or overflow) in the kernel's buffer while tunnel
+    traffic keeps its turns; `limiter` (a RateLimiter) decides per source
+    whether a query gets its answer, a truncated one or nothing.
+    TCP: a Listener hands each connection to a thread of its own, at most
+    TCP_MAX_CLIENTS at once and TCP_PER_SOURCE per IPv4 address or IPv6 /64
+    (more are closed at once); each query must arrive whole, and its answer
+    leave, within TCP_QUERY_DEADLINE_S however the bytes trickle, else the
+    connection is closed; pipelined queries are answered in order; a length
+    prefix below a header closes it. Never raises for network or packet
+    trouble. Settings are class attributes, may be overridden per instance.
+    Built, and closed, in the loop thread."""
+
+    UDP_PER_TURN = DNS_UDP_PER_TURN
+    UDP_PAYLOAD_BYTES = DNS_EDNS_UDP_BYTES
+    TCP_MAX_CLIENTS = DNS_TCP_MAX_CLIENTS
+    TCP_PER_SOURCE = DNS_TCP_PER_SOURCE
+    TCP_QUERY_DEADLINE_S = DNS_TCP_QUERY_DEADLINE_S
+
+    def __init__(self, zone, loop, address="0.0.0.0", port=53, limiter=None):
+        self.zone, self.loop = zone, loop
+        self.limiter = limiter or RateLimiter(0, 0)
+        self.udp, tcp = _bind_udp_and_tcp(address, port)
+        self.address, self.port = address, self.udp.getsockname()[1]
+        self.lock = threading.Lock()               # guards the two below
+        self.tcp_held = collections.Counter()     # source -> connections
+        self.tcp_socks = set()
+        self.closed = False
+        self.udp.setblocking(False)
+        loop.watch(self.udp, EVENT_READ, self.on_udp)
+        self.listener = Listener(loop, tcp, self.on_tcp_accept, "dns")
+
+    def on_udp(self, _mask):
+        """Answer at most UDP_PER_TURN waiting datagrams, as the limiter says."""
+        for _ in range(self.UDP_PER_TURN):
+            try:
+                packet, peer = self.udp.recvfrom(DNS_MAX_QUERY_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("dns udp receive failed error=%s", exc)
+                continue
+            verdict = self.limiter.judge(peer[0], time.monotonic())
+            if verdict == RateLimiter.DROP:
+                continue
+            response = self.answer(packet, peer[0], self.UDP_PAYLOAD_BYTES,
+                                   verdict == RateLimiter.SLIP)
+            if response is not None:
+                try:
+                    self.udp.sendto(response, peer)
+                except OSError as exc:
+                    log.debug("dns udp send failed peer=%s error=%s", peer[0], exc)
+
+    def answer(self, packet, peer, max_udp, slip=False):
+        """The zone's response; a failure inside it (a bug or a failing
+        callback) is logged and the client gets SERVFAIL."""
+        try:
+            return self.zone.answer(packet, peer, max_udp, slip)
         except Exception:  # per-query boundary: one bad query must not stop DNS
-            log.exception("dns answer failed peer=%s", client_ip)
+            log.exception("dns answer failed peer=%s", peer)
             return servfail(packet)
 
-    def _receive(self, client):
-        """Read what fits the client's input buffer; EOF marks it done."""
-        room = self.TCP_INPUT_BYTES - len(client.inbuf)
-        if room <= 0:
+    def on_tcp_accept(self, sock, address):
+        """Listener callback: a thread for the connection, or close it at once
+        when all slots, or the source's share of them, are taken."""
+        source = source_prefix(address[0], 32, 64)
+        with self.lock:
+            admitted = not self.closed and len(self.tcp_socks) < self.TCP_MAX_CLIENTS \
+                and self.tcp_held[source] < self.TCP_PER_SOURCE
+            if admitted:
+                self.tcp_held[source] += 1
+                self.tcp_socks.add(sock)
+        if not admitted:
+            log.debug("dns tcp refused, slots taken peer=%s", address[0])
+            sock.close()
             return
-        try:
-            data = client.sock.recv(room)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as error:
-            self._drop(client, "receive failed: %s" % error)
-            return
-        if not data:
-            client.eof = True
-            return
-        client.inbuf += data
-        client.last_active_s = time.monotonic()
+        threading.Thread(target=self.serve_tcp, args=(sock, address[0], source),
+                         name="dns-tcp", daemon=True).start()
 
-    def _send(self, client):
-        """Send as much pending output as the socket takes."""
-        if not client.outbuf:
-            return
+    def serve_tcp(self, sock, peer, source):
+        """Thread body: answer whole queries in turn until EOF, a deadline,
+        garbage or close(); then give the slot back."""
         try:
-            sent = client.sock.send(client.outbuf)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as error:
-            self._drop(client, "send failed: %s" % error)
-            return
-        del client.outbuf[:sent]
-        client.last_active_s = time.monotonic()
-
-    def _serve(self, client):
-        """Answer buffered queries while output has room, then poll for what
-        the client needs next; close it once it is done and drained."""
-        try:
-            while len(client.outbuf) < self.TCP_OUTPUT_BYTES:
-                frames = tcp_frames(client.inbuf, max_frames=1)
-                if not frames:
-                    break
-                response = self._answer(frames[0], client.peer, None)
+            sock.setblocking(True)
+            while True:
+                deadline = time.monotonic() + self.TCP_QUERY_DEADLINE_S
+                (length,) = struct.unpack("!H", recv_exactly(sock, 2, deadline))
+                if length < DNS_HEADER_BYTES:
+                    raise ProtocolError("a %d-byte frame is shorter than a header" % length)
+                response = self.answer(recv_exactly(sock, length, deadline), peer, None)
                 if response is not None:
-                    client.outbuf += tcp_wrap(response)
-        except DnsFrameError as error:
-            self._drop(client, str(error))
+                    sock.settimeout(max(0.001, deadline - time.monotonic()))
+                    sock.sendall(struct.pack("!H", len(response)) + response)
+        except (OSError, ProtocolError) as exc:
+            log.debug("dns tcp closed peer=%s reason=%s", peer, exc)
+        finally:
+            with self.lock:
+                self.tcp_socks.discard(sock)
+                self.tcp_held[source] -= 1
+                if not self.tcp_held[source]:
+                    del self.tcp_held[source]
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
+            sock.close()
+
+    def close(self):
+        """Close both sockets and end every TCP connection; twice is fine."""
+        if self.closed:
             return
-        self._send(client)
-        self._poll(client)
-
-    def _poll(self, client):
-        """Register the events the client needs: write while output is
-        pending or a buffered query awaits its answer (the socket being
-        writable then wakes `_serve` again), read while both buffers have
-        room and the peer may send."""
-        if client.closed:
-            return
-        waiting = _frame_complete(client.inbuf)
-        events = selectors.EVENT_WRITE if client.outbuf or waiting else 0
-        if not client.eof and len(client.outbuf) < self.TCP_OUTPUT_BYTES \
-                and len(client.inbuf) < self.TCP_INPUT_BYTES:
-            events |= selectors.EVENT_READ
-        if not events:
-            self._drop(client, None)
-        elif events != client.events:
-            client.events = events
-            self._selector.modify(client.sock, events,
-                                  functools.partial(self.on_tcp_event, client))
-
-    def _drop(self, client, reason):
-        """Close a TCP client (idempotent); reason None means a clean end."""
-        if client.closed:
-            return
-        client.closed = True
-        self._clients.pop(client.sock, None)
-        if reason is not None:
-            log.debug("dns tcp closed peer=%s reason=%s", client.peer, reason)
-        if self._selector is not None:
-            self._selector.unregister(client.sock)
-        try:
-            client.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        client.sock.close()
+        self.closed = True
+        self.loop.watch(self.udp, 0)
+        self.udp.close()
+        self.listener.close()
+        with self.lock:
+            for sock in self.tcp_socks:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
 
-# ---- builtin provider: the responder fed from the store --------------------
-
-class LoopSelector:
-    """The selector calls DnsServer makes, routed through EventLoop.watch so
-    the server's loop knows (and guards) every socket it serves."""
-
-    def __init__(self, loop):
-        self.loop = loop
-
-    def register(self, sock, events, callback):
-        self.loop.watch(sock, events, callback)
-
-    modify = register
-
-    def unregister(self, sock):
-        self.loop.watch(sock, 0)
-
+# ---- builtin provider: the zone fed from the store ----------------------------
 
 class BuiltinDns:
-    """The DnsZone of TUNNEL_DOMAIN and its DnsServer on DNS_PORT, answering
-    every online tunnel from the store. Lives in the loop thread: refresh()
-    (after any store change) rebuilds the names and bumps the SOA serial when
-    an answer changed. `txt` maps a name to TXT strings (ACME DNS-01)."""
+    """The DnsZone of TUNNEL_DOMAIN and its DnsResponder on DNS_PORT,
+    answering every online tunnel from the store.
+
+    refresh() (loop thread, after any store change) builds a new snapshot of
+    the names and bumps the SOA serial when an answer changed; answering
+    threads only ever read the snapshot in place. set_txt(name, values) (any
+    thread) publishes TXT strings for a name in the domain, e.g. ACME
+    DNS-01's `_acme-challenge.<fqdn>`; an empty list clears them."""
 
     def __init__(self, settings, store):
         self.settings, self.store = settings, store
         ipv4, ipv6 = by_family(server_addresses(settings))
-        self.txt = {}
-        self.names = {}             # fqdn -> (expires_at, DnsTunnelRecord)
+        self.txt = {}               # name -> [strings]; replaced, never changed in place
+        self.txt_lock = threading.Lock()
+        self.names = {}             # fqdn -> (expires_at, DnsTunnelRecord); likewise
         self.next_expiry = None
         self.zone = DnsZone(settings.tunnel_domain, ipv4, ipv6, ttl_s=DNS_TTL_S,
                             lookup=self.lookup, txt_lookup=lambda name: self.txt.get(name, []),
-                            serial=int(time.time()))
-        self.server = None
+                            serial=int(time.time()),
+                            subnet_resolvers=settings.dns_client_subnet_from)
+        self.responder = None
 
-    def start(self, selector):
-        """Bind LISTEN_ADDRESS:DNS_PORT (UDP and TCP) and serve from `selector`."""
-        try:
-            self.server = DnsServer(self.zone, self.settings.listen_address, self.settings.dns_port)
-        except OSError as exc:
-            raise Unavailable("cannot serve DNS on %s port %s: %s" % (
-                self.settings.listen_address, self.settings.dns_port, exc.strerror or exc)) from None
-        self.server.register(selector)
+    def start(self, loop):
+        """Bind LISTEN_ADDRESS:DNS_PORT (UDP and TCP) and serve through `loop`."""
+        s = self.settings
+        self.responder = DnsResponder(self.zone, loop, s.listen_address, s.dns_port,
+                                      RateLimiter(s.dns_rate_limit, s.dns_rate_slip))
         self.refresh()
-        return self.server.port
+        return self.responder.port
+
+    def set_txt(self, name, values):
+        """Answer TXT `values` (strings) for `name` from now on; [] clears.
+        ValueError for a name outside TUNNEL_DOMAIN."""
+        labels = _labels_of(name)
+        if self.zone._relative(labels) is None:
+            raise ValueError("%s is not in %s" % (name, self.zone.domain))
+        name = b".".join(labels).decode("ascii")
+        with self.txt_lock:
+            txt = dict(self.txt)
+            txt[name] = [str(value) for value in values]
+            if not txt[name]:
+                del txt[name]
+            self.txt = txt
 
     def refresh(self, _tunnel_id=None):
+        """Names and answers of every online tunnel, from the store."""
         now = time.time()
         names = {}
         for record in self.store.all():
@@ -4015,18 +3918,27 @@ class BuiltinDns:
         return entry[1] if entry and time.time() < entry[0] else None
 
     def sweep(self, now):
-        """Once a second from the server's sweep: idle TCP clients, expiries."""
-        if self.server is not None:
-            self.server.expire_idle(time.monotonic())
+        """Once a second from the server's sweep: names that just expired go."""
         if self.next_expiry is not None and now >= self.next_expiry:
             self.refresh()
 
     def close(self):
-        if self.server is not None:
-            self.server.close()
+        if self.responder is not None:
+            self.responder.close()
 
 
-# ---- dnsimple provider: its v2 REST API --------------------------------------
+# =====================================================================
+# DNSIMPLE — the tunnels' records in a dnsimple zone through its v2 REST
+# API: the client, the provider and the reconciliation thread; used by the
+# wiring (DYNAMIC_DNS_SERVICE=dnsimple:...) and `dns-refresh`
+# =====================================================================
+
+DNS_RECONCILE_INTERVAL_S = 60.0    # dnsimple: also without any change
+DNS_RETRY_FIRST_S = 5.0            # after a failure, doubling up to the interval
+DNS_RETRY_MAX_S = 3600.0           # longest wait a rate limit can impose
+DNS_OWNED_FILE = "dns_records.json"
+DNS_LOCK_FILE = "dns.lock"
+
 
 DNSIMPLE_TIMEOUT_S = 15
 DNSIMPLE_PER_PAGE = 100            # the API's maximum
@@ -4189,13 +4101,25 @@ class DnsimpleProvider:
         self.zone = None
 
     def reconcile(self, wanted):
-        """wanted: {(fqdn, type): [addresses]}. Returns one line per change made."""
+        """wanted: {(fqdn, "A"|"AAAA"): [addresses]}; our A/AAAA records not
+        in it are deleted. Returns one line per change made."""
+        return self.apply(wanted, ("A", "AAAA"))
+
+    def set_txt(self, fqdn, values):
+        """Make our TXT records of fqdn hold exactly `values` (strings), e.g.
+        ACME DNS-01's `_acme-challenge.<name>`; [] deletes them. Blocking;
+        returns one line per change; reconcile() leaves them alone."""
+        return self.apply({(fqdn.strip().rstrip(".").lower(), "TXT"): list(values)}, ())
+
+    def apply(self, wanted, rtypes):
+        """Converge every key of `wanted` and every record of ours whose type
+        is in rtypes, under the lock; log and return the changes."""
         with dns_state_lock(self.state_dir):
             zone = self.find_zone()
             owned = self.load_owned()
             mine = self.owned_records(zone, owned)
             changes = []
-            for key in sorted(set(wanted) | set(mine)):
+            for key in sorted(set(wanted) | {key for key in mine if key[1] in rtypes}):
                 changes += self.converge(zone, key, wanted.get(key, []), mine.get(key, []), owned)
         for line in changes:
             log.info("dns record %s", line)
@@ -4231,7 +4155,7 @@ class DnsimpleProvider:
         records removed by someone else are forgotten."""
         mine = {}
         for record in self.client.records(zone):
-            if str(record.get("id")) in owned and record.get("type") in ("A", "AAAA"):
+            if str(record.get("id")) in owned and record.get("type") in ("A", "AAAA", "TXT"):
                 fqdn = "%s.%s" % (record["name"], zone) if record.get("name") else zone
                 mine.setdefault((fqdn, record["type"]), []).append(record)
         present = {str(r["id"]) for records in mine.values() for r in records}
@@ -4624,7 +4548,7 @@ class Server:
         self.loop.call_later(SWEEP_INTERVAL_S, self.sweep)
         if created:
             print_first_token(self.settings, created)
-        dns = " dns=%s:%d" % (self.settings.listen_address, self.dns.server.port) if self.dns else ""
+        dns = " dns=%s:%d" % (self.settings.listen_address, self.dns.responder.port) if self.dns else ""
         log.info("ready http=%s:%d https=%s:%d tunnel=%s:%d domain=%s%s",
                  self.settings.listen_address, bound["http"], self.settings.listen_address,
                  bound["https"], self.settings.listen_address, bound["tunnel"],
@@ -4638,7 +4562,7 @@ class Server:
             s, self.store, record, address, body)
         if s.dns_port is not None:
             self.dns = BuiltinDns(s, self.store)
-            self.dns.start(LoopSelector(self.loop))
+            self.dns.start(self.loop)
         elif s.dynamic_dns_service == "builtin":
             log.warning("DYNAMIC_DNS_SERVICE=builtin without DNS_PORT: nothing answers DNS")
         if s.dynamic_dns_service and not server_addresses(s):
