@@ -344,17 +344,19 @@ HEARTBEAT_INTERVAL_S = 10             # PING when idle; silent for 3x = dead
 
 class Msg(enum.IntEnum):
     """Frame types. Payloads: JSON objects for control frames on stream 0."""
-    HELLO = 1    # pod: {"kind": "control", "version", "tunnel"} — first frame
-    WELCOME = 2  # server: {"tunnel", "fqdn", "services", "heartbeat_interval_s"}
-    REJECT = 3   # server: {"reason", "permanent"}; the connection then closes
-    OPEN = 4     # server: a consumer arrived; payload u16 public port
+    HELLO = 1    # pod: {"kind": "control", "version", "tunnel", "features"} — first frame
+    WELCOME = 2  # server: {"tunnel", "fqdn", "services", "heartbeat_interval_s", "proxy_protocol"}
+    REJECT = 3   # server: {"reason", "permanent", "replaced_by"}; the connection then closes
+    OPEN = 4     # server: a consumer arrived; payload u16 public port, then
+                 # (for a pod whose HELLO lists "consumer_address") the
+                 # consumer's and the public end's address, see encode_open()
     DATA = 5     # both: stream bytes, at most the peer's remaining credit
     WINDOW = 6   # both: payload u32 credit returned for this stream
     EOF = 7      # both: the sender will send no more DATA on this stream
     RESET = 8    # both: the stream is aborted; payload utf-8 reason
     PING = 9     # both: payload echoed back in PONG
     PONG = 10    # both
-    GOAWAY = 11  # both: {"reason"}; no new streams, running ones may finish
+    GOAWAY = 11  # both: {"reason", "replaced_by"}; no new streams, running ones may finish
 
 
 POD_SENDS = frozenset({Msg.HELLO, Msg.DATA, Msg.WINDOW, Msg.EOF, Msg.RESET,
@@ -364,6 +366,39 @@ SERVER_SENDS = frozenset({Msg.WELCOME, Msg.REJECT, Msg.OPEN, Msg.DATA,
                           Msg.GOAWAY})
 U16 = struct.Struct("!H")
 U32 = struct.Struct("!I")
+# Optional additions a side announces (HELLO "features"); a peer that does not
+# list one never receives it, so pods and servers of protocol 1 without it
+# keep working with those that have it.
+FEATURE_CONSUMER_ADDRESS = "consumer_address"   # OPEN carries the addresses
+POD_FEATURES = (FEATURE_CONSUMER_ADDRESS,)
+_OPEN_FAMILIES = {4: (socket.AF_INET, 4), 6: (socket.AF_INET6, 16)}
+
+
+def encode_open(port, consumer=None, public=None):
+    """OPEN's payload: u16 public port; with both addresses ((ip, port) of the
+    consumer and of the public end it reached) also u8 IP version (4 or 6),
+    consumer address, u16 consumer port, public address, u16 public port."""
+    payload = U16.pack(port)
+    if consumer is None or public is None:
+        return payload
+    version = 6 if ":" in consumer[0] else 4
+    family = _OPEN_FAMILIES[version][0]
+    return payload + bytes([version]) + b"".join(
+        socket.inet_pton(family, ip) + U16.pack(number) for ip, number in (consumer, public))
+
+
+def decode_open(payload):
+    """(public port, consumer (ip, port) or None, public end (ip, port) or None)."""
+    if len(payload) == U16.size:
+        return U16.unpack(payload)[0], None, None
+    family, size = _OPEN_FAMILIES.get(payload[2] if len(payload) > 2 else 0, (None, 0))
+    if family is None or len(payload) != 3 + 2 * (size + U16.size):
+        raise ProtocolError("bad OPEN payload of %d bytes" % len(payload))
+    ends = []
+    for start in (3, 3 + size + U16.size):
+        ip = socket.inet_ntop(family, bytes(payload[start:start + size]))
+        ends.append((ip, U16.unpack_from(payload, start + size)[0]))
+    return U16.unpack_from(payload)[0], ends[0], ends[1]
 
 
 class ProtocolError(Rejected):
@@ -691,6 +726,8 @@ class Stream:
         self.last_active = time.monotonic()
         self.paused = False                    # reading held back by a rate cap
         self.closed = False
+        self.target = ""                       # the local end, named in log lines
+        self.uncredited = 0                    # own bytes in `pending`, not the peer's
         self.update_interest()
 
     def update_interest(self):
@@ -759,8 +796,26 @@ class Stream:
             self.update_interest()
 
     def local_connect_failed(self, reason):
-        self.mux.log.warning("local service unavailable stream=%d error=%s", self.id, reason)
+        """The local connect failed: the owner may try another address
+        (Mux.retry_local_connect swaps the socket), else the stream ends."""
+        if self.mux.retry_local_connect(self, reason):
+            return None
+        self.mux.log.warning("local service unavailable stream=%d target=%s error=%s",
+                             self.id, self.target or "?", reason)
         return self.abort("local connect failed: %s" % reason)
+
+    def replace_socket(self, sock, connecting):
+        """Go on with another local socket (a connect to the next address)."""
+        self.mux.loop.watch(self.sock, 0)
+        self.sock.close()
+        self.sock, self.connecting = sock, connecting
+        self.update_interest()
+
+    def send_first(self, data):
+        """Bytes of our own (a PROXY protocol header) written to the local
+        socket before anything from the peer; never credited back."""
+        self.uncredited += len(data)
+        self.keep(data)
 
     def on_data(self, payload):
         """A piece of DATA (a view valid only now): write it, or keep a copy."""
@@ -779,6 +834,7 @@ class Stream:
             sent = 0
         except SOCKET_GONE as exc:
             if self.connecting:
+                self.keep(payload)  # for the next address, if there is one
                 return self.local_connect_failed(exc.strerror or str(exc))
             return self.abort("local write failed: %s" % exc)
         if sent and self.connecting:
@@ -797,6 +853,9 @@ class Stream:
 
     def count_delivered(self, sent):
         """Bytes reached the local socket: count them, return credit in batches."""
+        own = min(sent, self.uncredited)
+        self.uncredited -= own
+        sent -= own
         self.delivered += sent
         self.mux.local_written_bytes += sent
         if self.delivered >= WINDOW_UPDATE_BYTES:
@@ -1047,18 +1106,21 @@ class Mux:
             self.on_control(msg, decode_control(payload))
 
     def on_open_frame(self, stream_id, payload):
-        if stream_id <= self.highest_stream or len(payload) != U16.size:
+        if stream_id <= self.highest_stream:
             raise ProtocolError("bad OPEN for stream %d" % stream_id)
+        port, consumer, public = decode_open(payload)
         self.highest_stream = stream_id
-        self.on_open(stream_id, U16.unpack(payload)[0])
+        self.on_open(stream_id, port, consumer, public)
 
     # -- streams -------------------------------------------------------
-    def open_stream(self, sock, port):
-        """Server side: carry a new consumer socket to the pod's `port` service.
-        What the consumer sent with its connect goes in the OPEN's TLS record,
-        so the pod connects and writes in one wake-up."""
+    def open_stream(self, sock, port, ends=None):
+        """Server side: carry a new consumer socket to the pod's `port` service;
+        `ends` ((ip, port) of the consumer, of the public end) go in the OPEN
+        when the pod asked for them. What the consumer sent with its connect
+        goes in the OPEN's TLS record, so the pod connects and writes in one
+        wake-up."""
         self.highest_stream += 1
-        self.queue(Msg.OPEN, self.highest_stream, U16.pack(port))
+        self.queue(Msg.OPEN, self.highest_stream, encode_open(port, *(ends or ())))
         stream = self.add_stream(self.highest_stream, sock)
         stream.on_readable()
         if self.out:
@@ -1105,8 +1167,13 @@ class Mux:
         self.on_closed(reason)
 
     # -- for owners to override ----------------------------------------
-    def on_open(self, stream_id, port):
+    def on_open(self, stream_id, port, consumer=None, public=None):
         raise ProtocolError("OPEN is not expected here")
+
+    def retry_local_connect(self, stream, reason):
+        """A local connect failed; True when the owner goes on with another
+        address (Stream.replace_socket), False to end the stream."""
+        return False
 
     def on_control(self, msg, obj):
         raise ProtocolError("unexpected %s" % msg.name)
@@ -1150,16 +1217,54 @@ class PodFiles:
         return [os.path.basename(path) for path in self.all() if remove_file(path)]
 
 
-class Service:
-    """One published service: protocol, public port on the server, local port."""
+class LocalTarget:
+    """Where the pod connects for one service: `PORT` (this machine: 127.0.0.1,
+    then ::1), `HOST:PORT`, `[IPV6]:PORT` or `NAME:PORT`. Names are resolved
+    at each connect, and every address is tried in turn."""
 
-    def __init__(self, protocol, public_port, local_port):
-        self.protocol = protocol
-        self.public_port = public_port
-        self.local_port = local_port
+    def __init__(self, host, port):
+        self.host, self.port = host, port
+
+    def __str__(self):
+        if self.host is None:
+            return str(self.port)
+        return "%s:%d" % ("[%s]" % self.host if ":" in self.host else self.host, self.port)
+
+    def __eq__(self, other):
+        return isinstance(other, LocalTarget) and (self.host, self.port) == (other.host, other.port)
 
     def __repr__(self):
-        return "Service(%r, %r, %r)" % (self.protocol, self.public_port, self.local_port)
+        return "LocalTarget(%r, %r)" % (self.host, self.port)
+
+    def addresses(self):
+        """[(family, sockaddr), ...] to try in order; OSError when a name does
+        not resolve. `localhost` is both loopbacks even where /etc/hosts
+        names only one (RFC 6761), so a service bound to ::1 only is found."""
+        loopbacks = [(socket.AF_INET, ("127.0.0.1", self.port)),
+                     (socket.AF_INET6, ("::1", self.port, 0, 0))]
+        if self.host is None:
+            return loopbacks
+        found = []
+        for family, _type, _proto, _name, sockaddr in socket.getaddrinfo(
+                self.host, self.port, 0, socket.SOCK_STREAM):
+            if (family, sockaddr) not in found and family in (socket.AF_INET, socket.AF_INET6):
+                found.append((family, sockaddr))
+        if self.host.lower().rstrip(".") == "localhost":
+            found += [address for address in loopbacks if address not in found]
+        return found
+
+
+class Service:
+    """One published service: protocol, public port on the server, local target."""
+
+    def __init__(self, protocol, public_port, target):
+        self.protocol = protocol
+        self.public_port = public_port
+        self.target = target
+        self.local_port = target.port
+
+    def __repr__(self):
+        return "Service(%r, %r, %r)" % (self.protocol, self.public_port, self.target)
 
 
 class PodSetup:
@@ -1168,7 +1273,8 @@ class PodSetup:
     def __init__(self, files, info, local):
         self.files = files
         self.server = local["PIPE2ME_SERVER"]
-        self.local_ports = parse_ports(local["PIPE2ME_LOCAL_PORTS"], LOCAL_FILE)
+        self.local_ports = parse_targets(local["PIPE2ME_LOCAL_PORTS"], LOCAL_FILE)
+        self.proxy_protocol = info.get("PIPE2ME_PROXY_PROTOCOL") or "off"
         self.id = info["PIPE2ME_ID"]
         self.fqdn = info["PIPE2ME_FQDN"]
         self.urls = _numbered(info, "PIPE2ME_URLS")
@@ -1201,16 +1307,33 @@ def _int_or_none(text):
         return None
 
 
-def parse_ports(text, where):
-    """A comma list of TCP ports as a list of ints; UsageError naming `where`."""
-    ports = []
+_TARGET_PATTERN = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]:|([A-Za-z0-9._-]+):)?([0-9]{1,5})$")
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?$")
+
+
+def parse_targets(text, where):
+    """A comma list of local targets (PORT, HOST:PORT, [IPV6]:PORT, NAME:PORT)
+    as LocalTargets; UsageError naming `where`."""
+    targets = []
     for item in str(text).split(","):
         item = item.strip()
-        if not re.match(r"^[0-9]{1,5}$", item) or not 1 <= int(item) <= 65535:
-            raise UsageError("%s: bad port %r: expected numbers 1..65535 separated by commas"
-                             % (where, item))
-        ports.append(int(item))
-    return ports
+        match = _TARGET_PATTERN.match(item)
+        host = match and (match.group(1) or match.group(2))
+        if not match or not 1 <= int(match.group(3)) <= 65535 or (
+                host and not _valid_target_host(host, bool(match.group(1)))):
+            raise UsageError("%s: bad port %r: expected PORT, HOST:PORT, [IPV6]:PORT "
+                             "or NAME:PORT (port 1..65535), separated by commas" % (where, item))
+        targets.append(LocalTarget(host or None, int(match.group(3))))
+    return targets
+
+
+def _valid_target_host(host, bracketed):
+    if bracketed:
+        try:
+            return ipaddress.ip_address(host).version == 6
+        except ValueError:
+            return False
+    return bool(_NAME_PATTERN.match(host)) and len(host) <= 253
 
 
 def read_setup(files):
@@ -1248,13 +1371,14 @@ def write_info(files, server_url, tunnel, secret):
     values["PIPE2ME_TUNNEL"] = tunnel_endpoint(server_url, tunnel["tunnel_port"])
     values["PIPE2ME_TUNNEL_DOMAIN"] = tunnel.get("tunnel_domain", "")
     values["PIPE2ME_EXPIRES_AT"] = tunnel["expires_at"]
+    values["PIPE2ME_PROXY_PROTOCOL"] = tunnel.get("proxy_protocol") or "off"
     values["PIPE2ME_SECRET"] = secret
     write_file_atomic(files.info, format_inc(values, "pipe2me tunnel settings from the server"),
                       SECRET_FILE_MODE)
 
 
 def write_local(files, server_url, local_ports):
-    """Write pipe2me.local.inc: the server URL and the local ports."""
+    """Write pipe2me.local.inc: the server URL and the local targets."""
     values = {"PIPE2ME_SERVER": server_url,
               "PIPE2ME_LOCAL_PORTS": ",".join(str(port) for port in local_ports)}
     write_file_atomic(files.local, format_inc(values, "pipe2me settings of this pod"),
@@ -1453,9 +1577,17 @@ class ApiClient:
     def get_config(self):
         return self.call_json("GET", "/config")[1]
 
-    def create_tunnel(self, token, protocols):
-        answer = self.call_json("POST", "/tunnels", {"token": token, "protocols": protocols})[1]
+    def create_tunnel(self, token, protocols, proxy_protocol=None):
+        body = {"token": token, "protocols": protocols}
+        if proxy_protocol:
+            body["proxy_protocol"] = proxy_protocol
+        answer = self.call_json("POST", "/tunnels", body)[1]
         return check_tunnel(answer, need_secret=True)
+
+    def change(self, tunnel_id, **settings):
+        """Change a tunnel's settings (PATCH /tunnels/ID); the tunnel."""
+        return check_tunnel(self.call_json("PATCH", "/tunnels/" + tunnel_id, settings,
+                                           auth=True)[1])
 
     def get_tunnel(self, tunnel_id):
         return check_tunnel(self.call_json("GET", "/tunnels/" + tunnel_id, auth=True)[1])
@@ -2295,7 +2427,9 @@ class PortMapKeeper:
 # relays streams to the local services, reconnects with backoff
 # =====================================================================
 
-LOCAL_SERVICE_HOST = "127.0.0.1"
+LOCAL_SERVICE_HOST = "127.0.0.1"   # where `start --echo` listens for a bare PORT
+PROXY_PROTOCOLS = ("v1", "v2")
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 RECONNECT_FIRST_S = 0.5
 RECONNECT_MAX_S = 60.0
 STATUS_FILE = "pipe2me.status.json"
@@ -2308,27 +2442,51 @@ class PodMux(Mux):
 
     def __init__(self, runner, sock, welcome):
         self.runner = runner
-        self.services = runner.local_ports_by_public_port()
+        self.services = {s.public_port: s for s in runner.setup.services()}
+        self.proxy_protocol = welcome.get("proxy_protocol")
+        if self.proxy_protocol not in PROXY_PROTOCOLS:
+            self.proxy_protocol = None
+        self.fallbacks = {}  # stream id -> addresses of its target still to try
         self.draining = False
         super().__init__(runner.loop, sock, SERVER_SENDS, log,
                          float(welcome.get("heartbeat_interval_s") or HEARTBEAT_INTERVAL_S))
 
-    def on_open(self, stream_id, port):
-        local_port = self.services.get(port)
-        if local_port is None:
+    def on_open(self, stream_id, port, consumer=None, public=None):
+        service = self.services.get(port)
+        if service is None:
             self.send(Msg.RESET, stream_id, b"no service for that port")
             return
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        err = sock.connect_ex((LOCAL_SERVICE_HOST, local_port))
-        if err not in (0, errno.EINPROGRESS):
-            sock.close()
-            log.warning("local service refused port=%d error=%s", local_port, os.strerror(err))
+        try:
+            addresses = service.target.addresses()
+        except OSError as exc:
+            addresses, error = [], "cannot resolve: %s" % (exc.strerror or exc)
+        sock, error, rest = dial_first(addresses) if addresses else (None, error, [])
+        if sock is None:
+            log.warning("local service unavailable stream=%d target=%s error=%s",
+                        stream_id, service.target, error)
             self.send(Msg.RESET, stream_id, b"local service unavailable")
             return
-        # on loopback the connect is often done at once: no wait for writable then
-        self.add_stream(stream_id, sock, connecting=(err == errno.EINPROGRESS))
+        stream = self.add_stream(stream_id, sock, connecting=error == errno.EINPROGRESS)
+        stream.target = str(service.target)
+        if rest:
+            self.fallbacks[stream_id] = rest
+        if self.proxy_protocol and service.protocol != "http":
+            stream.send_first(proxy_header(self.proxy_protocol, consumer, public))
+
+    def retry_local_connect(self, stream, reason):
+        """Try the target's next address after a failed connect."""
+        rest = self.fallbacks.pop(stream.id, None)
+        if not rest:
+            return False
+        log.debug("local connect failed, next address stream=%d target=%s error=%s",
+                  stream.id, stream.target, reason)
+        sock, error, rest = dial_first(rest)
+        if sock is None:
+            return False
+        if rest:
+            self.fallbacks[stream.id] = rest
+        stream.replace_socket(sock, error == errno.EINPROGRESS)
+        return True
 
     def on_control(self, msg, obj):
         if msg == Msg.GOAWAY:
@@ -2340,11 +2498,47 @@ class PodMux(Mux):
         raise ProtocolError("unexpected %s after WELCOME" % msg.name)
 
     def on_stream_closed(self, stream):
+        self.fallbacks.pop(stream.id, None)
         if self.draining and not self.streams:
             self.destroy("drained")
 
     def on_closed(self, reason):
         self.runner.on_session_closed(reason)
+
+
+def dial_first(addresses):
+    """Start a non-blocking connect to the first address that does not fail at
+    once: (socket, 0 or EINPROGRESS, addresses left) or (None, error, [])."""
+    addresses, error = list(addresses), "no address"
+    while addresses:
+        family, sockaddr = addresses.pop(0)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = sock.connect_ex(sockaddr)
+        if err in (0, errno.EINPROGRESS):  # on loopback often done at once
+            return sock, err, addresses
+        sock.close()
+        error = os.strerror(err)
+    return None, error, []
+
+
+def proxy_header(version, consumer, public):
+    """The PROXY protocol header (haproxy's spec, "v1" text or "v2" binary)
+    naming the consumer and the public end it reached; without addresses
+    (a server that does not send them) v1 says UNKNOWN and v2 LOCAL."""
+    if consumer is None or public is None:
+        if version == "v1":
+            return b"PROXY UNKNOWN\r\n"
+        return PROXY_V2_SIGNATURE + b"\x20\x00" + U16.pack(0)
+    six = ":" in consumer[0]
+    if version == "v1":
+        return ("PROXY %s %s %s %d %d\r\n" % ("TCP6" if six else "TCP4", consumer[0], public[0],
+                                             consumer[1], public[1])).encode("ascii")
+    family = socket.AF_INET6 if six else socket.AF_INET
+    body = (socket.inet_pton(family, consumer[0]) + socket.inet_pton(family, public[0])
+            + U16.pack(consumer[1]) + U16.pack(public[1]))
+    return PROXY_V2_SIGNATURE + bytes([0x21, 0x21 if six else 0x11]) + U16.pack(len(body)) + body
 
 
 class PodRunner:
@@ -2365,9 +2559,6 @@ class PodRunner:
         self.closed_reason = None
         self.totals = [0, 0]  # bytes in/out of finished sessions
 
-    def local_ports_by_public_port(self):
-        return {s.public_port: s.local_port for s in self.setup.services()}
-
     # -- one session --------------------------------------------------
     def tls_context(self):
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -2384,7 +2575,8 @@ class PodRunner:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             tls = self.tls_context().wrap_socket(raw, server_hostname=self.server_name())
             tls.sendall(encode_control(Msg.HELLO, {
-                "kind": "control", "version": PROTOCOL_VERSION, "tunnel": self.setup.id}))
+                "kind": "control", "version": PROTOCOL_VERSION, "tunnel": self.setup.id,
+                "features": list(POD_FEATURES)}))
             answer = self.read_answer(tls)
         except BaseException:
             raw.close()
@@ -2543,20 +2735,30 @@ def start_echo_services(files, setup):
         if service.protocol == "https":
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(files.cert, files.key)
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            listener.bind((LOCAL_SERVICE_HOST, service.local_port))
-            listener.listen(128)
-        except OSError as exc:
-            listener.close()
-            raise Unavailable("echo service cannot listen on port %d: %s"
-                              % (service.local_port, exc.strerror)) from None
+        listener = echo_listener(service.target)
         threading.Thread(target=serve_echo, args=(listener, service.protocol, context),
                          name="echo-%d" % service.local_port, daemon=True).start()
         listeners.append(listener)
-        log.info("echo service protocol=%s port=%d", service.protocol, service.local_port)
+        log.info("echo service protocol=%s target=%s", service.protocol, service.target)
     return listeners
+
+
+def echo_listener(target):
+    """A socket listening on the target's first address (127.0.0.1 for a bare PORT)."""
+    try:
+        family, sockaddr = target.addresses()[0]
+        listener = socket.socket(family, socket.SOCK_STREAM)
+    except (OSError, IndexError) as exc:
+        raise Unavailable("echo service cannot resolve %s: %s" % (target, exc)) from None
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(sockaddr)
+        listener.listen(128)
+    except OSError as exc:
+        listener.close()
+        raise Unavailable("echo service cannot listen on %s: %s"
+                          % (target, exc.strerror)) from None
+    return listener
 
 
 def serve_echo(listener, protocol, context):
@@ -2636,15 +2838,17 @@ def cmd_setup(args):
     protocols = parse_protocols(args.protocols)
     local_ports = None
     if args.local_ports:
-        local_ports = parse_ports(args.local_ports, "--local-ports")
+        local_ports = parse_targets(args.local_ports, "--local-ports")
         if len(local_ports) != len(protocols):
-            raise UsageError("--local-ports has %d ports for %d protocols: give one port per protocol"
+            raise UsageError("--local-ports has %d targets for %d protocols: give one port per protocol"
                              % (len(local_ports), len(protocols)))
+    proxy = parse_proxy_protocol(args.proxy_protocol)
     require_openssl()
     context = make_ssl_context(args.cacert, args.insecure)
     created = make_pod_dir(files.dir)
     try:
-        fqdn = create_tunnel(files, ApiClient(server, context), args.auth, protocols, local_ports)
+        fqdn = create_tunnel(files, ApiClient(server, context), args.auth, protocols,
+                             local_ports, proxy)
     except BaseException:
         if created:
             _remove_empty_dir(files.dir)
@@ -2653,14 +2857,32 @@ def cmd_setup(args):
     return 0
 
 
-def create_tunnel(files, api, token, protocols, local_ports):
+def parse_proxy_protocol(text):
+    """--proxy-protocol v1|v2|off as "v1", "v2", "off" or None (not given)."""
+    if text is None:
+        return None
+    value = text.strip().lower()
+    if value not in PROXY_PROTOCOLS + ("off",):
+        raise UsageError("bad --proxy-protocol %r: choose v1, v2 or off" % text)
+    return value
+
+
+def warn_if_proxy_ignored(tunnel, wanted):
+    """An older server keeps no PROXY protocol setting: say so."""
+    if wanted and (tunnel.get("proxy_protocol") or "off") != wanted:
+        log.warning("the server did not keep --proxy-protocol %s: is it older than this pod?",
+                    wanted)
+
+
+def create_tunnel(files, api, token, protocols, local_ports, proxy_protocol=None):
     """Create the tunnel on the server and install it in `files`; its FQDN.
 
     After the tunnel exists, any failure deletes it again (best effort) and
     removes the files written so far.
     """
     check_server_config(api, protocols)
-    tunnel = api.create_tunnel(token, protocols)
+    tunnel = api.create_tunnel(token, protocols, proxy_protocol)
+    warn_if_proxy_ignored(tunnel, proxy_protocol)
     log.info("tunnel created tunnel=%s fqdn=%s", tunnel["id"], tunnel["fqdn"])
     try:
         install_tunnel(files, api, api.base_url, tunnel, local_ports or tunnel["ports"])
@@ -2752,6 +2974,7 @@ def cmd_env(args):
         values["PIPE2ME_URLS_%d" % index] = url
     values["PIPE2ME_TUNNEL"] = setup.tunnel
     values["PIPE2ME_LOCAL_PORTS"] = ",".join(str(port) for port in setup.local_ports)
+    values["PIPE2ME_PROXY_PROTOCOL"] = setup.proxy_protocol
     sys.stdout.write(format_inc(values))
     return 0
 
@@ -2774,6 +2997,10 @@ def cmd_update(args):
     if args.auth:
         api.extend(setup.id, args.auth)
         log.info("tunnel extended tunnel=%s", setup.id)
+    proxy = parse_proxy_protocol(getattr(args, "proxy_protocol", None))
+    if proxy:
+        warn_if_proxy_ignored(api.change(setup.id, proxy_protocol=proxy), proxy)
+        log.info("proxy protocol set tunnel=%s proxy_protocol=%s", setup.id, proxy)
     tunnel = api.get_tunnel(setup.id)
     changed = tunnel["expires_at"] != setup.expires_at
     if tunnel.get("status") == "expired":
@@ -3173,7 +3400,11 @@ def build_parser():
     setup.add_argument("--protocols", default=",".join(DEFAULT_PROTOCOLS),
                        help="comma list of %s (default: %%(default)s)" % ",".join(KNOWN_PROTOCOLS))
     setup.add_argument("--local-ports", "--ports", dest="local_ports",
-                       help="comma list of local ports, one per protocol (default: the public ones)")
+                       help="comma list of local targets, one per protocol: PORT, HOST:PORT, "
+                       "[IPV6]:PORT or NAME:PORT (default: the public ports)")
+    setup.add_argument("--proxy-protocol", metavar="v1|v2|off",
+                       help="send the consumer's address to tcp and https services in a "
+                       "PROXY protocol header (default: off)")
     setup.add_argument("--cacert", help="verify the server with the CA certificates in FILE")
     command("env", cmd_env, "print the settings as shell variables")
     command("verify", cmd_verify, "print the FQDN and exit 0 while the tunnel is online")
@@ -3184,6 +3415,8 @@ def build_parser():
     command("status", cmd_status, "whether the tunnel connection is up")
     update = command("update", cmd_update, "refresh the settings and renew the certificate")
     update.add_argument("--auth", "--token", dest="auth", help="extend the tunnel with this token")
+    update.add_argument("--proxy-protocol", metavar="v1|v2|off",
+                        help="change the PROXY protocol setting (applies from the next session)")
     add_router_arguments(
         command("check", cmd_check, "ask the server to probe this pod's public address"),
         command("map-ports", cmd_map_ports, "open the public ports on the router"))

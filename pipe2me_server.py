@@ -88,6 +88,7 @@ log = logging.getLogger("pipe2me.server")
 # =====================================================================
 
 PROTOCOL_PORTS = ("http", "https", "imap", "imaps", "smtp", "smtps", "ssh", "tcp")
+PROXY_PROTOCOL_CHOICES = ("v1", "v2", "off")  # a tunnel's PROXY protocol header to its pod's services
 DEFAULT_CONFIG_FILE = "~/pipe2me.server.conf"
 SWEEP_INTERVAL_S = 1.0            # expiry, deadlines and traffic bookkeeping
 TRAFFIC_SAVE_INTERVAL_S = 30.0    # how often live byte counters reach the store
@@ -407,6 +408,12 @@ raccoon raven salmon seal shark sloth stork swan tapir tiger toucan turtle
 unicorn viper walrus weasel whale wolf wombat yak zebra""".split()
 
 
+def plain_address(address):
+    """The address as a string, an IPv4-mapped IPv6 address as its IPv4."""
+    ip = ipaddress.ip_address(address)
+    return str(getattr(ip, "ipv4_mapped", None) or ip)
+
+
 def three_words():
     pick = secrets.choice
     return "%s-%s-%s" % (pick(MOODS), pick(COLORS), pick(ANIMALS))
@@ -435,17 +442,19 @@ HEARTBEAT_INTERVAL_S = 10             # PING when idle; silent for 3x = dead
 
 class Msg(enum.IntEnum):
     """Frame types. Payloads: JSON objects for control frames on stream 0."""
-    HELLO = 1    # pod: {"kind": "control", "version", "tunnel"} — first frame
-    WELCOME = 2  # server: {"tunnel", "fqdn", "services", "heartbeat_interval_s"}
-    REJECT = 3   # server: {"reason", "permanent"}; the connection then closes
-    OPEN = 4     # server: a consumer arrived; payload u16 public port
+    HELLO = 1    # pod: {"kind": "control", "version", "tunnel", "features"} — first frame
+    WELCOME = 2  # server: {"tunnel", "fqdn", "services", "heartbeat_interval_s", "proxy_protocol"}
+    REJECT = 3   # server: {"reason", "permanent", "replaced_by"}; the connection then closes
+    OPEN = 4     # server: a consumer arrived; payload u16 public port, then
+                 # (for a pod whose HELLO lists "consumer_address") the
+                 # consumer's and the public end's address, see encode_open()
     DATA = 5     # both: stream bytes, at most the peer's remaining credit
     WINDOW = 6   # both: payload u32 credit returned for this stream
     EOF = 7      # both: the sender will send no more DATA on this stream
     RESET = 8    # both: the stream is aborted; payload utf-8 reason
     PING = 9     # both: payload echoed back in PONG
     PONG = 10    # both
-    GOAWAY = 11  # both: {"reason"}; no new streams, running ones may finish
+    GOAWAY = 11  # both: {"reason", "replaced_by"}; no new streams, running ones may finish
 
 
 POD_SENDS = frozenset({Msg.HELLO, Msg.DATA, Msg.WINDOW, Msg.EOF, Msg.RESET,
@@ -455,6 +464,39 @@ SERVER_SENDS = frozenset({Msg.WELCOME, Msg.REJECT, Msg.OPEN, Msg.DATA,
                           Msg.GOAWAY})
 U16 = struct.Struct("!H")
 U32 = struct.Struct("!I")
+# Optional additions a side announces (HELLO "features"); a peer that does not
+# list one never receives it, so pods and servers of protocol 1 without it
+# keep working with those that have it.
+FEATURE_CONSUMER_ADDRESS = "consumer_address"   # OPEN carries the addresses
+POD_FEATURES = (FEATURE_CONSUMER_ADDRESS,)
+_OPEN_FAMILIES = {4: (socket.AF_INET, 4), 6: (socket.AF_INET6, 16)}
+
+
+def encode_open(port, consumer=None, public=None):
+    """OPEN's payload: u16 public port; with both addresses ((ip, port) of the
+    consumer and of the public end it reached) also u8 IP version (4 or 6),
+    consumer address, u16 consumer port, public address, u16 public port."""
+    payload = U16.pack(port)
+    if consumer is None or public is None:
+        return payload
+    version = 6 if ":" in consumer[0] else 4
+    family = _OPEN_FAMILIES[version][0]
+    return payload + bytes([version]) + b"".join(
+        socket.inet_pton(family, ip) + U16.pack(number) for ip, number in (consumer, public))
+
+
+def decode_open(payload):
+    """(public port, consumer (ip, port) or None, public end (ip, port) or None)."""
+    if len(payload) == U16.size:
+        return U16.unpack(payload)[0], None, None
+    family, size = _OPEN_FAMILIES.get(payload[2] if len(payload) > 2 else 0, (None, 0))
+    if family is None or len(payload) != 3 + 2 * (size + U16.size):
+        raise ProtocolError("bad OPEN payload of %d bytes" % len(payload))
+    ends = []
+    for start in (3, 3 + size + U16.size):
+        ip = socket.inet_ntop(family, bytes(payload[start:start + size]))
+        ends.append((ip, U16.unpack_from(payload, start + size)[0]))
+    return U16.unpack_from(payload)[0], ends[0], ends[1]
 
 
 class ProtocolError(Rejected):
@@ -782,6 +824,8 @@ class Stream:
         self.last_active = time.monotonic()
         self.paused = False                    # reading held back by a rate cap
         self.closed = False
+        self.target = ""                       # the local end, named in log lines
+        self.uncredited = 0                    # own bytes in `pending`, not the peer's
         self.update_interest()
 
     def update_interest(self):
@@ -850,8 +894,26 @@ class Stream:
             self.update_interest()
 
     def local_connect_failed(self, reason):
-        self.mux.log.warning("local service unavailable stream=%d error=%s", self.id, reason)
+        """The local connect failed: the owner may try another address
+        (Mux.retry_local_connect swaps the socket), else the stream ends."""
+        if self.mux.retry_local_connect(self, reason):
+            return None
+        self.mux.log.warning("local service unavailable stream=%d target=%s error=%s",
+                             self.id, self.target or "?", reason)
         return self.abort("local connect failed: %s" % reason)
+
+    def replace_socket(self, sock, connecting):
+        """Go on with another local socket (a connect to the next address)."""
+        self.mux.loop.watch(self.sock, 0)
+        self.sock.close()
+        self.sock, self.connecting = sock, connecting
+        self.update_interest()
+
+    def send_first(self, data):
+        """Bytes of our own (a PROXY protocol header) written to the local
+        socket before anything from the peer; never credited back."""
+        self.uncredited += len(data)
+        self.keep(data)
 
     def on_data(self, payload):
         """A piece of DATA (a view valid only now): write it, or keep a copy."""
@@ -870,6 +932,7 @@ class Stream:
             sent = 0
         except SOCKET_GONE as exc:
             if self.connecting:
+                self.keep(payload)  # for the next address, if there is one
                 return self.local_connect_failed(exc.strerror or str(exc))
             return self.abort("local write failed: %s" % exc)
         if sent and self.connecting:
@@ -888,6 +951,9 @@ class Stream:
 
     def count_delivered(self, sent):
         """Bytes reached the local socket: count them, return credit in batches."""
+        own = min(sent, self.uncredited)
+        self.uncredited -= own
+        sent -= own
         self.delivered += sent
         self.mux.local_written_bytes += sent
         if self.delivered >= WINDOW_UPDATE_BYTES:
@@ -1138,18 +1204,21 @@ class Mux:
             self.on_control(msg, decode_control(payload))
 
     def on_open_frame(self, stream_id, payload):
-        if stream_id <= self.highest_stream or len(payload) != U16.size:
+        if stream_id <= self.highest_stream:
             raise ProtocolError("bad OPEN for stream %d" % stream_id)
+        port, consumer, public = decode_open(payload)
         self.highest_stream = stream_id
-        self.on_open(stream_id, U16.unpack(payload)[0])
+        self.on_open(stream_id, port, consumer, public)
 
     # -- streams -------------------------------------------------------
-    def open_stream(self, sock, port):
-        """Server side: carry a new consumer socket to the pod's `port` service.
-        What the consumer sent with its connect goes in the OPEN's TLS record,
-        so the pod connects and writes in one wake-up."""
+    def open_stream(self, sock, port, ends=None):
+        """Server side: carry a new consumer socket to the pod's `port` service;
+        `ends` ((ip, port) of the consumer, of the public end) go in the OPEN
+        when the pod asked for them. What the consumer sent with its connect
+        goes in the OPEN's TLS record, so the pod connects and writes in one
+        wake-up."""
         self.highest_stream += 1
-        self.queue(Msg.OPEN, self.highest_stream, U16.pack(port))
+        self.queue(Msg.OPEN, self.highest_stream, encode_open(port, *(ends or ())))
         stream = self.add_stream(self.highest_stream, sock)
         stream.on_readable()
         if self.out:
@@ -1196,8 +1265,13 @@ class Mux:
         self.on_closed(reason)
 
     # -- for owners to override ----------------------------------------
-    def on_open(self, stream_id, port):
+    def on_open(self, stream_id, port, consumer=None, public=None):
         raise ProtocolError("OPEN is not expected here")
+
+    def retry_local_connect(self, stream, reason):
+        """A local connect failed; True when the owner goes on with another
+        address (Stream.replace_socket), False to end the stream."""
+        return False
 
     def on_control(self, msg, obj):
         raise ProtocolError("unexpected %s" % msg.name)
@@ -1401,8 +1475,9 @@ class Store:
         path = os.path.join(self.settings.tunnel_dir, record["id"] + ".json")
         write_json(path, record, mode=0o600)
 
-    def create(self, token_name, options, protocols, now=None):
-        """Reserve a name and ports and write the record; returns (record, secret)."""
+    def create(self, token_name, options, protocols, now=None, extra=None):
+        """Reserve a name and ports and write the record (with the `extra`
+        settings, e.g. proxy_protocol); returns (record, secret)."""
         now = int(now or time.time())
         token_hash = sha256_hex(token_name)
         with self.lock:
@@ -1419,6 +1494,7 @@ class Store:
                 "max_traffic": options["max_traffic"], "rate": options["rate"],
                 "token_unique": options["unique"],
             }
+            record.update(extra or {})
             self.save(record)  # first: a unique token's use is also read from here
             if options["unique"]:
                 self.mark_token_used_or_undo(token_hash, record)
@@ -1535,6 +1611,7 @@ def public_view(record, settings, now=None):
         "created_at": record["created_at"], "expires_at": record["expires_at"],
         "tunnel_port": settings.tunnel_port, "tunnel_domain": settings.tunnel_domain,
         "bytes_in": record["bytes_in"], "bytes_out": record["bytes_out"],
+        "proxy_protocol": record.get("proxy_protocol") or "off",
     }
 
 # =====================================================================
@@ -2276,7 +2353,7 @@ class Api:
         self.reachability = None  # (record, client address, body) -> dict; set by the wiring
 
     # -- tunnel creation ------------------------------------------------
-    def create_tunnel(self, token, protocols, address):
+    def create_tunnel(self, token, protocols, address, proxy_protocol=None):
         if not token:
             raise ApiError(401, "a token is required (token=...)")
         if self.limiter.blocked(address):
@@ -2286,10 +2363,11 @@ class Api:
             self.limiter.record(address)
             raise ApiError(403, "invalid token")
         protocols = self.check_protocols(protocols)
+        extra = self.check_settings({"proxy_protocol": proxy_protocol})
         if len(protocols) > options["max_ports"]:
             raise ApiError(422, "%d ports requested, the token allows %d"
                            % (len(protocols), options["max_ports"]))
-        record, secret = self.store.create(token, options, protocols)
+        record, secret = self.store.create(token, options, protocols, extra=extra)
         log.info("tunnel created tunnel=%s fqdn=%s ports=%s from=%s",
                  record["id"], record["fqdn"], record["ports"], address)
         return dict(public_view(record, self.settings), secret=secret)
@@ -2305,6 +2383,17 @@ class Api:
             raise ApiError(400, "unknown protocol %s (known: %s)"
                            % (str(unknown[0])[:40], ", ".join(PROTOCOL_PORTS)))
         return protocols
+
+    @staticmethod
+    def check_settings(body):
+        """The tunnel settings a pod may choose, from a request body:
+        proxy_protocol "v1", "v2" or "off" (stored as "")."""
+        value = body.get("proxy_protocol")
+        if value is None:
+            return {}
+        if value not in PROXY_PROTOCOL_CHOICES:
+            raise ApiError(400, "proxy_protocol must be one of %s" % ", ".join(PROXY_PROTOCOL_CHOICES))
+        return {"proxy_protocol": "" if value == "off" else value}
 
     # -- one tunnel -----------------------------------------------------
     def tunnel_for(self, tunnel_id, secret):
@@ -2350,6 +2439,19 @@ class Api:
         expires = max(record["expires_at"], int(time.time())) + options["lifespan"]
         updated = self.store.update(record["id"], expires_at=expires)
         log.info("tunnel extended tunnel=%s expires_at=%d", record["id"], expires)
+        return public_view(updated, self.settings)
+
+    def change(self, record, body):
+        """PATCH /tunnels/ID: new settings; a connected pod is asked to
+        reconnect (GOAWAY), so the next session has them."""
+        changes = self.check_settings(body)
+        if not changes:
+            raise ApiError(400, "nothing to change (known settings: proxy_protocol)")
+        if tunnel_status(record) != "online":
+            raise ApiError(410, "tunnel %s expired" % record["fqdn"])
+        updated = self.store.update(record["id"], **changes)
+        log.info("tunnel changed tunnel=%s %s", record["id"],
+                 " ".join("%s=%s" % (k, v or "off") for k, v in sorted(changes.items())))
         return public_view(updated, self.settings)
 
     def delete(self, record):
@@ -2408,6 +2510,7 @@ ROUTES = [
     ("POST", r"/tunnels", "post_tunnels"),
     ("GET", r"/tunnels/(?P<id>[^/]+)", "get_tunnel"),
     ("DELETE", r"/tunnels/(?P<id>[^/]+)", "delete_tunnel"),
+    ("PATCH", r"/tunnels/(?P<id>[^/]+)", "patch_tunnel"),
     ("GET", r"/tunnels/(?P<id>[^/]+)/verify", "get_verify"),
     ("POST", r"/tunnels/(?P<id>[^/]+)/cert", "post_cert"),
     ("POST", r"/tunnels/(?P<id>[^/]+)/extend", "post_extend"),
@@ -2556,8 +2659,12 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         body = self.body()
         token = field(body, "token", "auth")
         view = self.server.create_tunnel(token, body.get("protocols", "https"),
-                                         self.client_address[0])
+                                         self.client_address[0], body.get("proxy_protocol"))
         return 201, view
+
+    def patch_tunnel(self, id):
+        body = self.body()
+        return 200, self.server.change(self.server.tunnel_for(id, self.secret(body)), body)
 
     def get_tunnel(self, id):
         return 200, public_view(self.server.tunnel_for(id, self.secret()), self.server.settings)
@@ -2593,9 +2700,11 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 class PodSession(Mux):
     """The server's end of one pod's tunnel connection."""
 
-    def __init__(self, hub, record, sock, address):
+    def __init__(self, hub, record, sock, address, features=()):
         self.hub, self.tunnel_id, self.fqdn = hub, record["id"], record["fqdn"]
         self.address = address
+        self.wants_addresses = FEATURE_CONSUMER_ADDRESS in features
+        self.proxy_protocol = record.get("proxy_protocol") or ""  # as told in WELCOME
         self.draining = False
         self.saved_in = self.saved_out = 0
         super().__init__(hub.loop, sock, POD_SENDS, log, hub.settings.heartbeat_interval)
@@ -2671,9 +2780,10 @@ class PodGate:
             sock.setblocking(True)
             sock.settimeout(self.settings.hello_timeout)
             tls = self.context.wrap_socket(sock, server_side=True)
-            record, welcome = self.greet(tls)
+            record, welcome, features = self.greet(tls)
             tls.settimeout(None)
-            self.loop.call_soon_threadsafe(lambda: self.attach(record, tls, peer, welcome))
+            self.loop.call_soon_threadsafe(
+                lambda: self.attach(record, tls, peer, welcome, features))
         except ProtocolError as exc:
             log.warning("pod refused pod=%s reason=%s", peer, exc)
             sock.close()
@@ -2685,22 +2795,27 @@ class PodGate:
 
     def greet(self, tls):
         """Read HELLO and check it against the client certificate: REJECT, or
-        (record, WELCOME object), which Hub.attach sends once the session is
-        live, so a pod that reports "tunnel up" already gets consumers."""
+        (record, WELCOME object, the pod's features); Hub.attach sends the
+        WELCOME once the session is live, so a pod that reports "tunnel up"
+        already gets consumers."""
         msg, _stream, payload = read_frame_blocking(
             tls, POD_SENDS, time.monotonic() + self.settings.hello_timeout)
         if msg != Msg.HELLO:
             raise ProtocolError("first frame is %s, not HELLO" % msg.name)
-        record, reason, permanent = self.judge(tls, decode_control(payload))
+        hello = decode_control(payload)
+        record, reason, permanent = self.judge(tls, hello)
         if reason:
             tls.sendall(encode_control(Msg.REJECT, {"reason": reason, "permanent": permanent}))
             tls.close()
             raise ProtocolError(reason)
+        features = hello.get("features")
+        features = [f for f in features if isinstance(f, str)] if isinstance(features, list) else []
         return record, {
             "tunnel": record["id"], "fqdn": record["fqdn"],
             "services": [{"protocol": p, "port": n}
                          for p, n in zip(record["protocols"], record["ports"])],
-            "heartbeat_interval_s": self.settings.heartbeat_interval}
+            "heartbeat_interval_s": self.settings.heartbeat_interval,
+            "proxy_protocol": record.get("proxy_protocol") or ""}, features
 
     def judge(self, tls, hello):
         """Return (record, refusal reason or None, whether the refusal is final)."""
@@ -3023,12 +3138,6 @@ def is_own_address(address, settings):
         except OSError:
             return False
     return True
-
-
-def plain_address(address):
-    """The address as a string, an IPv4-mapped IPv6 address as its IPv4."""
-    ip = ipaddress.ip_address(address)
-    return str(getattr(ip, "ipv4_mapped", None) or ip)
 
 
 def probe_port(address, port, protocol, fqdn, fingerprints, timeout_s=PROBE_TIMEOUT_S):
@@ -4351,7 +4460,7 @@ class Hub:
         self.unbound = set()  # wanted ports another socket holds; expire() retries them
         self.accepting = True
 
-    def attach(self, record, tls, peer, welcome):
+    def attach(self, record, tls, peer, welcome, features=()):
         """A pod passed the gate: it replaces any older session of its tunnel
         and is welcomed (a pod refused here sees its greeting cut short)."""
         current = self.store.get(record["id"])
@@ -4361,7 +4470,7 @@ class Hub:
         old = self.sessions.pop(record["id"], None)
         if old is not None:
             old.destroy("replaced by a new connection from %s" % peer)
-        session = self.sessions[record["id"]] = PodSession(self, current, tls, peer)
+        session = self.sessions[record["id"]] = PodSession(self, current, tls, peer, features)
         session.send_control(Msg.WELCOME, welcome)
         log.info("pod connected tunnel=%s fqdn=%s pod=%s", record["id"], record["fqdn"], peer)
 
@@ -4386,7 +4495,7 @@ class Hub:
         if cap and len(session.streams) >= cap:
             log.warning("stream cap reached tunnel=%s cap=%d", tunnel_id, cap)
             return sock.close()
-        session.open_stream(sock, port)
+        session.open_stream(sock, port, stream_ends(sock, address) if session.wants_addresses else None)
 
     def sync(self, _tunnel_id=None):
         """Make listeners and sessions match the store (after any change)."""
@@ -4407,6 +4516,16 @@ class Hub:
                 self.listen(port, tunnel_id)
         for tunnel_id in [t for t in self.sessions if t not in online]:
             self.sessions[tunnel_id].destroy("tunnel expired or deleted")
+
+    def refresh_session(self, tunnel_id):
+        """A connected pod whose tunnel settings changed is asked to reconnect
+        (GOAWAY), so that its next WELCOME tells the new ones."""
+        session = self.sessions.get(tunnel_id)
+        record = self.store.get(tunnel_id) if session is not None else None
+        if record is None or (record.get("proxy_protocol") or "") == session.proxy_protocol:
+            return
+        session.proxy_protocol = record.get("proxy_protocol") or ""
+        session.send_control(Msg.GOAWAY, {"reason": "tunnel settings changed, reconnect"})
 
     def listen(self, port, tunnel_id):
         """Open the public listener; a port some other socket holds is tried
@@ -4454,6 +4573,16 @@ class Hub:
             return 0, 0
         return (session.local_read_bytes - session.saved_in,
                 session.local_written_bytes - session.saved_out)
+
+
+def stream_ends(sock, address):
+    """((consumer ip, port), (public ip, port)) of a consumer socket for the
+    OPEN frame; None when the socket is gone already."""
+    try:
+        public = sock.getsockname()
+    except OSError:
+        return None
+    return (plain_address(address[0]), address[1]), (plain_address(public[0]), public[1])
 
 
 class Server:
@@ -4572,9 +4701,11 @@ class Server:
                                             lambda: dns_wanted(self.store.all(), s, time.time()))
             self.reconciler.start()
 
-    def on_store_change(self, _tunnel_id=None):
-        """Any thread: listeners, DNS answers and dnsimple records follow the store."""
+    def on_store_change(self, tunnel_id=None):
+        """Any thread: listeners, sessions, DNS answers and dnsimple records follow the store."""
         self.loop.call_soon_threadsafe(self.hub.sync)
+        if tunnel_id is not None:
+            self.loop.call_soon_threadsafe(lambda: self.hub.refresh_session(tunnel_id))
         if self.dns is not None:
             self.loop.call_soon_threadsafe(self.dns.refresh)
         if self.reconciler is not None:

@@ -290,6 +290,7 @@ def test_env_prints_the_settings_without_the_secret(pod_dir):
         "PIPE2ME_URLS_1='https://calm-teal-otter.pipe2.localhost:10001'",
         "PIPE2ME_TUNNEL='127.0.0.1:8444'",
         "PIPE2ME_LOCAL_PORTS='8100,8101'",
+        "PIPE2ME_PROXY_PROTOCOL='off'",
     ]
     assert "s3cr3t" not in out + err
 

@@ -283,7 +283,7 @@ class Pair:
         self.pod_locals = {}
         pair = self
 
-        def on_open(stream_id, port):
+        def on_open(stream_id, port, *_ends):
             mine, theirs = socket.socketpair()
             pair.pod_locals[stream_id] = theirs
             pair.pod.add_stream(stream_id, mine)

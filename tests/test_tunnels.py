@@ -363,7 +363,7 @@ def test_tunnel_stream_opened_while_mux_congested_reads_once_it_drains(server_mo
     server_mux = mod.Mux(loop, a, mod.POD_SENDS, logging.getLogger("test"))
     pod_mux = mod.Mux(loop, b, mod.SERVER_SENDS, logging.getLogger("test"))
     service, pod_side = socket.socketpair()
-    pod_mux.on_open = lambda stream_id, port: pod_mux.add_stream(stream_id, pod_side)
+    pod_mux.on_open = lambda stream_id, port, *_ends: pod_mux.add_stream(stream_id, pod_side)
     consumer, server_side = socket.socketpair()
     consumer.settimeout(0)
     pod_mux.congested = True   # as if its send buffer were above the high water mark
