@@ -9,12 +9,13 @@ certificate and settings of that tunnel in a directory, and runs the tunnel.
 Usage:
     python3 pipe2me_pod.py [--dir DIR] [-v|-q|--silent] [-k] COMMAND ...
 
-    setup --server URL --auth TOKEN [--protocols http,https] [--local-ports 8100,8101] [--cacert FILE]
+    setup --server URL --auth TOKEN [--protocols http,https] [--local-ports 8100,HOST:PORT]
+          [--proxy-protocol v1|v2] [--cacert FILE]
     env                     settings as KEY='value' lines: eval $(python3 pipe2me_pod.py env)
     verify                  print the FQDN while the tunnel is online
     start [--echo]          run the tunnel in the foreground
     status                  whether the tunnel connection is up
-    update [--auth TOKEN]   refresh settings, renew the certificate, extend
+    update [--auth TOKEN] [--proxy-protocol v1|v2|off]   refresh, renew, extend, change
     check                   ask the server to probe this pod's public address
     map-ports               open the public ports on the router
     clear [--yes]           delete the tunnel on the server and the files here
