@@ -13,7 +13,7 @@ Usage:
           [--proxy-protocol v1|v2] [--cacert FILE]
     env                     settings as KEY='value' lines: eval $(python3 pipe2me_pod.py env)
     verify                  print the FQDN while the tunnel is online
-    start [--echo]          run the tunnel in the foreground
+    start [--echo] [--on-cert-change CMD]   run the tunnel in the foreground
     status                  whether the tunnel connection is up
     update [--auth TOKEN] [--proxy-protocol v1|v2|off]   refresh, renew, extend, change
     check                   ask the server to probe this pod's public address
@@ -31,7 +31,7 @@ Sections, in the order a tunnel comes to life:
     HELPERS            .inc quoting and parsing, atomic writes, the openssl wrapper
     SHARED protocol    wire format, byte-identical with pipe2me_server.py
     SHARED relay       stream relay, byte-identical with pipe2me_server.py
-    POD FILES          the five files of a pod directory, the key and CSR
+    POD FILES          the files of a pod directory, the key and CSR, the ACME chain
     SERVER API CLIENT  HTTP(S) calls to the server's JSON API
     ROUTER PORT MAPPING  NAT-PMP and UPnP IGD: the public ports opened on the router
     TUNNEL CLIENT      `start`: the tunnel connection, streams to local services, reconnects
@@ -120,9 +120,10 @@ DIR_ENV = "PIPE2ME_DIR"
 INFO_FILE = "pipe2me.info.inc"        # from the server; holds the secret
 LOCAL_FILE = "pipe2me.local.inc"      # from the pod: server URL, local ports
 KEY_FILE = "pipe2me.openssl.priv"     # EC P-256 private key, never leaves the pod
-CERT_FILE = "pipe2me.openssl.cert"    # signed by the server's CA
+CERT_FILE = "pipe2me.openssl.cert"    # what https services present: the ACME chain, else the server CA's
+TUNNEL_CERT_FILE = "pipe2me.tunnel.cert"  # signed by the server's CA: the tunnel connection's own
 CACERT_FILE = "pipe2me.cacert"        # the server's CA, pinned after setup
-POD_FILES = (INFO_FILE, LOCAL_FILE, KEY_FILE, CERT_FILE, CACERT_FILE)
+POD_FILES = (INFO_FILE, LOCAL_FILE, KEY_FILE, CERT_FILE, TUNNEL_CERT_FILE, CACERT_FILE)
 
 SECRET_FILE_MODE = 0o600
 PUBLIC_FILE_MODE = 0o644
@@ -358,20 +359,25 @@ class Msg(enum.IntEnum):
     PING = 9     # both: payload echoed back in PONG
     PONG = 10    # both
     GOAWAY = 11  # both: {"reason", "replaced_by"}; no new streams, running ones may finish
+    CERT = 12    # server: {"state", "reason", "next_try_at", "not_after", "chain"?}: the
+    #              tunnel's publicly trusted (ACME) certificate and why it is (not) there;
+    #              sent only to a pod whose HELLO lists FEATURE_CERT, after WELCOME and
+    #              on every change
 
 
 POD_SENDS = frozenset({Msg.HELLO, Msg.DATA, Msg.WINDOW, Msg.EOF, Msg.RESET,
                        Msg.PING, Msg.PONG, Msg.GOAWAY})
 SERVER_SENDS = frozenset({Msg.WELCOME, Msg.REJECT, Msg.OPEN, Msg.DATA,
                           Msg.WINDOW, Msg.EOF, Msg.RESET, Msg.PING, Msg.PONG,
-                          Msg.GOAWAY})
+                          Msg.GOAWAY, Msg.CERT})
 U16 = struct.Struct("!H")
 U32 = struct.Struct("!I")
 # Optional additions a side announces (HELLO "features"); a peer that does not
 # list one never receives it, so pods and servers of protocol 1 without it
 # keep working with those that have it.
 FEATURE_CONSUMER_ADDRESS = "consumer_address"   # OPEN carries the addresses
-POD_FEATURES = (FEATURE_CONSUMER_ADDRESS,)
+FEATURE_CERT = "cert"                           # the pod takes CERT frames
+POD_FEATURES = (FEATURE_CONSUMER_ADDRESS, FEATURE_CERT)
 _OPEN_FAMILIES = {4: (socket.AF_INET, 4), 6: (socket.AF_INET6, 16)}
 
 
@@ -1188,7 +1194,7 @@ class Mux:
 
 
 # =====================================================================
-# POD FILES — owns the five files of DIR (SPEC §3): settings, key, CSR, certificate dates
+# POD FILES — owns the files of DIR (SPEC §3): settings, key, CSR, certificates and their dates
 # =====================================================================
 
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -1196,7 +1202,10 @@ _FQDN_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]
 
 
 class PodFiles:
-    """The paths of one pod directory: info, local, key, cert, cacert."""
+    """The paths of one pod directory: info, local, key, cert, tunnel cert, cacert.
+
+    The tunnel cert appears with the first ACME chain; until then (and with
+    ACME off) the cert serves both the tunnel connection and the services."""
 
     def __init__(self, directory):
         self.dir = os.path.abspath(directory)
@@ -1204,17 +1213,22 @@ class PodFiles:
         self.local = os.path.join(self.dir, LOCAL_FILE)
         self.key = os.path.join(self.dir, KEY_FILE)
         self.cert = os.path.join(self.dir, CERT_FILE)
+        self.tunnel_cert = os.path.join(self.dir, TUNNEL_CERT_FILE)
         self.cacert = os.path.join(self.dir, CACERT_FILE)
 
     def all(self):
-        return [self.info, self.local, self.key, self.cert, self.cacert]
+        return [self.info, self.local, self.key, self.cert, self.tunnel_cert, self.cacert]
+
+    def tunnel_cert_in_use(self):
+        """The server-CA certificate the tunnel connection authenticates with."""
+        return self.tunnel_cert if os.path.exists(self.tunnel_cert) else self.cert
 
     def existing(self):
         """The files of a setup that are present, as paths."""
         return [path for path in self.all() if os.path.lexists(path)]
 
     def remove_all(self):
-        """Remove the five files; the names of those that were there."""
+        """Remove the files of the setup; the names of those that were there."""
         return [os.path.basename(path) for path in self.all() if remove_file(path)]
 
 
@@ -1408,8 +1422,34 @@ def make_key():
 
 
 def make_csr(key_path, fqdn):
-    """A CSR for `fqdn` signed with the key at `key_path`, as PEM text."""
-    return run_openssl(["req", "-new", "-key", key_path, "-subj", "/CN=" + fqdn]).decode("ascii")
+    """A CSR for `fqdn` (subject and SAN, as ACME CAs want) signed with the key at `key_path`, as PEM text."""
+    return run_openssl(["req", "-new", "-key", key_path, "-subj", "/CN=" + fqdn,
+                        "-addext", "subjectAltName=DNS:" + fqdn]).decode("ascii")
+
+
+def install_chain(files, chain):
+    """Put a publicly trusted chain (leaf first) in pipe2me.openssl.cert, atomically,
+    if it is new and belongs to the pod's key; True when the file changed.
+
+    A directory from before ACME first keeps its server-CA certificate as
+    the tunnel cert, so the tunnel connection goes on authenticating."""
+    if not isinstance(chain, str) or not chain.startswith("-----BEGIN CERTIFICATE-----"):
+        return False
+    current = read_text(files.cert)
+    if current == chain:
+        return False
+    if not os.path.exists(files.tunnel_cert) and current:
+        write_file_atomic(files.tunnel_cert, current, PUBLIC_FILE_MODE)
+    candidate = files.cert + ".new"
+    write_file_atomic(candidate, chain, PUBLIC_FILE_MODE)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(candidate, files.key)
+    except (ssl.SSLError, OSError) as exc:
+        remove_file(candidate)
+        log.warning("acme certificate refused: it does not fit the key reason=%s", exc)
+        return False
+    os.replace(candidate, files.cert)
+    return True
 
 
 def cert_validity(cert_path):
@@ -2436,6 +2476,7 @@ RECONNECT_MAX_S = 60.0
 STATUS_FILE = "pipe2me.status.json"
 STATUS_INTERVAL_S = 2.0
 STOP_GRACE_S = 10.0                   # default of `start --stop-grace`
+HOOK_TIMEOUT_S = 300                  # `start --on-cert-change CMD` may take this long
 
 
 class PodMux(Mux):
@@ -2490,6 +2531,9 @@ class PodMux(Mux):
         return True
 
     def on_control(self, msg, obj):
+        if msg == Msg.CERT:
+            self.runner.on_cert(obj)
+            return
         if msg == Msg.GOAWAY:
             log.info("server going away reason=%s", str(obj.get("reason"))[:200])
             self.draining = True
@@ -2545,9 +2589,11 @@ def proxy_header(version, consumer, public):
 class PodRunner:
     """Runs `start`: one session at a time, forever, until stopped or rejected."""
 
-    def __init__(self, files, setup, stop_grace_s=STOP_GRACE_S):
+    def __init__(self, files, setup, stop_grace_s=STOP_GRACE_S, on_cert_change=None):
         self.files, self.setup = files, setup
         self.stop_grace_s = stop_grace_s
+        self.on_cert_change = on_cert_change  # shell command run after the cert file changed
+        self.acme = None  # the last ACME state from the server (CERT frame), chain left out
         self.status_path = os.path.join(files.dir, STATUS_FILE)
         self.status_written = None  # the file's content, to write only changes
         self.loop = EventLoop()
@@ -2565,7 +2611,7 @@ class PodRunner:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.minimum_version = ssl.TLSVersion.TLSv1_3
         context.load_verify_locations(self.files.cacert)
-        context.load_cert_chain(self.files.cert, self.files.key)
+        context.load_cert_chain(self.files.tunnel_cert_in_use(), self.files.key)
         return context
 
     def connect(self):
@@ -2687,6 +2733,24 @@ class PodRunner:
         self.loop.call_later(self.stop_grace_s,
                              lambda: self.session and self.session.destroy("grace over"))
 
+    # -- the publicly trusted certificate (CERT frames) -------------------
+    def on_cert(self, obj):
+        """The server's ACME state for this tunnel: a new chain is installed and the hook run."""
+        self.acme = {key: obj.get(key) for key in ("state", "reason", "next_try_at", "not_after")}
+        try:
+            changed = install_chain(self.files, obj.get("chain"))
+        except Pipe2meError as exc:
+            log.warning("acme certificate not written reason=%s", exc)
+            changed = False
+        if changed:
+            log.info("acme certificate installed not_after=%s", obj.get("not_after"))
+            if self.on_cert_change:
+                threading.Thread(target=run_hook, args=(self.on_cert_change,), daemon=True).start()
+        elif self.acme["state"] != "valid":
+            log.info("acme certificate not issued state=%s reason=%s",
+                     self.acme["state"], str(self.acme["reason"])[:300])
+        self.write_status()
+
     # -- status for `pipe2me_pod.py status` -----------------------------
     def status_tick(self):
         self.write_status()
@@ -2699,7 +2763,7 @@ class PodRunner:
         status = {"version": 1, "pid": os.getpid(), "up": session is not None,
                   "since": self.up_since, "streams": len(session.streams) if session else 0,
                   "bytes_in": self.totals[0] + live_in, "bytes_out": self.totals[1] + live_out,
-                  "last_error": None if session else self.closed_reason}
+                  "last_error": None if session else self.closed_reason, "acme": self.acme}
         text = json.dumps(status) + "\n"
         if text == self.status_written:
             return
@@ -2708,6 +2772,18 @@ class PodRunner:
             self.status_written = text
         except Pipe2meError as exc:
             log.debug("status file not written: %s", exc)
+
+
+def run_hook(command):
+    """Run `start --on-cert-change CMD` through /bin/sh; its exit status is logged."""
+    import subprocess  # only when a hook runs: `start` stays small otherwise
+    try:
+        done = subprocess.run(["/bin/sh", "-c", command], stdin=subprocess.DEVNULL,
+                              timeout=HOOK_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("on-cert-change hook failed reason=%s", exc)
+        return
+    log.info("on-cert-change hook ran status=%d", done.returncode)
 
 
 def split_host_port(endpoint):
@@ -2732,10 +2808,7 @@ def start_echo_services(files, setup):
     listening sockets (closing one stops its service)."""
     listeners = []
     for service in setup.services():
-        context = None
-        if service.protocol == "https":
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(files.cert, files.key)
+        context = EchoTls(files) if service.protocol == "https" else None
         listener = echo_listener(service.target)
         threading.Thread(target=serve_echo, args=(listener, service.protocol, context),
                          name="echo-%d" % service.local_port, daemon=True).start()
@@ -2762,6 +2835,27 @@ def echo_listener(target):
     return listener
 
 
+class EchoTls:
+    """The https echo service's TLS context, loaded again when the certificate
+    file changes (a renewed chain), so new connections get it without a restart."""
+
+    def __init__(self, files):
+        self.files = files
+        self.loaded = None  # (mtime_ns, size) of the file behind self.context
+        self.context = None
+        self.lock = threading.Lock()
+        self.current()
+
+    def current(self):
+        stat = os.stat(self.files.cert)
+        with self.lock:
+            if self.loaded != (stat.st_mtime_ns, stat.st_size):
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                context.load_cert_chain(self.files.cert, self.files.key)
+                self.context, self.loaded = context, (stat.st_mtime_ns, stat.st_size)
+            return self.context
+
+
 def serve_echo(listener, protocol, context):
     """Accept until the listener is closed; one thread per connection."""
     while True:
@@ -2776,7 +2870,7 @@ def echo_one(conn, protocol, context):
     try:
         conn.settimeout(ECHO_TIMEOUT_S)
         if context is not None:
-            conn = context.wrap_socket(conn, server_side=True)
+            conn = context.current().wrap_socket(conn, server_side=True)
         if protocol in ("http", "https"):
             echo_http(conn)
         else:
@@ -2827,7 +2921,7 @@ def parse_protocols(text):
 
 
 def cmd_setup(args):
-    """Create a tunnel on the server and the five files; print the FQDN."""
+    """Create a tunnel on the server and the files of the setup; print the FQDN."""
     files = PodFiles(args.dir)
     present = files.existing()
     if present:
@@ -2931,7 +3025,7 @@ def check_server_config(api, protocols):
 
 
 def install_tunnel(files, api, server, tunnel, local_ports):
-    """Make the key and CSR, get the certificate and CA, write the five files."""
+    """Make the key and CSR, get the certificate and CA, write the files of the setup."""
     api.secret = tunnel["secret"]
     write_file_atomic(files.key, make_key(), SECRET_FILE_MODE)
     cert = api.sign(tunnel["id"], make_csr(files.key, tunnel["fqdn"]))
@@ -3007,17 +3101,29 @@ def cmd_update(args):
     if tunnel.get("status") == "expired":
         write_info(setup.files, setup.server, tunnel, setup.secret)
         raise Rejected("tunnel %s expired: extend it with `update --auth TOKEN`" % setup.fqdn)
-    if changed or cert_needs_renewal(setup.files.cert):
-        cert = api.sign(setup.id, make_csr(setup.files.key, setup.fqdn))
-        write_file_atomic(setup.files.cert, cert, PUBLIC_FILE_MODE)
+    files = setup.files
+    tunnel_cert = files.tunnel_cert_in_use()
+    if changed or cert_needs_renewal(tunnel_cert):
+        before = read_text(tunnel_cert)
+        cert = api.sign(setup.id, make_csr(files.key, setup.fqdn))
+        write_file_atomic(tunnel_cert, cert, PUBLIC_FILE_MODE)
+        if read_text(files.cert) in (None, before):  # no ACME chain in use: services get it too
+            write_file_atomic(files.cert, cert, PUBLIC_FILE_MODE)
         log.info("certificate renewed tunnel=%s", setup.id)
+    acme = tunnel.get("acme")
+    if isinstance(acme, dict):
+        if install_chain(files, acme.get("chain")):
+            log.info("acme certificate installed tunnel=%s not_after=%s", setup.id, acme.get("not_after"))
+        elif acme.get("state") != "valid":
+            log.info("acme certificate not issued state=%s reason=%s next_try=%s",
+                     acme.get("state"), acme.get("reason"), iso_time(acme.get("next_try_at")))
     write_info(setup.files, setup.server, tunnel, setup.secret)
     log.info("tunnel updated tunnel=%s expires_at=%d", setup.id, tunnel["expires_at"])
     return 0
 
 
 def cmd_clear(args):
-    """Delete the tunnel on the server and remove the five files."""
+    """Delete the tunnel on the server and remove the files of the setup."""
     files = PodFiles(args.dir)
     if not files.existing():
         raise UsageError("no setup in %s: nothing to clear" % files.dir)
@@ -3213,7 +3319,7 @@ def cmd_start(args):
     run_from_compiled_code(hand_over_arguments(args))
     raise_open_file_limit()
     servers = start_echo_services(files, setup) if args.echo else []
-    runner = PodRunner(files, setup, args.stop_grace)
+    runner = PodRunner(files, setup, args.stop_grace, getattr(args, "on_cert_change", None))
     keeper = start_port_keeper(files.dir, runner.loop)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, runner.on_stop_signal)
@@ -3249,7 +3355,21 @@ def cmd_status(args):
     print("BYTES_OUT=%d" % status.get("bytes_out", 0))
     if status.get("last_error") and not status.get("up"):
         print("LAST_ERROR=%s" % shlex.quote(status["last_error"]))
+    print_acme_status(status.get("acme"))
     return 0 if running and status.get("up") else 3
+
+
+def print_acme_status(acme):
+    """The publicly trusted certificate's state as `status` lines (only when the server uses ACME)."""
+    if not isinstance(acme, dict):
+        return
+    print("ACME=%s" % shlex.quote(str(acme.get("state"))))
+    if acme.get("not_after"):
+        print("ACME_NOT_AFTER=%s" % iso_time(acme["not_after"]))
+    if acme.get("state") != "valid" or acme.get("reason"):
+        print("ACME_REASON=%s" % shlex.quote(str(acme.get("reason") or "")))
+    if acme.get("next_try_at"):
+        print("ACME_NEXT_TRY=%s" % iso_time(acme["next_try_at"]))
 
 
 def pid_alive(pid):
@@ -3413,6 +3533,8 @@ def build_parser():
     start.add_argument("--echo", action="store_true", help="also run echo services on the local ports")
     start.add_argument("--stop-grace", type=positive_seconds, default=STOP_GRACE_S, metavar="S",
                        help="how long SIGTERM lets running streams finish (default %(default)s)")
+    start.add_argument("--on-cert-change", metavar="CMD",
+                       help="run CMD (through /bin/sh) each time a new publicly trusted certificate is written")
     command("status", cmd_status, "whether the tunnel connection is up")
     update = command("update", cmd_update, "refresh the settings and renew the certificate")
     update.add_argument("--auth", "--token", dest="auth", help="extend the tunnel with this token")

@@ -23,6 +23,8 @@ Sections, in the order a tunnel comes to life:
     TOKENS        tokens.conf: who may create tunnels, within which limits
     STATE STORE   STATE_DIR/tunnels/*.json and the port pool
     CERTIFICATES  the CA, CSR checks, signing through the openssl CLI
+    ACME          publicly trusted certificates for pods' own keys and the
+                  server's name from an ACME CA (RFC 8555), renewed (ARI)
     API           the HTTP API (JSON and shell format)
     TUNNEL SESSIONS  pod authentication and the live session per tunnel
     FRONTS        public ports, the Host-routed HTTP front, the SNI front
@@ -49,6 +51,7 @@ import calendar
 import collections
 import concurrent.futures
 import contextlib
+import email.utils
 import enum
 import errno
 import fcntl
@@ -186,6 +189,28 @@ def parse_dns_service(value):
     return value
 
 
+def parse_https_url(value):
+    value = value.strip()
+    parts = urllib.parse.urlsplit(value)
+    if value and (parts.scheme != "https" or not parts.hostname):
+        raise ValueError("expected an https:// URL or empty")
+    return value
+
+
+def parse_email(value):
+    value = value.strip()
+    if value and not re.fullmatch(r"[^@\s:,<>]+@[A-Za-z0-9.-]+", value):
+        raise ValueError("not an e-mail address: %r" % value[:80])
+    return value
+
+
+def parse_acme_challenge(value):
+    value = value.strip().lower()
+    if value not in ("", "dns-01", "http-01"):
+        raise ValueError("expected dns-01, http-01 or empty")
+    return value
+
+
 # key: (default, parser, one-line description for check-config and the example)
 CONFIG_KEYS = {
     "TUNNEL_DOMAIN": ("pipe2.localhost", parse_domain, "the managed domain"),
@@ -216,6 +241,12 @@ CONFIG_KEYS = {
     "MAX_PENDING_HANDSHAKES": ("64", parse_count, "pod connections still authenticating; 0 = no cap"),
     "FRONT_HEAD_DEADLINE": ("10", parse_positive_duration, "seconds a front connection may take to send its head"),
     "API_REQUEST_DEADLINE": ("20", parse_positive_duration, "seconds an API connection may last (against slowloris)"),
+    "ACME_DIRECTORY": ("", parse_https_url, "ACME directory URL for publicly trusted certificates; empty = off"),
+    "ACME_EMAIL": ("", parse_email, "contact address of the ACME account"),
+    "ACME_CA_BUNDLE": ("", parse_path, "CA certificates trusted for the ACME server's HTTPS; empty = system store"),
+    "ACME_CHALLENGE": ("", parse_acme_challenge, "dns-01 or http-01; empty = dns-01 when the server manages DNS"),
+    "ACME_RETRY": ("60", parse_positive_duration, "first retry after the ACME CA refused; doubles up to 6h"),
+    "ACME_NEW_CERTS_PER_WEEK": ("50", parse_count, "new ACME certificates per 7 days before orders queue; 0 = no cap"),
 }
 
 
@@ -455,20 +486,25 @@ class Msg(enum.IntEnum):
     PING = 9     # both: payload echoed back in PONG
     PONG = 10    # both
     GOAWAY = 11  # both: {"reason", "replaced_by"}; no new streams, running ones may finish
+    CERT = 12    # server: {"state", "reason", "next_try_at", "not_after", "chain"?}: the
+    #              tunnel's publicly trusted (ACME) certificate and why it is (not) there;
+    #              sent only to a pod whose HELLO lists FEATURE_CERT, after WELCOME and
+    #              on every change
 
 
 POD_SENDS = frozenset({Msg.HELLO, Msg.DATA, Msg.WINDOW, Msg.EOF, Msg.RESET,
                        Msg.PING, Msg.PONG, Msg.GOAWAY})
 SERVER_SENDS = frozenset({Msg.WELCOME, Msg.REJECT, Msg.OPEN, Msg.DATA,
                           Msg.WINDOW, Msg.EOF, Msg.RESET, Msg.PING, Msg.PONG,
-                          Msg.GOAWAY})
+                          Msg.GOAWAY, Msg.CERT})
 U16 = struct.Struct("!H")
 U32 = struct.Struct("!I")
 # Optional additions a side announces (HELLO "features"); a peer that does not
 # list one never receives it, so pods and servers of protocol 1 without it
 # keep working with those that have it.
 FEATURE_CONSUMER_ADDRESS = "consumer_address"   # OPEN carries the addresses
-POD_FEATURES = (FEATURE_CONSUMER_ADDRESS,)
+FEATURE_CERT = "cert"                           # the pod takes CERT frames
+POD_FEATURES = (FEATURE_CONSUMER_ADDRESS, FEATURE_CERT)
 _OPEN_FAMILIES = {4: (socket.AF_INET, 4), 6: (socket.AF_INET6, 16)}
 
 
@@ -2314,6 +2350,612 @@ class CertAuthority:
         return not_after - time.time() > SERVER_CERT_RENEW_BEFORE_S
 
 # =====================================================================
+# ACME — orders publicly trusted certificates (RFC 8555) for each pod's own
+# CSR and for the server's name, renews them (ARI, RFC 9773, or at two
+# thirds of the lifetime); owns STATE_DIR/acme; used by the API, the
+# sessions (new chains go to live pods) and the wiring (challenge answers)
+# =====================================================================
+
+ACME_HTTP_TIMEOUT_S = 30
+ACME_MAX_RESPONSE_BYTES = 1 << 20
+ACME_BAD_NONCE_RETRIES = 10        # pebble rejects 5% of good nonces by default
+ACME_POLL_ATTEMPTS = 60            # authorization / order status polls per order ...
+ACME_POLL_DEFAULT_S = 1.0          # ... this far apart unless Retry-After says otherwise
+ACME_POLL_MAX_S = 10.0
+ACME_RETRY_MAX_S = 6 * 3600        # backoff ceiling after refusals
+ACME_RENEW_FRACTION = 2.0 / 3.0    # without ARI: renew at two thirds of the lifetime
+ACME_RATE_WINDOW_S = 7 * 86400     # Let's Encrypt: new certificates per registered domain per week
+ACME_ERROR_PREFIX = "urn:ietf:params:acme:error:"
+ACME_SERVER_KEY = "server"         # the job of the server's own name (HTTPS_PORT)
+# The fixed DER prefix of an EC P-256 SubjectPublicKeyInfo; the point follows.
+P256_SPKI_PREFIX = bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d030107034200")
+
+
+class AcmeProblem(Unavailable):
+    """The ACME CA refused: an RFC 7807 problem document (type, detail) and
+    the seconds its Retry-After asked for (None if it gave none)."""
+
+    def __init__(self, message, kind="", retry_after_s=None):
+        super().__init__(message)
+        self.kind, self.retry_after_s = kind, retry_after_s
+
+
+def b64url(data):
+    """Base64url without padding (RFC 8555 §6.1)."""
+    if isinstance(data, str):
+        data = data.encode()
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def acme_json(obj):
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+def ecdsa_der_to_raw(der):
+    """The 64-byte r||s of an ES256 JWS from openssl's DER ECDSA signature."""
+    if len(der) < 8 or der[0] != 0x30:
+        raise Unavailable("openssl gave an ECDSA signature that is not DER")
+    pos, parts = 2, []
+    for _ in range(2):
+        if der[pos] != 0x02:
+            raise Unavailable("openssl gave an ECDSA signature that is not DER")
+        length = der[pos + 1]
+        parts.append(int.from_bytes(der[pos + 2:pos + 2 + length], "big"))
+        pos += 2 + length
+    return b"".join(part.to_bytes(32, "big") for part in parts)
+
+
+def parse_retry_after(value, now=None):
+    """Seconds from a Retry-After header (delta seconds or an HTTP date); None if absent or bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return int(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0, int(when - (time.time() if now is None else now)))
+
+
+def parse_rfc3339(text):
+    """Epoch seconds of an RFC 3339 time such as ARI's suggestedWindow; ValueError if bad."""
+    match = re.fullmatch(r"(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(\.\d+)?([Zz]|[+-]\d\d:\d\d)",
+                         str(text).strip())
+    if not match:
+        raise ValueError("not an RFC 3339 time: %r" % str(text)[:40])
+    fields = [int(match.group(i)) for i in range(1, 7)]
+    epoch = calendar.timegm(tuple(fields) + (0, 0, 0))
+    zone = match.group(8)
+    if zone not in ("Z", "z"):
+        sign = 1 if zone[0] == "+" else -1
+        epoch -= sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+    return epoch
+
+
+def pem_certificates(text):
+    """The PEM certificate blocks of text, in order."""
+    return re.findall(r"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----\n?",
+                      text)
+
+
+def leaf_facts(chain_pem):
+    """(not_before, not_after, serial hex, authority key id hex) of a chain's first certificate."""
+    out = run_openssl(["x509", "-noout", "-startdate", "-enddate", "-serial",
+                       "-ext", "authorityKeyIdentifier"], input_bytes=chain_pem.encode("ascii"))
+    text = out.decode("ascii", "replace")
+    dates = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    try:
+        start = ssl.cert_time_to_seconds(dates["notBefore"].strip())
+        end = ssl.cert_time_to_seconds(dates["notAfter"].strip())
+        serial = dates["serial"].strip()
+    except (KeyError, ValueError):
+        raise Unavailable("cannot read the dates of the ACME certificate") from None
+    # keyid is the one colon-separated hex run (OpenSSL 1.1 prefixes "keyid:", 3.x not)
+    aki = re.search(r"(?:[0-9A-Fa-f]{2}:){7,}[0-9A-Fa-f]{2}", text.split("Authority Key", 1)[-1])
+    return start, end, serial, aki.group(0).replace(":", "") if aki else ""
+
+
+def ari_cert_id(serial_hex, aki_hex):
+    """The ARI certificate identifier (RFC 9773 §4.1): AKI keyIdentifier '.' serial DER bytes."""
+    serial = bytes.fromhex(serial_hex if len(serial_hex) % 2 == 0 else "0" + serial_hex)
+    if serial and serial[0] & 0x80:
+        serial = b"\0" + serial
+    return "%s.%s" % (b64url(bytes.fromhex(aki_hex)), b64url(serial))
+
+
+class AcmeClient:
+    """One ACME account at one directory, driven by blocking HTTPS calls.
+
+    The account key is EC P-256 in key_path (made on first use, mode 0600);
+    every JWS is signed ES256 by `openssl dgst`. post() retries badNonce with
+    the nonce of the error answer; any other problem document becomes an
+    AcmeProblem. Not thread-safe: AcmeOrders uses it from its one thread.
+    """
+
+    def __init__(self, directory_url, key_path, email="", ca_bundle=""):
+        self.directory_url, self.key_path, self.email = directory_url, key_path, email
+        self.context = ssl.create_default_context(cafile=ca_bundle or None)
+        self.urls = None
+        self.nonce = None
+        self.kid = None
+        self.jwk = None
+
+    def reset(self):
+        """Forget the directory, nonce and account URL (after a failure: the CA may have changed)."""
+        self.urls = self.nonce = self.kid = None
+
+    # -- keys and signatures ------------------------------------------
+    def load_key(self):
+        if not os.path.exists(self.key_path):
+            key = run_openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"])
+            write_atomic(self.key_path, key, 0o600)
+        spki = run_openssl(["pkey", "-in", self.key_path, "-pubout", "-outform", "DER"])
+        if not spki.startswith(P256_SPKI_PREFIX) or len(spki) != len(P256_SPKI_PREFIX) + 65:
+            raise UsageError("ACME account key %s is not an EC P-256 key" % self.key_path)
+        point = spki[len(P256_SPKI_PREFIX) + 1:]
+        self.jwk = {"crv": "P-256", "kty": "EC", "x": b64url(point[:32]), "y": b64url(point[32:])}
+
+    def thumbprint(self):
+        """The JWK thumbprint (RFC 7638) that key authorizations end with."""
+        return b64url(hashlib.sha256(acme_json(self.jwk)).digest())
+
+    def key_authorization(self, token):
+        return "%s.%s" % (token, self.thumbprint())
+
+    def jws(self, url, payload):
+        protected = {"alg": "ES256", "nonce": self.nonce, "url": url}
+        if self.kid:
+            protected["kid"] = self.kid
+        else:
+            protected["jwk"] = self.jwk
+        body64 = "" if payload is None else b64url(acme_json(payload))
+        signing_input = "%s.%s" % (b64url(acme_json(protected)), body64)
+        der = run_openssl(["dgst", "-sha256", "-sign", self.key_path],
+                          input_bytes=signing_input.encode("ascii"))
+        return acme_json({"protected": signing_input.split(".")[0], "payload": body64,
+                          "signature": b64url(ecdsa_der_to_raw(der))})
+
+    # -- HTTP ---------------------------------------------------------
+    def request(self, method, url, body=None):
+        """(status, headers, body bytes) of one HTTPS exchange; Unavailable if unreachable."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise UsageError("ACME URL %s is not https" % url[:200])
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port or 443,
+                                           timeout=ACME_HTTP_TIMEOUT_S, context=self.context)
+        path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        headers = {"User-Agent": "pipe2me", "Content-Type": "application/jose+json"}
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            answer = conn.getresponse()
+            data = answer.read(ACME_MAX_RESPONSE_BYTES)
+        except (OSError, http.client.HTTPException) as exc:
+            raise Unavailable("ACME server %s unreachable: %s" % (parts.netloc, exc)) from None
+        finally:
+            conn.close()
+        nonce = answer.getheader("Replay-Nonce")
+        if nonce:
+            self.nonce = nonce
+        return answer.status, answer, data
+
+    def directory(self):
+        if self.urls is None:
+            status, _answer, data = self.request("GET", self.directory_url)
+            urls = json.loads(data) if status == 200 else None
+            if not isinstance(urls, dict) or "newOrder" not in urls:
+                raise Unavailable("ACME directory %s answered %d, not a directory"
+                                  % (self.directory_url, status))
+            self.urls = urls
+        return self.urls
+
+    def post(self, url, payload):
+        """POST a JWS (payload None = POST-as-GET); (status, answer, body) of a 2xx answer."""
+        for _ in range(ACME_BAD_NONCE_RETRIES):
+            if not self.nonce:
+                self.request("HEAD", self.directory()["newNonce"])
+            status, answer, data = self.request("POST", url, self.jws(url, payload))
+            if status < 400:
+                return status, answer, data
+            problem = self.problem(status, answer, data)
+            if problem.kind != "badNonce":
+                raise problem
+            log.debug("acme bad nonce, retrying url=%s", url)
+        raise AcmeProblem("ACME server rejected %d nonces in a row" % ACME_BAD_NONCE_RETRIES, "badNonce")
+
+    @staticmethod
+    def problem(status, answer, data):
+        """The AcmeProblem of an error answer (RFC 8555 §6.7)."""
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            doc = {}
+        doc = doc if isinstance(doc, dict) else {}
+        kind = str(doc.get("type", ""))
+        kind = kind[len(ACME_ERROR_PREFIX):] if kind.startswith(ACME_ERROR_PREFIX) else kind
+        detail = re.sub(r"[\x00-\x1f\x7f]+", " ", str(doc.get("detail", "")))[:300]
+        return AcmeProblem("ACME %s (HTTP %d): %s" % (kind or "error", status, detail or "no detail"),
+                           kind, parse_retry_after(answer.getheader("Retry-After")))
+
+    def get_json(self, url):
+        status, answer, data = self.post(url, None)
+        try:
+            return json.loads(data), answer
+        except ValueError:
+            raise Unavailable("ACME server answered %s with no JSON" % url[:200]) from None
+
+    # -- account, order, ARI --------------------------------------------
+    def ensure_account(self):
+        if self.kid:
+            return
+        self.load_key()
+        payload = {"termsOfServiceAgreed": True}
+        if self.email:
+            payload["contact"] = ["mailto:" + self.email]
+        _status, answer, _data = self.post(self.directory()["newAccount"], payload)
+        self.kid = answer.getheader("Location")
+        if not self.kid:
+            raise Unavailable("ACME server gave the account no URL")
+
+    def renewal_window(self, serial_hex, aki_hex):
+        """(start, end, retry_after_s) of ARI's suggested window, or None without ARI."""
+        base = self.directory().get("renewalInfo")
+        if not base or not aki_hex:
+            return None
+        status, answer, data = self.request("GET", base.rstrip("/") + "/" + ari_cert_id(serial_hex, aki_hex))
+        try:
+            window = json.loads(data)["suggestedWindow"]
+            start, end = parse_rfc3339(window["start"]), parse_rfc3339(window["end"])
+        except (ValueError, KeyError, TypeError):
+            log.info("acme renewal info unusable status=%d", status)
+            return None
+        return start, max(start, end), parse_retry_after(answer.getheader("Retry-After"))
+
+
+def acme_order(client, fqdn, csr_der, challenger, replaces=None):
+    """Order, validate and download a certificate for fqdn; the chain PEM (leaf first).
+
+    `challenger` answers challenges: .kind ("dns-01" or "http-01"),
+    .publish(fqdn, token, key_authorization) and .withdraw(fqdn, token).
+    """
+    client.ensure_account()
+    payload = {"identifiers": [{"type": "dns", "value": fqdn}]}
+    if replaces:
+        payload["replaces"] = replaces
+    _status, answer, data = client.post(client.directory()["newOrder"], payload)
+    order, order_url = json.loads(data), answer.getheader("Location")
+    for authz_url in order.get("authorizations", []):
+        acme_authorize(client, fqdn, authz_url, challenger)
+    order = acme_poll(client, order_url, ("ready", "valid"), "order")
+    if order["status"] == "ready":
+        client.post(order["finalize"], {"csr": b64url(csr_der)})
+        order = acme_poll(client, order_url, ("valid",), "order")
+    _status, _answer, data = client.post(order["certificate"], None)
+    return data.decode("ascii", "replace")
+
+
+def acme_authorize(client, fqdn, authz_url, challenger):
+    """Answer one authorization with the challenger's kind; returns when it is valid."""
+    authz, _answer = client.get_json(authz_url)
+    if authz.get("status") == "valid":
+        return
+    offered = [c for c in authz.get("challenges", []) if c.get("type") == challenger.kind]
+    if not offered:
+        raise AcmeProblem("ACME server offers no %s challenge for %s" % (challenger.kind, fqdn),
+                          "unsupportedChallenge")
+    challenge = offered[0]
+    token = str(challenge.get("token", ""))
+    if not re.fullmatch(r"[A-Za-z0-9_-]{16,256}", token):
+        raise AcmeProblem("ACME challenge token is malformed", "malformed")
+    challenger.publish(fqdn, token, client.key_authorization(token))
+    try:
+        client.post(challenge["url"], {})
+        acme_poll(client, authz_url, ("valid",), "authorization")
+    finally:
+        challenger.withdraw(fqdn, token)
+
+
+def acme_poll(client, url, wanted, what):
+    """POST-as-GET url until its status is one of `wanted`; AcmeProblem when it went invalid."""
+    for _ in range(ACME_POLL_ATTEMPTS):
+        obj, answer = client.get_json(url)
+        status = obj.get("status")
+        if status in wanted:
+            return obj
+        if status not in ("pending", "processing", "ready"):
+            raise acme_failure(obj, what)
+        delay = parse_retry_after(answer.getheader("Retry-After")) or ACME_POLL_DEFAULT_S
+        time.sleep(min(ACME_POLL_MAX_S, delay))
+    raise Unavailable("ACME %s still not %s after %d polls" % (what, "/".join(wanted), ACME_POLL_ATTEMPTS))
+
+
+def acme_failure(obj, what):
+    """An AcmeProblem from an invalid order or authorization (the challenge's error if any)."""
+    errors = [obj.get("error")] + [c.get("error") for c in obj.get("challenges", [])
+                                   if isinstance(c, dict)]
+    error = next((e for e in errors if isinstance(e, dict)), {})
+    kind = str(error.get("type", ""))
+    kind = kind[len(ACME_ERROR_PREFIX):] if kind.startswith(ACME_ERROR_PREFIX) else kind
+    detail = re.sub(r"[\x00-\x1f\x7f]+", " ", str(error.get("detail", "")))[:300]
+    return AcmeProblem("ACME %s %s: %s %s" % (what, obj.get("status"), kind or "error",
+                                             detail or "no detail"), kind)
+
+
+class DnsTxtChallenger:
+    """DNS-01: the TXT record `_acme-challenge.<fqdn>` through set_txt(name, values)
+    (the built-in DNS or dnsimple, given by the wiring)."""
+    kind = "dns-01"
+
+    def __init__(self, set_txt):
+        self.set_txt = set_txt
+
+    def publish(self, fqdn, token, key_authorization):
+        value = b64url(hashlib.sha256(key_authorization.encode("ascii")).digest())
+        self.set_txt("_acme-challenge." + fqdn, [value])
+
+    def withdraw(self, fqdn, token):
+        self.set_txt("_acme-challenge." + fqdn, [])
+
+
+class HttpTokenChallenger:
+    """HTTP-01: key authorizations the HTTP front serves at
+    /.well-known/acme-challenge/<token> (answer(), from any thread)."""
+    kind = "http-01"
+
+    def __init__(self):
+        self.tokens = {}
+        self.lock = threading.Lock()
+
+    def publish(self, fqdn, token, key_authorization):
+        with self.lock:
+            self.tokens[token] = key_authorization.encode("ascii")
+
+    def withdraw(self, fqdn, token):
+        with self.lock:
+            self.tokens.pop(token, None)
+
+    def answer(self, token):
+        """The body for GET /.well-known/acme-challenge/<token>, or None (404)."""
+        with self.lock:
+            return self.tokens.get(token)
+
+
+class AcmeOrders:
+    """The ACME jobs of this server, one per tunnel (key: tunnel id) and one
+    for the server's own name (key ACME_SERVER_KEY), run by one worker
+    thread so no order ever blocks the loop.
+
+    Each job lives in STATE_DIR/acme/certs/<key>.json: the CSR, the state
+    (pending, queued, valid, failed), the reason and time of the next try,
+    and the chain once issued. New certificates (not renewals) are counted
+    in STATE_DIR/acme/issued.json; beyond ACME_NEW_CERTS_PER_WEEK in seven
+    days an order waits (state queued) instead of failing. A refusal is
+    retried with exponential backoff from ACME_RETRY, or after the CA's
+    Retry-After when that is later. `alive(key)` says whether a job is still
+    wanted; `on_change(key)` is called (worker thread) whenever a job's
+    state changes. request(), status() and forget() are thread-safe.
+    """
+
+    def __init__(self, settings, client, challenger, alive, on_change):
+        self.settings, self.client, self.challenger = settings, client, challenger
+        self.alive, self.on_change = alive, on_change
+        self.dir = os.path.join(settings.state_dir, "acme")
+        self.jobs = {}
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread = None
+
+    @staticmethod
+    def job_path(state_dir, key):
+        return os.path.join(state_dir, "acme", "certs", key + ".json")
+
+    def load(self):
+        os.makedirs(os.path.join(self.dir, "certs"), mode=0o700, exist_ok=True)
+        for name in os.listdir(os.path.join(self.dir, "certs")):
+            if name.endswith(".json"):
+                try:
+                    job = read_json(os.path.join(self.dir, "certs", name))
+                except (OSError, ValueError) as exc:
+                    log.error("acme job unreadable file=%s error=%s", name, exc)
+                    continue
+                self.jobs[job["key"]] = job
+
+    def start(self):
+        self.thread = threading.Thread(target=self.run, name="acme", daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+
+    # -- what other threads call ------------------------------------------
+    def request(self, key, fqdn, csr_pem):
+        """Make sure `key` gets a certificate for fqdn from this CSR (a new CSR orders anew)."""
+        with self.cond:
+            job = self.jobs.get(key)
+            if job is not None and job["csr"] == csr_pem and job["fqdn"] == fqdn:
+                return
+            job = dict(job or {}, version=1, key=key, fqdn=fqdn, csr=csr_pem, state="pending",
+                       reason=None, next_try_at=int(time.time()), attempts=0)
+            self.jobs[key] = job
+            self.save(job)
+            self.cond.notify_all()
+        log.info("acme order wanted key=%s fqdn=%s", key, fqdn)
+
+    def status(self, key):
+        """What the API, `tunnels show` and the pod see of a job (chain included), or None."""
+        with self.cond:
+            job = self.jobs.get(key)
+            return None if job is None else acme_view(job)
+
+    def forget(self, key):
+        with self.cond:
+            if self.jobs.pop(key, None) is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.job_path(self.settings.state_dir, key))
+
+    def save(self, job):
+        write_json(self.job_path(self.settings.state_dir, job["key"]), job)
+
+    # -- the worker -------------------------------------------------------
+    def run(self):
+        while True:
+            with self.cond:
+                job = self.next_due()
+                if self.stopping:
+                    return
+                if job is None:
+                    continue
+                job = dict(job)
+            self.process(job)
+
+    def next_due(self):
+        """The job due now, or None after waiting (at most a minute) for one to become due."""
+        now = time.time()
+        due = [j for j in self.jobs.values() if self.due_at(j) is not None]
+        job = min(due, key=self.due_at, default=None)
+        if job is not None and self.due_at(job) <= now:
+            return job
+        wait = 60.0 if job is None else min(60.0, self.due_at(job) - now)
+        self.cond.wait(max(0.05, wait))
+        return None
+
+    @staticmethod
+    def due_at(job):
+        if job["state"] == "valid":
+            return job.get("renew_at")
+        return job.get("next_try_at")
+
+    def process(self, job):
+        key = job["key"]
+        if not self.alive(key):
+            log.info("acme job dropped, tunnel gone key=%s", key)
+            return self.forget(key)
+        renewal = bool(job.get("chain")) and job.get("chain_fqdn") == job["fqdn"]
+        wait = None if renewal else self.weekly_wait()
+        if wait is not None:
+            return self.finish(job, state="queued", next_try_at=int(time.time() + wait),
+                               reason="waiting for the CA's limit of %d new certificates a week"
+                               % self.settings.acme_new_certs_per_week)
+        log.info("acme order started key=%s fqdn=%s renewal=%s", key, job["fqdn"], renewal)
+        try:
+            chain = self.order(job, renewal)
+        except Pipe2meError as exc:
+            return self.failed(job, exc)
+        self.succeeded(job, chain, renewal)
+
+    def order(self, job, renewal):
+        """The new chain for a job; Pipe2meError (AcmeProblem from the CA) otherwise."""
+        csr_pem = job["csr"].encode("ascii")
+        csr_der = run_openssl(["req", "-outform", "DER"], input_bytes=csr_pem)
+        replaces = None
+        if renewal and job.get("serial") and job.get("aki") and "renewalInfo" in self.client.directory():
+            replaces = ari_cert_id(job["serial"], job["aki"])
+        try:
+            chain = acme_order(self.client, job["fqdn"], csr_der, self.challenger, replaces)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise Unavailable("ACME server answered unexpectedly: %s" % exc) from None
+        certs = pem_certificates(chain)
+        if not certs:
+            raise Unavailable("ACME server sent no certificate")
+        leaf_key = run_openssl(["x509", "-noout", "-pubkey"], input_bytes=certs[0].encode("ascii"))
+        csr_key = run_openssl(["req", "-noout", "-pubkey"], input_bytes=csr_pem)
+        if leaf_key.strip() != csr_key.strip():
+            raise Unavailable("ACME certificate is not for the CSR's key")
+        return "".join(c if c.endswith("\n") else c + "\n" for c in certs)
+
+    def succeeded(self, job, chain, renewal):
+        start, end, serial, aki = leaf_facts(chain)
+        renew_at = self.renew_time(start, end, serial, aki)
+        if not renewal:
+            self.count_new_certificate()
+        log.info("acme certificate issued key=%s fqdn=%s not_after=%d renew_at=%d",
+                 job["key"], job["fqdn"], end, renew_at)
+        self.finish(job, state="valid", chain=chain, chain_fqdn=job["fqdn"], not_before=start,
+                    not_after=end, serial=serial, aki=aki, renew_at=renew_at, attempts=0,
+                    reason=None, next_try_at=None)
+
+    def renew_time(self, start, end, serial, aki):
+        """When to renew: a random moment in ARI's window if the CA gives one, else at 2/3."""
+        try:
+            window = self.client.renewal_window(serial, aki)
+        except Pipe2meError as exc:
+            log.info("acme renewal info unavailable reason=%s", exc)
+            window = None
+        if window is not None:
+            return int(window[0] + secrets.randbelow(max(1, int(window[1] - window[0]))))
+        return int(start + (end - start) * ACME_RENEW_FRACTION)
+
+    def failed(self, job, exc):
+        self.client.reset()
+        attempts = job.get("attempts", 0) + 1
+        backoff = min(ACME_RETRY_MAX_S, self.settings.acme_retry * 2 ** min(attempts - 1, 20))
+        backoff = max(backoff, getattr(exc, "retry_after_s", None) or 0)
+        next_try = int(time.time() + backoff * (1 + random_jitter()))
+        log.warning("acme order failed key=%s fqdn=%s attempt=%d retry_in=%ds reason=%s",
+                    job["key"], job["fqdn"], attempts, next_try - int(time.time()), exc)
+        self.finish(job, state="failed", reason=str(exc)[:400], next_try_at=next_try,
+                    attempts=attempts)
+
+    def finish(self, job, **changes):
+        """Store the job's new state (unless it was forgotten or asked anew meanwhile) and tell."""
+        with self.cond:
+            current = self.jobs.get(job["key"])
+            if current is None or current["csr"] != job["csr"]:
+                return
+            current.update(changes)
+            self.save(current)
+        self.on_change(job["key"])
+
+    # -- the CA's weekly limit on new certificates --------------------------
+    def issued_path(self):
+        return os.path.join(self.dir, "issued.json")
+
+    def recent_new_certificates(self, now):
+        try:
+            times = read_json(self.issued_path()).get("issued", [])
+        except (OSError, ValueError, AttributeError):
+            times = []
+        return sorted(t for t in times if isinstance(t, (int, float)) and t > now - ACME_RATE_WINDOW_S)
+
+    def weekly_wait(self):
+        """Seconds until one more new certificate is within the weekly limit, or None."""
+        limit = self.settings.acme_new_certs_per_week
+        now = time.time()
+        recent = self.recent_new_certificates(now)
+        if not limit or len(recent) < limit:
+            return None
+        return max(1.0, recent[-limit] + ACME_RATE_WINDOW_S - now)
+
+    def count_new_certificate(self):
+        now = time.time()
+        write_json(self.issued_path(), {"version": 1,
+                                        "issued": self.recent_new_certificates(now) + [int(now)]})
+
+
+def random_jitter():
+    """A factor in [-0.1, 0.1): retries of many jobs spread out."""
+    return (secrets.randbelow(2000) - 1000) / 10000.0
+
+
+def acme_view(job):
+    """The public part of a job: state, reason, next try, dates, the chain."""
+    view = {key: job.get(key) for key in ("state", "reason", "next_try_at", "not_after", "renew_at")}
+    if job.get("chain") and job.get("not_after", 0) > time.time():
+        view["chain"] = job["chain"]
+    return view
+
+
+def read_acme_view(state_dir, key):
+    """acme_view of a stored job (for `tunnels show` while the server runs elsewhere), or None."""
+    try:
+        return acme_view(read_json(AcmeOrders.job_path(state_dir, key)))
+    except (OSError, ValueError, KeyError):
+        return None
+
+# =====================================================================
 # API — the HTTP API on the bare domain (JSON, or shell format with
 # ?format=shell); served in threads handed over by the fronts
 # =====================================================================
@@ -2351,6 +2993,7 @@ class Api:
         self.metrics = lambda: ""
         self.status_lines = lambda: []
         self.reachability = None  # (record, client address, body) -> dict; set by the wiring
+        self.acme = None          # AcmeOrders when ACME_DIRECTORY is set; set by the wiring
 
     # -- tunnel creation ------------------------------------------------
     def create_tunnel(self, token, protocols, address, proxy_protocol=None):
@@ -2425,7 +3068,18 @@ class Api:
         fingerprints = (record.get("cert_sha256", []) + [fingerprint])[-5:]
         self.store.update(record["id"], cert_sha256=fingerprints)
         log.info("certificate signed tunnel=%s fqdn=%s", record["id"], record["fqdn"])
-        return {"cert": cert, "not_after": record["expires_at"]}
+        answer = {"cert": cert, "not_after": record["expires_at"]}
+        if self.acme is not None:
+            self.acme.request(record["id"], record["fqdn"], csr)
+            answer["acme"] = self.acme.status(record["id"])
+        return answer
+
+    def show(self, record):
+        """A tunnel as GET /tunnels/<id> shows it; with ACME on, its ACME state and chain."""
+        view = public_view(record, self.settings)
+        if self.acme is not None:
+            view["acme"] = self.acme.status(record["id"]) or {"state": "none", "reason": "no CSR yet"}
+        return view
 
     def extend(self, record, token, address):
         if self.limiter.blocked(address):
@@ -2667,7 +3321,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         return 200, self.server.change(self.server.tunnel_for(id, self.secret(body)), body)
 
     def get_tunnel(self, id):
-        return 200, public_view(self.server.tunnel_for(id, self.secret()), self.server.settings)
+        return 200, self.server.show(self.server.tunnel_for(id, self.secret()))
 
     def delete_tunnel(self, id):
         return 200, self.server.delete(self.server.tunnel_for(id, self.secret()))
@@ -2706,6 +3360,7 @@ class PodSession(Mux):
         self.wants_addresses = FEATURE_CONSUMER_ADDRESS in features
         self.proxy_protocol = record.get("proxy_protocol") or ""  # as told in WELCOME
         self.draining = False
+        self.accepts_cert = FEATURE_CERT in features  # it gets CERT frames
         self.saved_in = self.saved_out = 0
         super().__init__(hub.loop, sock, POD_SENDS, log, hub.settings.heartbeat_interval)
         if record.get("rate"):
@@ -3039,6 +3694,7 @@ class Fronts:
     def __init__(self, loop, settings, hub, api_server):
         self.loop, self.settings, self.hub, self.api_server = loop, settings, hub, api_server
         self.pending = 0  # connections on either front still sending their head
+        self.acme_http01 = None  # token -> key authorization bytes or None; set by the wiring
 
     def sniff(self, sock, address, parse, on_give_up):
         """Hold a new front connection until its head routes it; beyond
@@ -3070,6 +3726,9 @@ class Fronts:
         host = http_head_host(head)
         if host is None:
             return None
+        answer = self.answer_acme_http01(head)
+        if answer is not None:
+            return answer
         if self.is_api_name(host):
             return lambda sock: self.api_server.serve(sock, address, tls=False)
         record = self.hub.store.by_fqdn(host)
@@ -3084,6 +3743,18 @@ class Fronts:
             return lambda sock: answer_and_close(
                 sock, 308, "Permanent Redirect", ["Location: " + target], target + "\n")
         return lambda sock: answer_and_close(sock, 404, "Not Found", body="no http service\n")
+
+    def answer_acme_http01(self, head):
+        """ACME HTTP-01 (RFC 8555 §8.3) for any name: the key authorization, or
+        None when the request is no challenge or HTTP-01 is not in use."""
+        match = re.fullmatch(r"/\.well-known/acme-challenge/([A-Za-z0-9_-]{1,256})",
+                             http_head_path(head))
+        if self.acme_http01 is None or match is None or not head.startswith(b"GET "):
+            return None
+        body = self.acme_http01(match.group(1))
+        if body is None:
+            return lambda sock: answer_and_close(sock, 404, "Not Found", body="no such challenge\n")
+        return lambda sock: answer_and_close(sock, 200, "OK", body=body.decode("ascii"))
 
     # -- HTTPS front ----------------------------------------------------
     def on_https_accept(self, sock, address):
@@ -4459,10 +5130,12 @@ class Hub:
         self.listeners = {}  # port -> (tunnel id, Listener)
         self.unbound = set()  # wanted ports another socket holds; expire() retries them
         self.accepting = True
+        self.cert_view = None  # tunnel id -> ACME state for CERT frames; set by the wiring
 
     def attach(self, record, tls, peer, welcome, features=()):
         """A pod passed the gate: it replaces any older session of its tunnel
-        and is welcomed (a pod refused here sees its greeting cut short)."""
+        and is welcomed (a pod refused here sees its greeting cut short);
+        a pod that accepts CERT frames gets its ACME state right after."""
         current = self.store.get(record["id"])
         if not self.accepting or current is None or tunnel_status(current) != "online":
             tls.close()
@@ -4473,6 +5146,15 @@ class Hub:
         session = self.sessions[record["id"]] = PodSession(self, current, tls, peer, features)
         session.send_control(Msg.WELCOME, welcome)
         log.info("pod connected tunnel=%s fqdn=%s pod=%s", record["id"], record["fqdn"], peer)
+        self.push_cert(record["id"])
+
+    def push_cert(self, tunnel_id):
+        """Send the tunnel's ACME state and chain to its live pod, if it accepts CERT frames."""
+        session = self.sessions.get(tunnel_id)
+        view = self.cert_view(tunnel_id) if self.cert_view is not None else None
+        if session is None or view is None or not session.accepts_cert:
+            return
+        session.send_control(Msg.CERT, view)
 
     def on_session_closed(self, session):
         if self.sessions.get(session.tunnel_id) is session:
@@ -4602,6 +5284,8 @@ class Server:
         self.last_traffic_save = time.monotonic()
         self.dns = None             # BuiltinDns when DNS_PORT is set
         self.reconciler = None      # DnsReconciler for DYNAMIC_DNS_SERVICE=dnsimple:...
+        self.acme = None            # AcmeOrders when ACME_DIRECTORY is set
+        self.acme_api_context = None  # the API's TLS context with the ACME certificate
 
     # -- start-up -------------------------------------------------------
     def prepare_state(self):
@@ -4627,7 +5311,15 @@ class Server:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(cert, key)
+        context.sni_callback = self.on_api_sni
         return context
+
+    def on_api_sni(self, tls, name, _context):
+        """The bare domain by name gets the ACME certificate once there is one;
+        connections by address (or before) keep the server-CA certificate."""
+        acme_context = self.acme_api_context
+        if acme_context is not None and name and name.lower().rstrip(".") == self.settings.tunnel_domain:
+            tls.context = acme_context
 
     def pod_tls_context(self, base_cert_files):
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -4664,6 +5356,7 @@ class Server:
         try:
             bound = self.bind_all()
             self.start_dns()
+            self.start_acme()
         except BaseException:
             if created:  # the token was never printed: the next start makes and prints one
                 with contextlib.suppress(OSError):
@@ -4700,6 +5393,80 @@ class Server:
             self.reconciler = DnsReconciler(DnsimpleProvider(s),
                                             lambda: dns_wanted(self.store.all(), s, time.time()))
             self.reconciler.start()
+
+    def start_acme(self):
+        """With ACME_DIRECTORY: the ACME worker, its challenge answers, the
+        jobs of existing tunnels and the server's own name (HTTPS_PORT)."""
+        s = self.settings
+        if not s.acme_directory:
+            return
+        client = AcmeClient(s.acme_directory, os.path.join(s.state_dir, "acme", "account.key"),
+                            s.acme_email, s.acme_ca_bundle)
+        self.acme = AcmeOrders(s, client, self.acme_challenger(), self.acme_wanted, self.on_acme_change)
+        self.acme.load()
+        self.api.acme = self.acme
+        self.hub.cert_view = self.acme.status
+        self.request_server_acme_cert()
+        self.acme.start()
+        log.info("acme on directory=%s challenge=%s", s.acme_directory, self.acme.challenger.kind)
+
+    def acme_challenger(self):
+        """DNS-01 through dnsimple or the built-in DNS, or HTTP-01 on the HTTP front."""
+        s = self.settings
+        dns_managed = self.reconciler is not None or self.dns is not None
+        kind = s.acme_challenge or ("dns-01" if dns_managed else "http-01")
+        if kind == "http-01":
+            challenger = HttpTokenChallenger()
+            self.fronts.acme_http01 = challenger.answer
+            return challenger
+        if self.reconciler is not None:
+            return DnsTxtChallenger(self.reconciler.provider.set_txt)
+        if self.dns is None:
+            raise UsageError("ACME_CHALLENGE=dns-01 needs DNS_PORT or DYNAMIC_DNS_SERVICE=dnsimple:...")
+        return DnsTxtChallenger(self.dns.set_txt)
+
+    def acme_wanted(self, key):
+        """Whether an ACME job is still wanted: the server's name always, a tunnel while online."""
+        if key == ACME_SERVER_KEY:
+            return True
+        record = self.store.get(key)
+        return record is not None and tunnel_status(record) == "online"
+
+    def on_acme_change(self, key):
+        """ACME thread: a job changed; the API's certificate or the pod follows."""
+        if key == ACME_SERVER_KEY:
+            self.use_acme_server_cert()
+        else:
+            self.loop.call_soon_threadsafe(lambda: self.hub.push_cert(key))
+
+    def request_server_acme_cert(self):
+        """Order (or keep) the ACME certificate of the bare domain for the API on HTTPS_PORT."""
+        domain = self.settings.tunnel_domain
+        key_path = os.path.join(self.settings.state_dir, "acme", "server.key")
+        if not os.path.exists(key_path):
+            write_atomic(key_path, run_openssl(["genpkey", "-algorithm", "EC",
+                                                "-pkeyopt", "ec_paramgen_curve:P-256"]), 0o600)
+        csr = run_openssl(["req", "-new", "-key", key_path, "-config", os.devnull, "-subj",
+                           "/CN=" + domain, "-addext", "subjectAltName=DNS:" + domain])
+        job = self.acme.jobs.get(ACME_SERVER_KEY)
+        if job is not None and job["fqdn"] == domain and job.get("chain"):
+            csr = job["csr"].encode("ascii")  # the same key: keep the job and its chain
+        self.acme.request(ACME_SERVER_KEY, domain, csr.decode("ascii"))
+        self.use_acme_server_cert()
+
+    def use_acme_server_cert(self):
+        """Serve the API's ACME chain (if valid) to clients that ask for the bare domain."""
+        view = self.acme.status(ACME_SERVER_KEY) or {}
+        if not view.get("chain"):
+            return
+        chain_path = os.path.join(self.settings.state_dir, "acme", "server.pem")
+        write_atomic(chain_path, view["chain"])
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(chain_path, os.path.join(self.settings.state_dir, "acme", "server.key"))
+        self.acme_api_context = context
+        log.info("api certificate from acme domain=%s not_after=%s", self.settings.tunnel_domain,
+                 view.get("not_after"))
 
     def on_store_change(self, tunnel_id=None):
         """Any thread: listeners, sessions, DNS answers and dnsimple records follow the store."""
@@ -4757,6 +5524,8 @@ class Server:
             self.dns.close()
         if self.reconciler is not None:
             self.reconciler.stop()
+        if self.acme is not None:
+            self.acme.stop()
         self.hub.accepting = False
         self.hub.sync()  # closes public listeners
         for session in list(self.hub.sessions.values()):
@@ -4928,7 +5697,11 @@ def cmd_tunnels(settings, args):
     if record is None:
         raise NotFound("no tunnel %s in %s" % (args.id, settings.tunnel_dir))
     if args.action == "show":
-        print(json.dumps(public_view(record, settings), indent=2))
+        view = public_view(record, settings)
+        if settings.acme_directory:
+            acme = read_acme_view(settings.state_dir, record["id"]) or {"state": "none"}
+            view["acme"] = dict(acme, chain="present" if acme.get("chain") else None)
+        print(json.dumps(view, indent=2))
         return 0
     store.delete(record["id"])
     notify_server(settings)

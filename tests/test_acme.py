@@ -1,0 +1,160 @@
+"""ACME end to end: the server orders publicly trusted certificates for pods'
+own keys from pebble (Let's Encrypt's test CA), started here on loopback
+with a TLS certificate made here, its resolver pointed at pipe2me's
+built-in DNS, PEBBLE_VA_NOSLEEP=1 and its random nonce rejections left on."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+
+import pytest
+
+from conftest import (Proc, ServerHandle, clean_env, free_port, public_ports, run_pod,
+                      setup_pod, start_pod, wait_until)
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("pebble") is None, reason="pebble not installed")]
+
+DOMAIN = "pipe2.test"
+
+
+class Pebble:
+    """pebble on 127.0.0.1 with a certificate for 127.0.0.1 made by the test."""
+
+    def __init__(self, workdir, dns_port, http_port, validity_s=None, name="pebble"):
+        self.workdir, self.name = workdir, name
+        self.dir = os.path.join(workdir, name)
+        os.makedirs(self.dir, exist_ok=True)
+        self.cert = os.path.join(self.dir, "cert.pem")
+        key = os.path.join(self.dir, "key.pem")
+        if not os.path.exists(self.cert):
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                            "ec_paramgen_curve:P-256", "-nodes", "-keyout", key, "-out", self.cert,
+                            "-days", "2", "-subj", "/CN=pebble test", "-addext",
+                            "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+        self.port, self.management = free_port(), free_port()
+        config = {"listenAddress": "127.0.0.1:%d" % self.port,
+                  "managementListenAddress": "127.0.0.1:%d" % self.management,
+                  "certificate": self.cert, "privateKey": key, "httpPort": http_port,
+                  "tlsPort": free_port(), "ocspResponderURL": "",
+                  "externalAccountBindingRequired": False}
+        if validity_s:
+            config["certificateValidityPeriod"] = validity_s
+        self.config = os.path.join(self.dir, "config.json")
+        with open(self.config, "w") as fh:
+            json.dump({"pebble": config}, fh)
+        self.dns_port = dns_port
+        self.start()
+
+    def start(self):
+        env = dict(os.environ, PEBBLE_VA_NOSLEEP="1")
+        env.pop("PEBBLE_WFE_NONCEREJECT", None)  # the default 5% of good nonces rejected
+        self.proc = Proc(["pebble", "-config", self.config, "-dnsserver",
+                          "127.0.0.1:%d" % self.dns_port], self.workdir, self.name, env=env)
+        self.proc.wait_for(r"ACME directory available", stream="stdout")
+
+    @property
+    def directory(self):
+        return "https://127.0.0.1:%d/dir" % self.port
+
+    def root(self):
+        """Pebble's root from its management interface, in a file."""
+        context = ssl.create_default_context(cafile=self.cert)
+        import urllib.request
+        with urllib.request.urlopen("https://127.0.0.1:%d/roots/0" % self.management,
+                                    context=context, timeout=10) as answer:
+            pem = answer.read()
+        path = os.path.join(self.dir, "root.pem")
+        with open(path, "wb") as fh:
+            fh.write(pem)
+        return path
+
+    def stop(self):
+        return self.proc.stop()
+
+
+def acme_server(workdir, pebble, http_port, dns_port, *extra, name="server"):
+    """A pipe2me server for DOMAIN using pebble, with the built-in DNS on dns_port."""
+    return ServerHandle(workdir, extra=[
+        "--tunnel-domain", DOMAIN, "--public-address", "127.0.0.1",
+        "--dns-port", str(dns_port), "--acme-directory", pebble.directory,
+        "--acme-ca-bundle", pebble.cert, "--acme-retry", "1"] + list(extra), name=name)
+
+
+def fixed_http_port(server, port):
+    """ServerHandle binds port 0; HTTP-01 needs the port pebble dials."""
+    argv = server.argv()
+    argv[argv.index("--http-port") + 1] = str(port)
+    return argv
+
+
+@pytest.fixture
+def dns_port():
+    return free_port()
+
+
+@pytest.fixture
+def http_port():
+    return free_port()
+
+
+@pytest.fixture
+def pebble(workdir, dns_port, http_port):
+    handle = Pebble(workdir, dns_port, http_port)
+    yield handle
+    handle.stop()
+
+
+def issuer(path):
+    return subprocess.run(["openssl", "x509", "-noout", "-issuer", "-in", path],
+                          capture_output=True, text=True).stdout
+
+
+def acme_installed(pod_dir):
+    """True once the pod's https certificate is pebble's."""
+    path = os.path.join(pod_dir, "pipe2me.openssl.cert")
+    return os.path.exists(path) and "Pebble" in issuer(path)
+
+
+def curl(url, cacert, fqdn, port):
+    return subprocess.run(["curl", "-sS", "--max-time", "20", "--cacert", cacert,
+                           "--resolve", "%s:%d:127.0.0.1" % (fqdn, port), url],
+                          capture_output=True, text=True, timeout=30)
+
+
+def https_pod(workdir, server, name="pod"):
+    pod_dir = os.path.join(workdir, name)
+    local = free_port()
+    fqdn = setup_pod(server, pod_dir, protocols="https", local_ports=[local])
+    return pod_dir, fqdn
+
+
+def test_acme_dns01_builtin_pod_reached_with_full_verification(workdir, pebble, dns_port, http_port):
+    server = acme_server(workdir, pebble, http_port, dns_port)
+    try:
+        pod_dir, fqdn = https_pod(workdir, server)
+        before = open(os.path.join(pod_dir, "pipe2me.openssl.cert")).read()
+        pod = start_pod(workdir, pod_dir, "--echo")
+        wait_until(lambda: acme_installed(pod_dir), timeout=60, what="pebble's certificate on the pod")
+        root = pebble.root()
+        # the tunnel connection keeps the server-CA certificate
+        assert open(os.path.join(pod_dir, "pipe2me.tunnel.cert")).read() == before
+        through_sni = curl("https://%s:%d/" % (fqdn, server.https), root, fqdn, server.https)
+        assert through_sni.returncode == 0, through_sni.stderr
+        assert through_sni.stdout.startswith("GET / HTTP/1.1")
+        port = public_ports(pod_dir)[0]
+        per_port = curl("https://%s:%d/" % (fqdn, port), root, fqdn, port)
+        assert per_port.returncode == 0, per_port.stderr
+        assert per_port.stdout.startswith("GET / HTTP/1.1")
+        status = run_pod(pod_dir, "status").stdout
+        assert "ACME=valid" in status
+        # the API on the bare domain has its ACME certificate too
+        wait_until(lambda: curl("https://%s:%d/config" % (DOMAIN, server.https), root, DOMAIN,
+                                server.https).returncode == 0, timeout=60, what="the API's ACME cert")
+        assert pod.stop() == 0
+    finally:
+        assert server.stop() == 0
