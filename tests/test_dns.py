@@ -1046,3 +1046,34 @@ def test_dns_pod_check_prints_status_address_time(dns_server_proc, tmp_path):
     assert "not directly reachable" in done.stderr and "own address" in done.stderr
     reach = json.load(open(tunnel_file(dns_server_proc, pod_dir)))["reach"]
     assert reach["status"] == "relayed" and reach["address"] == "127.0.0.1"
+
+
+# ---- TXT records for ACME DNS-01 ----------------------------------------------------
+
+@needs_dig
+def test_dns_builtin_txt_set_and_cleared_for_acme(tmp_path):
+    """BuiltinDns.set_txt, as ACME DNS-01 calls it from another thread, is
+    answered at once and cleared by an empty list; names outside the domain
+    are refused."""
+    settings = srv.load_settings(flags={"STATE_DIR": str(tmp_path), "DNS_PORT": "0",
+                                        "LISTEN_ADDRESS": "127.0.0.1"}, environ={})
+    store = srv.Store(settings)
+    store.load()
+    loop = srv.EventLoop()
+    dns = srv.BuiltinDns(settings, store)
+    endpoint = DnsEndpoint(dns.start(loop))
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    try:
+        dns.set_txt(ACME.upper() + ".", ["token-one", "token-two"])
+        status, flags, sections, out = dig(endpoint, ACME, "TXT")
+        assert status == "NOERROR" and "aa" in flags, out
+        assert sorted(r[4] for r in sections["ANSWER"]) == ['"token-one"', '"token-two"'], out
+        dns.set_txt(ACME, [])
+        assert dig(endpoint, ACME, "TXT")[0] == "NXDOMAIN"
+        with pytest.raises(ValueError):
+            dns.set_txt("_acme-challenge.example.com", ["x"])
+    finally:
+        loop.call_soon_threadsafe(dns.close)
+        loop.stop()
+        thread.join(10)

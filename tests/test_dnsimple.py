@@ -224,3 +224,21 @@ def test_dnsimple_direct_tunnel_points_at_router_and_falls_back(standin, workdir
         assert standin.mutations() == before
     finally:
         assert server.stop() == 0
+
+
+def test_dnsimple_txt_records_set_and_cleared_for_acme(standin, workdir, server_mod):
+    """DnsimpleProvider.set_txt (ACME DNS-01) creates our TXT record, leaves
+    it to A/AAAA reconciliation untouched, changes nothing when asked again
+    and deletes it for an empty list."""
+    settings = server_mod.load_settings(flags={
+        "STATE_DIR": workdir, "TUNNEL_DOMAIN": DOMAIN, "PUBLIC_ADDRESS": PUBLIC,
+        "DYNAMIC_DNS_SERVICE": "dnsimple:" + TOKEN, "DNSIMPLE_API_URL": standin.url}, environ={})
+    provider = server_mod.DnsimpleProvider(settings)
+    name = "_acme-challenge.calm-teal-otter." + DOMAIN
+    assert provider.set_txt(name + ".", ["value-1"]) == ["created TXT %s value-1" % name]
+    assert [r["content"] for r in standin.find(ZONE, record_name(name), "TXT")] == ["value-1"]
+    assert provider.reconcile({}) == []
+    assert provider.set_txt(name, ["value-1"]) == []
+    assert provider.set_txt(name, []) == ["deleted TXT %s value-1" % name]
+    assert standin.find(ZONE, record_name(name), "TXT") == [] and ours(standin) == []
+    assert_foreign_untouched(standin)
