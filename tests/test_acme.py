@@ -158,3 +158,114 @@ def test_acme_dns01_builtin_pod_reached_with_full_verification(workdir, pebble, 
         assert pod.stop() == 0
     finally:
         assert server.stop() == 0
+
+
+def serial(path):
+    return subprocess.run(["openssl", "x509", "-noout", "-serial", "-in", path],
+                          capture_output=True, text=True).stdout.strip()
+
+
+def pod_secret(pod_dir):
+    with open(os.path.join(pod_dir, "pipe2me.info.inc")) as fh:
+        return re.search(r"^PIPE2ME_SECRET='?([^'\n]+)'?$", fh.read(), re.M).group(1)
+
+
+def pod_id(pod_dir):
+    with open(os.path.join(pod_dir, "pipe2me.info.inc")) as fh:
+        return re.search(r"^PIPE2ME_ID='?([^'\n]+)'?$", fh.read(), re.M).group(1)
+
+
+def open_tls(fqdn, port, cafile):
+    """A TLS connection through the SNI front, verified with cafile, request not yet sent."""
+    context = ssl.create_default_context(cafile=cafile)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=20)
+    return context.wrap_socket(raw, server_hostname=fqdn)
+
+
+def test_acme_renewal_replaces_the_chain_while_start_runs_and_runs_the_hook_once(workdir, dns_port, http_port):
+    pebble = Pebble(workdir, dns_port, http_port, validity_s=24)
+    server = acme_server(workdir, pebble, http_port, dns_port)
+    pod = None
+    try:
+        pod_dir, fqdn = https_pod(workdir, server)
+        cert = os.path.join(pod_dir, "pipe2me.openssl.cert")
+        hook_log = os.path.join(workdir, "hook.log")
+        pod = start_pod(workdir, pod_dir, "--echo", "--on-cert-change",
+                        "openssl x509 -noout -serial -in %s >> %s" % (cert, hook_log))
+        wait_until(lambda: acme_installed(pod_dir), timeout=60, what="the first ACME certificate")
+        first = serial(cert)
+        root = pebble.root()
+        held = open_tls(fqdn, server.https, root)  # opened before the renewal, used after it
+        wait_until(lambda: acme_installed(pod_dir) and serial(cert) != first, timeout=60,
+                   what="the renewed certificate")
+        held.sendall(b"GET /held HTTP/1.0\r\n\r\n")
+        assert b"GET /held" in held.recv(4096)
+        held.close()
+        after = curl("https://%s:%d/" % (fqdn, server.https), root, fqdn, server.https)
+        assert after.returncode == 0, after.stderr
+        lines = wait_until(lambda: (open(hook_log).read().split() if os.path.exists(hook_log) else [])
+                           [:2] if len(open(hook_log).read().split()) >= 2 else None,
+                           timeout=30, what="the hook after the renewal")
+        assert lines[0] != lines[1], lines  # once per new certificate, not twice for one
+        assert "tunnel up" in pod.stderr() and pod.stderr().count("tunnel up") == 1  # no reconnect
+    finally:
+        if pod is not None:
+            assert pod.stop() == 0
+        assert server.stop() == 0
+        pebble.stop()
+
+
+def test_acme_refusal_keeps_the_server_certificate_says_why_and_a_later_success_replaces_it(
+        workdir, dns_port, http_port):
+    from helpers import request_json
+    pebble = Pebble(workdir, dns_port, http_port)
+    server = acme_server(workdir, pebble, http_port, dns_port)
+    pod = None
+    try:
+        pebble.stop()  # the CA is gone when the pod is set up
+        pod_dir, fqdn = https_pod(workdir, server)
+        before = open(os.path.join(pod_dir, "pipe2me.openssl.cert")).read()
+        pod = start_pod(workdir, pod_dir, "--echo")
+        status = wait_until(lambda: (lambda out: out if "ACME=failed" in out else None)(
+            run_pod(pod_dir, "status").stdout), timeout=30, what="ACME=failed in status")
+        assert re.search(r"ACME_REASON=.*unreachable", status), status
+        assert "ACME_NEXT_TRY=20" in status, status
+        assert open(os.path.join(pod_dir, "pipe2me.openssl.cert")).read() == before
+        status_code, view = request_json(server.url + "/tunnels/" + pod_id(pod_dir),
+                                         secret=pod_secret(pod_dir))
+        assert status_code == 200 and view["acme"]["state"] == "failed", view
+        assert "unreachable" in view["acme"]["reason"] and view["acme"]["next_try_at"]
+        shown = subprocess.run(server.argv()[:2] + ["--state-dir", server.state_dir,
+                                                    "--acme-directory", pebble.directory,
+                                                    "tunnels", "show", pod_id(pod_dir)],
+                               capture_output=True, text=True, env=server.env, timeout=30)
+        assert json.loads(shown.stdout)["acme"]["state"] == "failed", shown.stdout + shown.stderr
+        pebble.start()  # the CA is back: the next retry gets the certificate
+        wait_until(lambda: acme_installed(pod_dir), timeout=90, what="the certificate after the retry")
+        root = pebble.root()
+        through_sni = curl("https://%s:%d/" % (fqdn, server.https), root, fqdn, server.https)
+        assert through_sni.returncode == 0, through_sni.stderr
+        assert "ACME=valid" in run_pod(pod_dir, "status").stdout
+    finally:
+        if pod is not None:
+            assert pod.stop() == 0
+        assert server.stop() == 0
+        pebble.stop()
+
+
+def test_acme_orders_beyond_the_weekly_limit_are_queued_not_failed(workdir, pebble, dns_port, http_port):
+    # the server's own name takes the one new certificate the limit allows
+    server = acme_server(workdir, pebble, http_port, dns_port, "--acme-new-certs-per-week", "1")
+    try:
+        server.proc.wait_for(r"acme certificate issued key=server", timeout=60)
+        pod_dir, _fqdn = https_pod(workdir, server)
+        pod = start_pod(workdir, pod_dir, "--echo")
+        status = wait_until(lambda: (lambda out: out if "ACME=queued" in out else None)(
+            run_pod(pod_dir, "status").stdout), timeout=30, what="ACME=queued in status")
+        assert "limit of 1 new certificates a week" in status, status
+        assert "ACME_NEXT_TRY=20" in status
+        assert not acme_installed(pod_dir)
+        assert "acme order started key=%s" % pod_id(pod_dir) not in server.proc.stderr()
+        assert pod.stop() == 0
+    finally:
+        assert server.stop() == 0
