@@ -53,6 +53,7 @@ import collections
 import contextlib
 import enum
 import errno
+import fcntl
 import heapq
 import ipaddress
 import json
@@ -346,7 +347,8 @@ HEARTBEAT_INTERVAL_S = 10             # PING when idle; silent for 3x = dead
 
 class Msg(enum.IntEnum):
     """Frame types. Payloads: JSON objects for control frames on stream 0."""
-    HELLO = 1    # pod: {"kind": "control", "version", "tunnel", "features"} — first frame
+    HELLO = 1    # pod: {"kind": "control", "version", "tunnel", "features", "yield"} — first
+                 # frame; "yield": true (a pod that was replaced) takes no live session over
     WELCOME = 2  # server: {"tunnel", "fqdn", "services", "heartbeat_interval_s", "proxy_protocol"}
     REJECT = 3   # server: {"reason", "permanent", "replaced_by"}; the connection then closes
     OPEN = 4     # server: a consumer arrived; payload u16 public port, then
@@ -358,7 +360,8 @@ class Msg(enum.IntEnum):
     RESET = 8    # both: the stream is aborted; payload utf-8 reason
     PING = 9     # both: payload echoed back in PONG
     PONG = 10    # both
-    GOAWAY = 11  # both: {"reason", "replaced_by"}; no new streams, running ones may finish
+    GOAWAY = 11  # both: {"reason", "replaced_by", "permanent"}; no new streams, running ones
+                 # may finish; "permanent" (tunnel deleted or expired): do not reconnect
     CERT = 12    # server: {"state", "reason", "next_try_at", "not_after", "chain"?}: the
     #              tunnel's publicly trusted (ACME) certificate and why it is (not) there;
     #              sent only to a pod whose HELLO lists FEATURE_CERT, after WELCOME and
@@ -2473,6 +2476,8 @@ PROXY_PROTOCOLS = ("v1", "v2")
 PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 RECONNECT_FIRST_S = 0.5
 RECONNECT_MAX_S = 60.0
+REPLACED_MAX_ROUNDS = 4   # replaced this often in a row: another pod has the tunnel, stop
+LOCK_FILE = "pipe2me.lock"  # held by the one `start` of a pod directory; holds its PID
 STATUS_FILE = "pipe2me.status.json"
 STATUS_INTERVAL_S = 2.0
 STOP_GRACE_S = 10.0                   # default of `start --stop-grace`
@@ -2536,6 +2541,10 @@ class PodMux(Mux):
             return
         if msg == Msg.GOAWAY:
             log.info("server going away reason=%s", str(obj.get("reason"))[:200])
+            if obj.get("replaced_by"):
+                self.runner.displaced_by = str(obj["replaced_by"])[:100]
+            if obj.get("permanent"):
+                self.runner.final_reason = "server: %s" % str(obj.get("reason"))[:200]
             self.draining = True
             if not self.streams:
                 self.destroy("server going away")
@@ -2605,6 +2614,9 @@ class PodRunner:
         self.up_since = None
         self.closed_reason = None
         self.totals = [0, 0]  # bytes in/out of finished sessions
+        self.displaced_by = None  # the address of the connection that replaced ours
+        self.displaced = 0        # ... how often in a row; from the first, HELLO yields
+        self.final_reason = None  # the server ended the tunnel for good (GOAWAY permanent)
 
     # -- one session --------------------------------------------------
     def tls_context(self):
@@ -2623,7 +2635,7 @@ class PodRunner:
             tls = self.tls_context().wrap_socket(raw, server_hostname=self.server_name())
             tls.sendall(encode_control(Msg.HELLO, {
                 "kind": "control", "version": PROTOCOL_VERSION, "tunnel": self.setup.id,
-                "features": list(POD_FEATURES)}))
+                "features": list(POD_FEATURES), "yield": self.displaced > 0}))
             answer = self.read_answer(tls)
         except BaseException:
             raw.close()
@@ -2652,6 +2664,8 @@ class PodRunner:
             return obj
         if msg == Msg.REJECT:
             reason = str(obj.get("reason", "rejected"))[:300]
+            if obj.get("replaced_by") and not obj.get("permanent"):
+                raise Displaced(reason, str(obj["replaced_by"])[:100])
             raise (Rejected if obj.get("permanent") else Unavailable)(
                 "server rejected the tunnel: " + reason)
         raise Unavailable("expected WELCOME from the server, got %s" % msg.name)
@@ -2677,21 +2691,53 @@ class PodRunner:
 
     def run_sessions(self):
         while not self.stop_requested:
+            self.check_still_wanted()
             try:
                 tls, welcome = self.connect_or_stop()
             except Rejected:
                 raise
+            except Displaced as exc:
+                self.displaced_by = exc.peer
+                self.check_still_wanted()
+                continue
             except (Pipe2meError, OSError, ValueError) as exc:
                 self.closed_reason = str(exc)
                 self.wait_before_retry(exc)
                 continue
-            self.failures = 0
+            self.failures = self.displaced = 0
             self.session = PodMux(self, tls, welcome)
             self.up_since = time.time()
             log.info("tunnel up fqdn=%s server=%s", welcome.get("fqdn"), self.endpoint())
             self.write_status()
             self.loop.run()
         return 0
+
+    def check_still_wanted(self):
+        """Before each connect: Rejected when the server ended the tunnel,
+        `clear` removed the setup, or another connection keeps replacing
+        ours; after a replacement, back off instead of taking it back."""
+        if self.final_reason:
+            raise Rejected(self.final_reason)
+        missing = [path for path in (self.files.info, self.files.cert, self.files.key)
+                   if not os.path.exists(path)]
+        if missing:
+            raise Rejected("the setup in %s is gone (%s removed, by `clear`?): stopping"
+                           % (self.files.dir, os.path.basename(missing[0])))
+        peer, self.displaced_by = self.displaced_by, None
+        if peer is None:
+            return
+        self.displaced += 1
+        if self.displaced >= REPLACED_MAX_ROUNDS:
+            raise Rejected("tunnel %s is held by another connection from %s (replaced %d times): "
+                           "another pod runs with this tunnel's key, stopping"
+                           % (self.setup.fqdn, peer, self.displaced))
+        delay = RECONNECT_FIRST_S * 2 ** self.displaced
+        log.warning("replaced by another connection of this tunnel from=%s round=%d retry_in=%.1fs",
+                    peer, self.displaced, delay)
+        self.closed_reason = "replaced by another connection from %s" % peer
+        self.write_status()
+        self.loop.call_later(delay, self.loop.stop)
+        self.loop.run()
 
     def wait_before_retry(self, exc):
         self.failures += 1
@@ -2784,6 +2830,89 @@ def run_hook(command):
         log.warning("on-cert-change hook failed reason=%s", exc)
         return
     log.info("on-cert-change hook ran status=%d", done.returncode)
+
+
+class Displaced(Unavailable):
+    """The server keeps another live connection of this tunnel (from `peer`)."""
+
+    def __init__(self, message, peer):
+        super().__init__(message)
+        self.peer = peer
+
+
+def lock_pod_dir(directory):
+    """Hold DIR/pipe2me.lock for the life of this process: one `start` per pod
+    directory. UsageError naming the PID of the `start` that holds it."""
+    path = os.path.join(directory, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UsageError("cannot open %s: %s" % (path, _reason(exc)))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = lock_holder(directory) or "unknown"
+        os.close(fd)
+        raise UsageError("another `start` runs for %s (pid %s): one start per pod directory"
+                         % (directory, holder))
+    os.ftruncate(fd, 0)
+    os.write(fd, b"%d\n" % os.getpid())
+    return fd
+
+
+def lock_holder(directory):
+    """The PID of the `start` that holds DIR's lock, or None."""
+    path = os.path.join(directory, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None  # nobody holds it
+    except OSError:
+        text = os.read(fd, 32).decode("ascii", "replace").strip()
+        return int(text) if text.isdigit() else None
+    finally:
+        os.close(fd)
+
+
+def is_local_address(ip):
+    """True when `ip` is an address of this machine (a socket can bind it)."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((ip, 0))
+        except OSError:
+            return False
+    return True
+
+
+def check_no_loop(setup, endpoint):
+    """UsageError when a service's local target is one of this tunnel's own
+    public ports on the server: consumers would be connected back to the
+    server, each connection opening another, without end."""
+    public = {service.public_port for service in setup.services()}
+    host = split_host_port(endpoint)[0]
+    try:
+        server_ips = {info[4][0] for info in socket.getaddrinfo(host, None, 0, socket.SOCK_STREAM)}
+    except OSError:
+        return  # the server's name does not resolve now: nothing to compare with
+    server_here = any(is_local_address(ip) for ip in server_ips)
+    for service in setup.services():
+        if service.target.port not in public:
+            continue
+        try:
+            addresses = service.target.addresses()
+        except OSError:
+            continue
+        if any(sockaddr[0] in server_ips or server_here and is_local_address(sockaddr[0])
+               for _family, sockaddr in addresses):
+            raise UsageError(
+                "local target %s of the %s service is this tunnel's own public port %d on the "
+                "server: give the service's real port (PIPE2ME_LOCAL_PORTS in %s, or "
+                "--local-ports at setup)" % (service.target, service.protocol,
+                                             service.target.port, LOCAL_FILE))
 
 
 def split_host_port(endpoint):
@@ -3132,6 +3261,7 @@ def cmd_clear(args):
         else "the files in %s (no tunnel settings, the server is not told)" % files.dir
     if not args.yes:
         confirm("Delete %s?" % what)
+    running = lock_holder(files.dir)
     if setup:
         try:
             status = api_for_setup(setup).delete(setup.id)
@@ -3144,7 +3274,24 @@ def cmd_clear(args):
     unmap_pod_ports(files.dir)
     removed = files.remove_all()
     log.info("files removed dir=%s files=%s", files.dir, ",".join(removed))
+    if running:
+        wait_for_unlock(files.dir, running, CLEAR_WAIT_S)
     return 0
+
+
+CLEAR_WAIT_S = 15.0
+
+
+def wait_for_unlock(directory, pid, timeout_s):
+    """After `clear`: the running `start` (pid) sees its tunnel gone, exits 4
+    and so releases the directory's lock."""
+    deadline = time.monotonic() + timeout_s
+    while lock_holder(directory) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if lock_holder(directory):
+        log.warning("the running start has not stopped yet pid=%d", pid)
+    else:
+        log.info("the running start stopped pid=%d", pid)
 
 
 def confirm(question):
@@ -3317,9 +3464,11 @@ def cmd_start(args):
     files = PodFiles(args.dir)
     setup = read_setup(files)
     run_from_compiled_code(hand_over_arguments(args))
+    lock_pod_dir(files.dir)  # after the re-exec: the lock's descriptor does not survive exec
     raise_open_file_limit()
-    servers = start_echo_services(files, setup) if args.echo else []
     runner = PodRunner(files, setup, args.stop_grace, getattr(args, "on_cert_change", None))
+    check_no_loop(setup, runner.endpoint())
+    servers = start_echo_services(files, setup) if args.echo else []
     keeper = start_port_keeper(files.dir, runner.loop)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, runner.on_stop_signal)

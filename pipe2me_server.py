@@ -473,7 +473,8 @@ HEARTBEAT_INTERVAL_S = 10             # PING when idle; silent for 3x = dead
 
 class Msg(enum.IntEnum):
     """Frame types. Payloads: JSON objects for control frames on stream 0."""
-    HELLO = 1    # pod: {"kind": "control", "version", "tunnel", "features"} — first frame
+    HELLO = 1    # pod: {"kind": "control", "version", "tunnel", "features", "yield"} — first
+                 # frame; "yield": true (a pod that was replaced) takes no live session over
     WELCOME = 2  # server: {"tunnel", "fqdn", "services", "heartbeat_interval_s", "proxy_protocol"}
     REJECT = 3   # server: {"reason", "permanent", "replaced_by"}; the connection then closes
     OPEN = 4     # server: a consumer arrived; payload u16 public port, then
@@ -485,7 +486,8 @@ class Msg(enum.IntEnum):
     RESET = 8    # both: the stream is aborted; payload utf-8 reason
     PING = 9     # both: payload echoed back in PONG
     PONG = 10    # both
-    GOAWAY = 11  # both: {"reason", "replaced_by"}; no new streams, running ones may finish
+    GOAWAY = 11  # both: {"reason", "replaced_by", "permanent"}; no new streams, running ones
+                 # may finish; "permanent" (tunnel deleted or expired): do not reconnect
     CERT = 12    # server: {"state", "reason", "next_try_at", "not_after", "chain"?}: the
     #              tunnel's publicly trusted (ACME) certificate and why it is (not) there;
     #              sent only to a pod whose HELLO lists FEATURE_CERT, after WELCOME and
@@ -3465,6 +3467,8 @@ class PodGate:
             raise ProtocolError(reason)
         features = hello.get("features")
         features = [f for f in features if isinstance(f, str)] if isinstance(features, list) else []
+        if hello.get("yield") is True:  # a pod that was replaced: it takes no live session over
+            features.append("yield")
         return record, {
             "tunnel": record["id"], "fqdn": record["fqdn"],
             "services": [{"protocol": p, "port": n}
@@ -5140,8 +5144,17 @@ class Hub:
         if not self.accepting or current is None or tunnel_status(current) != "online":
             tls.close()
             return
-        old = self.sessions.pop(record["id"], None)
+        old = self.sessions.get(record["id"])
+        if old is not None and "yield" in features and not old.closed:
+            log.warning("pod refused, another connection holds the tunnel tunnel=%s pod=%s holder=%s",
+                        record["id"], peer, old.address)
+            return refuse_greeted(tls, {
+                "reason": "tunnel %s is held by another connection from %s" % (
+                    record["fqdn"], old.address), "permanent": False, "replaced_by": old.address})
         if old is not None:
+            log.warning("pod replaced tunnel=%s old=%s new=%s", record["id"], old.address, peer)
+            old.send_control(Msg.GOAWAY, {"reason": "replaced by another connection of this "
+                                          "tunnel from %s" % peer, "replaced_by": peer})
             old.destroy("replaced by a new connection from %s" % peer)
         session = self.sessions[record["id"]] = PodSession(self, current, tls, peer, features)
         session.send_control(Msg.WELCOME, welcome)
@@ -5197,7 +5210,11 @@ class Hub:
             if port not in self.listeners:
                 self.listen(port, tunnel_id)
         for tunnel_id in [t for t in self.sessions if t not in online]:
-            self.sessions[tunnel_id].destroy("tunnel expired or deleted")
+            session = self.sessions[tunnel_id]
+            reason = "tunnel %s %s" % (session.fqdn, "expired" if self.store.get(tunnel_id)
+                                       else "deleted")
+            session.send_control(Msg.GOAWAY, {"reason": reason, "permanent": True})
+            session.destroy(reason)
 
     def refresh_session(self, tunnel_id):
         """A connected pod whose tunnel settings changed is asked to reconnect
@@ -5255,6 +5272,16 @@ class Hub:
             return 0, 0
         return (session.local_read_bytes - session.saved_in,
                 session.local_written_bytes - session.saved_out)
+
+
+def refuse_greeted(tls, reject):
+    """REJECT a pod that passed the gate but is not attached, and close it."""
+    try:
+        tls.settimeout(1)
+        tls.sendall(encode_control(Msg.REJECT, reject))
+    except OSError:
+        pass
+    tls.close()
 
 
 def stream_ends(sock, address):
