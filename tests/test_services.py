@@ -207,6 +207,16 @@ def test_services_ipv6_only_service_three_ways(server, workdir, threaded, procs)
     assert tls.port
 
 
+def closed_at_once(port):
+    """What a consumer gets before the connection ends (a reset counts as an end)."""
+    try:
+        return echo_round_trip(port)
+    except (ConnectionError, OSError) as exc:
+        if isinstance(exc, AssertionError):
+            raise
+        return b""
+
+
 def test_services_failed_target_is_logged(server, workdir, procs):
     pod_dir = os.path.join(workdir, "pod")
     dead = free_port()
@@ -214,9 +224,9 @@ def test_services_failed_target_is_logged(server, workdir, procs):
     pod = start_pod(workdir, pod_dir)
     procs.append(pod)
     first, second = public_ports(pod_dir)
-    assert echo_round_trip(first) == b""
+    assert closed_at_once(first) == b""
     pod.wait_for(r"local service unavailable stream=\d+ target=\[::1\]:%d error=" % dead)
-    assert echo_round_trip(second) == b""
+    assert closed_at_once(second) == b""
     pod.wait_for(r"local service unavailable stream=\d+ target=no-such-host\.invalid:%d "
                  r"error=cannot resolve" % dead)
 
