@@ -269,3 +269,104 @@ def test_acme_orders_beyond_the_weekly_limit_are_queued_not_failed(workdir, pebb
         assert pod.stop() == 0
     finally:
         assert server.stop() == 0
+
+
+def test_acme_http01_answered_on_the_http_front(workdir, pebble, dns_port, http_port):
+    server = acme_server(workdir, pebble, http_port, dns_port, "--acme-challenge", "http-01",
+                         "--http-port", str(http_port))
+    try:
+        assert server.http == http_port
+        pod_dir, fqdn = https_pod(workdir, server)
+        pod = start_pod(workdir, pod_dir, "--echo")
+        wait_until(lambda: acme_installed(pod_dir), timeout=60, what="pebble's certificate by HTTP-01")
+        assert "challenge=http-01" in server.proc.stderr()
+        root = pebble.root()
+        port = public_ports(pod_dir)[0]
+        per_port = curl("https://%s:%d/" % (fqdn, port), root, fqdn, port)
+        assert per_port.returncode == 0, per_port.stderr
+        # a token nobody published is not found, on any name
+        stray = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H",
+                                "Host: " + fqdn, "http://127.0.0.1:%d/.well-known/acme-challenge/"
+                                "nOtAtOkEnOfAnYoRdEr" % http_port], capture_output=True, text=True)
+        assert stray.stdout == "404"
+        assert pod.stop() == 0
+    finally:
+        assert server.stop() == 0
+
+
+class StandinDns:
+    """UDP DNS on 127.0.0.1 answering from the dnsimple stand-in's records (as
+    dnsimple's name servers answer from its API's): TXT records of a zone;
+    every other question gets an empty authoritative answer."""
+
+    def __init__(self, api, zone):
+        import threading
+        self.api, self.zone = api, zone
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.running = True
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while self.running:
+            try:
+                query, peer = self.sock.recvfrom(512)
+                self.sock.sendto(self.answer(query), peer)
+            except (socket.timeout, ValueError, IndexError):
+                continue
+
+    def answer(self, query):
+        labels, pos = [], 12
+        while query[pos]:
+            labels.append(query[pos + 1:pos + 1 + query[pos]].decode().lower())
+            pos += 1 + query[pos]
+        qtype = int.from_bytes(query[pos + 1:pos + 3], "big")
+        question = query[12:pos + 5]
+        name = ".".join(labels)
+        relative = name[:-len(self.zone) - 1] if name.endswith("." + self.zone) else ""
+        texts = [r["content"] for r in self.api.find(self.zone, relative, "TXT")] if qtype == 16 else []
+        answers = b""
+        for text in texts:
+            data = bytes([len(text)]) + text.encode()
+            answers += b"\xc0\x0c" + (16).to_bytes(2, "big") + (1).to_bytes(2, "big") + \
+                (0).to_bytes(4, "big") + len(data).to_bytes(2, "big") + data
+        header = query[:2] + b"\x84\x00" + (1).to_bytes(2, "big") + len(texts).to_bytes(2, "big") + \
+            b"\x00\x00\x00\x00"
+        return header + question + answers
+
+    def stop(self):
+        self.running = False
+        self.thread.join(5)
+        self.sock.close()
+
+
+def test_acme_dns01_through_dnsimple(workdir, http_port):
+    from dnsimple_standin import DnsimpleStandin
+    with DnsimpleStandin("dnsimple-test-token", zones=(DOMAIN,)) as api:
+        dns = StandinDns(api, DOMAIN)
+        pebble = Pebble(workdir, dns.port, http_port)
+        server = ServerHandle(workdir, extra=[
+            "--tunnel-domain", DOMAIN, "--public-address", "127.0.0.1",
+            "--dynamic-dns-service", "dnsimple:dnsimple-test-token", "--dnsimple-api-url", api.url,
+            "--acme-directory", pebble.directory, "--acme-ca-bundle", pebble.cert,
+            "--acme-retry", "1"])
+        try:
+            pod_dir, fqdn = https_pod(workdir, server)
+            pod = start_pod(workdir, pod_dir, "--echo")
+            wait_until(lambda: acme_installed(pod_dir), timeout=60, what="pebble's certificate via dnsimple")
+            assert "challenge=dns-01" in server.proc.stderr()
+            created = [path for method, path in api.requests if method == "POST"]
+            assert any("/records" in path for path in created)
+            # the challenge records are cleared again once validated
+            wait_until(lambda: not api.find(DOMAIN, rtype="TXT"), timeout=30, what="TXT records removed")
+            root = pebble.root()
+            through_sni = curl("https://%s:%d/" % (fqdn, server.https), root, fqdn, server.https)
+            assert through_sni.returncode == 0, through_sni.stderr
+            assert pod.stop() == 0
+        finally:
+            assert server.stop() == 0
+            pebble.stop()
+            dns.stop()
