@@ -107,8 +107,9 @@ class PodLog:
         now = time.time()
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
         try:
+            text = (message % args if args else message).translate(CONTROL_ESCAPES)
             sys.stderr.write("%s,%03d %s %s %s\n" % (stamp, int(now % 1 * 1000), level,
-                                                     self.name, message % args if args else message))
+                                                     self.name, text))
             sys.stderr.flush()
         except (OSError, ValueError):
             pass  # stderr gone (closed terminal): the pod runs on
@@ -415,6 +416,20 @@ class ProtocolError(Rejected):
     """The peer broke the wire contract; the connection is closed with this reason."""
 
 
+# C0 and C1 controls, DEL and the Unicode line breaks, as \xNN / \uNNNN: text
+# a peer sent (a reason, a name, a request line) cannot start a log line.
+CONTROL_ESCAPES = {c: "\\x%02x" % c for c in list(range(32)) + list(range(127, 160))}
+CONTROL_ESCAPES.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def printable(text, limit=300):
+    """`text` shortened to `limit` characters with every control character escaped."""
+    text = str(text)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return text.translate(CONTROL_ESCAPES)
+
+
 def encode_frame(msg, stream, payload=b""):
     """Return the bytes of one frame. Payload must not exceed MAX_FRAME_BYTES."""
     return FRAME_HEADER.pack(msg, stream, len(payload)) + payload
@@ -541,6 +556,10 @@ TLS_READ_BYTES = 256 * 1024            # decoded per batch; a TLS read returns o
 WRITE_CHUNK_BYTES = FRAME_HEADER.size + READ_CHUNK_BYTES  # >= any direct write, for TLS retries
 MUX_HIGH_WATER_BYTES = 1024 * 1024
 MUX_LOW_WATER_BYTES = 256 * 1024
+MAX_BUFFERED_BYTES = 64 * 1024 * 1024   # default budget of a loop (and of one Mux) for peer bytes
+CONTROL_REPLY_LIMIT_BYTES = MUX_HIGH_WATER_BYTES  # a PONG is dropped while more waits unsent
+MUX_FRAMES_PER_TURN = 4096            # then other connections get their turn
+BUFFER_STALL_S = 5.0                   # under pressure, a stream that wrote nothing this long is reset
 WINDOW_UPDATE_BYTES = STREAM_WINDOW_BYTES // 4
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
@@ -571,6 +590,14 @@ CODE_LOADER = ("import marshal,os,sys;"
                "exec(code,{'__name__':'__main__','__file__':sys.argv[0],'__cached__':'memfd'})")
 
 
+# glibc raises its mmap threshold to the size of any large block freed; from
+# then on such blocks come from the heap, which fragments and does not shrink,
+# so the bytes held for a crowd of slow readers would stay in RSS after they
+# left. A fixed threshold keeps every block of 64 KiB or more (the relay's
+# buffers) in a map of its own, returned to the system when freed.
+MALLOC_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
 def run_from_compiled_code(environment=None):
     """Re-execute this script from its compiled code (see above), with the
     `environment` variables added. Returns only when that is done already,
@@ -599,7 +626,8 @@ def run_from_compiled_code(environment=None):
         for stream in (sys.stdout, sys.stderr):
             if stream is not None:
                 stream.flush()
-        environment = dict(environment or {}, **{CODE_FD_VARIABLE: str(fd)})
+        environment = dict({k: v for k, v in MALLOC_ENVIRONMENT.items() if k not in os.environ},
+                           **(environment or {}), **{CODE_FD_VARIABLE: str(fd)})
         os.environ.update(environment)
         os.execv(sys.executable, [sys.executable, "-S"] + flags + ["-c", CODE_LOADER, path]
                  + sys.argv[1:])
@@ -613,9 +641,22 @@ class EventLoop:
     """A selectors loop with timers and a thread-safe call_soon.
 
     Callbacks must not block. watch() registers, changes or (events=0)
-    unregisters a socket; the callback receives the event mask."""
+    unregisters a socket; the callback receives the event mask. With a
+    `log`, an exception from a callback ends only the connection it belongs
+    to (see contain()); without one it propagates out of run().
 
-    def __init__(self):
+    `buffered` counts the bytes that wait in every Stream of this loop for
+    their local socket; past `buffer_budget` the Muxes that produce them
+    stop reading their peer (see Mux.press())."""
+
+    def __init__(self, log=None, buffer_budget=MAX_BUFFERED_BYTES):
+        self.log = log
+        self.crashes = 0          # callbacks that raised, for the metrics
+        self.buffered = 0
+        self.buffer_budget = buffer_budget
+        self.pressed = set()      # Muxes holding their reads back for the budget
+        self.holders = set()      # Muxes with bytes in `buffered`
+        self.pressure_timer = None
         self.selector = selectors.DefaultSelector()
         self.timers = []
         self.timer_seq = 0
@@ -691,18 +732,74 @@ class EventLoop:
             # the socket: deliver only what is still asked for, to its callback.
             current = interest.get(key.fileobj)
             if current is not None and mask & current[0]:
-                current[1](mask & current[0])
+                try:
+                    current[1](mask & current[0])
+                except Exception as exc:  # noqa: BLE001 - the per-connection boundary
+                    self.contain(current[1], exc)
         while self.soon:
-            self.soon.popleft()()
+            callback = self.soon.popleft()
+            try:
+                callback()
+            except Exception as exc:  # noqa: BLE001
+                self.contain(callback, exc)
         now = time.monotonic()
         while self.timers and self.timers[0][0] <= now:
             handle = heapq.heappop(self.timers)[2]
             if not handle.cancelled:
-                handle.callback()
+                try:
+                    handle.callback()
+                except Exception as exc:  # noqa: BLE001
+                    self.contain(handle.callback, exc)
+
+    def contain(self, callback, exc):
+        """A callback raised: a bug, or input nobody foresaw. As socketserver
+        does, end only the connection it belongs to (its owner's crash(), if
+        the callback is a method of one), log one line (the traceback at
+        debug level), count it, and serve on."""
+        if self.log is None:
+            raise exc
+        self.crashes += 1
+        owner = getattr(callback, "__self__", None)
+        self.log.warning("internal error contained in=%s error=%s",
+                         type(owner or callback).__name__,
+                         printable("%s: %s" % (type(exc).__name__, exc)))
+        import traceback  # here: the pod on a router pays for the module only after a bug
+        self.log.debug("%s", "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        crash = getattr(owner, "crash", None)
+        if crash is not None:
+            try:
+                crash(exc)
+            except Exception as second:  # noqa: BLE001 - closing must not stop the loop
+                self.log.debug("cleanup after an internal error failed: %s", printable(str(second)))
 
     def stop(self):
         self.running = False
         self.call_soon_threadsafe(lambda: None)
+
+    # -- the buffer budget ------------------------------------------------
+    def press(self, mux):
+        """`mux` holds its reads back; while any does, stalled readers are
+        looked for once a second (on_pressure_tick)."""
+        self.pressed.add(mux)
+        if self.pressure_timer is None:
+            self.pressure_timer = self.call_later(1.0, self.on_pressure_tick)
+
+    def relieve(self):
+        """Let the held Muxes read again once they and the loop are below half budget."""
+        if self.buffered <= self.buffer_budget // 2:
+            for mux in [m for m in self.pressed if m.buffered <= m.buffer_budget // 2]:
+                mux.release()
+
+    def on_pressure_tick(self):
+        self.pressure_timer = None
+        if not self.pressed:
+            return
+        now = time.monotonic()
+        for mux in list(self.holders):
+            mux.reap_stalled(now)
+        self.relieve()
+        if self.pressed:
+            self.pressure_timer = self.call_later(1.0, self.on_pressure_tick)
 
 
 class Timer:
@@ -712,7 +809,10 @@ class Timer:
         self.when, self.callback, self.cancelled = when, callback, False
 
     def cancel(self):
+        """The callback is dropped at once: what it refers to is released now,
+        not when the timer would have fired."""
         self.cancelled = True
+        self.callback = None
 
 
 class Stream:
@@ -735,6 +835,7 @@ class Stream:
         self.write_closed = False              # SHUT_WR done on the socket
         self.last_active = time.monotonic()
         self.paused = False                    # reading held back by a rate cap
+        self.drained_at = 0.0                  # last time the local socket took pending bytes
         self.closed = False
         self.target = ""                       # the local end, named in log lines
         self.uncredited = 0                    # own bytes in `pending`, not the peer's
@@ -858,7 +959,9 @@ class Stream:
         was_empty = not self.pending
         self.pending.append(bytes(payload))
         self.pending_bytes += len(payload)
+        self.mux.note_buffered(len(payload))
         if was_empty:
+            self.drained_at = time.monotonic()
             self.update_interest()
 
     def count_delivered(self, sent):
@@ -884,6 +987,8 @@ class Stream:
             except SOCKET_GONE as exc:
                 return self.abort("local write failed: %s" % exc)
             self.pending_bytes -= sent
+            self.drained_at = time.monotonic()
+            self.mux.note_buffered(-sent)
             self.count_delivered(sent)
             if sent < len(chunk):
                 self.pending[0] = chunk[sent:]
@@ -928,12 +1033,20 @@ class Stream:
             self.mux.log.debug("stream reset stream=%d reason=%r", self.id, reason)
             self.destroy()
 
+    def crash(self, _exc):
+        """A callback of this stream raised (EventLoop.contain): reset it alone."""
+        self.abort("internal error")
+
     def destroy(self):
         if self.closed:
             return
         self.closed = True
         self.mux.loop.watch(self.sock, 0)
         self.sock.close()
+        if self.pending_bytes:
+            self.mux.note_buffered(-self.pending_bytes)
+            self.pending_bytes = 0
+        self.pending.clear()
         self.mux.streams.pop(self.id, None)
         self.mux.blocked.discard(self)
         self.mux.on_stream_closed(self)
@@ -962,7 +1075,11 @@ class Mux:
         self.last_heard = time.monotonic()
         self.heartbeat = loop.call_later(heartbeat_s, self.on_heartbeat)
         self.pace = None      # owner's rate cap: callable(bytes moved) -> seconds to pause
-        self.reading_paused = False
+        self.reading_paused = False    # held back by the rate cap or the buffer budget:
+        self.rate_hold = self.pressure_hold = False
+        self.buffered = 0              # bytes in this Mux's Streams waiting for local sockets
+        self.buffer_budget = loop.buffer_budget  # the owner may set a smaller one
+        self.pongs_dropped = 0
         self.scratch, self.scratch_view = loop.scratch, loop.scratch_view  # shared, see EventLoop
         self.inbox, self.inbox_view = loop.inbox, loop.inbox_view
         sock.setblocking(False)
@@ -1034,41 +1151,103 @@ class Mux:
             self.on_readable()
 
     def on_readable(self):
-        if self.closed:
+        """Up to 16 batches of what has arrived, fewer for a peer that sends
+        many small frames (MUX_FRAMES_PER_TURN), so other connections get
+        their turn; replies to control frames go out once per batch."""
+        if self.closed or self.reading_paused:
             return
+        frames = 0
         for _ in range(16):
             size, eof = self.read_batch()
             if size:
                 self.last_heard = time.monotonic()
             try:
                 for msg, stream, payload in self.decoder.frames(self.inbox_view[:size]):
+                    frames += 1
                     self.dispatch(msg, stream, payload)
                     if self.closed:
                         return
             except ProtocolError as exc:
                 return self.fail(str(exc))
+            if self.out:
+                self.flush()
             if eof:
                 return self.destroy(eof)
             pause = self.pace(size) if self.pace and size else 0
             if pause > 0:
                 return self.pause_reading(pause)
-            if size < len(self.inbox):
+            if size < len(self.inbox) or self.reading_paused:
                 return
+            if frames > MUX_FRAMES_PER_TURN:
+                break
         pending = getattr(self.sock, "pending", None)
-        if not self.closed and pending and pending():
+        if not self.closed and not self.reading_paused and pending and pending():
             self.loop.call_later(0, lambda: self.closed or self.on_readable())
 
     def pause_reading(self, seconds):
         """A rate cap: stop reading the peer for a while (writes go on)."""
+        self.rate_hold = True
+        self.hold_reads()
+        self.loop.call_later(seconds, self.end_rate_hold)
+
+    def end_rate_hold(self):
+        self.rate_hold = False
+        self.resume_reading()
+
+    def hold_reads(self):
         self.reading_paused = True
-        self.loop.watch(self.sock, EVENT_WRITE if self.out else 0, self.on_event)
-        self.loop.call_later(seconds, self.resume_reading)
+        if not self.closed:
+            self.loop.watch(self.sock, EVENT_WRITE if self.out else 0, self.on_event)
 
     def resume_reading(self):
+        if self.closed or self.rate_hold or self.pressure_hold or not self.reading_paused:
+            return
         self.reading_paused = False
-        if not self.closed:
-            self.flush()
-            self.on_readable()
+        self.flush()
+        self.on_readable()
+
+    # -- the buffer budget ---------------------------------------------
+    def note_buffered(self, delta):
+        """Bytes waiting in this Mux's Streams changed by `delta`. Past this
+        Mux's or the loop's budget, the peer (who produces them) is no longer
+        read; the loop lets it read again below half of both (EventLoop.relieve)."""
+        loop = self.loop
+        was_empty = not self.buffered
+        self.buffered += delta
+        loop.buffered += delta
+        if delta > 0:
+            if was_empty:
+                loop.holders.add(self)
+            if not self.pressure_hold and (self.buffered > self.buffer_budget
+                                           or loop.buffered > loop.buffer_budget):
+                self.press()
+        else:
+            if not self.buffered:
+                loop.holders.discard(self)
+            if loop.pressed:
+                loop.relieve()
+
+    def press(self):
+        self.log.debug("reads held back, buffer budget reached buffered=%d total=%d",
+                       self.buffered, self.loop.buffered)
+        self.pressure_hold = True
+        self.loop.press(self)
+        self.hold_reads()
+
+    def release(self):
+        """Called by the loop, possibly inside a Stream's write: resume on a timer."""
+        self.loop.pressed.discard(self)
+        self.pressure_hold = False
+        self.loop.call_later(0, self.resume_reading)
+
+    def reap_stalled(self, now, stall_s=BUFFER_STALL_S):
+        """Under pressure: reset the streams whose local socket took nothing
+        for stall_s (a reader that does not read), so the budget serves others."""
+        for stream in [s for s in self.streams.values()
+                       if s.pending and now - s.drained_at > stall_s]:
+            self.log.info("stream reset, reader stalled under buffer pressure stream=%d bytes=%d",
+                          stream.id, stream.pending_bytes)
+            stream.abort("reader stalled for %g s while the buffer budget was used up" % stall_s)
 
     def read_batch(self):
         """Fill the inbox with what has arrived (a TLS read returns one record,
@@ -1096,20 +1275,28 @@ class Mux:
             if stream_id > self.highest_stream:
                 raise ProtocolError("frame for unknown stream %d" % stream_id)
             return  # frames in flight for a stream closed here are expected
-        if msg == Msg.DATA:
-            stream.on_data(payload)
-        elif msg == Msg.WINDOW:
-            stream.on_window(payload)
-        elif msg == Msg.EOF:
-            stream.on_eof()
-        elif msg == Msg.RESET:
-            stream.destroy()
-        else:
-            raise ProtocolError("%s is not a stream frame" % msg.name)
+        try:
+            if msg == Msg.DATA:
+                stream.on_data(payload)
+            elif msg == Msg.WINDOW:
+                stream.on_window(payload)
+            elif msg == Msg.EOF:
+                stream.on_eof()
+            elif msg == Msg.RESET:
+                stream.destroy()
+            else:
+                raise ProtocolError("%s is not a stream frame" % msg.name)
+        except ProtocolError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one stream's bug ends only that stream
+            self.loop.contain(stream.crash, exc)
 
     def on_frame_0(self, msg, payload):
         if msg == Msg.PING:
-            self.send(Msg.PONG, 0, payload)
+            if len(self.out) <= CONTROL_REPLY_LIMIT_BYTES:
+                self.queue(Msg.PONG, 0, payload)  # sent once per batch (on_readable)
+            else:  # the peer does not read what it asks for: no reply
+                self.pongs_dropped += 1
         elif msg == Msg.PONG:
             pass  # any frame counts as a sign of life
         else:
@@ -1149,6 +1336,8 @@ class Mux:
         silent for three intervals (the next check is timed for that)."""
         if self.closed:
             return
+        if self.reading_paused:  # we are not listening: its silence says nothing
+            self.last_heard = time.monotonic()
         silent = time.monotonic() - self.last_heard
         if silent >= 3 * self.heartbeat_s:
             return self.destroy("peer silent for %.1f s" % silent)
@@ -1162,13 +1351,22 @@ class Mux:
         self.send(Msg.GOAWAY, 0, json.dumps({"reason": reason}).encode())
         self.destroy("protocol error: %s" % reason)
 
+    def crash(self, exc):
+        """A callback of the connection raised (EventLoop.contain): close it."""
+        self.destroy("internal error (%s)" % type(exc).__name__)
+
     def destroy(self, reason):
+        """Close every stream and the connection; buffers are released at once."""
         if self.closed:
             return
         self.closed = True
         self.heartbeat.cancel()
         for stream in list(self.streams.values()):
             stream.destroy()
+        self.loop.pressed.discard(self)
+        self.loop.holders.discard(self)
+        self.out = bytearray()
+        self.decoder.buffer = bytearray()
         self.loop.watch(self.sock, 0)
         try:
             self.sock.close()
@@ -2482,6 +2680,7 @@ STATUS_FILE = "pipe2me.status.json"
 STATUS_INTERVAL_S = 2.0
 STOP_GRACE_S = 10.0                   # default of `start --stop-grace`
 HOOK_TIMEOUT_S = 300                  # `start --on-cert-change CMD` may take this long
+POD_MAX_BUFFERED_BYTES = 32 * 1024 * 1024  # bytes held for local services that read slowly
 
 
 class PodMux(Mux):
@@ -2540,7 +2739,7 @@ class PodMux(Mux):
             self.runner.on_cert(obj)
             return
         if msg == Msg.GOAWAY:
-            log.info("server going away reason=%s", str(obj.get("reason"))[:200])
+            log.info("server going away reason=%s", printable(obj.get("reason"), 200))
             if obj.get("replaced_by"):
                 self.runner.displaced_by = str(obj["replaced_by"])[:100]
             if obj.get("permanent"):
@@ -2605,7 +2804,7 @@ class PodRunner:
         self.acme = None  # the last ACME state from the server (CERT frame), chain left out
         self.status_path = os.path.join(files.dir, STATUS_FILE)
         self.status_written = None  # the file's content, to write only changes
-        self.loop = EventLoop()
+        self.loop = EventLoop(log, POD_MAX_BUFFERED_BYTES)
         self.session = None
         self.stop_requested = False
         self.stop_deadline = None

@@ -110,7 +110,8 @@ class Home:
         wan = self.nat.wan_ip
         return ["--state-dir", self.state_dir, "--listen-address", wan, "--public-address", wan,
                 "--tunnel-domain", DOMAIN, "--tunnel-ports", "%d...%d" % (FIRST_PORT, FIRST_PORT + 10),
-                "--dynamic-dns-service", "builtin", "--dns-port", "53", "--heartbeat-interval", "1"]
+                "--dynamic-dns-service", "builtin", "--dns-port", "53", "--heartbeat-interval", "1",
+                "--metrics-allow", wan]  # /metrics names tenants only to allowed clients
 
     def pod_cmd(self, *args, check=True):
         done = self.nat.call_in("lan", [POD_PYTHON, POD, "--dir", self.pod_dir] + list(args),
