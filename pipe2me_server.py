@@ -4248,32 +4248,23 @@ DNS_PLAIN_UDP_BYTES = 512          # RFC 1035 limit for UDP without EDNS0
 DNS_EDNS_UDP_BYTES = 1232          # our EDNS0 payload size (DNS flag day 2020)
 DNS_MAX_MESSAGE_BYTES = 65535      # what the TCP length prefix can carry
 DNS_MAX_QUERY_BYTES = 4096         # read of one UDP datagram
-DNS_MAX_NAME_BYTES = 255
-DNS_MAX_LABEL_BYTES = 63
 DNS_MAX_TXT_BYTES = 4096           # one TXT value; ACME values are 43 bytes
 DNS_SOA_TIMERS_S = (3600, 600, 604800)   # refresh, retry, expire
 
-_TYPE_A, _TYPE_NS, _TYPE_SOA, _TYPE_HINFO, _TYPE_TXT = 1, 2, 6, 13, 16
-_TYPE_AAAA, _TYPE_OPT, _TYPE_IXFR, _TYPE_AXFR, _TYPE_ANY = 28, 41, 251, 252, 255
-_CLASS_IN = 1
-_RCODE_NOERROR, _RCODE_FORMERR, _RCODE_SERVFAIL = 0, 1, 2
-_RCODE_NXDOMAIN, _RCODE_NOTIMP, _RCODE_REFUSED = 3, 4, 5
-_EXT_RCODE_BADVERS = 1             # BADVERS (16) >> 4, carried in the OPT TTL
-_FLAG_QR, _FLAG_AA, _FLAG_TC, _FLAG_RD = 0x8000, 0x0400, 0x0200, 0x0100
-_FLAG_OPCODE = 0x7800
-_EDNS_FLAG_DO = 0x8000
-_OPTION_ECS = 8
-_ECS_FAMILY_BITS = {1: 32, 2: 128}
+_A, _NS, _SOA, _HINFO, _TXT, _AAAA, _OPT, _IXFR, _AXFR, _ANY = 1, 2, 6, 13, 16, 28, 41, 251, 252, 255
+_IN = 1
+_NOERROR, _FORMERR, _SERVFAIL, _NXDOMAIN, _NOTIMP, _REFUSED = 0, 1, 2, 3, 4, 5
+_BADVERS_HIGH = 1                  # BADVERS (16) >> 4, carried in the OPT TTL
+_QR, _AA, _TC, _RD, _OPCODE, _DO = 0x8000, 0x0400, 0x0200, 0x0100, 0x7800, 0x8000
+_ECS_OPTION, _ECS_BITS = 8, {1: 32, 2: 128}
 _HINFO_RFC8482 = b"\x07RFC8482\x00"
 _PLAIN_LABEL_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-_")
 _NO_RECORDS = ([], [], [])
 
 DnsTunnelRecord = collections.namedtuple("DnsTunnelRecord", "ipv4 ipv6 split")
-DnsTunnelRecord.__doc__ = """What `DnsZone.lookup` returns for a tunnel FQDN.
-
-ipv4, ipv6: lists of address strings answered for A and AAAA.
-split: None, or a dict mapping a client's public IPv4 string to the list of
-LAN IPv4 strings answered for A to that client instead of `ipv4`."""
+DnsTunnelRecord.__doc__ = """What `DnsZone.lookup` returns for a tunnel FQDN: ipv4 and
+ipv6 address strings answered for A and AAAA; split None, or a dict mapping a
+client's public IPv4 to the LAN IPv4 addresses answered to it instead."""
 
 _Query = collections.namedtuple("_Query", "qid flags labels qtype qclass edns")
 _Edns = collections.namedtuple("_Edns", "udp_bytes version do ecs")
@@ -4285,112 +4276,77 @@ class DnsFormatError(ValueError):
 
 
 def _read_name(packet, offset):
-    """Return (labels, offset after the name) for the name starting at offset.
-
-    Labels are bytes as sent (case kept). A compression pointer must point
-    below every byte of the name read so far, which rules out loops and
-    forward pointers with no counter. Raises DnsFormatError for those, for a
-    truncated name, a label over 63 bytes (or a reserved label type) and a
-    name over 255 bytes."""
+    """Return (labels as sent, offset after the name). A compression pointer
+    must point below every byte of the name read so far (no loops, nothing
+    forward, no counter needed); DnsFormatError for that, a truncated name, a
+    label over 63 bytes (or a reserved label type) and a name over 255."""
     labels, end, floor, size = [], None, offset, 1
     while True:
-        if offset >= len(packet):
-            raise DnsFormatError("name runs past the end of the message")
-        length = packet[offset]
-        if length >= 0xC0:
-            if offset + 1 >= len(packet):
-                raise DnsFormatError("truncated compression pointer")
+        length = packet[offset] if offset < len(packet) else -1
+        if length >= 0xC0 and offset + 1 < len(packet):
             target = (length & 0x3F) << 8 | packet[offset + 1]
             if target >= floor:
                 raise DnsFormatError("compression pointer loops or points forward")
             end = offset + 2 if end is None else end
             offset = floor = target
             continue
-        if length > DNS_MAX_LABEL_BYTES:
-            raise DnsFormatError("label longer than 63 bytes")
         if length == 0:
             return labels, (offset + 1 if end is None else end)
         size += length + 1
-        if size > DNS_MAX_NAME_BYTES or offset + 1 + length > len(packet):
-            raise DnsFormatError("name longer than 255 bytes or past the end of the message")
+        if not 0 < length <= 63 or size > 255 or offset + 1 + length > len(packet):
+            raise DnsFormatError("bad label, name over 255 bytes, or past the end")
         labels.append(bytes(packet[offset + 1:offset + 1 + length]))
         offset += 1 + length
 
 
-def _read_ecs(body):
-    """Return the _Ecs of a Client Subnet option body (RFC 7871 section 6).
-
-    Raises DnsFormatError for an unknown family, a prefix longer than the
-    family allows, a non-zero scope (queries must send 0), an address of the
-    wrong length or with bits set beyond the source prefix."""
-    if len(body) < 4:
-        raise DnsFormatError("client subnet option too short")
-    family, source, scope = struct.unpack_from("!HBB", body)
-    address = bytes(body[4:])
-    if source > _ECS_FAMILY_BITS.get(family, -1) or scope != 0 \
-            or len(address) != (source + 7) // 8 \
-            or source % 8 and address[-1] & (0xFF >> (source % 8)):
-        raise DnsFormatError("client subnet family, prefix, scope or address invalid")
-    return _Ecs(family, source, address)
-
-
 def _read_options(rdata):
-    """Return the _Ecs of an OPT record's options, or None; others are ignored.
-
-    Raises DnsFormatError for a truncated option or a second ECS option."""
+    """The _Ecs of an OPT record's options (RFC 7871 section 6), or None;
+    other options are ignored. DnsFormatError for a truncated option, a
+    second ECS, or one with an unknown family, a prefix too long for it, a
+    scope (queries send 0), an address of the wrong length or bits set
+    beyond its prefix."""
     ecs, offset = None, 0
     while offset < len(rdata):
-        if offset + 4 > len(rdata):
-            raise DnsFormatError("truncated EDNS option header")
-        code, length = struct.unpack_from("!HH", rdata, offset)
+        # a cut-off option header is padded to a length that fails the check below
+        code, length = struct.unpack_from("!HH", rdata.ljust(offset + 4, b"\xff"), offset)
         body, offset = rdata[offset + 4:offset + 4 + length], offset + 4 + length
-        if offset > len(rdata) or code == _OPTION_ECS and ecs is not None:
-            raise DnsFormatError("truncated EDNS option, or a second client subnet option")
-        if code == _OPTION_ECS:
-            ecs = _read_ecs(body)
+        if offset > len(rdata) or code == _ECS_OPTION and (ecs is not None or len(body) < 4):
+            raise DnsFormatError("truncated EDNS option, or a second client subnet")
+        if code != _ECS_OPTION:
+            continue
+        family, source, scope = struct.unpack_from("!HBB", body)
+        address = bytes(body[4:])
+        if source > _ECS_BITS.get(family, -1) or scope or len(address) != (source + 7) // 8 \
+                or source % 8 and address[-1] & (0xFF >> (source % 8)):
+            raise DnsFormatError("client subnet family, prefix, scope or address invalid")
+        ecs = _Ecs(family, source, address)
     return ecs
 
 
-def _read_edns(packet, offset, skip, count):
-    """Return the _Edns of the OPT record among the `count` records following
-    the `skip` records at offset, or None when there is none.
-
-    Every record is parsed, so a truncated message raises DnsFormatError, as
-    do a second OPT record and an OPT whose owner is not the root (RFC 6891
-    section 6.1.1). Bytes after the last record are ignored."""
-    edns = None
-    for index in range(skip + count):
-        labels, offset = _read_name(packet, offset)
-        if offset + 10 > len(packet):
-            raise DnsFormatError("record header runs past the end of the message")
-        rtype, rclass, ttl, rdlength = struct.unpack_from("!HHIH", packet, offset)
-        rdata, offset = packet[offset + 10:offset + 10 + rdlength], offset + 10 + rdlength
-        if offset > len(packet):
-            raise DnsFormatError("record data runs past the end of the message")
-        if rtype != _TYPE_OPT or index < skip:
-            continue
-        if edns is not None or labels:
-            raise DnsFormatError("second OPT record, or OPT not owned by the root")
-        edns = _Edns(max(rclass, DNS_PLAIN_UDP_BYTES), (ttl >> 16) & 0xFF,
-                     bool(ttl & _EDNS_FLAG_DO), _read_options(rdata))
-    return edns
-
-
 def _parse_query(packet):
-    """Return the _Query of a message whose header says it is a QUERY.
-
-    Raises DnsFormatError unless it holds exactly one complete question
-    (not of type OPT) and well-formed records after it."""
+    """The _Query of a message whose header says QUERY. DnsFormatError unless
+    it holds one complete question (not OPT) and well-formed records after
+    it, with at most one OPT, owned by the root (RFC 6891 section 6.1.1);
+    bytes after the last record are ignored."""
     qid, flags, qdcount, ancount, nscount, arcount = struct.unpack_from("!6H", packet)
     if qdcount != 1:
         raise DnsFormatError("a query must hold exactly one question")
     labels, offset = _read_name(packet, DNS_HEADER_BYTES)
-    if offset + 4 > len(packet):
-        raise DnsFormatError("question runs past the end of the message")
-    qtype, qclass = struct.unpack_from("!HH", packet, offset)
-    if qtype == _TYPE_OPT:
-        raise DnsFormatError("OPT is not a question type")
-    edns = _read_edns(packet, offset + 4, ancount + nscount, arcount)
+    qtype, qclass = struct.unpack_from("!HH", packet.ljust(offset + 4, b"\0"), offset)
+    if offset + 4 > len(packet) or qtype == _OPT:
+        raise DnsFormatError("question truncated, or of type OPT")
+    edns, offset = None, offset + 4
+    for index in range(ancount + nscount + arcount):
+        owner, offset = _read_name(packet, offset)
+        rtype, rclass, ttl, rdlength = struct.unpack_from("!HHIH", packet.ljust(offset + 10), offset)
+        rdata, offset = packet[offset + 10:offset + 10 + rdlength], offset + 10 + rdlength
+        if offset > len(packet):
+            raise DnsFormatError("record runs past the end of the message")
+        if rtype == _OPT and index >= ancount + nscount:
+            if edns is not None or owner:
+                raise DnsFormatError("second OPT record, or OPT not owned by the root")
+            edns = _Edns(max(rclass, DNS_PLAIN_UDP_BYTES), (ttl >> 16) & 0xFF,
+                         bool(ttl & _DO), _read_options(rdata))
     return _Query(qid, flags, labels, qtype, qclass, edns)
 
 
@@ -4401,61 +4357,52 @@ def _name_bytes(labels):
 
 def _rr(owner, rtype, ttl, rdata):
     """One IN resource record in wire format."""
-    return _name_bytes(owner) + struct.pack("!HHIH", rtype, _CLASS_IN, ttl, len(rdata)) + rdata
+    return _name_bytes(owner) + struct.pack("!HHIH", rtype, _IN, ttl, len(rdata)) + rdata
 
 
 def _header_only(qid, flags, rcode):
-    """Return a response made of a header alone (FORMERR, NOTIMP, SERVFAIL)."""
-    flags = _FLAG_QR | (flags & (_FLAG_OPCODE | _FLAG_RD)) | rcode
-    return struct.pack("!6H", qid, flags, 0, 0, 0, 0)
+    """A response made of a header alone (FORMERR, NOTIMP, SERVFAIL)."""
+    return struct.pack("!6H", qid, _QR | (flags & (_OPCODE | _RD)) | rcode, 0, 0, 0, 0)
 
 
 def _opt_record(edns, udp_bytes, ext_rcode, scope):
-    """Return our OPT record answering the query's `edns`: our UDP size, the
-    DO bit copied (RFC 3225), and the Client Subnet option echoed with
-    `scope` when the query carried one we honour (RFC 7871 section 7.2.1)."""
-    options = b""
-    if edns.ecs is not None:
-        ecs = edns.ecs
-        options = struct.pack("!HHHBB", _OPTION_ECS, 4 + len(ecs.address),
-                              ecs.family, ecs.source, scope) + ecs.address
-    ttl = ext_rcode << 24 | (_EDNS_FLAG_DO if edns.do else 0)
-    return b"\0" + struct.pack("!HHIH", _TYPE_OPT, udp_bytes, ttl, len(options)) + options
+    """Our OPT answering the query's `edns`: our UDP size, DO copied (RFC
+    3225), an honoured Client Subnet echoed with `scope` (RFC 7871 7.2.1)."""
+    ecs, options = edns.ecs, b""
+    if ecs is not None:
+        options = struct.pack("!HHHBB", _ECS_OPTION, 4 + len(ecs.address), ecs.family,
+                              ecs.source, scope) + ecs.address
+    ttl = ext_rcode << 24 | (_DO if edns.do else 0)
+    return b"\0" + struct.pack("!HHIH", _OPT, udp_bytes, ttl, len(options)) + options
 
 
 def _build(query, rcode, flags, sections, opt):
-    """Return the response bytes: header, the question as asked, the three
-    sections (lists of records in wire format), then `opt` (b"" for none)."""
+    """The response: header, the question as asked, the three sections
+    (lists of records in wire format), then `opt` (b"" for none)."""
     answers, authority, additional = sections
-    flags |= _FLAG_QR | (query.flags & (_FLAG_OPCODE | _FLAG_RD)) | rcode
+    flags |= _QR | (query.flags & (_OPCODE | _RD)) | rcode
     header = struct.pack("!6H", query.qid, flags, 1, len(answers), len(authority),
                          len(additional) + (1 if opt else 0))
     question = _name_bytes(query.labels) + struct.pack("!HH", query.qtype, query.qclass)
     return header + question + b"".join(answers + authority + additional) + opt
 
 
-def _packed_addresses(addresses, version):
-    """Return A/AAAA record data for address strings; a string that is no
-    address of that version is logged and skipped."""
+def _packed(addresses, family):
+    """A/AAAA record data of address strings; one not of `family` is logged, skipped."""
     found = []
     for text in addresses or ():
         try:
-            address = ipaddress.ip_address(text)
-        except ValueError:
-            address = None
-        if address is None or address.version != version:
+            found.append(socket.inet_pton(family, text))
+        except (OSError, TypeError):
             log.warning("dns skips bad address address=%r", text)
-            continue
-        found.append(address.packed)
     return found
 
 
 def _txt_data(texts):
-    """Return TXT record data, one record per text, each split into 255-byte
-    character-strings; a text over DNS_MAX_TXT_BYTES is skipped."""
+    """TXT record data, one record per text in 255-byte character-strings;
+    a text over DNS_MAX_TXT_BYTES is logged and skipped."""
     found = []
-    for text in texts:
-        data = text.encode("utf-8")
+    for data in (text.encode("utf-8") for text in texts):
         if len(data) > DNS_MAX_TXT_BYTES:
             log.warning("dns skips oversized txt bytes=%d", len(data))
             continue
@@ -4465,12 +4412,11 @@ def _txt_data(texts):
 
 
 def _labels_of(name):
-    """Return the lowercased labels of a dotted name; ValueError if it is no
-    valid hostname-like name (ASCII, labels 1..63 bytes, 255 in all)."""
+    """The lowercased labels of a dotted name; ValueError unless ASCII with
+    labels of 1..63 bytes, 255 in all."""
     text = name.strip().rstrip(".").lower()
-    labels = tuple(text.encode("ascii").split(b".")) if text else ()
-    if not labels or not all(0 < len(label) <= DNS_MAX_LABEL_BYTES for label in labels) \
-            or len(text) + 2 > DNS_MAX_NAME_BYTES:
+    labels = tuple(text.encode("ascii").split(b"."))
+    if not text or not all(0 < len(label) <= 63 for label in labels) or len(text) > 253:
         raise ValueError("not a valid DNS name: %r" % name)
     return labels
 
@@ -4479,10 +4425,8 @@ def _labels_of(name):
 def source_prefix(address, ipv4_bits, ipv6_bits):
     """The network a per-source limit counts `address` (a string) in: its
     IPv4 /ipv4_bits or IPv6 /ipv6_bits, an IPv4-mapped address as IPv4."""
-    ip = ipaddress.ip_address(address)
-    ip = getattr(ip, "ipv4_mapped", None) or ip
-    bits = ipv4_bits if ip.version == 4 else ipv6_bits
-    return str(ipaddress.ip_network((ip, bits), strict=False))
+    ip = ipaddress.ip_address(plain_address(address))
+    return str(ipaddress.ip_network((ip, ipv4_bits if ip.version == 4 else ipv6_bits), False))
 
 
 # ---- the zone: what a query gets ---------------------------------------------
@@ -4490,19 +4434,15 @@ def source_prefix(address, ipv4_bits, ipv6_bits):
 class DnsZone:
     """The authoritative data for one domain, answering query bytes.
 
-    `lookup(name)` gets a lowercased FQDN without trailing dot, strictly
-    below the domain and other than ns_name, and returns a DnsTunnelRecord
-    (or any object with .ipv4, .ipv6, .split) or None if no tunnel has
-    that name. `txt_lookup(name)` gets any lowercased name in the domain
-    and returns a list of TXT strings (empty: none). Both must not block,
-    may be called from several threads at once, and see only names made of
-    letters, digits, '-' and '_'. A Client Subnet option is honoured only
-    from a source inside `subnet_resolvers` (networks); from anyone else it
-    is ignored, as a server without ECS would.
-
-    Attributes may be changed between calls: `serial` (the SOA serial, bump
-    it when records change), `ttl_s`, `server_ipv4`, `server_ipv6`.
-    """
+    `lookup(name)` gets a lowercased FQDN strictly below the domain, other
+    than ns_name, and returns a DnsTunnelRecord (or None: no such tunnel);
+    `txt_lookup(name)` gets any lowercased name in the domain and returns
+    its TXT strings. Both must not block, may run in several threads at once
+    and see only names of letters, digits, '-' and '_'. A Client Subnet
+    option counts only from a source inside `subnet_resolvers` (networks);
+    from anyone else it is ignored, as a server without ECS would.
+    `serial` (bump it when records change), `ttl_s`, `server_ipv4` and
+    `server_ipv6` may be changed between calls."""
 
     def __init__(self, domain, server_ipv4=(), server_ipv6=(), ttl_s=60, ns_name=None,
                  lookup=None, txt_lookup=None, serial=1, subnet_resolvers=()):
@@ -4510,173 +4450,122 @@ class DnsZone:
         self.domain = b".".join(self.domain_labels).decode("ascii")
         self.ns_labels = _labels_of(ns_name or "ns." + self.domain)
         self.ns_name = b".".join(self.ns_labels).decode("ascii")
-        self.hostmaster_labels = (b"hostmaster",) + self.domain_labels
         for text in list(server_ipv4) + list(server_ipv6):
             ipaddress.ip_address(text)  # refuse a bad server address at start
         self.server_ipv4, self.server_ipv6 = list(server_ipv4), list(server_ipv6)
         self.ttl_s, self.serial = int(ttl_s), int(serial)
-        self.lookup, self.txt_lookup = lookup, txt_lookup
+        self.lookup = lookup or (lambda name: None)
+        self.txt_lookup = txt_lookup or (lambda name: [])
         self.subnet_resolvers = [ipaddress.ip_network(n, strict=False) for n in subnet_resolvers]
 
     def answer(self, packet, client_ip, max_udp=DNS_EDNS_UDP_BYTES, slip=False):
-        """Return the response to the query `packet`, or None to send nothing.
-
-        client_ip is the source address of the packet (str); max_udp is our
-        UDP payload size (also advertised in OPT), or None for a query that
-        came over TCP; `slip` asks for a bare truncated answer (the rate
-        limiter's). None is returned for messages shorter than a header and
-        for responses (QR set). Never raises for any packet: a malformed
-        query gets FORMERR, an opcode other than QUERY gets NOTIMP, both as a
-        bare header. Callback exceptions do propagate."""
-        if len(packet) < DNS_HEADER_BYTES:
+        """The response to query `packet` from `client_ip`, or None to send nothing
+        (shorter than a header, or a response). max_udp: our UDP payload size,
+        None over TCP; slip: a bare truncated answer (the rate limiter's).
+        Never raises for a packet: a malformed one gets FORMERR, an opcode
+        other than QUERY NOTIMP, as a bare header. Callback errors propagate."""
+        if len(packet) < DNS_HEADER_BYTES or packet[2] & 0x80:
             return None
         qid, flags = struct.unpack_from("!HH", packet)
-        if flags & _FLAG_QR:
-            return None
-        if flags & _FLAG_OPCODE:
-            return _header_only(qid, flags, _RCODE_NOTIMP)
+        if flags & _OPCODE:
+            return _header_only(qid, flags, _NOTIMP)
         try:
             query = _parse_query(packet)
         except DnsFormatError:
-            return _header_only(qid, flags, _RCODE_FORMERR)
+            return _header_only(qid, flags, _FORMERR)
         if slip:
-            return _build(query, _RCODE_NOERROR, _FLAG_TC, _NO_RECORDS, b"")
-        return self._respond(query, client_ip, max_udp)
+            return _build(query, _NOERROR, _TC, _NO_RECORDS, b"")
+        return self._respond(query, plain_address(client_ip), max_udp)
 
     def _respond(self, query, client_ip, max_udp):
-        """Return the response to a parsed query, truncated to its size limit:
-        65535 bytes over TCP, 512 over UDP without EDNS0, else the client's
-        size within [512, max_udp] (RFC 6891 section 6.2.5)."""
+        """The response to a parsed query within its size: 65535 bytes over TCP,
+        512 over UDP without EDNS0, else the client's size within [512,
+        max_udp] (RFC 6891 section 6.2.5); too large: TC and no records."""
         edns, udp_bytes = query.edns, max_udp or DNS_EDNS_UDP_BYTES
-        if edns is not None and edns.ecs is not None and not self._trusted(client_ip):
+        if edns is not None and edns.ecs is not None and not any(
+                ipaddress.ip_address(client_ip) in net for net in self.subnet_resolvers):
             edns = edns._replace(ecs=None)
         if edns is not None and edns.version != 0:
-            opt = _opt_record(edns, udp_bytes, _EXT_RCODE_BADVERS, 0)
-            return _build(query, _RCODE_NOERROR, 0, _NO_RECORDS, opt)
-        rcode, flags, sections, split = self._resolve(query, self._client_keys(client_ip, edns))
-        opt = b""
-        if edns is not None:
-            scope = 32 if split and edns.ecs is not None and edns.ecs.family == 1 else 0
-            opt = _opt_record(edns, udp_bytes, 0, scope)
+            return _build(query, _NOERROR, 0, _NO_RECORDS, _opt_record(edns, udp_bytes, _BADVERS_HIGH, 0))
+        ecs = edns and edns.ecs
+        keys = [socket.inet_ntoa(ecs.address)] if ecs and (ecs.family, ecs.source) == (1, 32) else []
+        rcode, flags, sections, split = self._resolve(query, keys + [client_ip])
+        opt = _opt_record(edns, udp_bytes, 0, 32 if split and ecs and ecs.family == 1 else 0) \
+            if edns is not None else b""
         response = _build(query, rcode, flags, sections, opt)
         limit = DNS_MAX_MESSAGE_BYTES if max_udp is None else DNS_PLAIN_UDP_BYTES \
             if edns is None else max(DNS_PLAIN_UDP_BYTES, min(edns.udp_bytes, max_udp))
-        if len(response) > limit:
-            response = _build(query, rcode, flags | _FLAG_TC, _NO_RECORDS, opt)
-        return response
-
-    def _trusted(self, client_ip):
-        """Whether the query's source is a resolver whose Client Subnet counts."""
-        try:
-            address = ipaddress.ip_address(client_ip)
-        except ValueError:
-            return False
-        address = getattr(address, "ipv4_mapped", None) or address
-        return any(address in network for network in self.subnet_resolvers)
-
-    @staticmethod
-    def _client_keys(client_ip, edns):
-        """Return the client addresses that may select split answers: a full
-        /32 IPv4 Client Subnet address (honoured ones only), then the
-        transport source (an IPv4-mapped IPv6 source counts as its IPv4)."""
-        keys = []
-        ecs = edns.ecs if edns is not None else None
-        if ecs is not None and ecs.family == 1 and ecs.source == 32:
-            keys.append(str(ipaddress.IPv4Address(ecs.address)))
-        try:
-            address = ipaddress.ip_address(client_ip)
-            keys.append(str(getattr(address, "ipv4_mapped", None) or address))
-        except ValueError:
-            keys.append(client_ip)
-        return keys
+        return response if len(response) <= limit else _build(query, rcode, flags | _TC, _NO_RECORDS, opt)
 
     def _resolve(self, query, client_keys):
-        """Return (rcode, flags, sections, split) for a query: `split` tells
-        whether the answer depends on the client's address."""
-        lowered = tuple(label.lower() for label in query.labels)
-        relative = self._relative(lowered)
-        if relative is None or query.qclass != _CLASS_IN \
-                or query.qtype in (_TYPE_AXFR, _TYPE_IXFR):
-            return _RCODE_REFUSED, 0, _NO_RECORDS, False
+        """(rcode, flags, sections, split) of a query; split: the answer
+        depends on the client's address. ANY gets A and AAAA, or RFC 8482's
+        HINFO when there are none; AXFR, IXFR and other classes: REFUSED."""
+        relative = self._relative(tuple(label.lower() for label in query.labels))
+        if relative is None or query.qclass != _IN or query.qtype in (_AXFR, _IXFR):
+            return _REFUSED, 0, _NO_RECORDS, False
         node, split = self._node(relative, client_keys)
-        negative = ([], [self._soa_record()], [])
+        negative = ([], [_rr(self.domain_labels, _SOA, self.ttl_s, self._soa_data())], [])
         if node is None:
-            return _RCODE_NXDOMAIN, _FLAG_AA, negative, False
-        answers = self._select(node, query)
+            return _NXDOMAIN, _AA, negative, False
+        wanted = [query.qtype] if query.qtype != _ANY else [_A, _AAAA]
+        if query.qtype == _ANY and not (node.get(_A) or node.get(_AAAA)):
+            node, wanted = {_HINFO: [_HINFO_RFC8482]}, [_HINFO]
+        answers = [_rr(query.labels, rtype, self.ttl_s, rdata)
+                   for rtype in wanted for rdata in node.get(rtype, [])]
         if not answers:
-            return _RCODE_NOERROR, _FLAG_AA, negative, split
-        glue = self._glue() if query.qtype == _TYPE_NS else []
-        return _RCODE_NOERROR, _FLAG_AA, (answers, [], glue), split
+            return _NOERROR, _AA, negative, split
+        glue = [_rr(self.ns_labels, rtype, self.ttl_s, rdata) for rtype in (_A, _AAAA)
+                for rdata in self._server_node()[rtype]] \
+            if query.qtype == _NS and self._relative(self.ns_labels) is not None else []
+        return _NOERROR, _AA, (answers, [], glue), split
 
     def _relative(self, lowered):
-        """Return the labels in front of the domain, or None when the name is
-        not the domain or below it."""
+        """The labels in front of the domain; None outside the domain."""
         cut = len(lowered) - len(self.domain_labels)
         return lowered[:cut] if cut >= 0 and lowered[cut:] == self.domain_labels else None
 
     def _node(self, relative, client_keys):
-        """Return ({rtype: [record data]}, split) for an in-domain name, or
-        (None, False) when the name does not exist. The apex and ns_name
-        answer the server's addresses, other names what `lookup` says."""
+        """({rtype: [record data]}, split) of an in-domain name, (None, False)
+        if it does not exist: the apex and ns_name answer the server's
+        addresses, other names what `lookup` says; TXT from txt_lookup."""
         if not all(_PLAIN_LABEL_BYTES.issuperset(label) for label in relative):
             return None, False
         name = b".".join(relative + self.domain_labels).decode("ascii")
-        node, split = None, False
+        node, split = None, {}
         if not relative or name == self.ns_name:
-            node = {_TYPE_A: _packed_addresses(self.server_ipv4, 4),
-                    _TYPE_AAAA: _packed_addresses(self.server_ipv6, 6)}
+            node = self._server_node()
             if not relative:
-                node.update({_TYPE_SOA: [self._soa_data()], _TYPE_NS: [_name_bytes(self.ns_labels)]})
+                node.update({_SOA: [self._soa_data()], _NS: [_name_bytes(self.ns_labels)]})
         else:
-            record = self.lookup(name) if self.lookup is not None else None
+            record = self.lookup(name)
             if record is not None:
                 split = record.split or {}
                 ipv4 = next((split[key] for key in client_keys if key in split), record.ipv4)
-                node = {_TYPE_A: _packed_addresses(ipv4, 4),
-                        _TYPE_AAAA: _packed_addresses(record.ipv6, 6)}
-        texts = self.txt_lookup(name) if self.txt_lookup is not None else []
+                node = {_A: _packed(ipv4, socket.AF_INET),
+                        _AAAA: _packed(record.ipv6, socket.AF_INET6)}
+        texts = self.txt_lookup(name)
         if texts:
-            node = dict(node or {})
-            node[_TYPE_TXT] = _txt_data(texts)
+            node = node if node is not None else {}
+            node[_TXT] = _txt_data(texts)
         return node, bool(split)
 
-    def _select(self, node, query):
-        """Return the answer records of `node` for the query's type; for ANY
-        the A and AAAA records, or RFC 8482's HINFO when there are none."""
-        if query.qtype != _TYPE_ANY:
-            wanted = [(query.qtype, node.get(query.qtype, []))]
-        else:
-            wanted = [(_TYPE_A, node.get(_TYPE_A, [])), (_TYPE_AAAA, node.get(_TYPE_AAAA, []))]
-            if not any(found for _, found in wanted):
-                wanted = [(_TYPE_HINFO, [_HINFO_RFC8482])]
-        return [_rr(query.labels, rtype, self.ttl_s, rdata)
-                for rtype, found in wanted for rdata in found]
+    def _server_node(self):
+        return {_A: _packed(self.server_ipv4, socket.AF_INET),
+                _AAAA: _packed(self.server_ipv6, socket.AF_INET6)}
 
     def _soa_data(self):
         """The apex SOA's data; its minimum (the negative TTL) is ttl_s."""
         timers = struct.pack("!5I", self.serial & 0xFFFFFFFF, *DNS_SOA_TIMERS_S, self.ttl_s)
-        return _name_bytes(self.ns_labels) + _name_bytes(self.hostmaster_labels) + timers
-
-    def _soa_record(self):
-        return _rr(self.domain_labels, _TYPE_SOA, self.ttl_s, self._soa_data())
-
-    def _glue(self):
-        """Return A/AAAA records of ns_name for an NS answer, if it is in the domain."""
-        if self._relative(self.ns_labels) is None:
-            return []
-        return [_rr(self.ns_labels, rtype, self.ttl_s, rdata)
-                for rtype, version, addresses in ((_TYPE_A, 4, self.server_ipv4),
-                                                  (_TYPE_AAAA, 6, self.server_ipv6))
-                for rdata in _packed_addresses(addresses, version)]
+        return _name_bytes(self.ns_labels) + _name_bytes((b"hostmaster",) + self.domain_labels) + timers
 
 
 def servfail(packet):
-    """Return a bare SERVFAIL for query `packet` (when answering it failed),
-    or None when it has no header or is itself a response."""
-    if len(packet) < DNS_HEADER_BYTES:
+    """A bare SERVFAIL for query `packet` (answering it failed), or None when
+    it has no header or is itself a response."""
+    if len(packet) < DNS_HEADER_BYTES or packet[2] & 0x80:
         return None
-    qid, flags = struct.unpack_from("!HH", packet)
-    return None if flags & _FLAG_QR else _header_only(qid, flags, _RCODE_SERVFAIL)
+    return _header_only(*struct.unpack_from("!HH", packet), _SERVFAIL)
 
 
 # ---- the responder: UDP on the loop, TCP in capped threads --------------------
@@ -4686,37 +4575,32 @@ DNS_TCP_MAX_CLIENTS = 64
 DNS_TCP_PER_SOURCE = 4             # of those, per IPv4 address or IPv6 /64
 DNS_TCP_QUERY_DEADLINE_S = 5.0     # to receive one whole query and send its answer
 DNS_RRL_TABLE_SIZE = 10000         # source prefixes the rate limiter remembers
-DNS_RRL_IPV4_BITS, DNS_RRL_IPV6_BITS = 24, 56   # BIND's defaults
 
 
 class RateLimiter:
-    """Response rate limiting per source prefix (IPv4 /24, IPv6 /56), in
-    the spirit of BIND's RRL: a prefix gets `rate` answers per second (a
-    burst of as many); past that, every `slip`th query gets a bare answer
-    with TC set, so a real resolver retries over TCP (which a forged source
-    cannot), and the others get nothing. slip 0: nothing at all; rate 0:
-    no limit. At most TABLE_SIZE prefixes are remembered, the least
-    recently seen forgotten first. Used by the loop thread only."""
+    """Response rate limiting per source prefix (IPv4 /24, IPv6 /56, as BIND's
+    RRL): `rate` answers per second (and a burst of as many) to a prefix;
+    past that every `slip`th query gets a bare answer with TC set, so a real
+    resolver retries over TCP (a forged source cannot), the others nothing.
+    slip 0: nothing at all; rate 0: no limit. The TABLE_SIZE most recently
+    seen prefixes are remembered. Used by the loop thread only."""
 
     TABLE_SIZE = DNS_RRL_TABLE_SIZE
     ANSWER, SLIP, DROP = "answer", "slip", "drop"
 
     def __init__(self, rate, slip):
         self.rate, self.slip = rate, slip
-        self.buckets = collections.OrderedDict()   # prefix -> [tokens, at, over the rate]
+        self.buckets = collections.OrderedDict()   # prefix -> [tokens, at, queries over]
 
     def judge(self, address, now):
         """ANSWER, SLIP or DROP for one query from `address` at monotonic `now`."""
         if not self.rate:
             return self.ANSWER
-        key = source_prefix(address, DNS_RRL_IPV4_BITS, DNS_RRL_IPV6_BITS)
-        bucket = self.buckets.get(key)
-        if bucket is None:
-            bucket = self.buckets[key] = [float(self.rate), now, 0]
-            if len(self.buckets) > self.TABLE_SIZE:
-                self.buckets.popitem(last=False)
-        else:
-            self.buckets.move_to_end(key)
+        key = source_prefix(address, 24, 56)
+        bucket = self.buckets.setdefault(key, [float(self.rate), now, 0])
+        self.buckets.move_to_end(key)
+        if len(self.buckets) > self.TABLE_SIZE:
+            self.buckets.popitem(last=False)
         bucket[0] = min(float(self.rate), bucket[0] + (now - bucket[1]) * self.rate)
         bucket[1] = now
         if bucket[0] >= 1.0:
@@ -4726,59 +4610,42 @@ class RateLimiter:
         return self.SLIP if self.slip and bucket[2] % self.slip == 0 else self.DROP
 
 
-def _bind_udp_and_tcp(address, port, attempts=16):
-    """(udp socket, tcp listener) on the same (address, port); port 0: one
-    free for both (a few tries). Unavailable when the port cannot be had."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    for _ in range(attempts):
-        udp = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            udp.bind((address, port))
-        except OSError as exc:
-            udp.close()
-            raise Unavailable("cannot serve DNS on %s port %d: %s" % (
-                address, port, exc.strerror or exc)) from None
-        try:
-            return udp, bind_listener(address, udp.getsockname()[1])
-        except Unavailable:
-            udp.close()
-            if port:
-                raise
-    raise Unavailable("no port free for DNS on both UDP and TCP at %s" % address)
-
-
 class DnsResponder:
-    """Serves a DnsZone on UDP and TCP at (address, port) (port 0: a free
-    one, in `.port`), through the server's EventLoop `loop`.
+    """Serves a DnsZone on UDP and TCP at (address, port) (0: a free port for
+    both, in `.port`) through the server's EventLoop; built and closed in the
+    loop thread; never raises for network or packet trouble.
 
-    UDP: each loop turn answers at most UDP_PER_TURN datagrams, so under a
-    flood the rest wait (or overflow) in the kernel's buffer while tunnel
-    traffic keeps its turns; `limiter` (a RateLimiter) decides per source
-    whether a query gets its answer, a truncated one or nothing.
-    TCP: a Listener hands each connection to a thread of its own, at most
-    TCP_MAX_CLIENTS at once and TCP_PER_SOURCE per IPv4 address or IPv6 /64
-    (more are closed at once); each query must arrive whole, and its answer
-    leave, within TCP_QUERY_DEADLINE_S however the bytes trickle, else the
-    connection is closed; pipelined queries are answered in order; a length
-    prefix below a header closes it. Never raises for network or packet
-    trouble. Settings are class attributes, may be overridden per instance.
-    Built, and closed, in the loop thread."""
+    UDP: a loop turn answers at most UDP_PER_TURN datagrams, so a flood waits
+    (or overflows) in the kernel while tunnels keep their turns; `limiter`
+    says per source whether a query gets its answer, a truncated one or none.
+    TCP: a Listener hands each connection to a thread, at most
+    TCP_MAX_CLIENTS and TCP_PER_SOURCE per IPv4 address or IPv6 /64 (more
+    are closed at once); each whole query must arrive, and its answer leave,
+    within TCP_QUERY_DEADLINE_S however slowly bytes trickle; a length below
+    a header closes it. Settings are class attributes (per instance too)."""
 
     UDP_PER_TURN = DNS_UDP_PER_TURN
-    UDP_PAYLOAD_BYTES = DNS_EDNS_UDP_BYTES
     TCP_MAX_CLIENTS = DNS_TCP_MAX_CLIENTS
     TCP_PER_SOURCE = DNS_TCP_PER_SOURCE
     TCP_QUERY_DEADLINE_S = DNS_TCP_QUERY_DEADLINE_S
 
     def __init__(self, zone, loop, address="0.0.0.0", port=53, limiter=None):
-        self.zone, self.loop = zone, loop
-        self.limiter = limiter or RateLimiter(0, 0)
-        self.udp, tcp = _bind_udp_and_tcp(address, port)
-        self.address, self.port = address, self.udp.getsockname()[1]
+        self.zone, self.loop, self.limiter = zone, loop, limiter or RateLimiter(0, 0)
+        for attempt in range(16):  # port 0: until the UDP port is also free for TCP
+            self.udp = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET,
+                                     socket.SOCK_DGRAM)
+            try:
+                self.udp.bind((address, port))
+                tcp = bind_listener(address, self.udp.getsockname()[1])
+                break
+            except (OSError, Unavailable) as exc:
+                self.udp.close()
+                if port or attempt == 15:
+                    raise Unavailable("cannot serve DNS on %s port %s: %s" % (
+                        address, port, getattr(exc, "strerror", None) or exc)) from None
+        self.port, self.closed = self.udp.getsockname()[1], False
         self.lock = threading.Lock()               # guards the two below
-        self.tcp_held = collections.Counter()     # source -> connections
-        self.tcp_socks = set()
-        self.closed = False
+        self.tcp_held, self.tcp_socks = collections.Counter(), set()
         self.udp.setblocking(False)
         loop.watch(self.udp, EVENT_READ, self.on_udp)
         self.listener = Listener(loop, tcp, self.on_tcp_accept, "dns")
@@ -4788,25 +4655,19 @@ class DnsResponder:
         for _ in range(self.UDP_PER_TURN):
             try:
                 packet, peer = self.udp.recvfrom(DNS_MAX_QUERY_BYTES)
+                verdict = self.limiter.judge(peer[0], time.monotonic())
+                response = None if verdict == RateLimiter.DROP else self.answer(
+                    packet, peer[0], DNS_EDNS_UDP_BYTES, verdict == RateLimiter.SLIP)
+                if response is not None:
+                    self.udp.sendto(response, peer)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.debug("dns udp receive failed error=%s", exc)
-                continue
-            verdict = self.limiter.judge(peer[0], time.monotonic())
-            if verdict == RateLimiter.DROP:
-                continue
-            response = self.answer(packet, peer[0], self.UDP_PAYLOAD_BYTES,
-                                   verdict == RateLimiter.SLIP)
-            if response is not None:
-                try:
-                    self.udp.sendto(response, peer)
-                except OSError as exc:
-                    log.debug("dns udp send failed peer=%s error=%s", peer[0], exc)
+                log.debug("dns udp failed error=%s", exc)
 
     def answer(self, packet, peer, max_udp, slip=False):
-        """The zone's response; a failure inside it (a bug or a failing
-        callback) is logged and the client gets SERVFAIL."""
+        """The zone's response; a failure in it (a bug, a failing callback) is
+        logged and the client gets SERVFAIL."""
         try:
             return self.zone.answer(packet, peer, max_udp, slip)
         except Exception:  # per-query boundary: one bad query must not stop DNS
@@ -4825,8 +4686,7 @@ class DnsResponder:
                 self.tcp_socks.add(sock)
         if not admitted:
             log.debug("dns tcp refused, slots taken peer=%s", address[0])
-            sock.close()
-            return
+            return sock.close()
         threading.Thread(target=self.serve_tcp, args=(sock, address[0], source),
                          name="dns-tcp", daemon=True).start()
 
@@ -4849,25 +4709,22 @@ class DnsResponder:
         finally:
             with self.lock:
                 self.tcp_socks.discard(sock)
-                self.tcp_held[source] -= 1
-                if not self.tcp_held[source]:
-                    del self.tcp_held[source]
+                self.tcp_held -= collections.Counter([source])
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_WR)
             sock.close()
 
     def close(self):
         """Close both sockets and end every TCP connection; twice is fine."""
-        if self.closed:
-            return
-        self.closed = True
-        self.loop.watch(self.udp, 0)
-        self.udp.close()
-        self.listener.close()
-        with self.lock:
-            for sock in self.tcp_socks:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+        if not self.closed:
+            self.closed = True
+            self.loop.watch(self.udp, 0)
+            self.udp.close()
+            self.listener.close()
+            with self.lock:
+                for sock in self.tcp_socks:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
 
 
 # ---- builtin provider: the zone fed from the store ----------------------------
@@ -4876,11 +4733,11 @@ class BuiltinDns:
     """The DnsZone of TUNNEL_DOMAIN and its DnsResponder on DNS_PORT,
     answering every online tunnel from the store.
 
-    refresh() (loop thread, after any store change) builds a new snapshot of
-    the names and bumps the SOA serial when an answer changed; answering
-    threads only ever read the snapshot in place. set_txt(name, values) (any
-    thread) publishes TXT strings for a name in the domain, e.g. ACME
-    DNS-01's `_acme-challenge.<fqdn>`; an empty list clears them."""
+    refresh() (loop thread, after any store change) replaces the snapshot of
+    names and bumps the SOA serial when an answer changed; answering threads
+    only read snapshots. set_txt(name, values) (any thread) publishes TXT
+    strings for a name in the domain, e.g. ACME DNS-01's
+    `_acme-challenge.<fqdn>`; an empty list clears them."""
 
     def __init__(self, settings, store):
         self.settings, self.store = settings, store
@@ -4896,7 +4753,7 @@ class BuiltinDns:
         self.responder = None
 
     def start(self, loop):
-        """Bind LISTEN_ADDRESS:DNS_PORT (UDP and TCP) and serve through `loop`."""
+        """Bind LISTEN_ADDRESS:DNS_PORT (UDP and TCP), serve through `loop`; the port."""
         s = self.settings
         self.responder = DnsResponder(self.zone, loop, s.listen_address, s.dns_port,
                                       RateLimiter(s.dns_rate_limit, s.dns_rate_slip))
@@ -4904,27 +4761,24 @@ class BuiltinDns:
         return self.responder.port
 
     def set_txt(self, name, values):
-        """Answer TXT `values` (strings) for `name` from now on; [] clears.
+        """Answer TXT `values` (strings) for `name` from now on; [] clears them.
         ValueError for a name outside TUNNEL_DOMAIN."""
         labels = _labels_of(name)
         if self.zone._relative(labels) is None:
             raise ValueError("%s is not in %s" % (name, self.zone.domain))
         name = b".".join(labels).decode("ascii")
         with self.txt_lock:
-            txt = dict(self.txt)
-            txt[name] = [str(value) for value in values]
-            if not txt[name]:
-                del txt[name]
+            txt = {key: texts for key, texts in self.txt.items() if key != name}
+            if values:
+                txt[name] = [str(value) for value in values]
             self.txt = txt
 
     def refresh(self, _tunnel_id=None):
         """Names and answers of every online tunnel, from the store."""
         now = time.time()
-        names = {}
-        for record in self.store.all():
-            if tunnel_status(record, now) == "online":
-                names[record["fqdn"]] = (record["expires_at"],
-                                         DnsTunnelRecord(*tunnel_answers(record, self.settings)))
+        names = {record["fqdn"]: (record["expires_at"],
+                                  DnsTunnelRecord(*tunnel_answers(record, self.settings)))
+                 for record in self.store.all() if tunnel_status(record, now) == "online"}
         self.next_expiry = min([expires for expires, _ in names.values()], default=None)
         if names != self.names:
             self.names = names
