@@ -12,9 +12,9 @@ Usage:
     setup --server URL --auth TOKEN [--protocols http,https] [--local-ports 8100,HOST:PORT]
           [--proxy-protocol v1|v2] [--cacert FILE]
     env                     settings as KEY='value' lines: eval $(python3 pipe2me_pod.py env)
-    verify                  print the FQDN while the tunnel is online
+    verify                  print the FQDN while the tunnel exists and has not expired
     start [--echo] [--on-cert-change CMD]   run the tunnel in the foreground
-    status                  whether the tunnel connection is up
+    status                  whether `start` runs and is connected (exit 0 only then)
     update [--auth TOKEN] [--proxy-protocol v1|v2|off]   refresh, renew, extend, change
     check                   ask the server to probe this pod's public address
     map-ports               open the public ports on the router
@@ -3403,7 +3403,8 @@ def cmd_env(args):
 
 
 def cmd_verify(args):
-    """Print the FQDN while the tunnel is online; Rejected (exit 4) otherwise."""
+    """Print the FQDN while the tunnel exists and has not expired (also before
+    any `start`); Rejected (exit 4) naming why (expired, unknown) otherwise."""
     setup = read_setup(PodFiles(args.dir))
     status, answer = api_for_setup(setup).verify(setup.id)
     if status == 200 and answer.get("status") == "online":
@@ -3695,16 +3696,20 @@ def cmd_status(args):
     except (OSError, ValueError):
         status = {}
     running = bool(status.get("pid")) and pid_alive(status["pid"]) and status.get("up") is not None
+    connected = running and status.get("up")
     print("FQDN=%s" % setup.fqdn)
     print("RUNNING=%s" % ("yes" if running else "no"))
-    print("TUNNEL=%s" % ("up" if running and status.get("up") else "down"))
+    print("CONNECTED=%s" % ("yes" if connected else "no"))
+    if connected and status.get("since"):
+        print("SINCE=%s" % iso_time(status["since"]))
+    print("LOCAL_PORTS=%s" % ",".join(str(target) for target in setup.local_ports))
     print("STREAMS=%d" % (status.get("streams", 0) if running else 0))
     print("BYTES_IN=%d" % status.get("bytes_in", 0))
     print("BYTES_OUT=%d" % status.get("bytes_out", 0))
     if status.get("last_error") and not status.get("up"):
         print("LAST_ERROR=%s" % shlex.quote(status["last_error"]))
     print_acme_status(status.get("acme"))
-    return 0 if running and status.get("up") else 3
+    return 0 if connected else 3
 
 
 def print_acme_status(acme):
@@ -3748,7 +3753,8 @@ def iso_time(epoch):
 
 def cmd_check(args):
     """Ask the server to probe this pod's public address on every port;
-    print STATUS=online (directly reachable) or offline, ADDRESS, TIME."""
+    print REACH=direct or relayed (STATUS=online or offline, the original's
+    spelling of the same), ADDRESS, TIME."""
     files = PodFiles(args.dir)
     setup = read_setup(files)
     answer = api_for_setup(setup).check(setup.id, check_facts(files.dir, setup, args.router))
@@ -3756,6 +3762,7 @@ def cmd_check(args):
     print("STATUS=%s" % ("online" if direct else "offline"))
     print("ADDRESS=%s" % answer.get("address", ""))
     print("TIME=%s" % iso_time(answer.get("checked_at")))
+    print("REACH=%s" % ("direct" if direct else "relayed"))
     if answer.get("cgnat"):
         print("CGNAT=yes")
     if not direct:
@@ -3876,14 +3883,15 @@ def build_parser():
                        "PROXY protocol header (default: off)")
     setup.add_argument("--cacert", help="verify the server with the CA certificates in FILE")
     command("env", cmd_env, "print the settings as shell variables")
-    command("verify", cmd_verify, "print the FQDN and exit 0 while the tunnel is online")
+    command("verify", cmd_verify, "print the FQDN and exit 0 while the tunnel exists and has "
+            "not expired")
     start = command("start", cmd_start, "run the tunnel in the foreground")
     start.add_argument("--echo", action="store_true", help="also run echo services on the local ports")
     start.add_argument("--stop-grace", type=positive_seconds, default=STOP_GRACE_S, metavar="S",
                        help="how long SIGTERM lets running streams finish (default %(default)s)")
     start.add_argument("--on-cert-change", metavar="CMD",
                        help="run CMD (through /bin/sh) each time a new publicly trusted certificate is written")
-    command("status", cmd_status, "whether the tunnel connection is up")
+    command("status", cmd_status, "whether start runs and is connected (exit 0 only then)")
     update = command("update", cmd_update, "refresh the settings and renew the certificate")
     update.add_argument("--auth", "--token", dest="auth", help="extend the tunnel with this token")
     update.add_argument("--proxy-protocol", metavar="v1|v2|off",

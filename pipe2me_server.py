@@ -1856,18 +1856,90 @@ def tunnel_status(record, now=None):
     return "online" if (now or time.time()) < record["expires_at"] else "expired"
 
 
-def public_view(record, settings, now=None):
-    """What the API shows of a tunnel (never a secret or a hash)."""
+def public_view(record, settings, now=None, presence=None):
+    """What the API shows of a tunnel (never a secret or a hash). `status`
+    is the original's word for `expired`: "online" until expires_at, kept
+    for pods that read it; `connected` comes from `presence`."""
     urls = ["%s://%s:%d" % (proto, record["fqdn"], port)
             for proto, port in zip(record["protocols"], record["ports"])]
-    return {
+    view = {
         "id": record["id"], "fqdn": record["fqdn"], "protocols": record["protocols"],
         "ports": record["ports"], "urls": urls, "status": tunnel_status(record, now),
+        "expired": tunnel_status(record, now) == "expired",
         "created_at": record["created_at"], "expires_at": record["expires_at"],
         "tunnel_port": settings.tunnel_port, "tunnel_domain": settings.tunnel_domain,
         "bytes_in": record["bytes_in"], "bytes_out": record["bytes_out"],
         "proxy_protocol": record.get("proxy_protocol") or "off",
     }
+    view.update(presence.view(record["id"]) if presence is not None else
+                {"connected": False, "connected_since": None, "last_seen": None})
+    return view
+
+
+class Presence:
+    """Whether each tunnel's pod is connected now (since when, from where)
+    and when it was last seen. The running server keeps it in memory (the
+    sessions change it, the API reads it from its threads) and writes
+    STATE_DIR/connected.json at most once per sweep, for the admin CLI."""
+
+    def __init__(self, state_dir):
+        self.path = os.path.join(state_dir, "connected.json")
+        self.lock = threading.Lock()
+        self.connected = {}   # tunnel id -> {"since": epoch, "pod": "ip:port"}
+        self.last_seen = {}   # tunnel id -> epoch the last session ended
+        self.dirty = False
+
+    def load(self, server_running):
+        """Read the file; without a running server nobody is connected, and
+        the pods listed as connected were last seen when it was written."""
+        try:
+            data = read_json(self.path)
+            written = os.path.getmtime(self.path)
+        except (OSError, ValueError):
+            return self
+        with self.lock:
+            self.last_seen = {k: v for k, v in dict(data.get("last_seen") or {}).items()
+                              if isinstance(v, (int, float))}
+            connected = dict(data.get("connected") or {})
+            if server_running:
+                self.connected = connected
+            else:
+                self.last_seen.update({tunnel_id: written for tunnel_id in connected})
+        return self
+
+    def connect(self, tunnel_id, pod):
+        with self.lock:
+            self.connected[tunnel_id] = {"since": int(time.time()), "pod": pod}
+            self.dirty = True
+
+    def disconnect(self, tunnel_id):
+        with self.lock:
+            if self.connected.pop(tunnel_id, None) is not None:
+                self.last_seen[tunnel_id] = int(time.time())
+                self.dirty = True
+
+    def view(self, tunnel_id):
+        """{"connected", "connected_since", "last_seen"} of one tunnel."""
+        with self.lock:
+            now = self.connected.get(tunnel_id)
+            return {"connected": now is not None, "connected_since": now and now["since"],
+                    "last_seen": None if now else self.last_seen.get(tunnel_id)}
+
+    def save(self, known=None):
+        """Write the file when something changed (`known`: ids to keep)."""
+        with self.lock:
+            if not self.dirty:
+                return
+            if known is not None:
+                self.last_seen = {k: v for k, v in self.last_seen.items() if k in known}
+            data = {"version": STATE_VERSION, "connected": dict(self.connected),
+                    "last_seen": dict(self.last_seen)}
+            self.dirty = False
+        try:
+            write_json(self.path, data, 0o600)
+        except OSError as exc:
+            log.error("connected.json not written error=%s", exc.strerror)
+            self.dirty = True
 
 # =====================================================================
 # CERTIFICATES — owns STATE_DIR/ca (CA key and cert, issued/); used by the
@@ -3213,6 +3285,7 @@ class Api:
         self.status_lines = lambda tenants: []
         self.reachability = None  # (record, client address, body) -> dict; set by the wiring
         self.acme = None          # AcmeOrders when ACME_DIRECTORY is set; set by the wiring
+        self.presence = None      # Presence (who is connected); set by the wiring
 
     # -- tunnel creation ------------------------------------------------
     def create_tunnel(self, token, protocols, address, proxy_protocol=None):
@@ -3232,7 +3305,7 @@ class Api:
         record, secret = self.store.create(token, options, protocols, extra=extra)
         log.info("tunnel created tunnel=%s fqdn=%s ports=%s from=%s",
                  record["id"], record["fqdn"], record["ports"], address)
-        return dict(public_view(record, self.settings), secret=secret)
+        return dict(public_view(record, self.settings, presence=self.presence), secret=secret)
 
     @staticmethod
     def check_protocols(protocols):
@@ -3272,7 +3345,7 @@ class Api:
         if record is None:
             raise ApiError(404, "unknown tunnel", status="unknown")
         view = {"status": tunnel_status(record), "fqdn": record["fqdn"],
-                "expires_at": record["expires_at"]}
+                "expired": tunnel_status(record) == "expired", "expires_at": record["expires_at"]}
         if view["status"] == "expired":
             raise ApiError(410, "tunnel %s expired" % record["fqdn"], **view)
         return view
@@ -3295,7 +3368,7 @@ class Api:
 
     def show(self, record):
         """A tunnel as GET /tunnels/<id> shows it; with ACME on, its ACME state and chain."""
-        view = public_view(record, self.settings)
+        view = public_view(record, self.settings, presence=self.presence)
         if self.acme is not None:
             view["acme"] = self.acme.status(record["id"]) or {"state": "none", "reason": "no CSR yet"}
         return view
@@ -3312,7 +3385,7 @@ class Api:
         expires = max(record["expires_at"], int(time.time())) + options["lifespan"]
         updated = self.store.update(record["id"], expires_at=expires)
         log.info("tunnel extended tunnel=%s expires_at=%d", record["id"], expires)
-        return public_view(updated, self.settings)
+        return public_view(updated, self.settings, presence=self.presence)
 
     def change(self, record, body):
         """PATCH /tunnels/ID: new settings; a connected pod is asked to
@@ -3325,7 +3398,7 @@ class Api:
         updated = self.store.update(record["id"], **changes)
         log.info("tunnel changed tunnel=%s %s", record["id"],
                  " ".join("%s=%s" % (k, v or "off") for k, v in sorted(changes.items())))
-        return public_view(updated, self.settings)
+        return public_view(updated, self.settings, presence=self.presence)
 
     def delete(self, record):
         self.store.delete(record["id"])
@@ -5218,6 +5291,7 @@ class Hub:
     def __init__(self, loop, settings, store):
         self.loop, self.settings, self.store = loop, settings, store
         self.sessions = {}
+        self.presence = None  # Presence, set by the wiring
         self.listeners = {}  # port -> (tunnel id, Listener)
         self.unbound = set()  # wanted ports another socket holds; expire() retries them
         self.accepting = True
@@ -5244,6 +5318,8 @@ class Hub:
                                           "tunnel from %s" % peer, "replaced_by": peer})
             old.destroy("replaced by a new connection from %s" % peer)
         session = self.sessions[record["id"]] = PodSession(self, current, tls, peer, features)
+        if self.presence is not None:
+            self.presence.connect(record["id"], peer)
         session.send_control(Msg.WELCOME, welcome)
         log.info("pod connected tunnel=%s fqdn=%s pod=%s", record["id"], record["fqdn"], peer)
         self.push_cert(record["id"])
@@ -5259,6 +5335,8 @@ class Hub:
     def on_session_closed(self, session):
         if self.sessions.get(session.tunnel_id) is session:
             del self.sessions[session.tunnel_id]
+            if self.presence is not None:
+                self.presence.disconnect(session.tunnel_id)
         self.save_traffic(session)
 
     def save_traffic(self, session):
@@ -5392,6 +5470,7 @@ class Server:
                                 settings.ca_cert or None, settings.ca_key or None)
         self.api = Api(settings, self.store, self.ca)
         self.hub = Hub(self.loop, settings, self.store)
+        self.presence = self.api.presence = self.hub.presence = Presence(settings.state_dir)
         self.front_listeners = []
         self.lock_fd = None
         self.stopping = False
@@ -5410,6 +5489,7 @@ class Server:
         created = ensure_tokens_file(self.settings.tokens_file)
         self.api.tokens = load_tokens(self.settings.tokens_file)
         count = self.store.load()
+        self.presence.load(server_running=False)
         log.info("state loaded dir=%s tunnels=%d tokens=%d", self.settings.state_dir,
                  count, len(self.api.tokens))
         return created
@@ -5604,6 +5684,7 @@ class Server:
                 self.hub.save_traffic(session)
         self.expire_idle_streams()
         self.hub.enforce_traffic_caps()
+        self.presence.save({r["id"] for r in self.store.all()} if self.presence.dirty else None)
         if self.dns is not None:
             self.dns.sweep(now)
         self.loop.call_later(SWEEP_INTERVAL_S, self.sweep)
@@ -5660,6 +5741,7 @@ class Server:
         signal.signal(signal.SIGINT, lambda *_: self.loop.call_soon_threadsafe(self.drain))
         signal.signal(signal.SIGHUP, lambda *_: self.loop.call_soon_threadsafe(self.reload))
         self.loop.run()
+        self.presence.save()
         log.info("stopped")
 
     # -- what the API shows ---------------------------------------------
@@ -5835,19 +5917,30 @@ def remove_token(path, name):
     write_atomic(path, "".join(kept), 0o600)
 
 
+TUNNELS_LIST_ROW = "%-16s  %-40s %-7s %-9s %-20s  %s"
+
+
 def cmd_tunnels(settings, args):
     store = Store(settings)
     store.load()
+    presence = Presence(settings.state_dir).load(running_server_pid(settings.state_dir) is not None)
     if args.action == "list":
+        print(TUNNELS_LIST_ROW % ("ID", "FQDN", "EXPIRED", "CONNECTED", "SINCE", "SERVICES"))
         for r in sorted(store.all(), key=lambda r: r["created_at"]):
-            print("%s  %-40s %-7s %s" % (r["id"], r["fqdn"], tunnel_status(r),
-                                         ",".join("%s:%d" % pair for pair in zip(r["protocols"], r["ports"]))))
+            seen = presence.view(r["id"])
+            print(TUNNELS_LIST_ROW % (
+                r["id"], r["fqdn"], "yes" if tunnel_status(r) == "expired" else "no",
+                "yes" if seen["connected"] else "no",
+                iso_time(seen["connected_since"] or seen["last_seen"]) or "-",
+                ",".join("%s:%d" % pair for pair in zip(r["protocols"], r["ports"]))))
         return 0
-    record = store.get(args.id or "") if TUNNEL_ID.fullmatch(args.id or "") else None
+    if not args.id:
+        raise UsageError("usage: tunnels %s ID (the IDs are in `tunnels list`)" % args.action)
+    record = store.get(args.id) if TUNNEL_ID.fullmatch(args.id) else None
     if record is None:
         raise NotFound("no tunnel %s in %s" % (args.id, settings.tunnel_dir))
     if args.action == "show":
-        view = public_view(record, settings)
+        view = public_view(record, settings, presence=presence)
         if settings.acme_directory:
             acme = read_acme_view(settings.state_dir, record["id"]) or {"state": "none"}
             view["acme"] = dict(acme, chain="present" if acme.get("chain") else None)
@@ -5857,6 +5950,11 @@ def cmd_tunnels(settings, args):
     notify_server(settings)
     print("removed %s %s" % (record["id"], record["fqdn"]))
     return 0
+
+
+def iso_time(epoch):
+    """An epoch as 2026-12-02T05:10:00Z; "" for None."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)) if epoch else ""
 
 
 def cmd_check_config(settings, _args):

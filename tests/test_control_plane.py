@@ -672,7 +672,7 @@ def test_store_sigkill_during_burst_keeps_completed_tunnels(workdir):
         assert "unreadable" not in server.proc.stderr()
         records = server.records()  # every file parses
         assert_disjoint_ports(records.values(), server.tunnel_ports)
-        assert len(server.tunnels_list().splitlines()) == len(records)
+        assert len(server.tunnels_list().splitlines()) == len(records) + 1  # and the header
         for body in burst.created:
             record = records[body["id"]]
             assert (record["fqdn"], record["ports"]) == (body["fqdn"], body["ports"])
@@ -922,12 +922,14 @@ def test_admin_tunnels_list_show_remove(srv, workdir):
     assert status == 201
     other_line = [line for line in srv.tunnels_list().splitlines() if line.startswith(other["id"])]
     other_line = other_line[0] if other_line else None
-    listing = sorted(srv.tunnels_list().splitlines(), key=lambda line: line != other_line)
+    header, *rows = srv.tunnels_list().splitlines()
+    assert header.split() == ["ID", "FQDN", "EXPIRED", "CONNECTED", "SINCE", "SERVICES"]
+    listing = sorted(rows, key=lambda line: line != other_line)
     assert len(listing) == 2
     record = srv.records()[tunnel_id]
-    assert re.match(r"%s\s+%s\s+online\s+http:%d,https:%d$" % (
+    assert re.match(r"%s\s+%s\s+no\s+no\s+-\s+http:%d,https:%d$" % (
         tunnel_id, re.escape(fqdn), record["ports"][0], record["ports"][1]), listing[1]), listing
-    assert re.match(r"%s\s+%s\s+online\s+ssh:%d$" % (
+    assert re.match(r"%s\s+%s\s+no\s+no\s+-\s+ssh:%d$" % (
         other["id"], re.escape(other["fqdn"]), other["ports"][0]), listing[0]), listing
     shown = srv.admin("tunnels", "show", tunnel_id)
     assert shown.returncode == 0, shown.stderr
@@ -944,7 +946,7 @@ def test_admin_tunnels_list_show_remove(srv, workdir):
     gone = pod(pod_dir, "verify")
     line = assert_one_line_failure(gone, "unknown")
     assert fqdn in line
-    assert srv.tunnels_list().splitlines() == listing[:1]
+    assert srv.tunnels_list().splitlines()[1:] == listing[:1]
     status, again = create(srv, srv.token, ["http", "https"])
     assert status == 201 and again["ports"] == record["ports"]  # the ports went back to the pool
 

@@ -619,8 +619,8 @@ def test_tunnel_local_service_down_then_back(hub, workdir, pods, services):
             pass
     pod.wait_for(r"WARNING .*local service (refused|unavailable)", timeout=5, after=seen)
     assert pod.alive()
-    status = wait_until(lambda: pod_status(pod_dir).get("TUNNEL") == "up", timeout=5,
-                        what="status TUNNEL=up")
+    status = wait_until(lambda: pod_status(pod_dir).get("CONNECTED") == "yes", timeout=5,
+                        what="status CONNECTED=yes")
     assert status
     services(echo_handler, port=local_port)
     assert echo_round_trip(port) == b"ping through pipe2me\n"
@@ -760,10 +760,10 @@ def test_tunnel_status_and_traffic_counters(hub, workdir, pods):
     tunnel_id = pod_info(pod_dir)["PIPE2ME_ID"]
     port = public_ports(pod_dir)[0]
     assert tunnel_bytes(hub, tunnel_id) == (0, 0)
-    assert pod_status(pod_dir).get("TUNNEL") == "down"
+    assert pod_status(pod_dir).get("CONNECTED") == "no"
     pod = pods(pod_dir, "--echo")
-    up = wait_until(lambda: (lambda s: s if s.get("TUNNEL") == "up" else None)(pod_status(pod_dir)),
-                    timeout=5, what="status TUNNEL=up")
+    up = wait_until(lambda: (lambda s: s if s.get("CONNECTED") == "yes" else None)(pod_status(pod_dir)),
+                    timeout=5, what="status CONNECTED=yes")
     assert int(up["BYTES_IN"]) == 0 and int(up["BYTES_OUT"]) == 0
     payload = os.urandom(MiB)
     assert echo_round_trip(port, payload) == payload
@@ -774,7 +774,7 @@ def test_tunnel_status_and_traffic_counters(hub, workdir, pods):
                                    int(s.get("BYTES_IN", 0)) >= len(payload) + 1 else None)(
                               pod_status(pod_dir)),
                           timeout=6, what="status with one stream and the bytes")
-    assert busy["TUNNEL"] == "up"
+    assert busy["CONNECTED"] == "yes"
     assert int(busy["BYTES_OUT"]) >= len(payload) + 1
     seen = len(hub.proc.stderr())
     assert stop_pod(pod) == 0
