@@ -358,7 +358,7 @@ class Msg(enum.IntEnum):
     DATA = 5     # both: stream bytes, at most the peer's remaining credit
     WINDOW = 6   # both: payload u32 credit returned for this stream
     EOF = 7      # both: the sender will send no more DATA on this stream
-    RESET = 8    # both: the stream is aborted; payload utf-8 reason
+    RESET = 8    # both: the stream is aborted; payload utf-8 reason (see below)
     PING = 9     # both: payload echoed back in PONG
     PONG = 10    # both
     GOAWAY = 11  # both: {"reason", "replaced_by", "permanent"}; no new streams, running ones
@@ -410,6 +410,11 @@ def decode_open(payload):
         ip = socket.inet_ntop(family, bytes(payload[start:start + size]))
         ends.append((ip, U16.unpack_from(payload, start + size)[0]))
     return U16.unpack_from(payload)[0], ends[0], ends[1]
+# A pod's RESET reason for a local service it cannot reach starts with one of
+# these; the server's HTTP front answers 504 for the first, 503 for the other
+# (text from older pods: 504 if it says "timed out", else 503).
+RESET_CONNECT_TIMED_OUT = "local connect timed out"
+RESET_CONNECT_FAILED = "local connect failed"
 
 
 class ProtocolError(Rejected):
@@ -561,6 +566,7 @@ CONTROL_REPLY_LIMIT_BYTES = MUX_HIGH_WATER_BYTES  # a PONG is dropped while more
 MUX_FRAMES_PER_TURN = 4096            # then other connections get their turn
 BUFFER_STALL_S = 5.0                   # under pressure, a stream that wrote nothing this long is reset
 WINDOW_UPDATE_BYTES = STREAM_WINDOW_BYTES // 4
+LOCAL_CONNECT_TIMEOUT_S = 10           # a local service that has not accepted by then is given up
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
 SOCKET_GONE = (ConnectionError, TimeoutError, OSError)
@@ -839,6 +845,9 @@ class Stream:
         self.closed = False
         self.target = ""                       # the local end, named in log lines
         self.uncredited = 0                    # own bytes in `pending`, not the peer's
+        self.reset_reason = None               # the peer's RESET text, once it came
+        if connecting:
+            mux.loop.call_later(LOCAL_CONNECT_TIMEOUT_S, self.on_connect_timeout)
         self.update_interest()
 
     def update_interest(self):
@@ -906,6 +915,13 @@ class Stream:
         if not self.closed:
             self.update_interest()
 
+    def on_connect_timeout(self):
+        if self.connecting and not self.closed:
+            self.mux.log.warning("local service unavailable stream=%d target=%s error=%s",
+                                 self.id, self.target or "?",
+                                 "no answer within %d s" % LOCAL_CONNECT_TIMEOUT_S)
+            self.abort("%s after %d s" % (RESET_CONNECT_TIMED_OUT, LOCAL_CONNECT_TIMEOUT_S))
+
     def local_connect_failed(self, reason):
         """The local connect failed: the owner may try another address
         (Mux.retry_local_connect swaps the socket), else the stream ends."""
@@ -913,7 +929,12 @@ class Stream:
             return None
         self.mux.log.warning("local service unavailable stream=%d target=%s error=%s",
                              self.id, self.target or "?", reason)
-        return self.abort("local connect failed: %s" % reason)
+        return self.abort("%s: %s" % (RESET_CONNECT_FAILED, reason))
+
+    def on_reset(self, payload):
+        """The peer aborted the stream: keep its reason for the owner, close."""
+        self.reset_reason = bytes(payload[:512]).decode("utf-8", "replace")
+        self.destroy()
 
     def replace_socket(self, sock, connecting):
         """Go on with another local socket (a connect to the next address)."""
@@ -1283,7 +1304,7 @@ class Mux:
             elif msg == Msg.EOF:
                 stream.on_eof()
             elif msg == Msg.RESET:
-                stream.destroy()
+                stream.on_reset(payload)
             else:
                 raise ProtocolError("%s is not a stream frame" % msg.name)
         except ProtocolError:
@@ -2710,7 +2731,7 @@ class PodMux(Mux):
         if sock is None:
             log.warning("local service unavailable stream=%d target=%s error=%s",
                         stream_id, service.target, error)
-            self.send(Msg.RESET, stream_id, b"local service unavailable")
+            self.send(Msg.RESET, stream_id, ("%s: %s" % (RESET_CONNECT_FAILED, error)).encode())
             return
         stream = self.add_stream(stream_id, sock, connecting=error == errno.EINPROGRESS)
         stream.target = str(service.target)

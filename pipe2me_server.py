@@ -58,6 +58,7 @@ import fcntl
 import functools
 import hashlib
 import heapq
+import html
 import http.client
 import http.server
 import ipaddress
@@ -260,7 +261,9 @@ CONFIG_KEYS = {
     "MAX_STREAMS_PER_TUNNEL": ("10000", parse_count, "open streams per tunnel; 0 = no cap"),
     "MAX_TUNNELS_PER_TOKEN": ("0", parse_count, "live tunnels per token; 0 = no cap"),
     "STREAM_IDLE_TIMEOUT": ("0", parse_duration, "close streams idle this long; 0 = never"),
-    "MAX_PENDING_FRONT": ("1000", parse_count, "front connections still sending their head; 0 = no cap"),
+    "MAX_PENDING_FRONT": ("1000", parse_count, "connections on each front still sending their first head; 0 = no cap"),
+    "MAX_PENDING_FRONT_PER_SOURCE": ("32", parse_count, "of those, per source (IPv4 address, IPv6 /64); 0 = no cap"),
+    "TRUSTED_PROXIES": ("", parse_networks, "proxies in front of the HTTP front whose X-Forwarded-*/Forwarded are kept (CIDRs)"),
     "MAX_PENDING_HANDSHAKES": ("64", parse_count, "pod connections still authenticating; 0 = no cap"),
     "FRONT_HEAD_DEADLINE": ("10", parse_positive_duration, "seconds a front connection may take to send its head"),
     "API_REQUEST_DEADLINE": ("20", parse_positive_duration, "seconds an API connection may last (against slowloris)"),
@@ -380,7 +383,7 @@ class CertRefused(Rejected):
 
 
 # =====================================================================
-# HELPERS — files written atomically, shell format, name words
+# HELPERS — files written atomically, shell format, addresses and their per-source prefix, name words
 # =====================================================================
 
 def write_atomic(path, data, mode=0o644):
@@ -472,6 +475,14 @@ def plain_address(address):
     return str(getattr(ip, "ipv4_mapped", None) or ip)
 
 
+@functools.lru_cache(maxsize=4096)
+def source_prefix(address, ipv4_bits, ipv6_bits):
+    """The network a per-source limit counts `address` (a string) in: its
+    IPv4 /ipv4_bits or IPv6 /ipv6_bits, an IPv4-mapped address as IPv4."""
+    ip = ipaddress.ip_address(plain_address(address))
+    return str(ipaddress.ip_network((ip, ipv4_bits if ip.version == 4 else ipv6_bits), False))
+
+
 def three_words():
     pick = secrets.choice
     return "%s-%s-%s" % (pick(MOODS), pick(COLORS), pick(ANIMALS))
@@ -510,7 +521,7 @@ class Msg(enum.IntEnum):
     DATA = 5     # both: stream bytes, at most the peer's remaining credit
     WINDOW = 6   # both: payload u32 credit returned for this stream
     EOF = 7      # both: the sender will send no more DATA on this stream
-    RESET = 8    # both: the stream is aborted; payload utf-8 reason
+    RESET = 8    # both: the stream is aborted; payload utf-8 reason (see below)
     PING = 9     # both: payload echoed back in PONG
     PONG = 10    # both
     GOAWAY = 11  # both: {"reason", "replaced_by", "permanent"}; no new streams, running ones
@@ -562,6 +573,11 @@ def decode_open(payload):
         ip = socket.inet_ntop(family, bytes(payload[start:start + size]))
         ends.append((ip, U16.unpack_from(payload, start + size)[0]))
     return U16.unpack_from(payload)[0], ends[0], ends[1]
+# A pod's RESET reason for a local service it cannot reach starts with one of
+# these; the server's HTTP front answers 504 for the first, 503 for the other
+# (text from older pods: 504 if it says "timed out", else 503).
+RESET_CONNECT_TIMED_OUT = "local connect timed out"
+RESET_CONNECT_FAILED = "local connect failed"
 
 
 class ProtocolError(Rejected):
@@ -713,6 +729,7 @@ CONTROL_REPLY_LIMIT_BYTES = MUX_HIGH_WATER_BYTES  # a PONG is dropped while more
 MUX_FRAMES_PER_TURN = 4096            # then other connections get their turn
 BUFFER_STALL_S = 5.0                   # under pressure, a stream that wrote nothing this long is reset
 WINDOW_UPDATE_BYTES = STREAM_WINDOW_BYTES // 4
+LOCAL_CONNECT_TIMEOUT_S = 10           # a local service that has not accepted by then is given up
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
 SOCKET_GONE = (ConnectionError, TimeoutError, OSError)
@@ -991,6 +1008,9 @@ class Stream:
         self.closed = False
         self.target = ""                       # the local end, named in log lines
         self.uncredited = 0                    # own bytes in `pending`, not the peer's
+        self.reset_reason = None               # the peer's RESET text, once it came
+        if connecting:
+            mux.loop.call_later(LOCAL_CONNECT_TIMEOUT_S, self.on_connect_timeout)
         self.update_interest()
 
     def update_interest(self):
@@ -1058,6 +1078,13 @@ class Stream:
         if not self.closed:
             self.update_interest()
 
+    def on_connect_timeout(self):
+        if self.connecting and not self.closed:
+            self.mux.log.warning("local service unavailable stream=%d target=%s error=%s",
+                                 self.id, self.target or "?",
+                                 "no answer within %d s" % LOCAL_CONNECT_TIMEOUT_S)
+            self.abort("%s after %d s" % (RESET_CONNECT_TIMED_OUT, LOCAL_CONNECT_TIMEOUT_S))
+
     def local_connect_failed(self, reason):
         """The local connect failed: the owner may try another address
         (Mux.retry_local_connect swaps the socket), else the stream ends."""
@@ -1065,7 +1092,12 @@ class Stream:
             return None
         self.mux.log.warning("local service unavailable stream=%d target=%s error=%s",
                              self.id, self.target or "?", reason)
-        return self.abort("local connect failed: %s" % reason)
+        return self.abort("%s: %s" % (RESET_CONNECT_FAILED, reason))
+
+    def on_reset(self, payload):
+        """The peer aborted the stream: keep its reason for the owner, close."""
+        self.reset_reason = bytes(payload[:512]).decode("utf-8", "replace")
+        self.destroy()
 
     def replace_socket(self, sock, connecting):
         """Go on with another local socket (a connect to the next address)."""
@@ -1435,7 +1467,7 @@ class Mux:
             elif msg == Msg.EOF:
                 stream.on_eof()
             elif msg == Msg.RESET:
-                stream.destroy()
+                stream.on_reset(payload)
             else:
                 raise ProtocolError("%s is not a stream frame" % msg.name)
         except ProtocolError:
@@ -3475,6 +3507,10 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     timeout = 10
     query = {}  # until dispatch() parses the URL: a bad request line is answered before
 
+    def version_string(self):
+        """The Server header: the product, no versions."""
+        return self.server_version
+
     def __getattr__(self, name):
         if name.startswith("do_"):
             return self.dispatch
@@ -3890,6 +3926,46 @@ def port_can_listen(address, port):
     return True
 
 
+class PendingBudget:
+    """The connections of one front still sending their first head or
+    ClientHello: at most `cap` in all (0 = no cap) and `share` per source
+    (source_prefix: an IPv4 address, an IPv6 /64), so one source flooding a
+    front leaves its budget to everybody else, and the other front keeps
+    its own budget."""
+
+    def __init__(self, name, cap, share):
+        self.name, self.cap, self.share = name, cap, share
+        self.total = 0
+        self.by_source = collections.Counter()
+
+    def take(self, address):
+        """The source key if the connection fits, else None (logged)."""
+        key = source_prefix(address[0], 32, 64)
+        if self.cap and self.total >= self.cap:
+            why, cap = "pending cap reached", self.cap
+        elif self.share and self.by_source[key] >= self.share:
+            why, cap = "pending share of one source reached", self.share
+        else:
+            self.total += 1
+            self.by_source[key] += 1
+            return key
+        log.warning("%s, consumer closed front=%s from=%s cap=%d", why, self.name,
+                    shown_address(address), cap)
+        return None
+
+    def give_back(self, key):
+        self.total -= 1
+        self.by_source[key] -= 1
+        if not self.by_source[key]:
+            del self.by_source[key]
+
+
+def shown_address(address):
+    """host:port of a peer for a log line ([v6]:port)."""
+    host = address[0]
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, address[1])
+
+
 class Sniffer:
     """Peeks at a new front connection until `parse(head)` decides, without
     consuming bytes, so the chosen destination sees the connection untouched.
@@ -3934,39 +4010,33 @@ class Sniffer:
         action(self.sock)
 
 
-def http_head_host(head):
-    """Host of a complete HTTP request head, "" when it has none, None if incomplete.
-    Bare LF line ends count too (http.server accepts them), so such a head is
-    routed at once rather than held until FRONT_HEAD_DEADLINE."""
-    end = re.search(rb"\r?\n\r?\n", head)
-    if end is None:
-        return None
-    for line in head[:end.start()].split(b"\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"host":
-            host = value.strip().decode("latin-1").lower()
-            return re.sub(r":\d+$", "", host).strip("[]").rstrip(".")
-    return ""
-
-
-def http_head_path(head):
-    parts = head.split(b"\r\n", 1)[0].split(b" ")
-    return parts[1].decode("latin-1") if len(parts) == 3 and parts[1].startswith(b"/") else "/"
-
-
 def tls_client_hello_sni(head):
     """SNI of a TLS ClientHello: the name, "" without SNI, None if incomplete.
-    Raises ValueError for bytes that are not a ClientHello."""
-    if len(head) < 5:
-        return None
-    if head[0] != 22 or head[1] != 3:
-        raise ValueError("not a TLS handshake")
-    record_len = int.from_bytes(head[3:5], "big")
-    if len(head) < 5 + record_len:
-        return None
-    body = head[5:5 + record_len]
-    if len(body) < 4 or body[0] != 1:
-        raise ValueError("not a ClientHello")
+    The ClientHello may span several handshake records (RFC 8446 §5.1), as
+    much of it as fits in FRONT_SNIFF_BYTES. Raises ValueError for bytes that
+    are not a ClientHello."""
+    body, pos = bytearray(), 0
+    while len(body) < 4 or len(body) < 4 + int.from_bytes(body[1:4], "big"):
+        if len(head) < pos + 5:
+            return None
+        if head[pos] != 22 or head[pos + 1] != 3:
+            raise ValueError("not a TLS handshake record")
+        record_len = int.from_bytes(head[pos + 3:pos + 5], "big")
+        if not 0 < record_len <= 16384:
+            raise ValueError("bad TLS record length")
+        if len(head) < pos + 5 + record_len:
+            return None
+        body += head[pos + 5:pos + 5 + record_len]
+        pos += 5 + record_len
+        if body[0] != 1:
+            raise ValueError("not a ClientHello")
+        if len(body) >= 4 and 4 + int.from_bytes(body[1:4], "big") > FRONT_SNIFF_BYTES:
+            raise ValueError("ClientHello larger than %d bytes" % FRONT_SNIFF_BYTES)
+    return client_hello_server_name(bytes(body[:4 + int.from_bytes(body[1:4], "big")]))
+
+
+def client_hello_server_name(body):
+    """The server_name of a whole ClientHello handshake message, "" without it."""
     pos = 4 + 2 + 32                                   # type+len, version, random
     pos += 1 + body[pos]                               # session id
     pos += 2 + int.from_bytes(body[pos:pos + 2], "big")  # cipher suites
@@ -3984,7 +4054,7 @@ def tls_client_hello_sni(head):
 
 
 def answer_and_close(sock, status, reason, headers=(), body=""):
-    """A tiny HTTP/1.0 answer from the front itself (404, 308, 503)."""
+    """A tiny HTTP/1.0 answer from the front itself, then close (429, 431)."""
     payload = body.encode()
     lines = ["HTTP/1.0 %d %s" % (status, reason), "Content-Type: text/plain",
              "Content-Length: %d" % len(payload), "Connection: close"] + list(headers)
@@ -3998,77 +4068,827 @@ def answer_and_close(sock, status, reason, headers=(), body=""):
     sock.close()
 
 
+# ---- HTTP/1.1 messages (RFC 9112): what the HTTP front needs to route each
+# request, set its forwarding headers and find where each message ends. It is
+# strict where a lenient reading would let two parsers disagree (smuggling).
+
+HTTP_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+REQUEST_LINE = re.compile(rb"(%s) ([\x21-\x7e]+) HTTP/(1\.[01])" % HTTP_TOKEN)
+STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([0-9]{3})(?: [\t\x20-\x7e\x80-\xff]*)?")
+HOST_VALUE = re.compile(rb"(?P<name>[A-Za-z0-9.\-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?")
+CONTROL_IN_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[\t\x20-\x7e\x80-\xff]*)?")
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n"
+FORWARDING_FIELDS = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded")
+CHUNK_LINE_BYTES = 4096
+ACME_CHALLENGE = re.compile(r"/\.well-known/acme-challenge/([A-Za-z0-9_-]{1,256})")
+STATUS_TEXT = {400: "Bad Request", 404: "Not Found", 308: "Permanent Redirect",
+               431: "Request Header Fields Too Large", 502: "Bad Gateway",
+               503: "Service Unavailable", 504: "Gateway Timeout", 200: "OK"}
+
+
+class BadMessage(ValueError):
+    """An HTTP message the front refuses; `status` is what the consumer gets."""
+
+    def __init__(self, reason, status=400):
+        super().__init__(reason)
+        self.status = status
+
+
+def split_head(buffer):
+    """(head without its blank line, bytes it took) once buffer holds a whole
+    head, else None. Empty lines before it are skipped (RFC 9112 §2.2); bare
+    LF line ends are read as CRLF (the head is written anew with CRLF)."""
+    start = 0
+    while buffer[start:start + 2] == b"\r\n" or buffer[start:start + 1] == b"\n":
+        start += 2 if buffer[start:start + 1] == b"\r" else 1
+    end = re.compile(rb"\r?\n\r?\n").search(buffer, start)
+    if end is None:
+        return None
+    return bytes(buffer[start:end.start()]), end.end()
+
+
+def head_lines(head):
+    return [line[:-1] if line.endswith(b"\r") else line for line in head.split(b"\n")]
+
+
+def parse_fields(lines):
+    """[(lower-case name, name, value)]; BadMessage for obs-fold, a bad name
+    or a control character (a bare CR included) in a value. (Their number is
+    bounded by the size of a head, FRONT_SNIFF_BYTES.)"""
+    fields = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            raise BadMessage("obsolete line folding in the header")
+        name, colon, value = line.partition(b":")
+        if not colon or not re.fullmatch(HTTP_TOKEN, name):
+            raise BadMessage("malformed header line")
+        value = value.strip(b" \t")
+        if CONTROL_IN_VALUE.search(value):
+            raise BadMessage("control character in header %s" % name.decode("ascii"))
+        fields.append((name.lower(), name, value))
+    return fields
+
+
+def field_values(fields, key):
+    return [value for name, _, value in fields if name == key]
+
+
+def body_framing(fields, version):
+    """How the body of a message ends: ("length", n) or ("chunked", 0).
+    BadMessage for the smuggling shapes: Content-Length beside
+    Transfer-Encoding, differing Content-Lengths, codings not ending in a
+    single chunked, Transfer-Encoding in HTTP/1.0."""
+    codings = [c.strip().lower() for v in field_values(fields, b"transfer-encoding")
+               for c in v.split(b",")]
+    lengths = {v.strip() for value in field_values(fields, b"content-length")
+               for v in value.split(b",")}
+    if codings:
+        if lengths:
+            raise BadMessage("both Content-Length and Transfer-Encoding")
+        if version == b"1.0":
+            raise BadMessage("Transfer-Encoding in an HTTP/1.0 message")
+        if codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
+            raise BadMessage("transfer codings must end in one chunked")
+        return "chunked", 0
+    if len(lengths) > 1:
+        raise BadMessage("differing Content-Length values")
+    length = lengths.pop() if lengths else b"0"
+    if not re.fullmatch(rb"[0-9]{1,15}", length):
+        raise BadMessage("bad Content-Length")
+    return "length", int(length)
+
+
+def connection_options(fields):
+    return {o.strip().lower() for v in field_values(fields, b"connection") for o in v.split(b",")}
+
+
+class Request:
+    """One request head as the HTTP front routes and forwards it."""
+
+    def __init__(self, method, target, version, fields):
+        self.method, self.target, self.version, self.fields = method, target, version, fields
+        self.framing = body_framing(fields, version)
+        hosts = field_values(fields, b"host")
+        if len(hosts) > 1:
+            raise BadMessage("more than one Host header")
+        if version == b"1.1" and not hosts:
+            raise BadMessage("an HTTP/1.1 request needs a Host header")
+        match = HOST_VALUE.fullmatch(hosts[0]) if hosts else None
+        if hosts and match is None:
+            raise BadMessage("malformed Host header")
+        self.host = hosts[0].decode("ascii") if hosts else ""
+        self.name = match.group("name").decode().lower().strip("[]").rstrip(".") if match else ""
+        options = connection_options(fields)
+        self.upgrade = method == b"CONNECT" or (b"upgrade" in options and bool(
+            field_values(fields, b"upgrade")))
+        self.close = b"close" in options or (version == b"1.0" and b"keep-alive" not in options)
+        self.has_body = self.framing != ("length", 0)
+        self.accept = b",".join(field_values(fields, b"accept")).decode("latin-1")
+        self.check_target()
+
+    def check_target(self):
+        """An absolute-form target must name the Host it is sent with."""
+        target = self.target.decode("ascii")
+        if target.startswith("/") or target == "*" or self.method == b"CONNECT":
+            self.path = target if target.startswith("/") else "/"
+            return
+        try:
+            url = urllib.parse.urlsplit(target)
+            hostname = (url.hostname or "").rstrip(".")
+        except ValueError:
+            raise BadMessage("malformed request target") from None
+        if url.scheme.lower() not in ("http", "https") or not url.netloc:
+            raise BadMessage("malformed request target")
+        if hostname != self.name:
+            raise BadMessage("request target and Host name different hosts")
+        self.path = urllib.parse.urlunsplit(("", "", url.path or "/", url.query, ""))
+
+
+def parse_request(head):
+    """The Request of a whole head, or BadMessage."""
+    lines = head_lines(head)
+    match = REQUEST_LINE.fullmatch(lines[0])
+    if match is None:
+        raise BadMessage("malformed request line")
+    method, target, version = match.groups()
+    return Request(method, target, version, parse_fields(lines[1:]))
+
+
+def response_framing(head, request):
+    """(status, kind, length, close) of a response head from a service:
+    kind "none", "length", "chunked", "close" (ends with the connection) or
+    "raw" (101 Switching Protocols, or 2xx to CONNECT: the connection is
+    handed over). A head the front cannot frame ends with the connection."""
+    lines = head_lines(head)
+    match = STATUS_LINE.fullmatch(lines[0])
+    if match is None:
+        return 0, "close", 0, True
+    version, status = match.group(1), int(match.group(2))
+    try:
+        fields = parse_fields(lines[1:])
+        kind, length = body_framing(fields, version)
+    except BadMessage:
+        return status, "close", 0, True
+    options = connection_options(fields)
+    close = b"close" in options or (version == b"1.0" and b"keep-alive" not in options)
+    if (status == 101 and request.upgrade) or (request.method == b"CONNECT" and 200 <= status < 300):
+        return status, "raw", 0, close
+    if status < 200 or status in (204, 304) or request.method == b"HEAD":
+        return status, "none", 0, close
+    if kind == "length" and not field_values(fields, b"content-length"):
+        return status, "close", 0, True
+    return status, kind, length, close
+
+
+class BodyReader:
+    """Finds where a body ends: feed(data) says how many leading bytes of
+    data belong to it; `done` once it has ended. Chunked framing is read
+    strictly (CRLF line ends, hex sizes, bounded lines); BadMessage if not."""
+
+    def __init__(self, kind, length=0):
+        self.kind, self.left = kind, length
+        self.state = "size" if kind == "chunked" else "data"
+        self.line = bytearray()
+        self.done = kind == "none" or (kind == "length" and not length)
+
+    def feed(self, data):
+        if self.kind == "close" or self.done:
+            return 0 if self.done else len(data)
+        if self.kind == "length":
+            take = min(self.left, len(data))
+            self.left -= take
+            self.done = not self.left
+            return take
+        pos = 0
+        while pos < len(data) and not self.done:
+            if self.state == "data":
+                take = min(self.left, len(data) - pos)
+                self.left -= take
+                pos += take
+                self.state = "data" if self.left else "data-end"
+                continue
+            end = data.find(b"\n", pos)
+            piece = data[pos:] if end < 0 else data[pos:end + 1]
+            self.line += piece
+            pos += len(piece)
+            if len(self.line) > CHUNK_LINE_BYTES:
+                raise BadMessage("chunk line over %d bytes" % CHUNK_LINE_BYTES)
+            if end >= 0:
+                self.on_line(bytes(self.line))
+                del self.line[:]
+        return pos
+
+    def on_line(self, line):
+        if not line.endswith(b"\r\n"):
+            raise BadMessage("chunk line without CRLF")
+        line = line[:-2]
+        if self.state == "size":
+            match = CHUNK_SIZE_LINE.fullmatch(line)
+            if match is None:
+                raise BadMessage("malformed chunk size")
+            self.left = int(match.group(1), 16)
+            self.state = "data" if self.left else "trailer"
+        elif self.state == "data-end":
+            if line:
+                raise BadMessage("chunk data longer than its size")
+            self.state = "size"
+        elif not line:
+            self.done = True
+        elif line[:1] in (b" ", b"\t") or CONTROL_IN_VALUE.search(line):
+            raise BadMessage("malformed trailer field")
+
+
+def forwarding_fields(request, peer, trusted, proto="http"):
+    """The request's header lines with X-Forwarded-For/-Proto/-Host and
+    Forwarded (RFC 7239) naming the peer: what the consumer sent is dropped,
+    unless the peer is a trusted proxy, whose values are extended."""
+    kept, prior = [], collections.defaultdict(list)
+    for key, name, value in request.fields:
+        if key in FORWARDING_FIELDS:
+            prior[key].append(value.decode("latin-1"))
+        else:
+            kept.append(b"%s: %s" % (name, value))
+    prior = {key: ", ".join(values) for key, values in prior.items() if trusted}
+    node = '"[%s]"' % peer if ":" in peer else peer
+    element = 'for=%s;host="%s";proto=%s' % (node, request.host, proto)
+    added = [
+        ("X-Forwarded-For", ", ".join(filter(None, (prior.get(b"x-forwarded-for"), peer)))),
+        ("X-Forwarded-Proto", prior.get(b"x-forwarded-proto") or proto),
+        ("X-Forwarded-Host", prior.get(b"x-forwarded-host") or request.host),
+        ("Forwarded", ", ".join(filter(None, (prior.get(b"forwarded"), element))))]
+    return kept + [("%s: %s" % pair).encode("latin-1") for pair in added]
+
+
+def local_answer(status, text, accept="", headers=(), close=False):
+    """Bytes of an answer from the front itself: a short HTML page for
+    browsers (by Accept), plain text for curl and scripts."""
+    title = "%d %s" % (status, STATUS_TEXT.get(status, "Error"))
+    if "text/html" in accept:
+        body = ("<!doctype html>\n<html><head><title>%s</title></head><body>\n<h1>%s</h1>\n"
+                "<p>%s</p>\n<hr><p>pipe2me</p>\n</body></html>\n" % (
+                    title, title, html.escape(text))).encode()
+        ctype = "text/html; charset=utf-8"
+    else:
+        body, ctype = ("%s: %s\n" % (title, text)).encode(), "text/plain; charset=utf-8"
+    lines = ["HTTP/1.1 %s" % title, "Server: pipe2me", "Content-Type: " + ctype,
+             "Content-Length: %d" % len(body), "Cache-Control: no-store"] + list(headers)
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def reset_answer(reason):
+    """(status, text) for a stream the pod reset before any response."""
+    if reason is None:
+        return 502, "the service closed the connection without a response"
+    reason = printable(reason)
+    if reason.startswith(RESET_CONNECT_TIMED_OUT) or "timed out" in reason:
+        return 504, "the local service did not accept the connection in time (%s)" % reason
+    return 503, "the local service refused the connection (%s)" % reason
+
+
+def h2c_refusal(message):
+    """An HTTP/2 SETTINGS and GOAWAY (HTTP_1_1_REQUIRED) with `message`: the
+    clear refusal of cleartext HTTP/2 with prior knowledge."""
+    debug = message.encode()
+    goaway = struct.pack("!II", 0, 0xd) + debug
+    return (struct.pack("!I", 0)[1:] + b"\x04\x00" + struct.pack("!I", 0)
+            + struct.pack("!I", len(goaway))[1:] + b"\x07\x00" + struct.pack("!I", 0) + goaway)
+
+
+FRONT_BUFFER_BYTES = 256 * 1024   # per direction, before reading its source stops
+FRONT_LINGER_S = 2.0              # after the last answer: read and drop, then close
+
+
+class Upstream:
+    """The front's end of a stream to one tunnel's http service: a socket
+    pair whose other end the Mux relays like a consumer socket."""
+
+    def __init__(self, tunnel_id, fqdn, port):
+        self.tunnel_id, self.fqdn, self.port = tunnel_id, fqdn, port
+        self.sock, self.peer_sock = socket.socketpair()
+        self.sock.setblocking(False)
+        self.stream = None
+        self.out = bytearray()       # request bytes not yet written to the pair
+        self.head = bytearray()      # the response head being read
+        self.body = None             # BodyReader of the response body being relayed
+        self.started = False         # bytes of the current response arrived
+        self.closed = False
+
+
+class HttpFrontConnection:
+    """One consumer connection on the HTTP front (or on the per-port URL of
+    an http service, `pinned` to its tunnel), served as a reverse proxy.
+
+    Every request head is parsed and routed by its own Host: answered here
+    (404, 308, 502/503/504, ACME challenge) or forwarded over a stream to its
+    tunnel's http service, with X-Forwarded-* and Forwarded naming the
+    consumer. A request is forwarded only when every earlier request on the
+    connection has its response, or they all went to the same stream
+    (pipelining to one service); otherwise reading waits. So responses come
+    back in order and no request reaches another tunnel's pod. Each response
+    is framed (Content-Length, chunked, close-delimited, 1xx) to know where
+    it ends; after a 101 to an Upgrade or a 2xx to a CONNECT, bytes pass raw.
+    A request for the API (bare domain) mid-connection ends the connection
+    cleanly once earlier answers are out, so the client retries on a new
+    one, which the front hands to the API."""
+
+    def __init__(self, fronts, sock, address, pinned=None):
+        self.fronts, self.loop, self.sock, self.address = fronts, fronts.loop, sock, address
+        self.pinned = pinned               # (tunnel id, port) of a per-port URL
+        self.peer = address[0].partition("%")[0]
+        self.trusted = fronts.is_trusted(self.peer)
+        self.inbuf, self.out = bytearray(), bytearray()
+        self.waiting = collections.deque()  # forwarded requests without their response
+        self.next = None                    # (Request, bytes) parsed, not yet dispatched
+        self.body = None                    # BodyReader of the request body being read
+        self.up = None                      # Upstream of the current tunnel
+        self.raw = self.switching = False   # raw bytes after an upgrade; one pending
+        self.response_close = False         # the response being relayed ends the connection
+        self.refusal = None                 # (status, text) due after the earlier answers
+        self.read_closed = self.finishing = self.lingering = self.closed = False
+        self.idle_since = time.monotonic()
+        sock.setblocking(False)
+        self.loop.call_later(fronts.settings.front_head_deadline, self.on_deadline)
+        self.update_interest()
+
+    # -- events -----------------------------------------------------------
+    def update_interest(self):
+        if self.closed:
+            return
+        up_full = self.up is not None and len(self.up.out) >= FRONT_BUFFER_BYTES
+        events = EVENT_WRITE if self.out else 0
+        if not self.read_closed and (self.finishing or (
+                len(self.inbuf) < FRONT_SNIFF_BYTES and not up_full)):
+            events |= EVENT_READ
+        self.loop.watch(self.sock, events, self.on_event)
+        up = self.up
+        if up is not None and not up.closed:
+            events = EVENT_WRITE if up.out else 0
+            if len(self.out) < FRONT_BUFFER_BYTES:
+                events |= EVENT_READ
+            self.loop.watch(up.sock, events, self.on_upstream_event)
+
+    def on_event(self, mask):
+        if mask & EVENT_WRITE:
+            self.flush(self.sock, self.out)
+        if mask & EVENT_READ and not self.closed:
+            data = self.receive(self.sock)
+            if data is None:
+                return self.destroy()
+            if data == b"":
+                self.on_consumer_eof()
+            elif data and not self.finishing:  # a finishing connection drops what comes
+                self.inbuf += data
+                self.advance()
+        self.after_io()
+
+    def on_upstream_event(self, mask):
+        up = self.up
+        if up is None:
+            return
+        if mask & EVENT_WRITE:
+            self.flush(up.sock, up.out, up)
+        if mask & EVENT_READ and not up.closed and self.up is up:
+            data = self.receive(up.sock)
+            if data is None or data == b"":
+                self.on_upstream_eof(up)
+            elif data:
+                self.on_response_bytes(memoryview(data))
+        self.after_io()
+
+    def receive(self, sock):
+        """Bytes, b"" at EOF, None after an error, False if nothing yet."""
+        try:
+            return sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return None
+
+    def flush(self, sock, buffer, up=None):
+        try:
+            sent = sock.send(buffer) if buffer else 0
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            if up is None:
+                return self.destroy()
+            return self.on_upstream_eof(up)
+        del buffer[:sent]
+
+    def after_io(self):
+        if self.closed:
+            return
+        if self.raw and self.read_closed and self.up is not None and not self.up.out:
+            with contextlib.suppress(OSError):
+                self.up.sock.shutdown(socket.SHUT_WR)
+        if self.read_closed and not self.waiting and not self.raw and not self.finishing:
+            self.finish()
+        if self.finishing and not self.out and not self.waiting:
+            self.linger()
+        if not self.closed:
+            self.update_interest()
+
+    # -- requests ---------------------------------------------------------
+    def advance(self):
+        """Take what the consumer sent as far as it can go now."""
+        while not self.closed and not self.finishing:
+            if self.raw:
+                self.up.out += self.inbuf
+                del self.inbuf[:]
+                return
+            if self.body is not None:
+                if not self.read_body():
+                    return
+                continue
+            if self.switching or not self.take_request():
+                return
+
+    def read_body(self):
+        try:
+            used = self.body.feed(self.inbuf)
+        except BadMessage as exc:  # the stream got half a request: it cannot go on
+            self.drop_upstream()
+            self.waiting.clear()
+            return self.refuse(exc.status, str(exc))
+        if self.up is not None:
+            self.up.out += self.inbuf[:used]
+        del self.inbuf[:used]
+        if not self.body.done:
+            return False
+        self.body = None
+        return True
+
+    def take_request(self):
+        """Parse, route and dispatch the next request head; False to wait."""
+        if self.next is None:
+            found = split_head(self.inbuf)
+            if found is None:
+                if len(self.inbuf) >= FRONT_SNIFF_BYTES:
+                    return self.refuse(431, "request head over %d bytes" % FRONT_SNIFF_BYTES)
+                return False
+            if found[0].startswith(HTTP2_PREFACE[:12]) and not self.waiting:
+                return self.fronts.refuse_h2c(self)
+            try:
+                self.next = (parse_request(found[0]), found[1])
+            except BadMessage as exc:
+                return self.refuse(exc.status, str(exc))
+        request, size = self.next
+        route = self.fronts.route_request(request, self.pinned)
+        if self.waiting and not (route[0] == "up" and self.up is not None
+                                 and self.up.tunnel_id == route[1]["id"]):
+            return False  # earlier responses first, from another stream or the front
+        self.next = None
+        del self.inbuf[:size]
+        return self.dispatch(request, route)
+
+    def dispatch(self, request, route):
+        kind = route[0]
+        if kind == "api":  # the API serves whole connections: the client retries on a new one
+            self.finish()
+            return False
+        if kind == "up":
+            refusal = self.forward(request, route[1], route[2])
+            if refusal is None:
+                return True
+            route = ("answer",) + refusal
+        status, text, headers = route[1], route[2], route[3] if len(route) > 3 else ()
+        close = request.close or request.has_body or status >= 500
+        if kind == "acme":
+            self.out += acme_answer(text, request.method == b"HEAD", close)
+        else:
+            self.out += local_answer(status, text, request.accept, headers, close)
+        self.idle_since = time.monotonic()
+        if close:
+            self.finish()
+            return False
+        return True
+
+    def forward(self, request, record, port):
+        """Send the request to its tunnel's stream; (status, text) if it cannot go."""
+        if self.up is not None and self.up.tunnel_id != record["id"]:
+            self.drop_upstream()
+        if self.up is None:
+            refusal = self.fronts.open_upstream(self, record, port)
+            if refusal is not None:
+                return refusal
+        head = [b"%s %s HTTP/%s" % (request.method, request.target, request.version)]
+        head += forwarding_fields(request, self.peer, self.trusted)
+        self.up.out += b"\r\n".join(head) + b"\r\n\r\n"
+        self.waiting.append(request)
+        self.body = BodyReader(*request.framing)
+        self.switching = request.upgrade
+        return None
+
+    def refuse(self, status, text):
+        """A request the front will not take: answer once the earlier ones are, then close."""
+        log.info("http front refused from=%s status=%d reason=%s", shown_address(self.address),
+                 status, text)
+        if self.waiting:
+            self.refusal = (status, text)
+        else:
+            self.out += local_answer(status, text, close=True)
+        self.finish()
+        return False
+
+    def on_consumer_eof(self):
+        self.read_closed = True
+        if self.lingering:
+            self.destroy()
+
+    # -- responses --------------------------------------------------------
+    def on_response_bytes(self, data):
+        """Relay response bytes in order; each complete response lets the
+        next request go."""
+        up = self.up
+        while len(data) and not self.closed:
+            if self.raw:
+                self.out += data
+                return
+            if not self.waiting:  # bytes nobody asked for: this stream is done
+                return self.drop_upstream()
+            if up.body is None:
+                data = self.read_response_head(up, data)
+                continue
+            used = up.body.feed(data)
+            self.out += data[:used]
+            data = data[used:]
+            if up.body.done:
+                self.response_done(up)
+
+    def read_response_head(self, up, data):
+        """Collect a response head; relay it once whole and frame its body.
+        Returns the bytes after it."""
+        up.started = True
+        up.head += data
+        found = split_head(up.head)
+        if found is None:
+            if len(up.head) >= FRONT_SNIFF_BYTES:  # unframeable: relay it until it closes
+                self.out += up.head
+                up.head = bytearray()
+                up.body = BodyReader("close")
+            return memoryview(b"")
+        head, size = found
+        self.out += up.head[:size]
+        leftover = memoryview(bytes(up.head[size:]))
+        up.head = bytearray()
+        request = self.waiting[0]
+        status, kind, length, close = response_framing(head, request)
+        self.response_close = self.response_close or close
+        if kind == "raw":
+            self.raw, self.switching = True, False
+            self.waiting.clear()
+            self.up.out += self.inbuf
+            del self.inbuf[:]
+        elif status < 200:
+            up.started = False  # an interim response: the final one follows
+        else:
+            up.body = BodyReader(kind, length)
+            if up.body.done:
+                self.response_done(up)
+        return memoryview(leftover)
+
+    def response_done(self, up):
+        request = self.waiting.popleft()
+        up.body, up.started = None, False
+        close = self.response_close or request.close
+        self.response_close = False
+        if request.upgrade:
+            self.switching = False
+        if close:
+            self.waiting.clear()
+            return self.finish()
+        if not self.waiting:
+            self.idle_since = time.monotonic()
+            self.advance()
+
+    def on_upstream_eof(self, up):
+        if up.closed:
+            return
+        if self.waiting and not self.raw:
+            if up.body is not None and up.body.kind == "close":
+                self.waiting.clear()
+            elif not up.started:
+                status, text = reset_answer(up.stream.reset_reason if up.stream else None)
+                self.fronts.log_failure(up, status, text)
+                request = self.waiting.popleft()
+                self.out += local_answer(status, "%s: %s" % (up.fqdn, text), request.accept,
+                                         close=True)
+            self.waiting.clear()
+            self.drop_upstream()
+            return self.finish()
+        self.drop_upstream()
+        if self.raw:
+            self.finish()
+
+    def drop_upstream(self):
+        up, self.up = self.up, None
+        if up is not None and not up.closed:
+            up.closed = True
+            self.loop.watch(up.sock, 0)
+            up.sock.close()
+
+    # -- the end ----------------------------------------------------------
+    def finish(self):
+        """No more requests: send what is due, then close without a reset."""
+        self.finishing = True
+        self.next = None
+        del self.inbuf[:]
+
+    def linger(self):
+        """Everything is out: half-close, drop what the client still sends,
+        close at its EOF or after FRONT_LINGER_S."""
+        if self.refusal is not None:
+            self.out += local_answer(self.refusal[0], self.refusal[1], close=True)
+            self.refusal = None
+            return
+        if self.lingering:
+            return
+        self.lingering = True
+        self.drop_upstream()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+        if self.read_closed:
+            return self.destroy()
+        self.loop.call_later(FRONT_LINGER_S, self.destroy)
+
+    def on_deadline(self):
+        """A connection waiting for a request head for FRONT_HEAD_DEADLINE is closed."""
+        if self.closed:
+            return
+        limit = self.fronts.settings.front_head_deadline
+        idle = not self.raw and not self.waiting and self.body is None and not self.finishing
+        left = self.idle_since + limit - time.monotonic() if idle else limit
+        if left <= 0:
+            log.debug("http front head deadline from=%s", shown_address(self.address))
+            return self.destroy()
+        self.loop.call_later(left, self.on_deadline)
+
+    def destroy(self):
+        if self.closed:
+            return
+        self.closed = True
+        self.drop_upstream()
+        self.loop.watch(self.sock, 0)
+        self.sock.close()
+
+
+def http_head_host(head):
+    """Host of a complete HTTP request head read leniently (for heads the
+    strict parser refuses: they go to the API unless they name a tunnel),
+    "" when it has none, None if incomplete."""
+    end = re.search(rb"\r?\n\r?\n", head)
+    if end is None:
+        return None
+    for line in head[:end.start()].split(b"\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"host":
+            host = value.strip().decode("latin-1").lower()
+            return re.sub(r":\d+$", "", host).strip("[]").rstrip(".")
+    return ""
+
+
+def printable(text, limit=200):
+    """Peer text made safe for a log line, a header or a page: ASCII with
+    control characters and everything else escaped."""
+    return text[:limit].encode("unicode_escape").decode("ascii")
+
+
+def acme_answer(body, head_only, close):
+    """The 200 answer to an HTTP-01 challenge request (RFC 8555 §8.3)."""
+    lines = ["HTTP/1.1 200 OK", "Server: pipe2me", "Content-Type: application/octet-stream",
+             "Content-Length: %d" % len(body), "Cache-Control: no-store"]
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (b"" if head_only else body)
+
+
 class Fronts:
-    """Routes front connections by Host or SNI; public ports by port number."""
+    """Routes front connections: the HTTP front by each request's Host (an
+    HttpFrontConnection per consumer), the HTTPS front by SNI, and the
+    per-port URL of an http service through the same request handling.
 
-    def __init__(self, loop, settings, hub, api_server):
+    `acme_http01(token) -> bytes | None` answers HTTP-01 challenges on any
+    name of the HTTP front (None: 404); it runs on the loop thread and must
+    not block. Each front has its own PendingBudget."""
+
+    def __init__(self, loop, settings, hub, api_server, acme_http01=None):
         self.loop, self.settings, self.hub, self.api_server = loop, settings, hub, api_server
-        self.pending = 0  # connections on either front still sending their head
-        self.acme_http01 = None  # token -> key authorization bytes or None; set by the wiring
+        self.acme_http01 = acme_http01
+        self.trusted_proxies = [ipaddress.ip_network(n) for n in settings.trusted_proxies]
+        self.budgets = {name: PendingBudget(name, settings.max_pending_front,
+                                            settings.max_pending_front_per_source)
+                        for name in ("http", "https")}
 
-    def sniff(self, sock, address, parse, on_give_up):
-        """Hold a new front connection until its head routes it; beyond
-        MAX_PENDING_FRONT such connections a new one is closed at once."""
-        cap = self.settings.max_pending_front
-        if cap and self.pending >= cap:
-            log.warning("pending cap reached, consumer closed from=%s:%d cap=%d",
-                        address[0], address[1], cap)
+    def sniff(self, front, sock, address, parse, on_give_up):
+        """Hold a new front connection until its head routes it, within the
+        front's pending budget; over it, the connection is closed at once."""
+        budget = self.budgets[front]
+        key = budget.take(address)
+        if key is None:
             return sock.close()
-        self.pending += 1
         Sniffer(self.loop, sock, parse, on_give_up, self.settings.front_head_deadline,
-                self.on_sniffed)
-
-    def on_sniffed(self):
-        self.pending -= 1
+                lambda: budget.give_back(key))
 
     def is_api_name(self, name):
         domain = self.settings.tunnel_domain
-        if name in ("", domain, "localhost") or not name.endswith("." + domain):
-            return True
-        return False
+        return name in ("", domain, "localhost") or not name.endswith("." + domain)
+
+    def is_trusted(self, ip):
+        """Whether a peer is a proxy the operator trusts (TRUSTED_PROXIES)."""
+        networks = self.trusted_proxies
+        if not networks:
+            return False
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        address = getattr(address, "ipv4_mapped", None) or address
+        return any(address in network for network in networks)
 
     # -- HTTP front -----------------------------------------------------
     def on_http_accept(self, sock, address):
-        self.sniff(sock, address, lambda head: self.route_http(head, address),
+        self.sniff("http", sock, address, lambda head: self.route_http(head, address),
                    lambda s: answer_and_close(s, 431, "Request Header Fields Too Large"))
 
+    def on_http_port_accept(self, tunnel_id, port, sock, address):
+        """A consumer of the per-port URL of an http service."""
+        HttpFrontConnection(self, sock, address, pinned=(tunnel_id, port))
+
     def route_http(self, head, address):
-        host = http_head_host(head)
-        if host is None:
-            return None
-        answer = self.answer_acme_http01(head)
-        if answer is not None:
-            return answer
-        if self.is_api_name(host):
-            return lambda sock: self.api_server.serve(sock, address, tls=False)
-        record = self.hub.store.by_fqdn(host)
+        """The first request of a connection: the API takes connections for
+        the bare domain whole; everything else is served request by request."""
+        serve = lambda sock: HttpFrontConnection(self, sock, address)
+        api = lambda sock: self.api_server.serve(sock, address, tls=False)
+        found = split_head(head)
+        if found is None:  # only empty lines so far; the API answers a head of nothing
+            return None if http_head_host(head) is None else api
+        if found[0].startswith(HTTP2_PREFACE[:12]):
+            return serve
+        try:
+            request = parse_request(found[0])
+        except BadMessage:  # the API answers it, unless it names a tunnel: then the 400 is ours
+            to_api = self.is_api_name(http_head_host(head))
+        else:
+            to_api = self.is_api_name(request.name) and not self.acme_token(request)
+        return api if to_api else serve
+
+    def acme_token(self, request):
+        match = ACME_CHALLENGE.fullmatch(request.path.partition("?")[0])
+        return match.group(1) if match and request.method in (b"GET", b"HEAD") else None
+
+    def route_request(self, request, pinned):
+        """Where a request goes: ("api",), ("up", record, port), ("acme",
+        status, body) or ("answer", status, text[, headers])."""
+        token = None if pinned else self.acme_token(request)
+        if token is not None:
+            body = self.acme_http01(token) if self.acme_http01 else None
+            return ("acme", 200, body) if body is not None else (
+                "answer", 404, "no challenge %s" % token)
+        if pinned is None and self.is_api_name(request.name):
+            return ("api",)
+        record = self.hub.store.get(pinned[0]) if pinned else self.hub.store.by_fqdn(request.name)
+        name = record["fqdn"] if record else request.name
         if record is None or tunnel_status(record) != "online":
-            return lambda sock: answer_and_close(sock, 404, "Not Found", body="no tunnel %s\n" % host)
+            return "answer", 404, "no tunnel %s" % name
+        if pinned:
+            return "up", record, pinned[1]
         if "http" in record["protocols"]:
-            port = record["ports"][record["protocols"].index("http")]
-            return lambda sock: self.hub.open_stream(record["id"], port, sock, address)
+            return "up", record, record["ports"][record["protocols"].index("http")]
         if "https" in record["protocols"]:
             port = record["ports"][record["protocols"].index("https")]
-            target = "https://%s:%d%s" % (host, port, http_head_path(head))
-            return lambda sock: answer_and_close(
-                sock, 308, "Permanent Redirect", ["Location: " + target], target + "\n")
-        return lambda sock: answer_and_close(sock, 404, "Not Found", body="no http service\n")
+            target = "https://%s:%d%s" % (name, port, urllib.parse.quote(
+                request.path, safe="/?#[]@!$&'()*+,;=:%~-._"))
+            return "answer", 308, target, ["Location: " + target]
+        return "answer", 404, "%s has no http service" % name
 
-    def answer_acme_http01(self, head):
-        """ACME HTTP-01 (RFC 8555 §8.3) for any name: the key authorization, or
-        None when the request is no challenge or HTTP-01 is not in use."""
-        match = re.fullmatch(r"/\.well-known/acme-challenge/([A-Za-z0-9_-]{1,256})",
-                             http_head_path(head))
-        if self.acme_http01 is None or match is None or not head.startswith(b"GET "):
-            return None
-        body = self.acme_http01(match.group(1))
-        if body is None:
-            return lambda sock: answer_and_close(sock, 404, "Not Found", body="no such challenge\n")
-        return lambda sock: answer_and_close(sock, 200, "OK", body=body.decode("ascii"))
+    def open_upstream(self, conn, record, port):
+        """A new stream for `conn` to the tunnel's service; (status, text) if refused."""
+        refusal = self.hub.stream_refusal(record["id"])
+        if refusal is not None:
+            log.info("http front answered status=%d tunnel=%s from=%s reason=%s", refusal[0],
+                     record["id"], shown_address(conn.address), refusal[1])
+            return refusal[0], "%s: %s" % (record["fqdn"], refusal[1])
+        up = conn.up = Upstream(record["id"], record["fqdn"], port)
+        up.stream = self.hub.open_stream(record["id"], port, up.peer_sock, conn.address,
+                                         ends_of=conn.sock)
+        return None
+
+    def log_failure(self, up, status, text):
+        log.info("http front answered status=%d tunnel=%s reason=%s", status, up.tunnel_id, text)
+
+    def refuse_h2c(self, conn):
+        log.warning("http front refused cleartext HTTP/2 (prior knowledge) from=%s",
+                    shown_address(conn.address))
+        conn.out += h2c_refusal("pipe2me: HTTP/2 needs TLS here; use HTTP/1.1 or https://")
+        conn.finish()
+        return False
 
     # -- HTTPS front ----------------------------------------------------
     def on_https_accept(self, sock, address):
-        self.sniff(sock, address, lambda head: self.route_https(head, address),
+        self.sniff("https", sock, address, lambda head: self.route_https(head, address),
                    lambda s: s.close())
 
     def route_https(self, head, address):
@@ -4492,14 +5312,6 @@ def _labels_of(name):
     if not text or not all(0 < len(label) <= 63 for label in labels) or len(text) > 253:
         raise ValueError("not a valid DNS name: %r" % name)
     return labels
-
-
-@functools.lru_cache(maxsize=4096)
-def source_prefix(address, ipv4_bits, ipv6_bits):
-    """The network a per-source limit counts `address` (a string) in: its
-    IPv4 /ipv4_bits or IPv6 /ipv6_bits, an IPv4-mapped address as IPv4."""
-    ip = ipaddress.ip_address(plain_address(address))
-    return str(ipaddress.ip_network((ip, ipv4_bits if ip.version == 4 else ipv6_bits), False))
 
 
 # ---- the zone: what a query gets ---------------------------------------------
@@ -5296,6 +6108,7 @@ class Hub:
         self.unbound = set()  # wanted ports another socket holds; expire() retries them
         self.accepting = True
         self.cert_view = None  # tunnel id -> ACME state for CERT frames; set by the wiring
+        self.on_http_port_accept = None  # Fronts' handler for the ports of http services
 
     def attach(self, record, tls, peer, welcome, features=()):
         """A pod passed the gate: it replaces any older session of its tunnel
@@ -5346,16 +6159,31 @@ class Hub:
         except OSError as exc:  # counted in memory; the next save of the tunnel writes them
             log.error("traffic not saved tunnel=%s error=%s", session.tunnel_id, exc.strerror)
 
-    def open_stream(self, tunnel_id, port, sock, address):
+    def stream_refusal(self, tunnel_id):
+        """Why a new stream to the tunnel cannot open now, as (HTTP status,
+        reason), or None."""
         session = self.sessions.get(tunnel_id)
         if session is None or session.closed or session.draining:
-            log.debug("consumer refused, pod offline tunnel=%s from=%s", tunnel_id, address[0])
-            return sock.close()
+            return 502, "the pod is not connected"
         cap = self.settings.max_streams_per_tunnel
         if cap and len(session.streams) >= cap:
             log.warning("stream cap reached tunnel=%s cap=%d", tunnel_id, cap)
+            return 503, "the tunnel is at its cap of %d open streams" % cap
+        return None
+
+    def open_stream(self, tunnel_id, port, sock, address, ends_of=None):
+        """Carry a consumer socket to the tunnel's `port` service: the Stream,
+        or None (the socket is closed) if stream_refusal() says no. The OPEN
+        names the ends of `ends_of` (the consumer's socket when `sock` is the
+        HTTP front's socket pair), else of `sock`."""
+        refusal = self.stream_refusal(tunnel_id)
+        if refusal is not None:
+            log.debug("consumer refused tunnel=%s from=%s reason=%s", tunnel_id, address[0],
+                      refusal[1])
             return sock.close()
-        session.open_stream(sock, port, stream_ends(sock, address) if session.wants_addresses else None)
+        session = self.sessions[tunnel_id]
+        ends = stream_ends(ends_of or sock, address) if session.wants_addresses else None
+        return session.open_stream(sock, port, ends)
 
     def sync(self, _tunnel_id=None):
         """Make listeners and sessions match the store (after any change)."""
@@ -5405,7 +6233,12 @@ class Hub:
         if port in self.unbound:
             self.unbound.discard(port)
             log.info("public port listening tunnel=%s port=%d", tunnel_id, port)
-        on_accept = lambda conn, address: self.open_stream(tunnel_id, port, conn, address)
+        record = self.store.get(tunnel_id)
+        http = record is not None and dict(zip(record["ports"], record["protocols"])).get(port) == "http"
+        if http and self.on_http_port_accept is not None:
+            on_accept = lambda conn, address: self.on_http_port_accept(tunnel_id, port, conn, address)
+        else:
+            on_accept = lambda conn, address: self.open_stream(tunnel_id, port, conn, address)
         self.listeners[port] = (tunnel_id, Listener(self.loop, sock, on_accept, "port %d" % port))
 
     def enforce_traffic_caps(self):
@@ -5479,6 +6312,7 @@ class Server:
         self.reconciler = None      # DnsReconciler for DYNAMIC_DNS_SERVICE=dnsimple:...
         self.acme = None            # AcmeOrders when ACME_DIRECTORY is set
         self.acme_api_context = None  # the API's TLS context with the ACME certificate
+        self.acme_http01 = None     # token -> key authorization bytes or None (HTTP-01)
 
     # -- start-up -------------------------------------------------------
     def prepare_state(self):
@@ -5531,7 +6365,8 @@ class Server:
         s = self.settings
         api_context = self.server_tls_context()
         self.api_server = ApiServer(self.api, api_context)
-        self.fronts = Fronts(self.loop, s, self.hub, self.api_server)
+        self.fronts = Fronts(self.loop, s, self.hub, self.api_server, self.acme_http01)
+        self.hub.on_http_port_accept = self.fronts.on_http_port_accept
         gate_context = self.pod_tls_context(self.server_cert_files)
         self.gate = PodGate(s, self.store, gate_context, self.loop, self.hub.attach)
         plan = [("http", s.http_port, self.fronts.on_http_accept),

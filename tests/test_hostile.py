@@ -406,7 +406,7 @@ def api_cases(server):
         "utf8-auth-header": (b"GET /tunnels/%s HTTP/1.0\r\n" % tid.encode() + host
                              + b"Authorization: Bearer \xff\xfe\r\n\r\n", {401}),
         "utf8-host": (b"GET /no-such-page HTTP/1.0\r\nHost: \xff\xfe." + DOMAIN.encode()
-                      + b"\r\n\r\n", {404}),
+                      + b"\r\n\r\n", {400, 404}),  # RFC 9112 §3.2: an invalid Host is a 400
         # invalid JSON and JSON of the wrong shape
         "json-truncated": (post("/tunnels", b'{"token": "x", "protocols": ['), {400}),
         "json-array": (post("/tunnels", b'["token"]'), {400}),
@@ -1312,18 +1312,28 @@ def test_brake_idle_stream_closed_after_the_timeout(brakes):
 
 
 def test_brake_pending_front_connections(brakes):
+    """Each front has its own budget: 4 pending on the HTTP front fill it,
+    the HTTPS front still takes 4 of its own."""
     server, mark = brakes.server, brakes.server.mark()
     pending = [connect(server.http) for _ in range(4)]
     for sock in pending:
         sock.sendall(b"GET /config HTTP/1.0\r\n")  # a head that is not finished
     refused = []  # the first on the same listener: accepted after the four
-    for port in (server.http, server.https, server.http):
+    for port in (server.http, server.http):
         answer, seconds = refused_at_once(port)
         refused.append(seconds)
         assert answer == b""
     report("brake", "5th-pending-on-a-cap-of-4", "closed", max(refused))
-    assert server.log_count(r"pending cap reached, consumer closed from=127\.0\.0\.1:\d+ cap=4",
-                            mark) == 3
+    assert server.log_count(r"pending cap reached, consumer closed front=http "
+                            r"from=127\.0\.0\.1:\d+ cap=4", mark) == 2
+    tls_pending = [connect(server.https) for _ in range(4)]
+    for sock in tls_pending:
+        sock.sendall(b"\x16\x03\x01")  # a ClientHello that is not finished
+    answer, _seconds = refused_at_once(server.https)
+    assert answer == b""
+    assert server.log_count(r"pending cap reached, consumer closed front=https", mark) == 1
+    for sock in tls_pending:
+        sock.close()
     for sock in pending:  # the pending ones finish their heads and are served
         sock.sendall(b"Host: %s\r\n\r\n" % DOMAIN.encode())
         assert status_of(read_until_closed(sock, 5.0)) == 200
