@@ -265,6 +265,8 @@ CONFIG_KEYS = {
     "MAX_PENDING_FRONT_PER_SOURCE": ("32", parse_count, "of those, per source (IPv4 address, IPv6 /64); 0 = no cap"),
     "TRUSTED_PROXIES": ("", parse_networks, "proxies in front of the HTTP front whose X-Forwarded-*/Forwarded are kept (CIDRs)"),
     "MAX_PENDING_HANDSHAKES": ("64", parse_count, "pod connections still authenticating; 0 = no cap"),
+    "MAX_PENDING_HANDSHAKES_PER_SOURCE": ("4", parse_count, "of those, per IPv4 address or IPv6 /64; 0 = no limit"),
+    "API_CONNECTIONS_PER_SOURCE": ("8", parse_count, "API requests served at once per IPv4 address or IPv6 /64; 0 = no limit"),
     "FRONT_HEAD_DEADLINE": ("10", parse_positive_duration, "seconds a front connection may take to send its head"),
     "API_REQUEST_DEADLINE": ("20", parse_positive_duration, "seconds an API connection may last (against slowloris)"),
     "ACME_DIRECTORY": ("", parse_https_url, "ACME directory URL for publicly trusted certificates; empty = off"),
@@ -436,6 +438,90 @@ def shell_format(obj, prefix=""):
             text = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
             lines.append("%s%s=%s" % (prefix, key, shlex.quote(text)))
     return "\n".join(lines) + "\n"
+
+
+@functools.lru_cache(maxsize=4096)
+def source_prefix(address, ipv4_bits, ipv6_bits):
+    """The network a per-source limit counts `address` (a string) in: its
+    IPv4 /ipv4_bits or IPv6 /ipv6_bits, an IPv4-mapped address as IPv4."""
+    ip = ipaddress.ip_address(address)
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    bits = ipv4_bits if ip.version == 4 else ipv6_bits
+    return str(ipaddress.ip_network((ip, bits), strict=False))
+
+
+class SourceShares:
+    """Connections served by threads (pod handshakes, API requests): `cap`
+    at once, `share` per source (an IPv4 address, an IPv6 /64; 0 = no
+    limit). A newcomer whose source holds its share takes the place of that
+    source's oldest connection; when every slot is taken, one whose source
+    holds fewer than the largest holder takes the place of that holder's
+    oldest. So a flood from one source, or many, leaves room for everybody
+    else, and the newest connection of any source is served (a pod behind
+    the attacker's NAT too). A displaced connection is shut down, which
+    ends its thread. Thread-safe."""
+
+    def __init__(self, cap, share):
+        self.cap, self.share = cap, share
+        self.lock = threading.Lock()
+        self.holders = {}                     # socket -> (source, taken at)
+        self.counts = collections.Counter()   # source -> slots held
+
+    def take(self, sock, source):
+        """Whether `sock` may be served; the owner calls leave() before closing it."""
+        with self.lock:
+            held = self.counts[source]
+            victim = None
+            if self.share and held >= self.share:
+                victim = self.oldest(source)
+            elif self.cap and len(self.holders) >= self.cap:
+                victim = self.victim(held)
+                if victim is None:
+                    return False
+            if victim is not None:
+                self.forget(victim)
+            self.holders[sock] = (source, time.monotonic())
+            self.counts[source] += 1
+        if victim is not None:  # its thread sees EOF and ends; closing is its owner's job
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(victim, socket.SHUT_RDWR)
+        return True
+
+    def victim(self, held):
+        """The oldest connection of the largest holder, if that holds more than `held`."""
+        top = max(self.counts.values())
+        if top <= held:
+            return None
+        return self.oldest(min((s for s, n in self.counts.items() if n == top),
+                               key=self.oldest_time))
+
+    def oldest(self, source):
+        return min((sock for sock, (owner, _) in self.holders.items() if owner == source),
+                   key=lambda sock: self.holders[sock][1])
+
+    def oldest_time(self, source):
+        return self.holders[self.oldest(source)][1]
+
+    def rekey(self, old, new):
+        """The connection is now served through `new` (a TLS socket wrapping `old`)."""
+        with self.lock:
+            if old in self.holders:
+                self.holders[new] = self.holders.pop(old)
+
+    def leave(self, sock):
+        with self.lock:
+            self.forget(sock)
+
+    def forget(self, sock):
+        entry = self.holders.pop(sock, None)
+        if entry is not None:
+            self.counts[entry[0]] -= 1
+            if not self.counts[entry[0]]:
+                del self.counts[entry[0]]
+
+    def held(self):
+        with self.lock:
+            return len(self.holders)
 
 
 def mask_secret(secret):
@@ -3763,10 +3849,14 @@ class PodGate:
         self.settings, self.store, self.context = settings, store, tls_context
         self.loop, self.attach = loop, attach
         self.cap = settings.max_pending_handshakes
-        self.slots = threading.BoundedSemaphore(self.cap or 1 << 30)
+        # Until its certificate is verified a connection is a stranger's: the
+        # strangers share `cap` slots by source. A verified pod leaves them
+        # for slots shared by certificate, where no stranger can take its place.
+        self.strangers = SourceShares(self.cap, settings.max_pending_handshakes_per_source)
+        self.verified = SourceShares(self.cap, 2)
 
     def admit(self, sock, address):
-        if not self.slots.acquire(blocking=False):
+        if not self.strangers.take(sock, source_prefix(address[0], 32, 64)):
             log.warning("pod handshake cap reached, closing pod=%s:%d cap=%d",
                         address[0], address[1], self.cap)
             return sock.close()
@@ -3774,23 +3864,35 @@ class PodGate:
                          name="pod-handshake", daemon=True).start()
 
     def authenticate(self, sock, address):
-        peer = "%s:%d" % address[:2]
+        peer, tls = "%s:%d" % address[:2], sock
         try:
             sock.setblocking(True)
             sock.settimeout(self.settings.hello_timeout)
-            tls = self.context.wrap_socket(sock, server_side=True)
+            tls = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            self.strangers.rekey(sock, tls)
+            tls.do_handshake()
+            self.strangers.leave(tls)
+            if not self.verified.take(tls, sha256_hex(tls.getpeercert(binary_form=True) or b"")):
+                raise ProtocolError("this certificate has two connections in their greeting")
             record, welcome, features = self.greet(tls)
             tls.settimeout(None)
             self.loop.call_soon_threadsafe(
                 lambda: self.attach(record, tls, peer, welcome, features))
         except ProtocolError as exc:
             log.warning("pod refused pod=%s reason=%s", peer, exc)
-            sock.close()
+            self.close(tls)
         except (OSError, ValueError) as exc:
             log.info("pod handshake failed pod=%s reason=%s", peer, exc)
-            sock.close()
+            self.close(tls)
         finally:
-            self.slots.release()
+            self.strangers.leave(tls)
+            self.verified.leave(tls)
+
+    def close(self, sock):
+        """Leave the slots first: a displacement never meets a reused descriptor."""
+        self.strangers.leave(sock)
+        self.verified.leave(sock)
+        sock.close()
 
     def greet(self, tls):
         """Read HELLO and check it against the client certificate: REJECT, or
@@ -6035,13 +6137,13 @@ class ApiServer:
 
     def __init__(self, api, tls_context):
         self.api, self.tls_context = api, tls_context
-        self.slots = threading.BoundedSemaphore(API_MAX_CONNECTIONS)
+        self.slots = SourceShares(API_MAX_CONNECTIONS, api.settings.api_connections_per_source)
         self.deadlines = {}
         self.lock = threading.Lock()
 
     def serve(self, sock, address, tls):
         sock.setblocking(True)
-        if not self.slots.acquire(blocking=False):
+        if not self.slots.take(sock, source_prefix(address[0], 32, 64)):
             log.warning("api connection cap reached, closing from=%s:%d cap=%d",
                         address[0], address[1], API_MAX_CONNECTIONS)
             return answer_and_close(sock, 429, "Too Many Requests", body="server busy\n")
@@ -6059,6 +6161,7 @@ class ApiServer:
                                                     do_handshake_on_connect=False)
                 with self.lock:
                     self.deadlines[conn] = self.deadlines.pop(sock)
+                self.slots.rekey(sock, conn)
                 conn.do_handshake()
             ApiHandler(conn, address, self.api)
             linger(conn)
@@ -6068,9 +6171,10 @@ class ApiServer:
             with self.lock:
                 self.deadlines.pop(sock, None)
                 self.deadlines.pop(conn, None)
+            self.slots.leave(sock)
+            self.slots.leave(conn)
             with contextlib.suppress(OSError):
                 conn.close()
-            self.slots.release()
 
     def expire(self, now):
         """Shut down connections past their deadline (slow clients). The

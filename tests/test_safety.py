@@ -415,3 +415,103 @@ def test_safety_stalled_readers_make_room_for_new_consumers(push_bed):
     assert got >= 2 * MiB
     log = b.server.proc.stderr()
     assert "reader stalled under buffer pressure" in log
+
+
+# =====================================================================================
+# 2. Shares: the tunnel handshake slots and the API's workers
+# =====================================================================================
+
+def silent_connections(port, sources, per_source, first_bytes=b""):
+    """Connections that send `first_bytes` (or nothing) and then stay silent."""
+    socks = []
+    for source in sources:
+        for _ in range(per_source):
+            sock = socket.socket()
+            sock.bind((source, 0))
+            sock.settimeout(5)
+            try:
+                sock.connect(("127.0.0.1", port))
+                if first_bytes:
+                    sock.sendall(first_bytes)
+            except OSError:
+                sock.close()
+                continue
+            socks.append(sock)
+    return socks
+
+
+def client_hello_prefix():
+    """The first 40 bytes of a real ClientHello: a handshake that never completes."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=DOMAIN)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()[:40]
+
+
+HANDSHAKE_FLOODS = {
+    # name: (sources, connections per source, first bytes)
+    "one-address-silent": ([FLOOD_SOURCE], 100, b""),
+    "one-address-half-hello": ([FLOOD_SOURCE], 100, "hello"),
+    "forty-addresses": (["127.0.0.%d" % n for n in range(20, 60)], 3, b""),
+}
+
+
+@pytest.mark.parametrize("flood", sorted(HANDSHAKE_FLOODS))
+def test_safety_handshake_flood_never_locks_a_pod_out(bed, server_mod, flood):
+    """Strangers hold the tunnel port's handshake slots (silent, or halfway
+    through a ClientHello, from one address or from forty): a pod with a
+    valid certificate still gets WELCOMEd within a second, from another
+    address and from the flooding address itself; later arrivals of the
+    flood are refused or displaced."""
+    sources, per_source, first = HANDSHAKE_FLOODS[flood]
+    if first == "hello":
+        first = client_hello_prefix()
+    flood_socks = silent_connections(bed.server.tunnel, sources, per_source, first)
+    try:
+        for source in ("127.0.0.1", sources[0]):
+            started = time.monotonic()
+            pod = RawPod(server_mod, bed.server, bed.raw, source=source)
+            took = time.monotonic() - started
+            pod.close()
+            print("\n%s: %d connections held, pod from %s welcomed in %.3f s"
+                  % (flood, len(flood_socks), source, took))
+            assert took < 1.0
+    finally:
+        for sock in flood_socks:
+            sock.close()
+    bed.server.assert_alive()
+
+
+def test_safety_api_bodies_that_never_come_leave_room_for_others(bed):
+    """Requests that announce a body and never send it, 100 from one address
+    and then 4 each from twenty more: a client from yet another address gets
+    its answer within a second, and so does a new request from the flooding
+    address (it displaces that address's oldest)."""
+    head = ("POST /tunnels HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+            "Content-Length: 1000\r\n\r\n{" % DOMAIN).encode()
+    flood = silent_connections(bed.server.http, [FLOOD_SOURCE], 100, head)
+    try:
+        time.sleep(0.5)   # every head has reached the API by now (no condition to wait on)
+        started = time.monotonic()
+        status, _ = api(bed.server, "GET", "/config", source=OTHER_SOURCE, timeout=5)
+        took = time.monotonic() - started
+        assert status == 200 and took < 1.0, (status, took)
+        started = time.monotonic()
+        own = api(bed.server, "GET", "/config", source=FLOOD_SOURCE, timeout=5)[0]
+        own_took = time.monotonic() - started
+        flood += silent_connections(bed.server.http, ["127.0.0.%d" % n for n in range(60, 80)],
+                                    4, head)
+        time.sleep(0.5)
+        started = time.monotonic()
+        status2, _ = api(bed.server, "GET", "/config", source="127.0.0.90", timeout=5)
+        took2 = time.monotonic() - started
+        print("\napi: %d slow requests held; a stranger served in %.3f s, then %.3f s; the "
+              "flooding address in %.3f s" % (len(flood), took, took2, own_took))
+        assert status2 == 200 and took2 < 1.0, (status2, took2)
+        assert own == 200 and own_took < 1.0, (own, own_took)
+    finally:
+        for sock in flood:
+            sock.close()
+    bed.server.assert_alive()
