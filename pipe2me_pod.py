@@ -350,7 +350,8 @@ class Msg(enum.IntEnum):
     """Frame types. Payloads: JSON objects for control frames on stream 0."""
     HELLO = 1    # pod: {"kind": "control", "version", "tunnel", "features", "yield"} — first
                  # frame; "yield": true (a pod that was replaced) takes no live session over
-    WELCOME = 2  # server: {"tunnel", "fqdn", "services", "heartbeat_interval_s", "proxy_protocol"}
+    WELCOME = 2  # server: {"tunnel", "fqdn", "services", "heartbeat_interval_s", "proxy_protocol",
+                 # "http_port", "https_port"}
     REJECT = 3   # server: {"reason", "permanent", "replaced_by"}; the connection then closes
     OPEN = 4     # server: a consumer arrived; payload u16 public port, then
                  # (for a pod whose HELLO lists "consumer_address") the
@@ -2928,6 +2929,7 @@ class PodRunner:
             self.session = PodMux(self, tls, welcome)
             self.up_since = time.time()
             log.info("tunnel up fqdn=%s server=%s", welcome.get("fqdn"), self.endpoint())
+            log_public_urls(self.setup.fqdn, self.setup.urls, welcome)
             self.write_status()
             self.loop.run()
         return 0
@@ -3050,6 +3052,24 @@ def run_hook(command):
         log.warning("on-cert-change hook failed reason=%s", exc)
         return
     log.info("on-cert-change hook ran status=%d", done.returncode)
+
+
+def public_urls(fqdn, urls, fronts):
+    """Every URL consumers can use: the per-port URLs, then the HTTP front
+    (Host-routed, for an http service) and the SNI front (for https);
+    `fronts` has the server's http_port and https_port when known."""
+    found = list(urls)
+    schemes = [urllib.parse.urlsplit(url).scheme for url in urls]
+    for scheme, key, default in (("http", "http_port", 80), ("https", "https_port", 443)):
+        port = fronts.get(key)
+        if scheme in schemes and isinstance(port, int) and port > 0:
+            found.append("%s://%s%s/" % (scheme, fqdn, "" if port == default else ":%d" % port))
+    return found
+
+
+def log_public_urls(fqdn, urls, fronts):
+    for url in public_urls(fqdn, urls, fronts):
+        log.info("public url=%s", url)
 
 
 class Displaced(Unavailable):
@@ -3324,10 +3344,11 @@ def create_tunnel(files, api, token, protocols, local_ports, proxy_protocol=None
     After the tunnel exists, any failure deletes it again (best effort) and
     removes the files written so far.
     """
-    check_server_config(api, protocols)
+    config = check_server_config(api, protocols)
     tunnel = api.create_tunnel(token, protocols, proxy_protocol)
     warn_if_proxy_ignored(tunnel, proxy_protocol)
     log.info("tunnel created tunnel=%s fqdn=%s", tunnel["id"], tunnel["fqdn"])
+    log_public_urls(tunnel["fqdn"], tunnel["urls"], config)
     try:
         install_tunnel(files, api, api.base_url, tunnel, local_ports or tunnel["ports"])
     except BaseException:
@@ -3531,8 +3552,7 @@ def cmd_service(args):
     files = PodFiles(args.dir)
     fqdn = read_setup(files).fqdn if os.path.exists(files.info) else None
     name = "pipe2me-" + fqdn.split(".")[0] if fqdn else "pipe2me"
-    python = sys.executable if sys.executable and os.path.isabs(sys.executable) else "python3"
-    argv = [python, os.path.abspath(__file__), "--dir", files.dir, "start"]
+    argv = pod_argv() + ["--dir", files.dir, "start"]
     if args.systemd:
         text = systemd_unit(name, fqdn or files.dir, argv, _dir_owner(files.dir))
     else:
@@ -3541,6 +3561,18 @@ def cmd_service(args):
                              " ".join(shlex.quote(arg) for arg in argv))
     sys.stdout.write(text)
     return 0
+
+
+def pod_argv():
+    """How a service runs this pod: the installed `pipe2me` command when that
+    is how it was started (pip), else this Python and this script's path."""
+    import shutil
+    if os.path.basename(sys.argv[0] or "") == "pipe2me":
+        installed = shutil.which("pipe2me")
+        if installed:
+            return [os.path.abspath(installed)]
+    python = sys.executable if sys.executable and os.path.isabs(sys.executable) else "python3"
+    return [python, os.path.abspath(__file__)]
 
 
 def _dir_owner(directory):

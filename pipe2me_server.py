@@ -599,7 +599,8 @@ class Msg(enum.IntEnum):
     """Frame types. Payloads: JSON objects for control frames on stream 0."""
     HELLO = 1    # pod: {"kind": "control", "version", "tunnel", "features", "yield"} — first
                  # frame; "yield": true (a pod that was replaced) takes no live session over
-    WELCOME = 2  # server: {"tunnel", "fqdn", "services", "heartbeat_interval_s", "proxy_protocol"}
+    WELCOME = 2  # server: {"tunnel", "fqdn", "services", "heartbeat_interval_s", "proxy_protocol",
+                 # "http_port", "https_port"}
     REJECT = 3   # server: {"reason", "permanent", "replaced_by"}; the connection then closes
     OPEN = 4     # server: a consumer arrived; payload u16 public port, then
                  # (for a pod whose HELLO lists "consumer_address") the
@@ -1669,7 +1670,7 @@ class Mux:
 
 TOKEN_OPTIONS = {
     # option: (default, parser)
-    "max_ports": (1, lambda v: max(1, int(v))),
+    "max_ports": (1, lambda v: parse_port_count(v)),
     "lifespan": (30 * 86400, parse_positive_duration),
     "extend": (False, lambda v: parse_bool(v)),
     "unique": (False, lambda v: parse_bool(v)),
@@ -1677,6 +1678,16 @@ TOKEN_OPTIONS = {
     "rate": (0, lambda v: parse_bytes(v)),
 }
 TOKEN_NAME = re.compile(r"[^\s=#]{4,200}")
+# The first token and `tokens add` without max_ports allow this many ports, so
+# the README's walkthrough (http,https) works with either; a line of
+# tokens.conf without max_ports allows 1, as in the original.
+ADDED_TOKEN_MAX_PORTS = 4
+
+
+def parse_port_count(value):
+    if not re.fullmatch(r"[0-9]{1,5}", value) or int(value) < 1:
+        raise ValueError("not a number of ports (1 or more)")
+    return int(value)
 
 
 def parse_bool(value):
@@ -1698,7 +1709,10 @@ def parse_token_line(line):
         key, colon, value = item.partition(":")
         if key not in TOKEN_OPTIONS or not colon:
             raise ValueError("unknown option %r (known: %s)" % (item, ", ".join(TOKEN_OPTIONS)))
-        options[key] = TOKEN_OPTIONS[key][1](value)
+        try:
+            options[key] = TOKEN_OPTIONS[key][1](value)
+        except ValueError as exc:
+            raise ValueError("bad value %r for %s: %s" % (value[:40], key, exc)) from None
     return name, options
 
 
@@ -3918,7 +3932,8 @@ class PodGate:
             "services": [{"protocol": p, "port": n}
                          for p, n in zip(record["protocols"], record["ports"])],
             "heartbeat_interval_s": self.settings.heartbeat_interval,
-            "proxy_protocol": record.get("proxy_protocol") or ""}, features
+            "proxy_protocol": record.get("proxy_protocol") or "",
+            "http_port": self.settings.http_port, "https_port": self.settings.https_port}, features
 
     def judge(self, tls, hello):
         """Return (record, refusal reason or None, whether the refusal is final)."""
@@ -6786,7 +6801,7 @@ def ensure_tokens_file(path):
         return None
     name = new_token_name()
     options = {key: default for key, (default, _) in TOKEN_OPTIONS.items()}
-    options.update(max_ports=4, extend=True)
+    options.update(max_ports=ADDED_TOKEN_MAX_PORTS, extend=True)
     text = ("# pipe2me tokens: name = option:value ...\n"
             "# options: max_ports lifespan(s/m/h/d) extend unique max_traffic(K/M/G) rate\n"
             + format_token_line(name, options) + "\n")
@@ -6795,11 +6810,26 @@ def ensure_tokens_file(path):
 
 
 def print_first_token(settings, token):
+    """The first token and a pod command that works wherever it is pasted."""
     host = "127.0.0.1" if settings.tunnel_domain.endswith("localhost") else settings.tunnel_domain
+    if ":" in host:
+        host = "[%s]" % host
     print("token: %s" % token)
-    print("pod command: python3 pipe2me_pod.py setup --server http://%s:%d --auth %s"
-          " --protocols http,https --local-ports 8100,8101" % (host, settings.http_port, token))
+    print("pod command: %s setup --server http://%s:%d --auth %s"
+          " --protocols http,https --local-ports 8100,8101"
+          % (pod_command(), host, settings.http_port, token))
     sys.stdout.flush()
+
+
+def pod_command():
+    """How to run the pod here: `pipe2me` when installed as a command (as this
+    server is, `pipe2me-server`), else python3 and the pod script's absolute
+    path beside this script."""
+    import shutil
+    if os.path.basename(sys.argv[0] or "") == "pipe2me-server" and shutil.which("pipe2me"):
+        return "pipe2me"
+    here = os.path.dirname(os.path.abspath(__file__))
+    return "python3 %s" % shlex.quote(os.path.join(here, "pipe2me_pod.py"))
 
 # =====================================================================
 # CLI — the server in the foreground, admin commands, main()
@@ -6816,9 +6846,9 @@ def notify_server(settings):
 def cmd_tokens(settings, args):
     path = settings.tokens_file
     tokens = load_tokens(path)
-    if args.action == "list":
+    if args.action == "list":  # names in full: this is the server's own machine
         for name, options in tokens.items():
-            print(format_token_line(mask_secret(name), options))
+            print(format_token_line(name, options))
         return 0
     if args.action == "add":
         if args.name and args.name.partition(":")[0] in TOKEN_OPTIONS:
@@ -6828,8 +6858,11 @@ def cmd_tokens(settings, args):
             raise UsageError("a token name needs 4+ characters without spaces, '=' or '#'")
         if name in tokens:
             raise UsageError("token %s exists already" % mask_secret(name))
+        given = list(args.options)
+        if not any(item.partition(":")[0] == "max_ports" for item in given):
+            given.append("max_ports:%d" % ADDED_TOKEN_MAX_PORTS)  # as the first token
         try:
-            options = parse_token_line("%s = %s" % (name, " ".join(args.options)))[1]
+            options = parse_token_line("%s = %s" % (name, " ".join(given)))[1]
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         append_token(path, name, options)
@@ -6896,18 +6929,30 @@ def iso_time(epoch):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)) if epoch else ""
 
 
+def shown_setting(value):
+    """A setting as the configuration file spells it: a range as a..b, a
+    list comma-separated, nothing as an empty value."""
+    if isinstance(value, range):
+        return "%d..%d" % (value[0], value[-1])
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return ",".join(str(v) for v in value)
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def cmd_check_config(settings, _args):
     for key in CONFIG_KEYS:
         value = getattr(settings, key.lower())
-        if isinstance(value, range):
-            value = "%d..%d" % (value[0], value[-1])
         if key == "DYNAMIC_DNS_SERVICE" and value.startswith("dnsimple:"):
             value = "dnsimple:" + mask_secret(value.split(":")[1])
         if key == "METRICS_TOKEN" and value:
             value = mask_secret(value)
         if key == "METRICS_ALLOW":
             value = ",".join(str(network) for network in value)
-        print("%s=%s  # %s" % (key, value, settings.origins[key]))
+        print("%s=%s  # %s" % (key, shown_setting(value), settings.origins[key]))
     return 0
 
 
