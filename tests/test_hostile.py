@@ -456,8 +456,12 @@ def api_cases(server):
         "method-propfind": (b"PROPFIND /tunnels HTTP/1.0\r\n" + host + b"\r\n", {405}),
         "method-trace": (b"TRACE / HTTP/1.0\r\n" + host + b"\r\n", {405}),
         "method-connect": (b"CONNECT evil.example:443 HTTP/1.0\r\n" + host + b"\r\n", {400, 404}),
-        "method-patch-tunnel": (b"PATCH /tunnels/" + tid.encode() + b" HTTP/1.0\r\n" + host + auth
-                                + b"\r\n", {405}),
+        "method-patch-tunnel-no-body": (b"PATCH /tunnels/" + tid.encode() + b" HTTP/1.0\r\n" + host
+                                        + auth + b"\r\n", {400}),
+        "method-patch-tunnel-unknown-key": (b"PATCH /tunnels/" + tid.encode() + b" HTTP/1.0\r\n"
+                                            + host + auth + b"Content-Length: 16\r\n\r\n"
+                                            + b'{"ports": [1,2]}', {400}),
+        "method-patch-tunnels": (b"PATCH /tunnels HTTP/1.0\r\n" + host + b"\r\n", {405}),
         "method-put-tunnels": (post("/tunnels", b'{"token": "%s", "protocols": ["tcp"]}'
                                     % MAIN_TOKEN.encode()).replace(b"POST", b"PUT", 1), {405}),
         "method-10kb": (b"X" * 10000 + b" /config HTTP/1.0\r\n" + host + b"\r\n", {400, 405}),
