@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import binascii
 import calendar
 import collections
 import concurrent.futures
@@ -2086,44 +2085,36 @@ LEAF_BACKDATE_S = 300            # tolerate pods whose clocks run a little slow
 SERVER_CERT_RENEW_BEFORE_S = 7 * 86400
 RSA_MIN_BITS = 2048
 RSA_MAX_BITS = 16384             # OpenSSL's own ceiling for RSA verification
-OID_MAX_BYTES = 64
 FQDN_MAX_CHARS = 253
 
-OID_COMMON_NAME = "2.5.4.3"
-OID_EXTENSION_REQUEST = "1.2.840.113549.1.9.14"
-OID_SUBJECT_ALT_NAME = "2.5.29.17"
-OID_BASIC_CONSTRAINTS = "2.5.29.19"
-OID_RSA = "1.2.840.113549.1.1.1"
-OID_EC = "1.2.840.10045.2.1"
-OID_ED25519 = "1.3.101.112"
-OID_P256 = "1.2.840.10045.3.1.7"
-OID_P384 = "1.3.132.0.34"
-EC_CURVE_BITS = {OID_P256: 256, OID_P384: 384, "1.3.132.0.35": 521}
-ACCEPTED_EC_CURVES = (OID_P256, OID_P384)
+# The AlgorithmIdentifier that opens the SubjectPublicKeyInfo of each accepted
+# key, as `openssl req -pubkey` writes it: the key check compares bytes and
+# parses nothing. Anything else (P-192, P-521, secp256k1, Ed448, RSA-PSS, DSA)
+# is refused.
+ACCEPTED_KEY_ALGORITHMS = {
+    bytes.fromhex("301306072a8648ce3d020106082a8648ce3d030107"): "EC P-256",
+    bytes.fromhex("301006072a8648ce3d020106052b81040022"): "EC P-384",
+    bytes.fromhex("300506032b6570"): "Ed25519",
+    bytes.fromhex("300d06092a864886f70d0101010500"): "RSA",
+}
 
 # OpenSSL 3.0 `req -verify` exits 0 even when the signature is bad, so the
 # status line is the only signal; anything else counts as a failure.
 VERIFY_OK_LINES = ("Certificate request self-signature verify OK", "verify OK")
 
-TAG_BOOLEAN, TAG_INTEGER, TAG_BIT_STRING, TAG_OCTET_STRING = 0x01, 0x02, 0x03, 0x04
-TAG_OID, TAG_UTC_TIME, TAG_GENERALIZED_TIME = 0x06, 0x17, 0x18
-TAG_SEQUENCE, TAG_SET, TAG_CONTEXT_0 = 0x30, 0x31, 0xA0
-TAG_SAN_DNS = 0x82
-SAN_KIND_BY_TAG = {0xA0: "otherName", 0x81: "email", 0xA3: "x400Address", 0xA4: "dirName",
-                   0xA5: "ediPartyName", 0x86: "URI", 0x87: "IP", 0x88: "registeredID"}
-STRING_CODEC_BY_TAG = {0x0C: "utf-8", 0x13: "ascii", 0x16: "ascii", 0x1A: "ascii",
-                       0x14: "latin-1", 0x1E: "utf-16-be", 0x1C: "utf-32-be"}
-
 _LDH_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
 _FQDN_RE = re.compile(_LDH_LABEL + r"(?:\." + _LDH_LABEL + r")*")
-_PEM_RE = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----([A-Za-z0-9+/=\s]*)-----END \1-----")
-CSR_PEM_LABELS = ("CERTIFICATE REQUEST", "NEW CERTIFICATE REQUEST")
-
-DerItem = tuple[int, int, int]   # (tag, content_start, content_end)
+_PEM_PUBLIC_KEY_RE = re.compile(r"-----BEGIN PUBLIC KEY-----([A-Za-z0-9+/=\s]+)-----END PUBLIC KEY-----")
 
 
 class OpensslFailed(Unavailable):
     """openssl ran and exited non-zero; the message carries its last stderr line."""
+
+
+class Leaf(collections.namedtuple("Leaf", "pem serial not_after")):
+    """A certificate the CA issued: its PEM text, its serial (hex, as in issued/) and its end."""
+
+    __slots__ = ()
 
 
 # ---- openssl ----------------------------------------------------------
@@ -2183,360 +2174,77 @@ def _shown(value: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-# ---- DER reading ----------------------------------------------------------
+# ---- CSR checks -------------------------------------------------------------
+# Whatever a CSR asks for, `openssl ca` as _issue() calls it writes only the
+# subject, extensions and dates given here, with the CSR's public key. So the
+# server checks just the two things openssl does not: that the CSR is signed by
+# its own key, and that the key is one we accept.
 
-def der_read(data: bytes, pos: int, end: int | None = None) -> DerItem:
-    """Read the DER header at data[pos:end] and return (tag, content_start, content_end).
+def check_csr(csr_pem: str, work: str) -> str:
+    """Check one PEM CSR in directory work; return its key's kind ("EC P-256", "RSA", ...).
 
-    content_end never exceeds end (default len(data)).  Raises CertRefused on
-    truncation, indefinite or non-minimal lengths, lengths over 4 bytes and
-    multi-byte tags: never IndexError or ValueError.
+    Writes req.pem (the CSR as given) into work. Refuses (CertRefused, one
+    line) non-text, non-ASCII or oversized input, anything but exactly one
+    CERTIFICATE REQUEST block, a CSR openssl cannot read, a bad self-signature
+    and a key outside ACCEPTED_KEY_ALGORITHMS or RSA_MIN_BITS..RSA_MAX_BITS.
     """
-    end = len(data) if end is None else min(end, len(data))
-    if pos < 0 or pos + 2 > end:
-        raise CertRefused("malformed DER: truncated element")
-    tag, first = data[pos], data[pos + 1]
-    if tag & 0x1F == 0x1F:
-        raise CertRefused("malformed DER: unsupported multi-byte tag")
-    pos += 2
-    if first < 0x80:
-        length = first
-    else:
-        count = first & 0x7F
-        if count == 0 or count > 4 or pos + count > end:
-            raise CertRefused("malformed DER: bad length")
-        length = int.from_bytes(data[pos:pos + count], "big")
-        if data[pos] == 0 or length < 0x80:
-            raise CertRefused("malformed DER: non-minimal length")
-        pos += count
-    if pos + length > end:
-        raise CertRefused("malformed DER: element longer than its container")
-    return tag, pos, pos + length
-
-
-def der_items(data: bytes, start: int, end: int) -> list[DerItem]:
-    """All elements that exactly fill data[start:end]; each is at least 2 bytes, so the loop is bounded."""
-    items = []
-    pos = start
-    while pos < end:
-        item = der_read(data, pos, end)
-        items.append(item)
-        pos = item[2]
-    return items
-
-
-def der_expect(item: DerItem, tag: int, what: str) -> tuple[int, int]:
-    """(content_start, content_end) of item, or CertRefused if its tag is not tag."""
-    if item[0] != tag:
-        raise CertRefused("malformed DER: %s has tag 0x%02x, expected 0x%02x" % (what, item[0], tag))
-    return item[1], item[2]
-
-
-def der_children(data: bytes, item: DerItem, tag: int, what: str,
-                 least: int, most: int) -> list[DerItem]:
-    """The elements inside item (which must carry tag), refusing fewer than least or more than most."""
-    start, end = der_expect(item, tag, what)
-    items = der_items(data, start, end)
-    if not least <= len(items) <= most:
-        raise CertRefused("malformed DER: %s has %d elements" % (what, len(items)))
-    return items
-
-
-def der_oid(data: bytes, item: DerItem, what: str) -> str:
-    """The dotted form of an OBJECT IDENTIFIER element; refuses non-minimal or oversized arcs."""
-    start, end = der_expect(item, TAG_OID, what)
-    raw = data[start:end]
-    if not raw or len(raw) > OID_MAX_BYTES or raw[-1] & 0x80:
-        raise CertRefused("malformed DER: bad object identifier in %s" % what)
-    arcs, value, fresh = [], 0, True
-    for byte in raw:
-        if fresh and byte == 0x80:
-            raise CertRefused("malformed DER: non-minimal object identifier in %s" % what)
-        value, fresh = (value << 7) | (byte & 0x7F), not byte & 0x80
-        if fresh:
-            arcs.append(value)
-            value = 0
-    top = min(arcs[0] // 40, 2)
-    return ".".join(str(arc) for arc in [top, arcs[0] - 40 * top] + arcs[1:])
-
-
-def der_string(data: bytes, item: DerItem, what: str) -> str:
-    """The text of a DER string element (UTF8, Printable, IA5, BMP, ...)."""
-    codec = STRING_CODEC_BY_TAG.get(item[0])
-    if codec is None:
-        raise CertRefused("malformed DER: %s is not a string" % what)
-    try:
-        return data[item[1]:item[2]].decode(codec)
-    except UnicodeDecodeError:
-        raise CertRefused("malformed DER: %s is not valid %s" % (what, codec)) from None
-
-
-def der_bit_string(data: bytes, item: DerItem, what: str) -> tuple[int, int]:
-    """Bounds of a BIT STRING's payload; keys and signatures have no unused bits."""
-    start, end = der_expect(item, TAG_BIT_STRING, what)
-    if start == end or data[start] != 0:
-        raise CertRefused("malformed DER: %s is not a whole number of bytes" % what)
-    return start + 1, end
-
-
-def pem_blocks(text: str, labels: Sequence[str]) -> list[bytes]:
-    """DER of every PEM block in text whose label is one of labels, in order."""
-    blocks = []
-    for match in _PEM_RE.finditer(text):
-        if match.group(1) in labels:
-            try:
-                blocks.append(base64.b64decode("".join(match.group(2).split()), validate=True))
-            except (binascii.Error, ValueError):
-                raise CertRefused("malformed PEM: bad base64 in %s" % match.group(1)) from None
-    return blocks
-
-
-def der_to_pem(der: bytes, label: str) -> str:
-    """PEM text of der with 64-column lines, as openssl writes it."""
-    body = base64.b64encode(der).decode("ascii")
-    lines = [body[i:i + 64] for i in range(0, len(body), 64)]
-    return "-----BEGIN %s-----\n%s\n-----END %s-----\n" % (label, "\n".join(lines), label)
-
-
-# ---- CSR inspection ---------------------------------------------------------
-
-class CsrFacts(collections.namedtuple("CsrFacts", "subject san_dns san_other ca_requested "
-                                      "key_type key_bits ec_curve key_oid der")):
-    """What a CSR asks for, read from its DER after its self-signature was verified.
-
-    subject: (oid, value) pairs in order, multi-valued RDNs flattened.
-    san_dns / san_other: subjectAltName entries; san_other names the kinds of
-    non-DNS entries (e.g. "IP", "email").  Both empty if the CSR has no SAN.
-    key_type: 'rsa', 'ec', 'ed25519' or 'other'; key_bits: RSA modulus bits or
-    EC curve bits (0 if unknown); ec_curve: the curve OID for EC keys, else "".
-    der: the exact CSR that was inspected, the one to hand to openssl.
-    """
-
-    __slots__ = ()
-
-
-def inspect_csr(pem_text: str) -> CsrFacts:
-    """Read and verify one PEM CSR; raise CertRefused with a one-line reason if it is unusable.
-
-    Refuses non-text or non-ASCII input, input over CSR_MAX_BYTES, anything
-    but exactly one CERTIFICATE REQUEST block, malformed DER and a bad
-    self-signature.  Says nothing about whether the CSR is acceptable for a
-    tunnel: that is check_csr_for().  May raise Unavailable if openssl cannot run.
-    """
-    if not isinstance(pem_text, str):
+    if not isinstance(csr_pem, str):
         raise CertRefused("CSR must be PEM text")
-    if len(pem_text) > CSR_MAX_BYTES:
+    if len(csr_pem) > CSR_MAX_BYTES:
         raise CertRefused("CSR is larger than %d bytes" % CSR_MAX_BYTES)
-    if not pem_text.isascii():
+    if not csr_pem.isascii():
         raise CertRefused("CSR is not PEM: it contains non-ASCII characters")
-    blocks = pem_blocks(pem_text, CSR_PEM_LABELS)
-    if len(blocks) != 1 or pem_text.count("-----BEGIN") != 1:
+    if csr_pem.count("-----BEGIN") != 1 or "-----BEGIN CERTIFICATE REQUEST-----" not in csr_pem:
         raise CertRefused("CSR must be exactly one PEM 'CERTIFICATE REQUEST' block")
-    facts = _parse_csr(blocks[0])
-    _verify_csr_signature(facts.der)
-    return facts
-
-
-def _parse_csr(der: bytes) -> CsrFacts:
-    """CsrFacts from a PKCS#10 DER structure, refusing anything that does not parse exactly."""
-    outer = der_read(der, 0)
-    if outer[2] != len(der):
-        raise CertRefused("malformed DER: data after the CSR")
-    info, _algorithm, signature = der_children(der, outer, TAG_SEQUENCE, "CSR", 3, 3)
-    der_bit_string(der, signature, "CSR signature")
-    parts = der_children(der, info, TAG_SEQUENCE, "CSR info", 3, 4)
-    der_expect(parts[0], TAG_INTEGER, "CSR version")
-    subject = _parse_name(der, parts[1])
-    key_type, key_bits, ec_curve, key_oid = _parse_public_key(der, parts[2])
-    extensions = _parse_attributes(der, parts[3]) if len(parts) == 4 else {}
-    san_dns, san_other = [], []
-    if OID_SUBJECT_ALT_NAME in extensions:
-        san_dns, san_other = _parse_san(der, extensions[OID_SUBJECT_ALT_NAME])
-    ca_requested = False
-    if OID_BASIC_CONSTRAINTS in extensions:
-        ca_requested = _parse_basic_constraints(der, extensions[OID_BASIC_CONSTRAINTS])
-    return CsrFacts(subject, san_dns, san_other, ca_requested, key_type, key_bits,
-                    ec_curve, key_oid, der)
-
-
-def _parse_name(der: bytes, item: DerItem) -> list[tuple[str, str]]:
-    """Name ::= SEQUENCE OF SET OF {type OID, value string}, flattened to (oid, value) pairs."""
-    pairs = []
-    for rdn in der_children(der, item, TAG_SEQUENCE, "subject", 0, CSR_MAX_BYTES):
-        for attribute in der_children(der, rdn, TAG_SET, "subject RDN", 1, CSR_MAX_BYTES):
-            oid_item, value_item = der_children(der, attribute, TAG_SEQUENCE, "subject attribute", 2, 2)
-            oid = der_oid(der, oid_item, "subject attribute")
-            pairs.append((oid, der_string(der, value_item, "subject " + oid)))
-    return pairs
-
-
-def _parse_public_key(der: bytes, item: DerItem) -> tuple[str, int, str, str]:
-    """(key_type, key_bits, ec_curve, algorithm OID) from a SubjectPublicKeyInfo."""
-    algorithm, key = der_children(der, item, TAG_SEQUENCE, "public key info", 2, 2)
-    alg_items = der_children(der, algorithm, TAG_SEQUENCE, "key algorithm", 1, 2)
-    oid = der_oid(der, alg_items[0], "key algorithm")
-    key_start, key_end = der_bit_string(der, key, "public key")
-    if oid == OID_RSA:
-        rsa_key = der_read(der, key_start, key_end)
-        if rsa_key[2] != key_end:
-            raise CertRefused("malformed DER: data after the RSA public key")
-        modulus, _exponent = der_children(der, rsa_key, TAG_SEQUENCE, "RSA public key", 2, 2)
-        start, end = der_expect(modulus, TAG_INTEGER, "RSA modulus")
-        return "rsa", int.from_bytes(der[start:end], "big").bit_length(), "", oid
-    if oid == OID_EC:
-        if len(alg_items) != 2 or alg_items[1][0] != TAG_OID:
-            raise CertRefused("EC key must name its curve (explicit curve parameters are not accepted)")
-        curve = der_oid(der, alg_items[1], "EC curve")
-        return "ec", EC_CURVE_BITS.get(curve, 0), curve, oid
-    if oid == OID_ED25519:
-        return "ed25519", 256, "", oid
-    return "other", 0, "", oid
-
-
-def _parse_attributes(der: bytes, item: DerItem) -> dict[str, tuple[int, int]]:
-    """Extensions requested in the CSR attributes, as {oid: bounds of the extnValue content}."""
-    extensions = None
-    for attribute in der_children(der, item, TAG_CONTEXT_0, "CSR attributes", 0, CSR_MAX_BYTES):
-        oid_item, values = der_children(der, attribute, TAG_SEQUENCE, "CSR attribute", 2, 2)
-        if der_oid(der, oid_item, "CSR attribute") != OID_EXTENSION_REQUEST:
-            continue    # e.g. challengePassword: nothing from it reaches the certificate
-        if extensions is not None:
-            raise CertRefused("CSR carries more than one extension request")
-        (requested,) = der_children(der, values, TAG_SET, "extension request", 1, 1)
-        extensions = _parse_extensions(der, requested)
-    return extensions or {}
-
-
-def _parse_extensions(der: bytes, item: DerItem) -> dict[str, tuple[int, int]]:
-    """Extensions ::= SEQUENCE OF {extnID, critical BOOLEAN DEFAULT FALSE, extnValue OCTET STRING}."""
-    extensions = {}
-    for extension in der_children(der, item, TAG_SEQUENCE, "extensions", 0, CSR_MAX_BYTES):
-        parts = der_children(der, extension, TAG_SEQUENCE, "extension", 2, 3)
-        oid = der_oid(der, parts[0], "extension")
-        if len(parts) == 3:
-            der_expect(parts[1], TAG_BOOLEAN, "extension critical flag")
-        if oid in extensions:
-            raise CertRefused("CSR requests extension %s twice" % oid)
-        extensions[oid] = der_expect(parts[-1], TAG_OCTET_STRING, "extension value")
-    return extensions
-
-
-def _single_element(der: bytes, bounds: tuple[int, int], what: str) -> DerItem:
-    """The one element that must exactly fill an extension value."""
-    item = der_read(der, bounds[0], bounds[1])
-    if item[2] != bounds[1]:
-        raise CertRefused("malformed DER: data after %s" % what)
-    return item
-
-
-def _parse_san(der: bytes, bounds: tuple[int, int]) -> tuple[list[str], list[str]]:
-    """(DNS names, kinds of the other entries) of a subjectAltName extension value."""
-    item = _single_element(der, bounds, "subjectAltName")
-    dns, other = [], []
-    for name in der_children(der, item, TAG_SEQUENCE, "subjectAltName", 1, CSR_MAX_BYTES):
-        if name[0] == TAG_SAN_DNS:
-            try:
-                dns.append(der[name[1]:name[2]].decode("ascii"))
-            except UnicodeDecodeError:
-                raise CertRefused("CSR subjectAltName has a non-ASCII DNS name") from None
-        else:
-            other.append(SAN_KIND_BY_TAG.get(name[0], "tag 0x%02x" % name[0]))
-    return dns, other
-
-
-def _parse_basic_constraints(der: bytes, bounds: tuple[int, int]) -> bool:
-    """True if a basicConstraints extension value asks for cA (any non-zero BOOLEAN counts)."""
-    item = _single_element(der, bounds, "basicConstraints")
-    parts = der_children(der, item, TAG_SEQUENCE, "basicConstraints", 0, 2)
-    if not parts or parts[0][0] != TAG_BOOLEAN:
-        return False
-    start, end = parts[0][1], parts[0][2]
-    return any(der[start:end])
-
-
-def _verify_csr_signature(der: bytes) -> None:
-    """Refuse der unless openssl confirms its self-signature.
-
-    OpenSSL 3.0 exits 0 on a bad signature, so success needs both exit 0 and
-    the "verify OK" status line.
-    """
+    with open(os.path.join(work, "req.pem"), "w", encoding="ascii") as handle:
+        handle.write(csr_pem)
     try:
-        output = run_openssl(["req", "-verify", "-noout", "-inform", "DER"],
-                             input_bytes=der, merge_stderr=True)
+        status = run_openssl(["req", "-in", "req.pem", "-verify", "-noout", "-pubkey", "-modulus",
+                              "-out", "key.txt"], cwd=work, merge_stderr=True)
     except OpensslFailed as exc:
         raise CertRefused("CSR could not be read or verified by openssl: %s" % exc) from None
-    lines = output.decode("utf-8", "replace").splitlines()
-    if not any(line.strip() in VERIFY_OK_LINES for line in lines):
+    if not any(line.strip() in VERIFY_OK_LINES for line in status.decode("utf-8", "replace").splitlines()):
         raise CertRefused("CSR signature does not verify: it was not signed by its own key")
+    with open(os.path.join(work, "key.txt"), "r", encoding="ascii") as handle:
+        return _accepted_key(handle.read())
 
 
-# ---- CSR policy ---------------------------------------------------------------
-
-def check_csr_for(facts: CsrFacts, fqdn: str) -> None:
-    """Raise CertRefused unless the CSR asks for exactly an end-entity certificate for fqdn.
-
-    The subject must be the single attribute CN=fqdn and the SAN, if present,
-    exactly [DNS:fqdn] (names compared case-insensitively); basicConstraints
-    must not ask for a CA; the key must be RSA >= RSA_MIN_BITS bits, EC
-    P-256/P-384 or Ed25519.  Other requested extensions are ignored: none is
-    copied into the certificate.
-    """
-    want = fqdn.lower()
-    if not facts.subject:
-        raise CertRefused("CSR subject is empty, expected CN=%s" % fqdn)
-    if len(facts.subject) != 1 or facts.subject[0][0] != OID_COMMON_NAME:
-        found = ", ".join("%s=%s" % pair for pair in facts.subject)
-        raise CertRefused("CSR subject must be exactly CN=%s, found %s" % (fqdn, _shown(found)))
-    if facts.subject[0][1].lower() != want:
-        raise CertRefused("CSR names %s, expected %s" % (_shown(facts.subject[0][1]), fqdn))
-    if facts.san_other:
-        raise CertRefused("CSR asks for %s subject alternative names; only DNS:%s is allowed"
-                          % (", ".join(sorted(set(facts.san_other))), fqdn))
-    if facts.san_dns and [name.lower() for name in facts.san_dns] != [want]:
-        raise CertRefused("CSR subject alternative names are %s, expected only %s"
-                          % (_shown(", ".join(facts.san_dns)), fqdn))
-    if facts.ca_requested:
-        raise CertRefused("CSR asks for a CA certificate; only end-entity certificates are issued")
-    _check_key(facts)
-
-
-def _check_key(facts: CsrFacts) -> None:
-    """Refuse key types and sizes that are weak, exotic or too costly to verify."""
-    if facts.key_type == "rsa" and not RSA_MIN_BITS <= facts.key_bits <= RSA_MAX_BITS:
-        raise CertRefused("CSR has a %d-bit RSA key; use %d to %d bits, or an EC P-256 key"
-                          % (facts.key_bits, RSA_MIN_BITS, RSA_MAX_BITS))
-    if facts.key_type == "ec" and facts.ec_curve not in ACCEPTED_EC_CURVES:
-        raise CertRefused("CSR has an EC key on curve %s; use P-256 or P-384" % facts.ec_curve)
-    if facts.key_type not in ("rsa", "ec", "ed25519"):
-        raise CertRefused("CSR key algorithm %s is not accepted; use EC P-256, P-384, "
-                          "Ed25519 or RSA of at least %d bits" % (facts.key_oid, RSA_MIN_BITS))
+def _accepted_key(key_text: str) -> str:
+    """The kind of the public key `req -pubkey -modulus` printed, or CertRefused."""
+    match = _PEM_PUBLIC_KEY_RE.search(key_text)
+    spki = base64.b64decode("".join(match.group(1).split())) if match else b""
+    header = 2 + (spki[1] & 0x7F if len(spki) > 1 and spki[1] & 0x80 else 0)
+    kind = next((name for algorithm, name in ACCEPTED_KEY_ALGORITHMS.items()
+                 if spki[header:header + len(algorithm)] == algorithm), None)
+    if kind is None:
+        raise CertRefused("CSR key is not accepted; use EC P-256 or P-384, Ed25519, "
+                          "or RSA of %d to %d bits" % (RSA_MIN_BITS, RSA_MAX_BITS))
+    if kind == "RSA":
+        modulus = re.search(r"^Modulus=([0-9A-F]+)$", key_text, re.MULTILINE)
+        bits = int(modulus.group(1), 16).bit_length() if modulus else 0
+        if not RSA_MIN_BITS <= bits <= RSA_MAX_BITS:
+            raise CertRefused("CSR has a %d-bit RSA key; use %d to %d bits, or an EC P-256 key"
+                              % (bits, RSA_MIN_BITS, RSA_MAX_BITS))
+    return kind
 
 
 # ---- certificates read back -------------------------------------------------------
 
-def der_time(der: bytes, item: DerItem) -> int:
-    """Epoch seconds of a UTCTime or GeneralizedTime element in the strict DER forms."""
-    text = der[item[1]:item[2]].decode("ascii", "replace")
-    if item[0] == TAG_UTC_TIME and re.fullmatch(r"[0-9]{12}Z", text):
-        year = int(text[:2])
-        text = ("19" if year >= 50 else "20") + text     # RFC 5280 4.1.2.5.1
-    elif item[0] != TAG_GENERALIZED_TIME or not re.fullmatch(r"[0-9]{14}Z", text):
-        raise CertRefused("malformed DER: bad certificate time")
-    fields = [int(text[0:4])] + [int(text[i:i + 2]) for i in range(4, 14, 2)]
-    if not (1 <= fields[1] <= 12 and 1 <= fields[2] <= 31 and fields[3] <= 23
-            and fields[4] <= 59 and fields[5] <= 60):
-        raise CertRefused("malformed DER: bad certificate time")
-    return calendar.timegm(tuple(fields) + (0, 0, 0))
+def cert_validity(cert_path):
+    """(not_before, not_after) of a PEM certificate, in epoch seconds."""
+    text = run_openssl(["x509", "-noout", "-startdate", "-enddate", "-in", cert_path])
+    dates = dict(line.split("=", 1) for line in text.decode("ascii").splitlines() if "=" in line)
+    try:
+        return (ssl.cert_time_to_seconds(dates["notBefore"].strip()),
+                ssl.cert_time_to_seconds(dates["notAfter"].strip()))
+    except (KeyError, ValueError):
+        raise Pipe2meError("cannot read the validity of %s" % cert_path)
 
 
-def cert_validity(cert_der: bytes) -> tuple[int, int]:
-    """(notBefore, notAfter) in epoch seconds of a DER certificate; CertRefused if malformed."""
-    outer = der_read(cert_der, 0)
-    tbs = der_children(cert_der, outer, TAG_SEQUENCE, "certificate", 3, 3)[0]
-    fields = der_children(cert_der, tbs, TAG_SEQUENCE, "tbsCertificate", 6, 10)
-    first = 1 if fields[0][0] == TAG_CONTEXT_0 else 0    # version [0] is optional
-    not_before, not_after = der_children(cert_der, fields[first + 3], TAG_SEQUENCE, "validity", 2, 2)
-    return der_time(cert_der, not_before), der_time(cert_der, not_after)
+def pem_certificates(text):
+    """The PEM certificate blocks of text, in order."""
+    return re.findall(r"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----\n?",
+                      text)
 
 
 def openssl_time(epoch: int) -> str:
@@ -2612,18 +2320,17 @@ class CertAuthority:
         os.makedirs(self.issued_dir, mode=0o700, exist_ok=True)
         if not self.supplied and not os.path.exists(self.cert_file):
             self._create_root(domain)
-        text = _read_text(self.cert_file, "CA certificate")
-        try:
-            ders = pem_blocks(text, ("CERTIFICATE",))
-            validity = cert_validity(ders[0]) if ders else None
-        except CertRefused as exc:
-            raise UsageError("CA certificate %s is unusable: %s" % (self.cert_file, exc)) from None
-        if validity is None:
+        blocks = pem_certificates(_read_text(self.cert_file, "CA certificate"))
+        if not blocks:
             raise UsageError("CA certificate %s holds no PEM certificate" % self.cert_file)
+        try:
+            validity = cert_validity(self.cert_file)
+        except Pipe2meError as exc:
+            raise UsageError("CA certificate %s is unusable: %s" % (self.cert_file, exc)) from None
         if validity[1] <= time.time():
             raise UsageError("CA certificate %s has expired; supply a new CA" % self.cert_file)
         self._check_key_matches()
-        self._chain_pem = "".join(der_to_pem(der, "CERTIFICATE") for der in ders)
+        self._chain_pem = "".join(block.rstrip("\n") + "\n" for block in blocks)
         self._validity = validity
 
     def _create_root(self, domain: str) -> None:
@@ -2660,22 +2367,23 @@ class CertAuthority:
         """What GET /cacert serves: the CA certificate followed by its chain, PEM."""
         return self._chain_pem
 
-    def sign(self, csr_pem: str, fqdn: str, not_after_epoch: float) -> str:
-        """Sign a pod's CSR for fqdn and return the leaf certificate PEM.
+    def sign(self, csr_pem: str, fqdn: str, not_after_epoch: float) -> Leaf:
+        """Sign a pod's CSR for fqdn and return the Leaf.
 
-        The CSR is inspected and checked (CertRefused with a one-line reason);
-        the certificate gets subject CN=fqdn and SAN DNS:fqdn whatever the CSR
-        asked, is no CA, has EKU serverAuth+clientAuth and ends no later than
-        not_after_epoch or the CA itself.  Every issued cert is kept in issued/.
+        The CSR is checked by check_csr() (CertRefused with a one-line reason);
+        whatever else it asks, the certificate gets subject CN=fqdn and SAN
+        DNS:fqdn, is no CA, has EKU serverAuth+clientAuth, carries the CSR's
+        public key and ends no later than not_after_epoch or the CA itself.
+        The leaf is kept in issued/<SERIAL>.pem.
         """
         if not valid_fqdn(fqdn):
             raise CertRefused("cannot certify %s: not a valid host name" % _shown(str(fqdn)))
-        facts = inspect_csr(csr_pem)
-        check_csr_for(facts, fqdn)
         start, end = self._window(not_after_epoch)
-        key_usage = "digitalSignature,keyEncipherment" if facts.key_type == "rsa" else "digitalSignature"
-        extensions = _leaf_extensions("DNS:" + fqdn, key_usage, "serverAuth,clientAuth")
-        return self._issue(der_to_pem(facts.der, "CERTIFICATE REQUEST"), fqdn, extensions, start, end)
+        with tempfile.TemporaryDirectory(prefix="pipe2me-ca-") as work:
+            kind = check_csr(csr_pem, work)
+            key_usage = "digitalSignature,keyEncipherment" if kind == "RSA" else "digitalSignature"
+            extensions = _leaf_extensions("DNS:" + fqdn, key_usage, "serverAuth,clientAuth")
+            return self._issue(work, fqdn, extensions, start, end)
 
     def _window(self, not_after_epoch: float) -> tuple[int, int]:
         """(start, end) for a new certificate, inside the CA's own validity."""
@@ -2686,30 +2394,29 @@ class CertAuthority:
             raise CertRefused("the tunnel (or the CA) expires before a certificate could start")
         return start, end
 
-    def _issue(self, csr_pem: str, common_name: str, extension_lines: list[str],
-               start: int, end: int) -> str:
-        """Run `openssl ca` for csr_pem in a fresh directory and record the result in issued/.
+    def _issue(self, work: str, common_name: str, extension_lines: list[str],
+               start: int, end: int) -> Leaf:
+        """Run `openssl ca` for work/req.pem in the fresh directory work; keep the leaf in issued/.
 
         common_name and extension_lines must hold validated names only.
         """
         # 128 bits with the top one set: always 32 hex digits, 127 of them random.
         serial = "%032X" % (secrets.randbits(128) | (1 << 127))
-        with tempfile.TemporaryDirectory(prefix="pipe2me-ca-") as work:
-            for name, text in (("index.txt", ""), ("serial", serial + "\n"),
-                               ("ca.cnf", _ca_config(extension_lines)), ("req.pem", csr_pem)):
-                with open(os.path.join(work, name), "w", encoding="ascii") as handle:
-                    handle.write(text)
-            os.mkdir(os.path.join(work, "new"))
-            run_openssl(["ca", "-config", "ca.cnf", "-extensions", "pipe2me_leaf", "-batch",
-                         "-notext", "-in", "req.pem", "-out", "leaf.pem",
-                         "-subj", "/CN=" + common_name, "-cert", self.cert_file,
-                         "-keyfile", self.key_file, "-passin", "pass:",
-                         "-startdate", openssl_time(start), "-enddate", openssl_time(end)],
-                        cwd=work)
-            with open(os.path.join(work, "leaf.pem"), "r", encoding="ascii") as handle:
-                leaf = handle.read()
+        for name, text in (("index.txt", ""), ("serial", serial + "\n"),
+                           ("ca.cnf", _ca_config(extension_lines))):
+            with open(os.path.join(work, name), "w", encoding="ascii") as handle:
+                handle.write(text)
+        os.mkdir(os.path.join(work, "new"))
+        run_openssl(["ca", "-config", "ca.cnf", "-extensions", "pipe2me_leaf", "-batch",
+                     "-notext", "-in", "req.pem", "-out", "leaf.pem",
+                     "-subj", "/CN=" + common_name, "-cert", self.cert_file,
+                     "-keyfile", self.key_file, "-passin", "pass:",
+                     "-startdate", openssl_time(start), "-enddate", openssl_time(end)], cwd=work)
+        leaf = _read_text(os.path.join(work, "leaf.pem"), "new certificate")
+        if "-----BEGIN CERTIFICATE-----" not in leaf:   # openssl ca can exit 0 having written nothing
+            raise Unavailable("openssl ca wrote no certificate for %s" % common_name)
         write_atomic(os.path.join(self.issued_dir, serial + ".pem"), leaf.encode("ascii"))
-        return leaf
+        return Leaf(leaf, serial, end)
 
     def issue_server_cert(self, names: Sequence[str], ips: Sequence[str], key_path: str,
                           cert_path: str, days: int) -> bool:
@@ -2729,15 +2436,16 @@ class CertAuthority:
             os.unlink(cert_path + ".json")
         key = run_openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"])
         common_name = (record["names"] + record["ips"])[0]
-        csr = run_openssl(["req", "-new", "-key", "/dev/stdin", "-config", os.devnull,
-                           "-subj", "/CN=" + common_name], input_bytes=key)
         san = ",".join(["DNS:" + name for name in record["names"]] +
                        ["IP:" + address for address in record["ips"]])
         extensions = _leaf_extensions(san, "digitalSignature", "serverAuth")
         start, end = self._window(time.time() + days * 86400)
-        leaf = self._issue(csr.decode("ascii"), common_name, extensions, start, end)
+        with tempfile.TemporaryDirectory(prefix="pipe2me-ca-") as work:
+            run_openssl(["req", "-new", "-key", "/dev/stdin", "-config", os.devnull, "-out",
+                         "req.pem", "-subj", "/CN=" + common_name], input_bytes=key, cwd=work)
+            leaf = self._issue(work, common_name, extensions, start, end)
         write_atomic(key_path, key, 0o600)
-        write_atomic(cert_path, leaf.encode("ascii"), 0o644)
+        write_atomic(cert_path, leaf.pem.encode("ascii"), 0o644)
         write_atomic(cert_path + ".json", json.dumps(record, sort_keys=True).encode("ascii"))
         return True
 
@@ -2760,15 +2468,13 @@ class CertAuthority:
         try:
             with open(cert_path + ".json", "r", encoding="ascii") as handle:
                 stored = json.load(handle)
-            with open(cert_path, "r", encoding="ascii") as handle:
-                ders = pem_blocks(handle.read(), ("CERTIFICATE",))
-        except (OSError, ValueError, CertRefused):
+        except (OSError, ValueError):
             return False
-        if stored != record or not ders or not os.path.exists(key_path):
+        if stored != record or not os.path.exists(key_path) or not os.path.exists(cert_path):
             return False
         try:
-            not_after = cert_validity(ders[0])[1]
-        except CertRefused:
+            not_after = cert_validity(cert_path)[1]
+        except Pipe2meError:
             return False
         return not_after - time.time() > SERVER_CERT_RENEW_BEFORE_S
 
@@ -2855,12 +2561,6 @@ def parse_rfc3339(text):
         sign = 1 if zone[0] == "+" else -1
         epoch -= sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
     return epoch
-
-
-def pem_certificates(text):
-    """The PEM certificate blocks of text, in order."""
-    return re.findall(r"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----\n?",
-                      text)
 
 
 def leaf_facts(chain_pem):
@@ -3487,12 +3187,12 @@ class Api:
             raise ApiError(400, "csr (PEM) is required")
         if tunnel_status(record) != "online":
             raise ApiError(410, "tunnel %s expired" % record["fqdn"])
-        cert = self.ca.sign(csr, record["fqdn"], record["expires_at"])
-        fingerprint = sha256_hex(ssl.PEM_cert_to_DER_cert(cert))
+        leaf = self.ca.sign(csr, record["fqdn"], record["expires_at"])
+        fingerprint = sha256_hex(ssl.PEM_cert_to_DER_cert(leaf.pem))
         fingerprints = (record.get("cert_sha256", []) + [fingerprint])[-5:]
         self.store.update(record["id"], cert_sha256=fingerprints)
         log.info("certificate signed tunnel=%s fqdn=%s", record["id"], record["fqdn"])
-        answer = {"cert": cert, "not_after": record["expires_at"]}
+        answer = {"cert": leaf.pem, "not_after": leaf.not_after}
         if self.acme is not None:
             self.acme.request(record["id"], record["fqdn"], csr)
             answer["acme"] = self.acme.status(record["id"])
@@ -3950,7 +3650,7 @@ class PodGate:
             return None, "HELLO names another tunnel than the certificate", True
         if tunnel_status(record) != "online":
             return None, "tunnel %s expired" % record["fqdn"], True
-        if cert_validity(der)[1] <= time.time():
+        if ssl.cert_time_to_seconds(tls.getpeercert().get("notAfter", "")) <= time.time():
             return None, ("certificate of %s expired: renew it with `pipe2me_pod.py update`"
                           % record["fqdn"]), True
         left = traffic_left(record)
