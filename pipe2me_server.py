@@ -64,6 +64,7 @@ import ipaddress
 import json
 import logging
 import marshal
+import math
 import mmap
 import os
 import re
@@ -259,6 +260,8 @@ CONFIG_KEYS = {
     "HELLO_TIMEOUT": ("10", parse_positive_duration, "seconds a pod connection has for its TLS handshake and HELLO"),
     "MAX_STREAMS_PER_TUNNEL": ("10000", parse_count, "open streams per tunnel; 0 = no cap"),
     "MAX_TUNNELS_PER_TOKEN": ("0", parse_count, "live tunnels per token; 0 = no cap"),
+    "MAX_CERTS_PER_HOUR": ("6", parse_count, "certificates signed per tunnel per hour "
+                           "(that many at once, then evenly); 0 = no cap"),
     "STREAM_IDLE_TIMEOUT": ("0", parse_duration, "close streams idle this long; 0 = never"),
     "MAX_PENDING_FRONT": ("1000", parse_count, "connections on each front still sending their first head; 0 = no cap"),
     "MAX_PENDING_FRONT_PER_SOURCE": ("32", parse_count, "of those, per source (IPv4 address, IPv6 /64); 0 = no cap"),
@@ -2083,6 +2086,8 @@ CSR_MAX_BYTES = 64 * 1024
 CA_VALIDITY_DAYS = 3650
 LEAF_BACKDATE_S = 300            # tolerate pods whose clocks run a little slow
 SERVER_CERT_RENEW_BEFORE_S = 7 * 86400
+CERT_KEEP = 3                    # certificates a tunnel lists: the last used one, then newer
+CERT_PRUNE_INTERVAL_S = 3600     # how often signing also sweeps issued/ of deleted tunnels
 RSA_MIN_BITS = 2048
 RSA_MAX_BITS = 16384             # OpenSSL's own ceiling for RSA verification
 FQDN_MAX_CHARS = 253
@@ -2109,6 +2114,17 @@ _PEM_PUBLIC_KEY_RE = re.compile(r"-----BEGIN PUBLIC KEY-----([A-Za-z0-9+/=\s]+)-
 
 class OpensslFailed(Unavailable):
     """openssl ran and exited non-zero; the message carries its last stderr line."""
+
+
+class SigningLimited(Unavailable):
+    """The tunnel has used up its MAX_CERTS_PER_HOUR; retry_after_s says when one more is due."""
+
+    http_status = 429
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__("this tunnel had its certificates signed too often (MAX_CERTS_PER_HOUR); "
+                         "retry in %d s" % retry_after_s)
+        self.retry_after_s = retry_after_s
 
 
 class Leaf(collections.namedtuple("Leaf", "pem serial not_after")):
@@ -2288,7 +2304,7 @@ def _ca_config(extension_lines: list[str]) -> str:
 # ---- the CA ---------------------------------------------------------------------
 
 class CertAuthority:
-    """The server's CA, owning ca_dir: ca.key (0600), ca.pem and issued/<SERIAL>.pem.
+    """The server's CA, owning ca_dir: ca.key (0600), ca.pem and issued/<SERIAL>.pem (pods' leaves).
 
     With ca_cert_file and ca_key_file (an intermediate CA; the cert file may
     be followed by its chain) those are used and no root is ever created.
@@ -2374,7 +2390,7 @@ class CertAuthority:
         whatever else it asks, the certificate gets subject CN=fqdn and SAN
         DNS:fqdn, is no CA, has EKU serverAuth+clientAuth, carries the CSR's
         public key and ends no later than not_after_epoch or the CA itself.
-        The leaf is kept in issued/<SERIAL>.pem.
+        The leaf is kept in issued/<SERIAL>.pem (CertBook decides for how long).
         """
         if not valid_fqdn(fqdn):
             raise CertRefused("cannot certify %s: not a valid host name" % _shown(str(fqdn)))
@@ -2383,7 +2399,16 @@ class CertAuthority:
             kind = check_csr(csr_pem, work)
             key_usage = "digitalSignature,keyEncipherment" if kind == "RSA" else "digitalSignature"
             extensions = _leaf_extensions("DNS:" + fqdn, key_usage, "serverAuth,clientAuth")
-            return self._issue(work, fqdn, extensions, start, end)
+            leaf = self._issue(work, fqdn, extensions, start, end)
+        write_atomic(os.path.join(self.issued_dir, leaf.serial + ".pem"), leaf.pem.encode("ascii"))
+        return leaf
+
+    def forget(self, serials) -> None:
+        """Remove the issued/ files of serials (None entries and missing files are skipped)."""
+        for serial in serials:
+            if serial and re.fullmatch(r"[0-9A-F]{1,64}", serial):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.issued_dir, serial + ".pem"))
 
     def _window(self, not_after_epoch: float) -> tuple[int, int]:
         """(start, end) for a new certificate, inside the CA's own validity."""
@@ -2415,7 +2440,6 @@ class CertAuthority:
         leaf = _read_text(os.path.join(work, "leaf.pem"), "new certificate")
         if "-----BEGIN CERTIFICATE-----" not in leaf:   # openssl ca can exit 0 having written nothing
             raise Unavailable("openssl ca wrote no certificate for %s" % common_name)
-        write_atomic(os.path.join(self.issued_dir, serial + ".pem"), leaf.encode("ascii"))
         return Leaf(leaf, serial, end)
 
     def issue_server_cert(self, names: Sequence[str], ips: Sequence[str], key_path: str,
@@ -2477,6 +2501,103 @@ class CertAuthority:
         except Pipe2meError:
             return False
         return not_after - time.time() > SERVER_CERT_RENEW_BEFORE_S
+
+
+# ---- the certificates of each tunnel ----------------------------------------------
+
+class CertBook:
+    """Which certificates of a tunnel may open a session, and how often it may get one.
+
+    A tunnel's record lists its certificates, oldest first, in cert_sha256
+    (fingerprints) and cert_serials (their files in issued/): the newest one
+    that has opened a session (or the first one), then those signed after it,
+    at most CERT_KEEP of them. A certificate opens a session only while it is
+    listed, and its first session drops every older one, whose files leave
+    issued/ at once: a certificate replaced by a successor that has been used
+    never connects again, while a pod that renewed and crashed before writing
+    its new certificate still connects with the old one. issued/ thus holds
+    only what may still open a session (files of deleted tunnels go at the
+    next prune(): at start and at most hourly while signing).
+    Signing is limited per tunnel by a token bucket of MAX_CERTS_PER_HOUR.
+    Thread-safe: the API's workers and the pod handshakes call it at once.
+    """
+
+    def __init__(self, store, ca: CertAuthority, per_hour: int) -> None:
+        self.store, self.ca, self.per_hour = store, ca, per_hour
+        self.lock = threading.Lock()
+        self.buckets: dict[str, tuple[float, float]] = {}   # tunnel id -> (allowance, stamp)
+        self.next_prune = 0.0
+
+    def sign(self, record: dict, csr_pem: str) -> Leaf:
+        """Charge the tunnel's quota (SigningLimited when spent), sign, and list the leaf."""
+        self.take(record["id"])
+        leaf = self.ca.sign(csr_pem, record["fqdn"], record["expires_at"])
+        fingerprint = sha256_hex(ssl.PEM_cert_to_DER_cert(leaf.pem))
+        with self.lock:
+            current = self.store.get(record["id"]) or {}
+            listed = _listed_certs(current)
+            kept = listed[:1] + (listed[1:] + [(fingerprint, leaf.serial)])[1 - CERT_KEEP:]
+            try:
+                self.store.update(record["id"], cert_sha256=[fp for fp, _ in kept],
+                                  cert_serials=[serial for _, serial in kept])
+            except OSError:
+                self.ca.forget([leaf.serial])
+                raise
+        self.ca.forget(serial for pair in listed + [(fingerprint, leaf.serial)]
+                       if pair not in kept for serial in pair[1:])
+        if time.monotonic() >= self.next_prune:
+            self.prune()
+        return leaf
+
+    def take(self, tunnel_id: str) -> None:
+        """Charge one signing to the tunnel, or raise SigningLimited with the seconds to wait."""
+        if not self.per_hour:
+            return
+        now, rate = time.monotonic(), self.per_hour / 3600.0
+        with self.lock:
+            allowance, stamp = self.buckets.get(tunnel_id, (float(self.per_hour), now))
+            allowance = min(float(self.per_hour), allowance + (now - stamp) * rate)
+            if allowance < 1:
+                self.buckets[tunnel_id] = (allowance, now)
+                raise SigningLimited(math.ceil((1 - allowance) / rate))
+            self.buckets[tunnel_id] = (allowance - 1, now)
+
+    def admit(self, record: dict, fingerprint: str) -> bool:
+        """True if the certificate may open a session for record; its first session
+        drops the tunnel's older certificates."""
+        with self.lock:
+            current = self.store.get(record["id"]) or {}
+            listed = _listed_certs(current)
+            position = [fp for fp, _ in listed].index(fingerprint) if any(
+                fp == fingerprint for fp, _ in listed) else -1
+            if position > 0:
+                kept = listed[position:]
+                self.store.update(record["id"], cert_sha256=[fp for fp, _ in kept],
+                                  cert_serials=[serial for _, serial in kept])
+        if position > 0:
+            self.ca.forget(serial for _, serial in listed[:position])
+            log.info("older certificates retired tunnel=%s count=%d", record["id"], position)
+        return position >= 0
+
+    def prune(self) -> None:
+        """Remove from issued/ every certificate no tunnel lists; buckets that refilled."""
+        self.next_prune = time.monotonic() + CERT_PRUNE_INTERVAL_S
+        keep = {serial for record in self.store.all() for _, serial in _listed_certs(record)}
+        self.ca.forget(name[:-4] for name in os.listdir(self.ca.issued_dir)
+                       if name.endswith(".pem") and name[:-4] not in keep)
+        with self.lock:
+            now = time.monotonic()
+            self.buckets = {key: (allowance, stamp) for key, (allowance, stamp)
+                            in self.buckets.items()
+                            if allowance + (now - stamp) * self.per_hour / 3600.0 < self.per_hour}
+
+
+def _listed_certs(record: dict) -> list[tuple[str, str | None]]:
+    """(fingerprint, serial) of the certificates a record lists, oldest first.
+    Records written before cert_serials existed list fingerprints only."""
+    fingerprints = record.get("cert_sha256", [])
+    serials = record.get("cert_serials", [])[-len(fingerprints):] if fingerprints else []
+    return list(zip(fingerprints, [None] * (len(fingerprints) - len(serials)) + serials))
 
 # =====================================================================
 # ACME — orders publicly trusted certificates (RFC 8555) for each pod's own
@@ -3111,6 +3232,7 @@ class Api:
 
     def __init__(self, settings, store, ca):
         self.settings, self.store, self.ca = settings, store, ca
+        self.certs = CertBook(store, ca, settings.max_certs_per_hour)
         self.tokens = {}
         self.limiter = BadTokenLimiter()
         self.metrics = lambda tenants: ""     # set by the wiring: Server.metrics_text
@@ -3187,10 +3309,12 @@ class Api:
             raise ApiError(400, "csr (PEM) is required")
         if tunnel_status(record) != "online":
             raise ApiError(410, "tunnel %s expired" % record["fqdn"])
-        leaf = self.ca.sign(csr, record["fqdn"], record["expires_at"])
-        fingerprint = sha256_hex(ssl.PEM_cert_to_DER_cert(leaf.pem))
-        fingerprints = (record.get("cert_sha256", []) + [fingerprint])[-5:]
-        self.store.update(record["id"], cert_sha256=fingerprints)
+        try:
+            leaf = self.certs.sign(record, csr)
+        except SigningLimited as exc:
+            log.warning("certificate signing limited tunnel=%s retry_after_s=%d",
+                        record["id"], exc.retry_after_s)
+            raise ApiError(429, str(exc), retry_after_s=exc.retry_after_s) from None
         log.info("certificate signed tunnel=%s fqdn=%s", record["id"], record["fqdn"])
         answer = {"cert": leaf.pem, "not_after": leaf.not_after}
         if self.acme is not None:
@@ -3404,6 +3528,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         else:
             data, ctype = (json.dumps(body) + "\n").encode(), "application/json"
         self.send_response(status)
+        if status == 429 and isinstance(body, dict) and "retry_after_s" in body:
+            self.send_header("Retry-After", str(int(body["retry_after_s"])))
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -3555,12 +3681,16 @@ def traffic_left(record):
     return cap - record["bytes_in"] - record["bytes_out"] if cap else None
 
 
+REPLACED_OR_DELETED = ("certificate belongs to no tunnel here (tunnel deleted, or certificate "
+                       "replaced by a newer one that has been used)")
+
+
 class PodGate:
     """Authenticates pod connections in short-lived threads (TLS handshake and
     HELLO are blocking with a deadline), then hands them to the loop."""
 
-    def __init__(self, settings, store, tls_context, loop, attach):
-        self.settings, self.store, self.context = settings, store, tls_context
+    def __init__(self, settings, store, certs, tls_context, loop, attach):
+        self.settings, self.store, self.certs, self.context = settings, store, certs, tls_context
         self.loop, self.attach = loop, attach
         self.cap = settings.max_pending_handshakes
         # Until its certificate is verified a connection is a stranger's: the
@@ -3645,7 +3775,7 @@ class PodGate:
         der = tls.getpeercert(binary_form=True)
         record = self.store.by_cert(sha256_hex(der)) if der else None
         if record is None:
-            return None, "certificate belongs to no tunnel here (deleted?)", True
+            return None, REPLACED_OR_DELETED, True
         if hello.get("tunnel") != record["id"]:
             return None, "HELLO names another tunnel than the certificate", True
         if tunnel_status(record) != "online":
@@ -3656,6 +3786,8 @@ class PodGate:
         left = traffic_left(record)
         if left is not None and left <= 0:
             return None, "tunnel %s used up its traffic allowance" % record["fqdn"], True
+        if not self.certs.admit(record, sha256_hex(der)):    # last: admitting retires older certs
+            return None, REPLACED_OR_DELETED, True
         return record, None, False
 
 # =====================================================================
@@ -6143,6 +6275,7 @@ class Server:
         self.api.tokens = load_tokens(self.settings.tokens_file)
         count = self.store.load()
         self.presence.load(server_running=False)
+        self.api.certs.prune()
         log.info("state loaded dir=%s tunnels=%d tokens=%d", self.settings.state_dir,
                  count, len(self.api.tokens))
         return created
@@ -6187,7 +6320,7 @@ class Server:
         self.fronts = Fronts(self.loop, s, self.hub, self.api_server, self.acme_http01)
         self.hub.on_http_port_accept = self.fronts.on_http_port_accept
         gate_context = self.pod_tls_context(self.server_cert_files)
-        self.gate = PodGate(s, self.store, gate_context, self.loop, self.hub.attach)
+        self.gate = PodGate(s, self.store, self.api.certs, gate_context, self.loop, self.hub.attach)
         plan = [("http", s.http_port, self.fronts.on_http_accept),
                 ("https", s.https_port, self.fronts.on_https_accept),
                 ("tunnel", s.tunnel_port, self.gate.admit)]

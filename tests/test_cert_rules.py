@@ -1,0 +1,244 @@
+"""Certificate rules against a real server, real pods and the real openssl, written as a
+tenant with a valid tunnel secret would attack them: signing as fast as it can, keeping
+the files it got signed, and connecting with a certificate its pod has replaced."""
+
+import concurrent.futures
+import http.client
+import json
+import os
+import re
+import shutil
+import subprocess
+
+from conftest import ServerHandle, echo_round_trip, free_port, public_ports, run_pod, \
+    setup_pod, start_pod
+
+PER_HOUR = 6    # the default MAX_CERTS_PER_HOUR
+
+
+# ---- helpers ------------------------------------------------------------------
+
+def openssl(*args, input_bytes=None):
+    done = subprocess.run(["openssl"] + [str(a) for a in args], input=input_bytes,
+                          capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
+    return done.stdout
+
+
+def setup(server, pod_dir):
+    """A pod with one tcp service on a free local port (served by `start --echo`)."""
+    return setup_pod(server, pod_dir, "tcp", [free_port()])
+
+
+def new_key(path):
+    openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", path)
+    os.chmod(path, 0o600)
+    return path
+
+
+def csr_for(key, fqdn, *addext):
+    args = ["req", "-new", "-key", key, "-config", os.devnull, "-subj", "/CN=" + fqdn]
+    for ext in addext:
+        args += ["-addext", ext]
+    return openssl(*args).decode()
+
+
+def info(pod_dir):
+    """id, fqdn and secret from the pod's pipe2me.info.inc (single-quoted shell values)."""
+    with open(os.path.join(pod_dir, "pipe2me.info.inc")) as fh:
+        values = dict(re.findall(r"^(PIPE2ME_\w+)='([^']*)'", fh.read(), re.M))
+    return values["PIPE2ME_ID"], values["PIPE2ME_FQDN"], values["PIPE2ME_SECRET"]
+
+
+def post_csr(server, pod_dir, csr):
+    """POST /tunnels/<id>/cert with the pod's secret: (status, JSON body, Retry-After)."""
+    tunnel_id, _fqdn, secret = info(pod_dir)
+    connection = http.client.HTTPConnection("127.0.0.1", server.http, timeout=60)
+    try:
+        connection.request("POST", "/tunnels/%s/cert" % tunnel_id, json.dumps({"csr": csr}),
+                           {"Authorization": "Bearer " + secret,
+                            "Content-Type": "application/json"})
+        answer = connection.getresponse()
+        return answer.status, json.loads(answer.read()), answer.getheader("Retry-After")
+    finally:
+        connection.close()
+
+
+def record(server, pod_dir):
+    with open(os.path.join(server.state_dir, "tunnels", info(pod_dir)[0] + ".json")) as fh:
+        return json.load(fh)
+
+
+def issued(server):
+    return sorted(name[:-4] for name in os.listdir(os.path.join(server.state_dir, "ca", "issued")))
+
+
+def listed_serials(server):
+    folder = os.path.join(server.state_dir, "tunnels")
+    serials = []
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name)) as fh:
+            serials += json.load(fh).get("cert_serials", [])
+    return sorted(serials)
+
+
+def install(pod_dir, key, cert_pem):
+    """Put a new key and certificate in the pod's files, as `update` would."""
+    shutil.copy(key, os.path.join(pod_dir, "pipe2me.openssl.priv"))
+    with open(os.path.join(pod_dir, "pipe2me.openssl.cert"), "w") as fh:
+        fh.write(cert_pem)
+
+
+def copy_pod(pod_dir, to):
+    """What a thief of the pod's directory holds: key, certificate, secret, pinned CA."""
+    shutil.copytree(pod_dir, to)
+    return to
+
+
+def refused_start(workdir, pod_dir, name):
+    """Start a pod that must be refused for good: it exits non-zero, naming the reason."""
+    proc = start_pod(workdir, pod_dir, name=name, wait=False)
+    try:
+        proc.popen.wait(60)
+    finally:
+        proc.stop()
+    assert proc.popen.returncode not in (0, None), proc.stderr()
+    assert "replaced by a newer one" in proc.stderr(), proc.stderr()[-2000:]
+    return proc
+
+
+def signs(server):
+    return len(re.findall(r"certificate signed tunnel=", server.proc.stderr()))
+
+
+# ---- signing rate --------------------------------------------------------------
+
+def test_cert_rules_signing_flood_gets_json_429_with_retry_after(workdir):
+    server = ServerHandle(workdir)
+    try:
+        pod_dir = os.path.join(workdir, "pod")
+        fqdn = setup(server, pod_dir)        # setup signed one certificate
+        key = new_key(os.path.join(workdir, "flood.key"))
+        csrs = [csr_for(key, fqdn) for _ in range(4)]
+        bad = csrs[0].replace(csrs[0].splitlines()[3], csrs[0].splitlines()[3][::-1], 1)
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda i: post_csr(server, pod_dir, csrs[i % 4] if i % 5
+                                                       else bad), range(60)))
+        statuses = [status for status, _, _ in answers]
+        assert statuses.count(429) == 60 - (PER_HOUR - 1), statuses
+        assert set(statuses) <= {200, 400, 429}, statuses
+        for status, body, retry_after in answers:
+            if status == 429:
+                assert "MAX_CERTS_PER_HOUR" in body["error"] and "\n" not in body["error"]
+                assert retry_after is not None and 0 < int(retry_after) <= 3600 // PER_HOUR + 1
+                assert body["retry_after_s"] == int(retry_after)
+        assert signs(server) == 1 + statuses.count(200)
+        # the limit is per tunnel: another tenant signs at once
+        other = os.path.join(workdir, "other")
+        other_fqdn = setup(server, other)
+        assert post_csr(server, other, csr_for(key, other_fqdn))[0] == 200
+        # whatever got through left at most CERT_KEEP (3) files behind
+        assert issued(server) == listed_serials(server)
+        assert len(record(server, pod_dir)["cert_serials"]) <= 3
+    finally:
+        assert server.stop() == 0
+
+
+def test_cert_rules_issued_keeps_current_and_recent_only(workdir):
+    server = ServerHandle(workdir, extra=["--max-certs-per-hour", "0"])   # no rate limit here
+    try:
+        pod_dir = os.path.join(workdir, "pod")
+        fqdn = setup(server, pod_dir)
+        key = new_key(os.path.join(workdir, "next.key"))
+        for _ in range(12):
+            status, body, _ = post_csr(server, pod_dir, csr_for(key, fqdn))
+            assert status == 200, body
+            assert issued(server) == listed_serials(server)
+        kept = record(server, pod_dir)
+        assert len(kept["cert_serials"]) == len(kept["cert_sha256"]) == 3
+        assert signs(server) == 13
+        # the first (setup's, never used) stays as the fallback, then the two newest
+        first = kept["cert_serials"][0]
+        assert body["cert"] == open(os.path.join(server.state_dir, "ca", "issued",
+                                                 kept["cert_serials"][-1] + ".pem")).read()
+        install(pod_dir, key, body["cert"])
+        pod = start_pod(workdir, pod_dir, "--echo")
+        try:
+            assert record(server, pod_dir)["cert_serials"] == kept["cert_serials"][-1:]
+            assert first not in issued(server)
+            assert issued(server) == listed_serials(server)
+            assert echo_round_trip(public_ports(pod_dir)[0]) == b"ping through pipe2me\n"
+        finally:
+            pod.stop()
+        # a deleted tunnel's files leave issued/ (at the latest when the server starts again)
+        assert run_pod(pod_dir, "clear", "--yes").returncode == 0
+        server.restart()
+        assert issued(server) == listed_serials(server) == []
+    finally:
+        assert server.stop() == 0
+
+
+# ---- a replaced certificate -------------------------------------------------------
+
+def test_cert_rules_old_key_cannot_take_over_once_the_new_one_connected(workdir):
+    server = ServerHandle(workdir)
+    try:
+        pod_dir = os.path.join(workdir, "pod")
+        fqdn = setup(server, pod_dir)
+        pod = start_pod(workdir, pod_dir, "--echo", name="pod-old-cert")
+        port = public_ports(pod_dir)[0]
+        thief = copy_pod(pod_dir, os.path.join(workdir, "thief"))
+        # the owner renews with a new key; until the new certificate is used, the old one
+        # still connects (a pod that crashed before writing its new certificate)
+        key = new_key(os.path.join(workdir, "new.key"))
+        status, body, _ = post_csr(server, pod_dir, csr_for(key, fqdn))
+        assert status == 200, body
+        pod.stop()
+        pod = start_pod(workdir, pod_dir, "--echo", name="pod-crashed-before-writing")
+        assert echo_round_trip(port) == b"ping through pipe2me\n"
+        pod.stop()
+        install(pod_dir, key, body["cert"])
+        pod = start_pod(workdir, pod_dir, "--echo", name="pod-new-cert")
+        try:
+            seen = len(server.proc.stderr())
+            for attempt in range(3):      # the stolen files, again and again: never in
+                refused_start(workdir, thief, "thief-%d" % attempt)
+            assert "pod connected" not in server.proc.stderr()[seen:]
+            assert pod.alive() and pod.stderr().count("tunnel up") == 1, pod.stderr()
+            assert echo_round_trip(port) == b"ping through pipe2me\n"
+            server.restart()              # nor after the server restarted
+            refused_start(workdir, thief, "thief-after-restart")
+        finally:
+            pod.stop()
+        listed = record(server, pod_dir)["cert_sha256"]
+        assert len(listed) == 1
+    finally:
+        assert server.stop() == 0
+
+
+def test_cert_rules_renewals_never_used_keep_the_used_certificate(workdir):
+    """Two renewals in a row, neither written by the pod (it crashed each time): the
+    certificate it still has connects; using the newest retires both older ones."""
+    server = ServerHandle(workdir)
+    try:
+        pod_dir = os.path.join(workdir, "pod")
+        fqdn = setup(server, pod_dir)
+        start_pod(workdir, pod_dir, name="pod-first").stop()
+        original = copy_pod(pod_dir, os.path.join(workdir, "original"))
+        keys = [new_key(os.path.join(workdir, "k%d.key" % i)) for i in range(3)]
+        certs = []
+        for key in keys:
+            status, body, _ = post_csr(server, pod_dir, csr_for(key, fqdn))
+            assert status == 200, body
+            certs.append(body["cert"])
+        start_pod(workdir, original, name="pod-still-original").stop()
+        middle = copy_pod(pod_dir, os.path.join(workdir, "middle"))
+        install(middle, keys[1], certs[1])
+        install(pod_dir, keys[2], certs[2])
+        start_pod(workdir, pod_dir, name="pod-newest").stop()
+        refused_start(workdir, original, "original-after")
+        refused_start(workdir, middle, "middle-after")
+        assert issued(server) == listed_serials(server)
+        assert len(listed_serials(server)) == 1
+    finally:
+        assert server.stop() == 0
