@@ -2529,9 +2529,15 @@ class CertBook:
         self.next_prune = 0.0
 
     def sign(self, record: dict, csr_pem: str) -> Leaf:
-        """Charge the tunnel's quota (SigningLimited when spent), sign, and list the leaf."""
+        """Charge the tunnel's quota (SigningLimited when spent), sign, and list the leaf.
+
+        A refused CSR gives its charge back: the quota counts certificates."""
         self.take(record["id"])
-        leaf = self.ca.sign(csr_pem, record["fqdn"], record["expires_at"])
+        try:
+            leaf = self.ca.sign(csr_pem, record["fqdn"], record["expires_at"])
+        except CertRefused:
+            self.take(record["id"], -1)
+            raise
         fingerprint = sha256_hex(ssl.PEM_cert_to_DER_cert(leaf.pem))
         with self.lock:
             current = self.store.get(record["id"]) or {}
@@ -2549,18 +2555,19 @@ class CertBook:
             self.prune()
         return leaf
 
-    def take(self, tunnel_id: str) -> None:
-        """Charge one signing to the tunnel, or raise SigningLimited with the seconds to wait."""
+    def take(self, tunnel_id: str, count: int = 1) -> None:
+        """Charge count signings to the tunnel (-1 gives one back), or raise
+        SigningLimited with the seconds to wait."""
         if not self.per_hour:
             return
         now, rate = time.monotonic(), self.per_hour / 3600.0
         with self.lock:
             allowance, stamp = self.buckets.get(tunnel_id, (float(self.per_hour), now))
             allowance = min(float(self.per_hour), allowance + (now - stamp) * rate)
-            if allowance < 1:
+            if allowance < count:
                 self.buckets[tunnel_id] = (allowance, now)
-                raise SigningLimited(math.ceil((1 - allowance) / rate))
-            self.buckets[tunnel_id] = (allowance - 1, now)
+                raise SigningLimited(math.ceil((count - allowance) / rate))
+            self.buckets[tunnel_id] = (min(float(self.per_hour), allowance - count), now)
 
     def admit(self, record: dict, fingerprint: str) -> bool:
         """True if the certificate may open a session for record; its first session
