@@ -117,6 +117,7 @@ KEY_ARGS = {
     "rsa512": ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:512"],
     "ed25519": ["-algorithm", "ED25519"],
     "ed448": ["-algorithm", "ED448"],
+    "rsapss": ["-algorithm", "RSA-PSS", "-pkeyopt", "rsa_keygen_bits:2048"],
 }
 
 

@@ -3,27 +3,19 @@ tenant with a valid tunnel secret would attack them: signing as fast as it can, 
 the files it got signed, and connecting with a certificate its pod has replaced."""
 
 import concurrent.futures
-import http.client
 import json
 import os
 import re
 import shutil
-import subprocess
 
 from conftest import ServerHandle, echo_round_trip, free_port, public_ports, run_pod, \
     setup_pod, start_pod
+from helpers import api, make_csr, make_key, openssl
 
 PER_HOUR = 6    # the default MAX_CERTS_PER_HOUR
 
 
 # ---- helpers ------------------------------------------------------------------
-
-def openssl(*args, input_bytes=None):
-    done = subprocess.run(["openssl"] + [str(a) for a in args], input=input_bytes,
-                          capture_output=True, timeout=60)
-    assert done.returncode == 0, done.stderr.decode()
-    return done.stdout
-
 
 def setup(server, pod_dir):
     """A pod with one tcp service on a free local port (served by `start --echo`)."""
@@ -31,16 +23,12 @@ def setup(server, pod_dir):
 
 
 def new_key(path):
-    openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", path)
-    os.chmod(path, 0o600)
+    os.chmod(make_key(path), 0o600)
     return path
 
 
 def csr_for(key, fqdn, *addext):
-    args = ["req", "-new", "-key", key, "-config", os.devnull, "-subj", "/CN=" + fqdn]
-    for ext in addext:
-        args += ["-addext", ext]
-    return openssl(*args).decode()
+    return make_csr(key, "/CN=" + fqdn, *addext)
 
 
 def info(pod_dir):
@@ -53,15 +41,9 @@ def info(pod_dir):
 def post_csr(server, pod_dir, csr):
     """POST /tunnels/<id>/cert with the pod's secret: (status, JSON body, Retry-After)."""
     tunnel_id, _fqdn, secret = info(pod_dir)
-    connection = http.client.HTTPConnection("127.0.0.1", server.http, timeout=60)
-    try:
-        connection.request("POST", "/tunnels/%s/cert" % tunnel_id, json.dumps({"csr": csr}),
-                           {"Authorization": "Bearer " + secret,
-                            "Content-Type": "application/json"})
-        answer = connection.getresponse()
-        return answer.status, json.loads(answer.read()), answer.getheader("Retry-After")
-    finally:
-        connection.close()
+    answer = api(server, "POST", "/tunnels/%s/cert" % tunnel_id, {"csr": csr}, secret=secret,
+                 timeout=60)
+    return answer.status, answer.json(), answer.headers.get("Retry-After")
 
 
 def record(server, pod_dir):

@@ -22,42 +22,17 @@ DAY_S = 86400
 
 
 from conftest import SERVER, load_script
+from helpers import KEY_ARGS, cert_fields, make_csr, make_key, openssl
 
 cs = load_script(SERVER, "pipe2me_server")
 
 
 # ---- helpers -------------------------------------------------------------
 
-def openssl(*args, input_bytes=None, cwd=None):
-    """Run openssl for a test, failing the test with its stderr if it fails."""
-    done = subprocess.run(["openssl"] + [str(a) for a in args], input=input_bytes, cwd=cwd,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
-    assert done.returncode == 0, done.stderr.decode()
-    return done.stdout
-
-
 def write(path, text):
     with open(path, "w") as handle:
         handle.write(text)
     return str(path)
-
-
-def cert_fields(pem, tmp_path):
-    """Selected fields of a certificate, as openssl prints them (no -text)."""
-    path = write(tmp_path / ("fields-%d.pem" % random.getrandbits(40)), pem)
-    out = openssl("x509", "-in", path, "-noout", "-subject", "-nameopt", "RFC2253", "-serial",
-                  "-startdate", "-enddate", "-dateopt", "iso_8601",
-                  "-ext", "subjectAltName,basicConstraints,keyUsage,extendedKeyUsage").decode()
-    lines = [line.rstrip() for line in out.splitlines()]
-    fields = {}
-    for index, line in enumerate(lines):
-        if "=" in line and not line.startswith(" "):
-            key, _, value = line.partition("=")
-            fields[key] = value
-        elif line.startswith("X509v3 "):
-            header = line[len("X509v3 "):]
-            fields[header.split(":")[0]] = (header, lines[index + 1].strip())
-    return fields
 
 
 def iso_epoch(text):
@@ -81,37 +56,19 @@ def csr_der(pem):
     return openssl("req", "-outform", "DER", input_bytes=pem.encode())
 
 
-KEY_ARGS = {
-    "ec256": ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
-    "ec384": ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"],
-    "ec521": ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521"],
-    "rsa2048": ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
-    "rsa1024": ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"],
-    "ed25519": ["-algorithm", "ED25519"],
-    "ed448": ["-algorithm", "ED448"],
-    "secp256k1": ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:secp256k1"],
-    "p192": ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime192v1"],
-    "rsapss": ["-algorithm", "RSA-PSS", "-pkeyopt", "rsa_keygen_bits:2048"],
-}
-
-
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
     """One private key file per kind, made once (RSA generation is slow)."""
     folder = tmp_path_factory.mktemp("keys")
     paths = {}
-    for kind, args in KEY_ARGS.items():
-        paths[kind] = str(folder / (kind + ".pem"))
-        openssl("genpkey", *args, "-out", paths[kind])
+    for kind in KEY_ARGS:
+        paths[kind] = make_key(folder / (kind + ".pem"), kind)
     return paths
 
 
-def make_csr(key_file, subj="/CN=" + FQDN, addext=()):
-    """A CSR made by openssl req with the given subject and -addext values."""
-    args = ["req", "-new", "-key", key_file, "-config", os.devnull, "-subj", subj]
-    for ext in addext:
-        args += ["-addext", ext]
-    return openssl(*args).decode()
+def csr_for(key_file, subject="/CN=" + FQDN, *addext):
+    """A CSR for FQDN unless told otherwise."""
+    return make_csr(key_file, subject, *addext)
 
 
 @pytest.fixture
@@ -188,10 +145,10 @@ def test_ca_root_created_once_and_self_verifies(ca, ca_file, tmp_path):
     key_mode = stat.S_IMODE(os.stat(ca.key_file).st_mode)
     assert key_mode == 0o600
     assert ca.ca_pem().count("BEGIN CERTIFICATE") == 1
-    fields = cert_fields(ca.ca_pem(), tmp_path)
+    fields = cert_fields(ca.ca_pem())
     assert fields["subject"] == "CN=pipe2me CA " + DOMAIN
-    assert fields["Basic Constraints"] == ("Basic Constraints: critical", "CA:TRUE")
-    assert fields["Key Usage"] == ("Key Usage: critical", "Certificate Sign, CRL Sign")
+    assert (fields["Basic Constraints"], "Basic Constraints" in fields["critical"]) == ("CA:TRUE", True)
+    assert (fields["Key Usage"], "Key Usage" in fields["critical"]) == ("Certificate Sign, CRL Sign", True)
     assert iso_epoch(fields["notAfter"]) > time.time() + 9 * 365 * DAY_S
     assert b": OK" in verify(tmp_path, ca.ca_pem(), ca_file).stdout
     again = cs.CertAuthority(ca.ca_dir)
@@ -264,16 +221,16 @@ def test_ca_refuses_invalid_domain_for_root(tmp_path):
 
 @pytest.mark.parametrize("kind", ["ec256", "ec384", "rsa2048", "ed25519"])
 def test_ca_sign_good_csr_gives_exact_leaf(kind, keys, ca, ca_file, tmp_path):
-    csr = make_csr(keys[kind], addext=["subjectAltName=DNS:" + FQDN])
+    csr = csr_for(keys[kind], "/CN=" + FQDN, "subjectAltName=DNS:" + FQDN)
     not_after = int(time.time()) + 2 * HOUR_S
     leaf = ca.sign(csr, FQDN, not_after).pem
-    fields = cert_fields(leaf, tmp_path)
+    fields = cert_fields(leaf)
     assert fields["subject"] == "CN=" + FQDN
-    assert fields["Subject Alternative Name"][1] == "DNS:" + FQDN
-    assert fields["Basic Constraints"] == ("Basic Constraints: critical", "CA:FALSE")
+    assert fields["Subject Alternative Name"] == "DNS:" + FQDN
+    assert (fields["Basic Constraints"], "Basic Constraints" in fields["critical"]) == ("CA:FALSE", True)
     usage = "Digital Signature, Key Encipherment" if kind == "rsa2048" else "Digital Signature"
-    assert fields["Key Usage"] == ("Key Usage: critical", usage)
-    assert fields["Extended Key Usage"][1] == \
+    assert (fields["Key Usage"], "Key Usage" in fields["critical"]) == (usage, True)
+    assert fields["Extended Key Usage"] == \
         "TLS Web Server Authentication, TLS Web Client Authentication"
     assert iso_epoch(fields["notAfter"]) == not_after
     assert iso_epoch(fields["notBefore"]) <= time.time()
@@ -283,21 +240,20 @@ def test_ca_sign_good_csr_gives_exact_leaf(kind, keys, ca, ca_file, tmp_path):
 
 
 def test_ca_sign_ignores_case_and_missing_san(keys, ca, tmp_path):
-    leaf = ca.sign(make_csr(keys["ec256"], subj="/CN=" + FQDN.upper()), FQDN, time.time() + HOUR_S).pem
-    fields = cert_fields(leaf, tmp_path)
+    leaf = ca.sign(csr_for(keys["ec256"], "/CN=" + FQDN.upper()), FQDN, time.time() + HOUR_S).pem
+    fields = cert_fields(leaf)
     assert fields["subject"] == "CN=" + FQDN
-    assert fields["Subject Alternative Name"][1] == "DNS:" + FQDN
+    assert fields["Subject Alternative Name"] == "DNS:" + FQDN
 
 
 def test_ca_sign_copies_no_extension_from_csr(keys, ca, tmp_path):
-    csr = make_csr(keys["ec256"], addext=["keyUsage=critical,keyCertSign,cRLSign",
-                                          "extendedKeyUsage=codeSigning",
-                                          "nameConstraints=permitted;DNS:evil.example",
-                                          "basicConstraints=CA:FALSE"])
+    csr = csr_for(keys["ec256"], "/CN=" + FQDN, "keyUsage=critical,keyCertSign,cRLSign",
+                  "extendedKeyUsage=codeSigning", "nameConstraints=permitted;DNS:evil.example",
+                  "basicConstraints=CA:FALSE")
     leaf = ca.sign(csr, FQDN, time.time() + HOUR_S).pem
-    fields = cert_fields(leaf, tmp_path)
-    assert fields["Key Usage"][1] == "Digital Signature"
-    assert "Code Signing" not in fields["Extended Key Usage"][1]
+    fields = cert_fields(leaf)
+    assert fields["Key Usage"] == "Digital Signature"
+    assert "Code Signing" not in fields["Extended Key Usage"]
     leaf_file = write(tmp_path / "leaf.pem", leaf)
     out = openssl("x509", "-in", leaf_file, "-noout", "-ext", "nameConstraints")
     assert out.strip() == b""
@@ -305,27 +261,27 @@ def test_ca_sign_copies_no_extension_from_csr(keys, ca, tmp_path):
 
 def test_ca_sign_never_outlives_the_request(keys, ca, tmp_path):
     wanted = time.time() + 90 * 60 + 0.9
-    leaf = ca.sign(make_csr(keys["ec256"]), FQDN, wanted).pem
-    assert iso_epoch(cert_fields(leaf, tmp_path)["notAfter"]) <= wanted
+    leaf = ca.sign(csr_for(keys["ec256"], "/CN=" + FQDN), FQDN, wanted).pem
+    assert iso_epoch(cert_fields(leaf)["notAfter"]) <= wanted
     with pytest.raises(cs.CertRefused, match="expires"):
-        ca.sign(make_csr(keys["ec256"]), FQDN, time.time() - 1)
+        ca.sign(csr_for(keys["ec256"], "/CN=" + FQDN), FQDN, time.time() - 1)
 
 
 def test_ca_sign_refuses_invalid_fqdn_argument(keys, ca):
     for bad in ("a.example/CN=x", "a.example,DNS:b", "a=b", "a.example\nDNS:x", ""):
         with pytest.raises(cs.CertRefused):
-            ca.sign(make_csr(keys["ec256"]), bad, time.time() + HOUR_S)
+            ca.sign(csr_for(keys["ec256"], "/CN=" + FQDN), bad, time.time() + HOUR_S)
     assert listing(ca.issued_dir) == []
 
 
 def assert_exact_leaf(leaf, tmp_path, fqdn=FQDN, not_after=None):
     """The leaf is exactly what the server issues for fqdn, whatever its CSR asked."""
-    fields = cert_fields(leaf.pem, tmp_path)
+    fields = cert_fields(leaf.pem)
     assert fields["subject"] == "CN=" + fqdn
-    assert fields["Subject Alternative Name"][1] == "DNS:" + fqdn
-    assert fields["Basic Constraints"] == ("Basic Constraints: critical", "CA:FALSE")
-    assert fields["Key Usage"][1] in ("Digital Signature", "Digital Signature, Key Encipherment")
-    assert fields["Extended Key Usage"][1] == \
+    assert fields["Subject Alternative Name"] == "DNS:" + fqdn
+    assert (fields["Basic Constraints"], "Basic Constraints" in fields["critical"]) == ("CA:FALSE", True)
+    assert fields["Key Usage"] in ("Digital Signature", "Digital Signature, Key Encipherment")
+    assert fields["Extended Key Usage"] == \
         "TLS Web Server Authentication, TLS Web Client Authentication"
     extensions = openssl("x509", "-noout", "-ext", "nameConstraints,certificatePolicies,"
                          "inhibitAnyPolicy,policyConstraints,issuerAltName",
@@ -372,7 +328,7 @@ HOSTILE = [  # (key kind, subject, -addext values): each CSR is signed, the leaf
 @pytest.mark.parametrize("kind, subj, addext", HOSTILE)
 def test_ca_every_issued_cert_is_exact_whatever_the_csr_asks(kind, subj, addext, keys, ca,
                                                             ca_file, tmp_path):
-    csr = make_csr(keys[kind], subj=subj or "/CN=" + FQDN, addext=addext)
+    csr = csr_for(keys[kind], subj or "/CN=" + FQDN, *addext)
     not_after = int(time.time()) + HOUR_S
     leaf = ca.sign(csr, FQDN, not_after)
     assert_exact_leaf(leaf, tmp_path, not_after=not_after)
@@ -388,7 +344,7 @@ WEAK_KEYS = [("rsa1024", "1024-bit RSA"), ("ec521", "P-256"), ("ed448", "P-256")
 
 @pytest.mark.parametrize("kind, reason", WEAK_KEYS)
 def test_csr_with_weak_or_unsupported_key_refused(kind, reason, keys, ca):
-    csr = make_csr(keys[kind], addext=["subjectAltName=DNS:" + FQDN])
+    csr = csr_for(keys[kind], "/CN=" + FQDN, "subjectAltName=DNS:" + FQDN)
     with pytest.raises(cs.CertRefused) as caught:
         ca.sign(csr, FQDN, time.time() + HOUR_S)
     assert reason in str(caught.value)
@@ -432,7 +388,7 @@ def _bad_signature(csr):
 
 
 def _inputs_that_are_not_csrs(keys, ca):
-    csr = make_csr(keys["ec256"])
+    csr = csr_for(keys["ec256"], "/CN=" + FQDN)
     der = csr_der(csr)
     return {
         "plain text": "hello",
@@ -464,7 +420,7 @@ def test_csr_refused_for_inputs_that_are_not_csrs(keys, ca):
 def test_csr_bad_signature_named_as_such(keys, ca):
     for kind in ("ec256", "rsa2048", "ed25519"):
         with pytest.raises(cs.CertRefused, match="signature"):
-            ca.sign(_bad_signature(make_csr(keys[kind])), FQDN, time.time() + HOUR_S)
+            ca.sign(_bad_signature(csr_for(keys[kind], "/CN=" + FQDN)), FQDN, time.time() + HOUR_S)
     assert listing(ca.issued_dir) == []
 
 
@@ -499,12 +455,12 @@ def test_ca_intermediate_signs_leaves_that_verify(keys, tmp_path):
     assert listing(tmp_path / "ca") == ["issued"]
     assert authority.ca_pem().count("BEGIN CERTIFICATE") == 2
     served = write(tmp_path / "served.pem", authority.ca_pem())
-    leaf = authority.sign(make_csr(keys["ec256"]), FQDN, time.time() + 365 * DAY_S).pem
+    leaf = authority.sign(csr_for(keys["ec256"], "/CN=" + FQDN), FQDN, time.time() + 365 * DAY_S).pem
     assert b": OK" in verify(tmp_path, leaf, served).stdout
     strict = verify(tmp_path, leaf, str(ops / "root.pem"), "-untrusted", served)
     assert strict.returncode == 0, strict.stdout
-    inter_end = iso_epoch(cert_fields(open(ops / "inter.pem").read(), tmp_path)["notAfter"])
-    assert iso_epoch(cert_fields(leaf, tmp_path)["notAfter"]) <= inter_end < time.time() + 31 * DAY_S
+    inter_end = iso_epoch(cert_fields(open(ops / "inter.pem").read())["notAfter"])
+    assert iso_epoch(cert_fields(leaf)["notAfter"]) <= inter_end < time.time() + 31 * DAY_S
 
 
 def test_ca_supplied_files_checked(tmp_path):
@@ -528,7 +484,7 @@ def test_ca_issued_dir_holds_every_pod_leaf_and_not_the_server_cert(keys, ca, tm
     expected = {}
     for index, kind in enumerate(["ec256", "rsa2048", "ed25519"]):
         fqdn = "pod-%d.%s" % (index, DOMAIN)
-        leaf = ca.sign(make_csr(keys[kind], subj="/CN=" + fqdn), fqdn, time.time() + HOUR_S)
+        leaf = ca.sign(csr_for(keys[kind], "/CN=" + fqdn), fqdn, time.time() + HOUR_S)
         expected[leaf.serial] = ("CN=" + fqdn, "DNS:" + fqdn, leaf.pem)
     ca.issue_server_cert([DOMAIN], ["127.0.0.1"], str(tmp_path / "s.key"), str(tmp_path / "s.pem"), 30)
     names = listing(ca.issued_dir)
@@ -536,10 +492,10 @@ def test_ca_issued_dir_holds_every_pod_leaf_and_not_the_server_cert(keys, ca, tm
     for name in names:
         with open(os.path.join(ca.issued_dir, name)) as handle:
             text = handle.read()
-        fields = cert_fields(text, tmp_path)
+        fields = cert_fields(text)
         subject, san, leaf = expected[name[:-4]]
-        assert (fields["subject"], fields["Subject Alternative Name"][1], text) == (subject, san, leaf)
-        assert fields["Basic Constraints"][1] == "CA:FALSE"
+        assert (fields["subject"], fields["Subject Alternative Name"], text) == (subject, san, leaf)
+        assert fields["Basic Constraints"] == "CA:FALSE"
     ca.forget([name[:-4] for name in names[:2]] + [None, "../ca"])
     assert listing(ca.issued_dir) == names[2:]
 
@@ -585,9 +541,9 @@ def test_ca_server_cert_serves_tls_for_names_and_addresses(ca, tmp_path):
     for hostname in (DOMAIN, "api.example.net", "127.0.0.1", "::1"):
         assert _handshake(cert, key, ca.ca_pem(), hostname) is None, hostname
     assert "match" in (_handshake(cert, key, ca.ca_pem(), "other.example") or "")
-    fields = cert_fields(open(cert).read(), tmp_path)
-    assert fields["Basic Constraints"][1] == "CA:FALSE"
-    assert fields["Extended Key Usage"][1] == "TLS Web Server Authentication"
+    fields = cert_fields(open(cert).read())
+    assert fields["Basic Constraints"] == "CA:FALSE"
+    assert fields["Extended Key Usage"] == "TLS Web Server Authentication"
 
 
 def test_ca_server_cert_reused_until_sans_change_or_expiry_near(ca, tmp_path):
@@ -671,7 +627,7 @@ def test_openssl_returns_stdout_and_feeds_stdin():
 # ---- certificate dates ----------------------------------------------------------------
 
 def test_ca_cert_validity_matches_openssl(ca, tmp_path):
-    fields = cert_fields(ca.ca_pem(), tmp_path)
+    fields = cert_fields(ca.ca_pem())
     assert cs.cert_validity(ca.cert_file) == (iso_epoch(fields["notBefore"]),
                                               iso_epoch(fields["notAfter"]))
     with pytest.raises(cs.Pipe2meError):
@@ -696,8 +652,8 @@ def _mutations(rng, der):
 
 def test_csr_fuzzed_der_refused_or_signed_exact(keys, ca, tmp_path):
     rng = random.Random(20240601)
-    bases = [csr_der(make_csr(keys["ec256"], addext=["subjectAltName=DNS:evil.example"])),
-             csr_der(make_csr(keys["rsa2048"], addext=["basicConstraints=critical,CA:TRUE"]))]
+    bases = [csr_der(csr_for(keys["ec256"], "/CN=" + FQDN, "subjectAltName=DNS:evil.example")),
+             csr_der(csr_for(keys["rsa2048"], "/CN=" + FQDN, "basicConstraints=critical,CA:TRUE"))]
     outcomes = {"refused": 0, "signed": 0}
     for _ in range(6):
         for base in bases:
