@@ -246,7 +246,7 @@ def test_fronts_smuggling_shapes_get_400_and_reach_no_pod(front, shape):
     with connect(front.http) as sock:
         sock.sendall(text.encode() + get(fqdn(front, "B"), "/smuggled"))
         answer = read_all(sock)
-    assert re.match(rb"HTTP/1\.1 400 ", answer), answer
+    assert re.match(rb"HTTP/1\.1 400 ", answer) and b"\r\nServer: pipe2me\r\n" in answer, answer
     assert len(re.findall(rb"(?:^|\n)HTTP/1\.1 \d{3} ", answer)) == 1, answer  # nothing else served
     assert [len(service.seen) for service in services] == before
 
@@ -560,9 +560,11 @@ def split_client_hello(name, pieces=3):
         tls.do_handshake()
     record = outgoing.read()
     assert record[0] == 22 and len(record) == 5 + int.from_bytes(record[3:5], "big")
-    body, step = record[5:], -(-(len(record) - 5) // pieces)
-    framed = b"".join(record[:3] + len(body[i:i + step]).to_bytes(2, "big") + body[i:i + step]
-                      for i in range(0, len(body), step))
+    body = record[5:]  # the first record ends before the server_name extension
+    step = -(-(len(body) - 40) // (pieces - 1))
+    cuts = [0, 40] + list(range(40 + step, len(body), step)) + [len(body)]
+    framed = b"".join(record[:3] + (b - a).to_bytes(2, "big") + body[a:b]
+                      for a, b in zip(cuts, cuts[1:]))
     return tls, incoming, outgoing, framed
 
 
