@@ -3640,8 +3640,25 @@ class PodSession(Mux):
         self.saved_in = self.saved_out = 0
         super().__init__(hub.loop, sock, POD_SENDS, log, hub.settings.heartbeat_interval)
         self.buffer_budget = hub.settings.max_buffered_bytes_per_tunnel
-        if record.get("rate"):
-            self.pace = RateCap(record["rate"]).pace
+        self.rate_cap = RateCap(record["rate"]) if record.get("rate") else None
+        # read again: the session this one replaces has just saved its traffic
+        self.allowance = traffic_left(hub.store.get(self.tunnel_id) or record)
+        if self.rate_cap or self.allowance is not None:
+            self.pace = self.meter
+
+    def meter(self, nbytes):
+        """Mux.pace, after every read from a consumer or from the pod: the
+        session ends with the read that uses up max_traffic. Bytes read from
+        consumers, written to them and waiting for them count, so what
+        consumers send and get passes the cap by at most one read
+        (READ_CHUNK_BYTES or TLS_READ_BYTES: 262,144 bytes); the bytes still
+        waiting are dropped, and only the rest is saved as traffic."""
+        if self.allowance is not None and (self.local_read_bytes + self.local_written_bytes
+                                           + self.buffered) >= self.allowance:
+            log.warning("traffic allowance used up tunnel=%s", self.tunnel_id)
+            self.destroy("traffic allowance used up")
+            return 1.0  # the caller stops reading; the session is closed already
+        return self.rate_cap.pace(nbytes) if self.rate_cap else 0
 
     def on_control(self, msg, obj):
         if msg == Msg.GOAWAY:
@@ -6199,17 +6216,6 @@ class Hub:
             on_accept = lambda conn, address: self.open_stream(tunnel_id, port, conn, address)
         self.listeners[port] = (tunnel_id, Listener(self.loop, sock, on_accept, "port %d" % port))
 
-    def enforce_traffic_caps(self):
-        """Close sessions whose tunnel used up its token's max_traffic."""
-        for session in list(self.sessions.values()):
-            record = self.store.get(session.tunnel_id)
-            left = traffic_left(record) if record else None
-            moved = (session.local_read_bytes - session.saved_in
-                     + session.local_written_bytes - session.saved_out)
-            if left is not None and moved >= left:
-                log.warning("traffic allowance used up tunnel=%s", session.tunnel_id)
-                session.destroy("traffic allowance used up")
-
     def expire(self, now):
         """Close the listeners and sessions of tunnels that went offline, and
         try again the public ports another socket held."""
@@ -6477,7 +6483,6 @@ class Server:
             for session in list(self.hub.sessions.values()):
                 self.hub.save_traffic(session)
         self.expire_idle_streams()
-        self.hub.enforce_traffic_caps()
         self.presence.save({r["id"] for r in self.store.all()} if self.presence.dirty else None)
         if self.dns is not None:
             self.dns.sweep(now)
