@@ -3,6 +3,7 @@ tenant with a valid tunnel secret would attack them: signing as fast as it can, 
 the files it got signed, and connecting with a certificate its pod has replaced."""
 
 import concurrent.futures
+import http.client
 import json
 import os
 import re
@@ -44,6 +45,15 @@ def post_csr(server, pod_dir, csr):
     answer = api(server, "POST", "/tunnels/%s/cert" % tunnel_id, {"csr": csr}, secret=secret,
                  timeout=60)
     return answer.status, answer.json(), answer.headers.get("Retry-After")
+
+
+def flood_csr(server, pod_dir, csr):
+    """post_csr, or (None, None, None) when the server closed the connection unanswered
+    (its per-source share of API connections)."""
+    try:
+        return post_csr(server, pod_dir, csr)
+    except (ConnectionError, http.client.HTTPException):
+        return None, None, None
 
 
 def record(server, pod_dir):
@@ -110,15 +120,19 @@ def test_cert_rules_signing_flood_gets_json_429_with_retry_after(workdir):
         key = new_key(os.path.join(workdir, "flood.key"))
         csrs = [csr_for(key, fqdn, "subjectAltName=DNS:evil%d.example" % i) for i in range(4)]
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            answers = list(pool.map(lambda i: post_csr(server, pod_dir, csrs[i % 4]), range(60)))
+            answers = list(pool.map(lambda i: flood_csr(server, pod_dir, csrs[i % 4]), range(60)))
+        # the API's per-source share may cut some connections (None), signed or not
+        later = [post_csr(server, pod_dir, csrs[0]) for _ in range(PER_HOUR)]
+        assert [status for status, _, _ in later] == [429] * PER_HOUR
+        answers += later
         statuses = [status for status, _, _ in answers]
-        assert statuses.count(200) == PER_HOUR - 1 and statuses.count(429) == 60 - (PER_HOUR - 1)
+        assert statuses.count(200) <= PER_HOUR - 1 and set(statuses) <= {200, 429, None}
         for status, body, retry_after in answers:
             if status == 429:
                 assert "MAX_CERTS_PER_HOUR" in body["error"] and "\n" not in body["error"]
                 assert retry_after is not None and 0 < int(retry_after) <= 3600 // PER_HOUR + 1
                 assert body["retry_after_s"] == int(retry_after)
-        assert signs(server) == PER_HOUR
+        assert signs(server) == PER_HOUR, statuses      # setup's, then 5 of the flood
         # once spent, even a CSR that would be refused costs no openssl run: 429 first
         assert post_csr(server, pod_dir, bad_signature(csrs[0]))[0] == 429
         # whatever got through left at most CERT_KEEP (3) files behind
