@@ -23,8 +23,8 @@ import time
 
 import pytest
 
-from conftest import (Proc, ServerHandle, connect, free_port, public_ports, setup_pod,
-                      start_pod, wait_until)
+from conftest import (LocalService, Proc, ServerHandle, connect, free_port, public_ports,
+                      setup_pod, start_pod, wait_until)
 
 DOMAIN = "pipe2.localhost"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -80,6 +80,25 @@ class NamedService:
     def stop(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def upgrade_then_echo(conn):
+    """A service that switches every connection to raw echo (101) after its first head."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = conn.recv(4096)
+        if not data:
+            return
+        head += data
+    conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")
+    rest = head.partition(b"\r\n\r\n")[2]
+    while True:
+        if rest:
+            conn.sendall(rest.upper())
+        rest = conn.recv(4096)
+        if not rest:
+            break
+    conn.shutdown(socket.SHUT_WR)
 
 
 def curl(*args, timeout=30):
@@ -143,8 +162,8 @@ def front(tmp_path_factory):
                                           "--max-pending-front", "100"])
     services, pods, tunnels = [], [], {}
     try:
-        for name in ("A", "B"):
-            service = NamedService(name)
+        for name in ("A", "B", "U"):
+            service = NamedService(name) if name != "U" else LocalService(upgrade_then_echo)
             services.append(service)
             pod_dir = os.path.join(workdir, "pod-" + name)
             fqdn = setup_pod(server, pod_dir, "http", [service.port])
@@ -211,6 +230,27 @@ def test_fronts_chunked_and_sized_bodies_keep_the_framing(front):
         bodies = [read_response(sock)[2] for _ in range(3)]
     assert [answered_by(body) for body in bodies] == ["A", "B", "B"], bodies
     assert bodies[2].startswith(b"B /after ")
+
+
+def test_fronts_upgrade_hands_the_connection_over_to_raw_bytes(front):
+    with connect(front.http) as sock:
+        sock.sendall(get(fqdn(front, "U"), "/ws", "Connection: Upgrade\r\nUpgrade: echo\r\n")
+                     + get(fqdn(front, "A"), "/raw-now"))
+        answer = b""
+        while b"GET /RAW-NOW" not in answer:
+            sock.settimeout(10)
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 101 "), answer  # after 101 the bytes went raw to U
+
+
+def test_fronts_upgrade_refused_by_the_service_keeps_routing_by_host(front):
+    with connect(front.http) as sock:  # A answers 200 to the Upgrade: HTTP goes on, B is B
+        sock.sendall(get(fqdn(front, "A"), "/up", "Connection: Upgrade\r\nUpgrade: websocket\r\n")
+                     + get(fqdn(front, "B"), "/next"))
+        first, second = read_response(sock)[2], read_response(sock)[2]
+    assert answered_by(first) == "A" and second.startswith(b"B /next "), (first, second)
 
 
 # ---- request smuggling shapes and CR/LF: 400, nothing reaches a pod ------------------------
@@ -454,6 +494,27 @@ def test_fronts_503_when_the_local_service_refuses(front, tmp_path):
         assert code == "503" and name in body and "refused" in body, done.stdout
     finally:
         pod.stop()
+
+
+def test_fronts_503_when_the_tunnel_is_at_its_stream_cap(tmp_path):
+    server = ServerHandle(str(tmp_path), extra=["--max-streams-per-tunnel", "1"])
+    service, pod = NamedService("capped"), None
+    try:
+        pod_dir = str(tmp_path / "capped")
+        name = setup_pod(server, pod_dir, "http", [service.port])
+        pod = start_pod(str(tmp_path), pod_dir, name="capped-pod")
+        with connect(server.http) as held:  # a kept-alive connection holds the one stream
+            held.sendall(get(name, "/hold"))
+            assert read_response(held)[0] == 200
+            done = curl("-w", "\n%{http_code}", "-H", "Host: " + name,
+                        "http://127.0.0.1:%d/" % server.http)
+        body, _, code = done.stdout.decode().rpartition("\n")
+        assert code == "503" and name in body and "cap of 1 open streams" in body, done.stdout
+    finally:
+        if pod is not None:
+            pod.stop()
+        service.stop()
+        assert server.stop() == 0
 
 
 def test_fronts_504_when_the_local_connect_times_out(front, tmp_path):
