@@ -3692,7 +3692,7 @@ do_stop() {
 case "$1" in
 start)
 	if is_running; then echo "@NAME@ is already running"; exit 0; fi
-	supervise </dev/null >>"$LOGFILE" 2>&1 &
+	(exec </dev/null >>"$LOGFILE" 2>&1; supervise) &  # exec: no copy of our stdout stays open
 	echo $! >"$PIDFILE"
 	;;
 stop)

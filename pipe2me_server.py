@@ -6824,6 +6824,205 @@ def cmd_dns_refresh(settings, _args):
     return 0
 
 
+SERVICE_USER = "pipe2me"
+SERVICE_RESTART_DELAY_S = 5
+
+
+def cmd_service(settings, args):
+    """Print a systemd unit or a System V init script that runs this server
+    with its configuration as `--user`, with CAP_NET_BIND_SERVICE only."""
+    if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", args.user):
+        raise UsageError("bad --user %r: a system account name, e.g. pipe2me" % args.user)
+    argv = server_argv() + service_arguments(settings, args.config)
+    values = {"@USER@": args.user, "@DOMAIN@": settings.tunnel_domain,
+              "@STATE_DIR@": settings.state_dir, "@DELAY@": str(SERVICE_RESTART_DELAY_S)}
+    if args.systemd:
+        values["@COMMAND@"] = " ".join(systemd_quote(word) for word in argv)
+        values["@PROTECT_HOME@"] = "read-only" if any(
+            path.startswith(("/home/", "/root/", "/run/user/"))
+            for path in [settings.state_dir] + argv) else "yes"
+        template = SERVER_SYSTEMD_TEMPLATE
+    else:
+        values["@COMMAND@"] = " ".join(shlex.quote(word) for word in argv)
+        template = SERVER_SYSV_TEMPLATE
+    for key, value in values.items():
+        template = template.replace(key, value)
+    sys.stdout.write(template)
+    return 0
+
+
+def server_argv():
+    """How a service starts this server: the installed `pipe2me-server` when
+    that is how it runs (pip), else this Python and this script's path."""
+    import shutil
+    if os.path.basename(sys.argv[0] or "") == "pipe2me-server" and shutil.which("pipe2me-server"):
+        return [os.path.abspath(shutil.which("pipe2me-server"))]
+    return [os.path.abspath(sys.executable or "/usr/bin/python3"), os.path.abspath(__file__)]
+
+
+def service_arguments(settings, config_path):
+    """`--config FILE` (absolute) and the flags this command was given, so the
+    service runs with the settings `check-config` shows here."""
+    path = os.path.abspath(config_path or os.path.expanduser(DEFAULT_CONFIG_FILE))
+    words = ["--config", path] if config_path or os.path.exists(path) else []
+    for key, origin in sorted(settings.origins.items()):
+        if origin.startswith("flag "):
+            value = shown_setting(getattr(settings, key.lower()))
+            if key.endswith(("_DIR", "_FILE")) and value:
+                value = os.path.abspath(value)
+            words += [origin.split(" ", 1)[1], value]
+    return words
+
+
+def systemd_quote(word):
+    """One ExecStart word: `%` and `$` escaped, double-quoted when needed."""
+    word = word.replace("%", "%%").replace("$", "$$")
+    if re.fullmatch(r"[A-Za-z0-9_@%+=:,./-]+", word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+SERVER_SYSTEMD_TEMPLATE = """\
+# pipe2me server for @DOMAIN@. Save as /etc/systemd/system/pipe2me-server.service, then:
+#   useradd --system --home-dir @STATE_DIR@ --shell /usr/sbin/nologin @USER@
+#   install -d -o @USER@ -g @USER@ -m 700 @STATE_DIR@
+#   systemctl daemon-reload && systemctl enable --now pipe2me-server
+# The configuration file must be readable by @USER@; `systemctl reload` sends
+# SIGHUP (tokens and tunnels are read again).
+[Unit]
+Description=pipe2me server for @DOMAIN@
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=simple
+User=@USER@
+Group=@USER@
+ExecStart=@COMMAND@
+ExecReload=/bin/kill -HUP $MAINPID
+Restart=on-failure
+RestartSec=@DELAY@
+# exit 2 (bad configuration): restarting will not help
+RestartPreventExitStatus=2
+TimeoutStopSec=30
+LimitNOFILE=65536
+UMask=0077
+# Only the capability to bind ports below 1024 (80, 443, 53), nothing else.
+AmbientCapabilities=CAP_NET_BIND_SERVICE
+CapabilityBoundingSet=CAP_NET_BIND_SERVICE
+NoNewPrivileges=yes
+ProtectSystem=strict
+ReadWritePaths=@STATE_DIR@
+ProtectHome=@PROTECT_HOME@
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+ProtectProc=invisible
+PrivateMounts=yes
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+RemoveIPC=yes
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+SERVER_SYSV_TEMPLATE = """\
+#!/bin/sh
+### BEGIN INIT INFO
+# Provides:          pipe2me-server
+# Required-Start:    $network $remote_fs $syslog
+# Required-Stop:     $network $remote_fs $syslog
+# Default-Start:     2 3 4 5
+# Default-Stop:      0 1 6
+# Short-Description: pipe2me server for @DOMAIN@
+### END INIT INFO
+# Save as /etc/init.d/pipe2me-server, then:
+#   useradd --system --home-dir @STATE_DIR@ --shell /usr/sbin/nologin @USER@
+#   install -d -o @USER@ -g @USER@ -m 700 @STATE_DIR@
+#   chmod +x /etc/init.d/pipe2me-server && update-rc.d pipe2me-server defaults
+#   /etc/init.d/pipe2me-server start
+# Runs as @USER@ with CAP_NET_BIND_SERVICE only (setpriv, util-linux) and
+# restarts it after a failure; exit 0 (stopped) and 2 (bad configuration) end
+# the loop since restarting will not help.
+
+PIDFILE=${PIDFILE:-/var/run/pipe2me-server.pid}
+LOGFILE=${LOGFILE:-/var/log/pipe2me-server.log}
+
+run() {
+	exec setpriv --reuid=@USER@ --regid="$(id -g @USER@)" --init-groups \\
+		--inh-caps=-all,+net_bind_service --ambient-caps=-all,+net_bind_service \\
+		--bounding-set=-all,+net_bind_service --no-new-privs \\
+		@COMMAND@
+}
+
+supervise() {
+	child=
+	trap 'if [ -n "$child" ]; then kill "$child" 2>/dev/null; wait "$child"; fi; exit 0' TERM
+	trap 'if [ -n "$child" ]; then kill -HUP "$child" 2>/dev/null; fi' HUP
+	while :; do
+		run &
+		child=$!
+		wait "$child"
+		rc=$?
+		# a HUP for the child interrupts wait: wait again while it runs
+		while kill -0 "$child" 2>/dev/null; do wait "$child"; rc=$?; done
+		child=
+		case $rc in 0|2) exit "$rc" ;; esac
+		sleep @DELAY@
+	done
+}
+
+is_running() {
+	[ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null
+}
+
+do_stop() {
+	if is_running; then
+		kill "$(cat "$PIDFILE")"
+		i=0
+		while is_running && [ "$i" -lt 30 ]; do sleep 1; i=$((i + 1)); done
+	fi
+	rm -f "$PIDFILE"
+}
+
+case "$1" in
+start)
+	if is_running; then echo "pipe2me-server is already running"; exit 0; fi
+	(exec </dev/null >>"$LOGFILE" 2>&1; supervise) &  # exec: no copy of our stdout stays open
+	echo $! >"$PIDFILE"
+	;;
+stop)
+	do_stop
+	;;
+reload|force-reload)
+	if is_running; then kill -HUP "$(cat "$PIDFILE")"; fi
+	;;
+restart)
+	do_stop
+	"$0" start
+	;;
+status)
+	if is_running; then echo "pipe2me-server is running"; else echo "pipe2me-server is stopped"; exit 3; fi
+	;;
+*)
+	echo "usage: $0 start|stop|restart|reload|status" >&2
+	exit 2
+	;;
+esac
+"""
+
+
 def cmd_serve(settings, _args):
     run_from_compiled_code()
     raise_open_file_limit()
@@ -6850,11 +7049,19 @@ def build_parser():
     tunnels.add_argument("id", nargs="?")
     commands.add_parser("check-config", help="validate and print the configuration")
     commands.add_parser("dns-refresh", help="reconcile DNS records (cron)")
+    service = commands.add_parser("service", help="print a service definition that runs "
+                                  "this server at boot with only CAP_NET_BIND_SERVICE")
+    kinds = service.add_mutually_exclusive_group(required=True)
+    kinds.add_argument("--systemd", action="store_true", help="a systemd unit")
+    kinds.add_argument("--sysv", action="store_true", help="a System V init script")
+    service.add_argument("--user", default=SERVICE_USER,
+                         help="the account the server runs as (default %(default)s)")
     return parser
 
 
 COMMANDS = {None: cmd_serve, "tokens": cmd_tokens, "tunnels": cmd_tunnels,
-            "check-config": cmd_check_config, "dns-refresh": cmd_dns_refresh}
+            "check-config": cmd_check_config, "dns-refresh": cmd_dns_refresh,
+            "service": cmd_service}
 
 
 class LogFormatter(logging.Formatter):
