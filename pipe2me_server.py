@@ -7,6 +7,7 @@ Usage:
     python3 pipe2me_server.py tokens list|add NAME [OPTION:VALUE ...]|remove NAME
     python3 pipe2me_server.py tunnels list|show ID|remove ID
     python3 pipe2me_server.py check-config | dns-refresh
+    python3 pipe2me_server.py service --systemd|--sysv [--user NAME]   boot definition
 
 Every pod gets a three-word name under TUNNEL_DOMAIN, one public port per
 service, and a certificate for its name signed by the server's CA. Pods keep
