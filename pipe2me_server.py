@@ -6412,7 +6412,7 @@ class Server:
         kind = s.acme_challenge or ("dns-01" if dns_managed else "http-01")
         if kind == "http-01":
             challenger = HttpTokenChallenger()
-            self.fronts.acme_http01 = challenger.answer
+            self.acme_http01 = self.fronts.acme_http01 = challenger.answer
             return challenger
         if self.reconciler is not None:
             return DnsTxtChallenger(self.reconciler.provider.set_txt)

@@ -103,6 +103,15 @@ def http_port():
 
 
 @pytest.fixture
+def started():
+    """Processes a test started (pods), stopped by PID however the test ends."""
+    procs = []
+    yield procs
+    for proc in procs:
+        proc.stop()
+
+
+@pytest.fixture
 def pebble(workdir, dns_port, http_port):
     handle = Pebble(workdir, dns_port, http_port)
     yield handle
@@ -133,12 +142,13 @@ def https_pod(workdir, server, name="pod"):
     return pod_dir, fqdn
 
 
-def test_acme_dns01_builtin_pod_reached_with_full_verification(workdir, pebble, dns_port, http_port):
+def test_acme_dns01_builtin_pod_reached_with_full_verification(workdir, pebble, dns_port, http_port, started):
     server = acme_server(workdir, pebble, http_port, dns_port)
     try:
         pod_dir, fqdn = https_pod(workdir, server)
         before = open(os.path.join(pod_dir, "pipe2me.openssl.cert")).read()
         pod = start_pod(workdir, pod_dir, "--echo")
+        started.append(pod)
         wait_until(lambda: acme_installed(pod_dir), timeout=60, what="pebble's certificate on the pod")
         root = pebble.root()
         # the tunnel connection keeps the server-CA certificate
@@ -182,7 +192,7 @@ def open_tls(fqdn, port, cafile):
     return context.wrap_socket(raw, server_hostname=fqdn)
 
 
-def test_acme_renewal_replaces_the_chain_while_start_runs_and_runs_the_hook_once(workdir, dns_port, http_port):
+def test_acme_renewal_replaces_the_chain_while_start_runs_and_runs_the_hook_once(workdir, dns_port, http_port, started):
     pebble = Pebble(workdir, dns_port, http_port, validity_s=24)
     server = acme_server(workdir, pebble, http_port, dns_port)
     pod = None
@@ -216,7 +226,7 @@ def test_acme_renewal_replaces_the_chain_while_start_runs_and_runs_the_hook_once
 
 
 def test_acme_refusal_keeps_the_server_certificate_says_why_and_a_later_success_replaces_it(
-        workdir, dns_port, http_port):
+        workdir, dns_port, http_port, started):
     from helpers import request_json
     pebble = Pebble(workdir, dns_port, http_port)
     server = acme_server(workdir, pebble, http_port, dns_port)
@@ -226,6 +236,7 @@ def test_acme_refusal_keeps_the_server_certificate_says_why_and_a_later_success_
         pod_dir, fqdn = https_pod(workdir, server)
         before = open(os.path.join(pod_dir, "pipe2me.openssl.cert")).read()
         pod = start_pod(workdir, pod_dir, "--echo")
+        started.append(pod)
         status = wait_until(lambda: (lambda out: out if "ACME=failed" in out else None)(
             run_pod(pod_dir, "status").stdout), timeout=30, what="ACME=failed in status")
         assert re.search(r"ACME_REASON=.*unreachable", status), status
@@ -253,13 +264,14 @@ def test_acme_refusal_keeps_the_server_certificate_says_why_and_a_later_success_
         pebble.stop()
 
 
-def test_acme_orders_beyond_the_weekly_limit_are_queued_not_failed(workdir, pebble, dns_port, http_port):
+def test_acme_orders_beyond_the_weekly_limit_are_queued_not_failed(workdir, pebble, dns_port, http_port, started):
     # the server's own name takes the one new certificate the limit allows
     server = acme_server(workdir, pebble, http_port, dns_port, "--acme-new-certs-per-week", "1")
     try:
         server.proc.wait_for(r"acme certificate issued key=server", timeout=60)
         pod_dir, _fqdn = https_pod(workdir, server)
         pod = start_pod(workdir, pod_dir, "--echo")
+        started.append(pod)
         status = wait_until(lambda: (lambda out: out if "ACME=queued" in out else None)(
             run_pod(pod_dir, "status").stdout), timeout=30, what="ACME=queued in status")
         assert "limit of 1 new certificates a week" in status, status
@@ -271,13 +283,14 @@ def test_acme_orders_beyond_the_weekly_limit_are_queued_not_failed(workdir, pebb
         assert server.stop() == 0
 
 
-def test_acme_http01_answered_on_the_http_front(workdir, pebble, dns_port, http_port):
+def test_acme_http01_answered_on_the_http_front(workdir, pebble, dns_port, http_port, started):
     server = acme_server(workdir, pebble, http_port, dns_port, "--acme-challenge", "http-01",
                          "--http-port", str(http_port))
     try:
         assert server.http == http_port
         pod_dir, fqdn = https_pod(workdir, server)
         pod = start_pod(workdir, pod_dir, "--echo")
+        started.append(pod)
         wait_until(lambda: acme_installed(pod_dir), timeout=60, what="pebble's certificate by HTTP-01")
         assert "challenge=http-01" in server.proc.stderr()
         root = pebble.root()
@@ -343,7 +356,7 @@ class StandinDns:
         self.sock.close()
 
 
-def test_acme_dns01_through_dnsimple(workdir, http_port):
+def test_acme_dns01_through_dnsimple(workdir, http_port, started):
     from dnsimple_standin import DnsimpleStandin
     with DnsimpleStandin("dnsimple-test-token", zones=(DOMAIN,)) as api:
         dns = StandinDns(api, DOMAIN)
@@ -356,6 +369,7 @@ def test_acme_dns01_through_dnsimple(workdir, http_port):
         try:
             pod_dir, fqdn = https_pod(workdir, server)
             pod = start_pod(workdir, pod_dir, "--echo")
+            started.append(pod)
             wait_until(lambda: acme_installed(pod_dir), timeout=60, what="pebble's certificate via dnsimple")
             assert "challenge=dns-01" in server.proc.stderr()
             created = [path for method, path in api.requests if method == "POST"]
@@ -370,3 +384,60 @@ def test_acme_dns01_through_dnsimple(workdir, http_port):
             assert server.stop() == 0
             pebble.stop()
             dns.stop()
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium_dump(url, home, fqdn, timeout=120):
+    """(DOM, stderr) of headless Chromium loading url, with HOME (and its NSS db) at home;
+    Chromium and its helpers run in a process group of their own, killed on a timeout."""
+    import signal
+    env = dict(os.environ, HOME=home)
+    profile = os.path.join(home, "profile-%d" % len(os.listdir(home)))
+    proc = subprocess.Popen(["chromium"] + CHROMIUM_FLAGS + [
+        "--user-data-dir=" + profile, "--host-resolver-rules=MAP %s 127.0.0.1" % fqdn,
+        "--timeout=20000", "--dump-dom", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL, text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # helpers that outlive the browser
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+    return out, err
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None or shutil.which("certutil") is None,
+                    reason="chromium or certutil (libnss3-tools) not installed")
+def test_acme_chromium_trusts_the_pod_certificate(workdir, pebble, dns_port, http_port, started):
+    server = acme_server(workdir, pebble, http_port, dns_port)
+    pod = None
+    try:
+        pod_dir, fqdn = https_pod(workdir, server)
+        pod = start_pod(workdir, pod_dir, "--echo")
+        started.append(pod)
+        wait_until(lambda: acme_installed(pod_dir), timeout=60, what="pebble's certificate on the pod")
+        home = os.path.join(workdir, "chromium-home")
+        nssdb = os.path.join(home, ".pki", "nssdb")
+        os.makedirs(nssdb)
+        url = "https://%s:%d/browser" % (fqdn, server.https)
+        untrusted, why = chromium_dump(url, home, fqdn)  # before pebble's root is imported
+        assert "GET /browser HTTP/1.1" not in untrusted and "ERR_CERT_AUTHORITY_INVALID" in why
+        empty = os.path.join(home, "empty-password")
+        open(empty, "w").write("\n")
+        for args in (["-N", "-f", empty], ["-A", "-t", "C,,", "-n", "pebble root", "-i", pebble.root()]):
+            subprocess.run(["certutil", "-d", "sql:" + nssdb] + args, check=True, timeout=30,
+                           stdin=subprocess.DEVNULL)
+        dom, why = chromium_dump(url, home, fqdn)
+        assert "GET /browser HTTP/1.1" in dom, why[-2000:]
+        port = public_ports(pod_dir)[0]
+        dom, why = chromium_dump("https://%s:%d/per-port" % (fqdn, port), home, fqdn)
+        assert "GET /per-port HTTP/1.1" in dom, why[-2000:]
+    finally:
+        if pod is not None:
+            assert pod.stop() == 0
+        assert server.stop() == 0
