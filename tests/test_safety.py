@@ -609,3 +609,60 @@ def test_safety_max_traffic_cuts_within_one_read_of_the_cap(workdir, direction):
         for service in services:
             service.stop()
         assert server.stop() == 0
+
+
+# =====================================================================================
+# 5. No leaks, no injection
+# =====================================================================================
+
+def test_safety_metrics_name_tenants_only_to_whom_the_operator_allows(workdir):
+    """/metrics and the status page: tenant names and per-tunnel traffic for
+    127.0.0.1 (METRICS_ALLOW) and for the METRICS_TOKEN bearer; totals only
+    for any other address, a wrong token, or the token in another header."""
+    secret = "metrics-bearer-for-the-test"
+    server = Server(workdir, ["--metrics-token", secret])
+    try:
+        tunnel = Identity(server, os.path.join(workdir, "tenant"), "tcp")
+        name = tunnel.fqdn.encode()
+        cases = {
+            "loopback": ("127.0.0.1", {}, True),
+            "other address": (FLOOD_SOURCE, {}, False),
+            "other address, token": (FLOOD_SOURCE, {"Authorization": "Bearer " + secret}, True),
+            "other address, wrong token": (FLOOD_SOURCE, {"Authorization": "Bearer x" + secret},
+                                           False),
+            "other address, token as Basic": (FLOOD_SOURCE, {"Authorization": "Basic " + secret},
+                                              False),
+        }
+        for case, (source, headers, named) in cases.items():
+            for path in ("/metrics", "/"):
+                status, body = api(server, "GET", path, source=source, headers=headers)
+                assert status == 200, (case, path, status)
+                assert (name in body) == (named and path == "/metrics"), (case, path, body[:300])
+                if path == "/metrics":
+                    assert metric(body, "pipe2me_tunnels{status=\"online\"}") == 1, (case, body)
+                    assert b'pipe2me_bytes_total{direction="in"}' in body
+    finally:
+        assert server.stop() == 0
+
+
+LOG_INJECTIONS = [
+    "bye\n2026-01-01 00:00:00,000 INFO pipe2me.server tunnel created tunnel=forged",
+    "bye\r\x1b[2Kforged\u2028line\x00",
+]
+
+
+@pytest.mark.parametrize("reason", LOG_INJECTIONS)
+def test_safety_control_characters_from_a_pod_never_start_a_log_line(bed, server_mod, reason):
+    """A GOAWAY reason with CR, LF, escape sequences or Unicode line breaks
+    reaches the log on its one line, escaped."""
+    mark = bed.server.mark()
+    pod = RawPod(server_mod, bed.server, bed.raw)
+    pod.send(server_mod.encode_control(server_mod.Msg.GOAWAY, {"reason": reason}))
+    bed.server.proc.wait_for(r"pod going away tunnel=%s" % bed.raw.id, after=mark)
+    pod.close()
+    log = bed.server.log_after(mark)
+    assert "forged" in log
+    for line in log.splitlines():
+        assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ pipe2me\.server ", line), line
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f\u2028\u2029]", line), line
+    assert "tunnel=forged" not in re.sub(r"reason=.*", "", log)
