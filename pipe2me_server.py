@@ -28,7 +28,8 @@ Sections, in the order a tunnel comes to life:
                   server's name from an ACME CA (RFC 8555), renewed (ARI)
     API           the HTTP API (JSON and shell format)
     TUNNEL SESSIONS  pod authentication and the live session per tunnel
-    FRONTS        public ports, the Host-routed HTTP front, the SNI front
+    FRONTS        public ports, the HTTP front (a reverse proxy routing each
+                  request by Host), the SNI front
     REACHABILITY  direct or relayed: probing a pod's router on every port
     DNS           what each tunnel's name answers, the built-in
                   authoritative responder (rate limited, fair shares)
@@ -3816,9 +3817,11 @@ class PodGate:
         return record, None, False
 
 # =====================================================================
-# FRONTS — where consumers arrive: each tunnel's public ports, the
-# Host-routed HTTP front and the SNI-routed HTTPS front. They look up the
-# live session through `hub` (WIRING) and open streams on it.
+# FRONTS — where consumers arrive: each tunnel's public ports, the HTTP
+# front (a reverse proxy routing every request by its Host; also serves the
+# public ports of http services), the SNI-routed HTTPS front, their pending
+# budgets, and the HTTP-01 hook. They look up the live session through
+# `hub` (WIRING) and open streams on it.
 # =====================================================================
 
 ACCEPT_BATCH = 64
@@ -3928,6 +3931,7 @@ class PendingBudget:
         return None
 
     def give_back(self, key):
+        """A connection left the budget (routed, closed or given up)."""
         self.total -= 1
         self.by_source[key] -= 1
         if not self.by_source[key]:
@@ -4083,6 +4087,7 @@ def split_head(buffer):
 
 
 def head_lines(head):
+    """The lines of a head, without their line ends."""
     return [line[:-1] if line.endswith(b"\r") else line for line in head.split(b"\n")]
 
 
@@ -4105,6 +4110,7 @@ def parse_fields(lines):
 
 
 def field_values(fields, key):
+    """The values of every field named `key` (lower case), in order."""
     return [value for name, _, value in fields if name == key]
 
 
@@ -4134,6 +4140,7 @@ def body_framing(fields, version):
 
 
 def connection_options(fields):
+    """The lower-case options of all Connection fields."""
     return {o.strip().lower() for v in field_values(fields, b"connection") for o in v.split(b",")}
 
 
@@ -4389,6 +4396,7 @@ class HttpFrontConnection:
 
     # -- events -----------------------------------------------------------
     def update_interest(self):
+        """Watch each socket for what its buffers allow (reads stop when full)."""
         if self.closed:
             return
         up_full = self.up is not None and len(self.up.out) >= FRONT_BUFFER_BYTES
@@ -4442,6 +4450,7 @@ class HttpFrontConnection:
             return None
 
     def flush(self, sock, buffer, up=None):
+        """Write what the socket takes of `buffer`; a failed write ends its side."""
         try:
             sent = sock.send(buffer) if buffer else 0
         except (BlockingIOError, InterruptedError):
@@ -4453,6 +4462,7 @@ class HttpFrontConnection:
         del buffer[:sent]
 
     def after_io(self):
+        """After every event: half-close, finish or linger as the state says; re-arm events."""
         if self.closed:
             return
         if self.raw and self.read_closed and self.up is not None and not self.up.out:
@@ -4481,6 +4491,7 @@ class HttpFrontConnection:
                 return
 
     def read_body(self):
+        """Pass the request body on as far as it has come; True once it ended."""
         try:
             used = self.body.feed(self.inbuf)
         except BadMessage as exc:  # the stream got half a request: it cannot go on
@@ -4519,6 +4530,7 @@ class HttpFrontConnection:
         return self.dispatch(request, route)
 
     def dispatch(self, request, route):
+        """Act on a routed request; True to go on with the next one."""
         kind = route[0]
         if kind == "api":  # the API serves whole connections: the client retries on a new one
             self.finish()
@@ -4625,6 +4637,7 @@ class HttpFrontConnection:
         return memoryview(leftover)
 
     def response_done(self, up):
+        """A whole response is relayed: the next request may go."""
         request = self.waiting.popleft()
         up.body, up.started = None, False
         close = self.response_close or request.close
@@ -4658,6 +4671,7 @@ class HttpFrontConnection:
             self.finish()
 
     def drop_upstream(self):
+        """Close the current stream (its Stream sees EOF and ends)."""
         up, self.up = self.up, None
         if up is not None and not up.closed:
             up.closed = True
@@ -4701,6 +4715,7 @@ class HttpFrontConnection:
         self.loop.call_later(left, self.on_deadline)
 
     def destroy(self):
+        """Close both sockets now; idempotent."""
         if self.closed:
             return
         self.closed = True
@@ -4810,6 +4825,7 @@ class Fronts:
         return api if to_api else serve
 
     def acme_token(self, request):
+        """The token of an HTTP-01 challenge request, else None."""
         match = ACME_CHALLENGE.fullmatch(request.path.partition("?")[0])
         return match.group(1) if match and request.method in (b"GET", b"HEAD") else None
 
@@ -4851,9 +4867,11 @@ class Fronts:
         return None
 
     def log_failure(self, up, status, text):
+        """One line for an answer the front gave instead of the service."""
         log.info("http front answered status=%d tunnel=%s reason=%s", status, up.tunnel_id, text)
 
     def refuse_h2c(self, conn):
+        """Cleartext HTTP/2 with prior knowledge: GOAWAY HTTP_1_1_REQUIRED, a log line."""
         log.warning("http front refused cleartext HTTP/2 (prior knowledge) from=%s",
                     shown_address(conn.address))
         conn.out += h2c_refusal("pipe2me: HTTP/2 needs TLS here; use HTTP/1.1 or https://")
