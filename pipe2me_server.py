@@ -151,10 +151,6 @@ def parse_addresses(value):
     return [parse_address(v) for v in re.split(r"[\s,]+", value.strip()) if v]
 
 
-def parse_networks(value):
-    return [str(ipaddress.ip_network(v, strict=False)) for v in re.split(r"[\s,]+", value.strip()) if v]
-
-
 def parse_path(value):
     return os.path.abspath(os.path.expanduser(value)) if value.strip() else ""
 
@@ -6814,7 +6810,7 @@ def cmd_check_config(settings, _args):
             value = "dnsimple:" + mask_secret(value.split(":")[1])
         if key == "METRICS_TOKEN" and value:
             value = mask_secret(value)
-        if key == "METRICS_ALLOW":
+        if key in ("METRICS_ALLOW", "DNS_CLIENT_SUBNET_FROM"):
             value = ",".join(str(network) for network in value)
         print("%s=%s  # %s" % (key, shown_setting(value), settings.origins[key]))
     return 0
