@@ -5444,6 +5444,8 @@ def servfail(packet):
 # ---- the responder: UDP on the loop, TCP in capped threads --------------------
 
 DNS_UDP_PER_TURN = 4               # datagrams answered per loop turn: tunnels keep theirs
+DNS_UDP_PER_S = 10000              # datagrams read per second in all; more wait in the kernel
+DNS_UDP_SLICE_S = 0.01             # ... counted in slices this long
 DNS_TCP_MAX_CLIENTS = 64
 DNS_TCP_PER_SOURCE = 4             # of those, per IPv4 address or IPv6 /64
 DNS_TCP_QUERY_DEADLINE_S = 5.0     # to receive one whole query and send its answer
@@ -5488,9 +5490,11 @@ class DnsResponder:
     both, in `.port`) through the server's EventLoop; built and closed in the
     loop thread; never raises for network or packet trouble.
 
-    UDP: a loop turn answers at most UDP_PER_TURN datagrams, so a flood waits
-    (or overflows) in the kernel while tunnels keep their turns; `limiter`
-    says per source whether a query gets its answer, a truncated one or none.
+    UDP: a loop turn answers at most UDP_PER_TURN datagrams, and the loop
+    reads at most UDP_PER_S a second (the socket is unwatched for the rest of
+    a slice past that), so a flood waits or overflows in the kernel while
+    tunnels keep their turns and the CPU; `limiter` says per source whether
+    a query gets its answer, a truncated one or none.
     TCP: a Listener hands each connection to a thread, at most
     TCP_MAX_CLIENTS and TCP_PER_SOURCE per IPv4 address or IPv6 /64 (more
     are closed at once); each whole query must arrive, and its answer leave,
@@ -5498,6 +5502,7 @@ class DnsResponder:
     a header closes it. Settings are class attributes (per instance too)."""
 
     UDP_PER_TURN = DNS_UDP_PER_TURN
+    UDP_PER_S = DNS_UDP_PER_S
     TCP_MAX_CLIENTS = DNS_TCP_MAX_CLIENTS
     TCP_PER_SOURCE = DNS_TCP_PER_SOURCE
     TCP_QUERY_DEADLINE_S = DNS_TCP_QUERY_DEADLINE_S
@@ -5517,15 +5522,29 @@ class DnsResponder:
                     raise Unavailable("cannot serve DNS on %s port %s: %s" % (
                         address, port, getattr(exc, "strerror", None) or exc)) from None
         self.port, self.closed = self.udp.getsockname()[1], False
+        self.slice_end, self.slice_left = 0.0, 0
         self.lock = threading.Lock()               # guards the two below
         self.tcp_held, self.tcp_socks = collections.Counter(), set()
         self.udp.setblocking(False)
         loop.watch(self.udp, EVENT_READ, self.on_udp)
         self.listener = Listener(loop, tcp, self.on_tcp_accept, "dns")
 
-    def on_udp(self, _mask):
-        """Answer at most UDP_PER_TURN waiting datagrams, as the limiter says."""
-        for _ in range(self.UDP_PER_TURN):
+    def on_udp(self, _mask=None):
+        """Answer at most UDP_PER_TURN waiting datagrams, as the limiter says;
+        past the slice's share, stop watching the socket until the next slice."""
+        now = time.monotonic()
+        if self.closed:
+            return
+        if now >= self.slice_end:
+            self.slice_end = now + DNS_UDP_SLICE_S
+            self.slice_left = max(1, int(self.UDP_PER_S * DNS_UDP_SLICE_S))
+            self.loop.watch(self.udp, EVENT_READ, self.on_udp)
+        elif self.slice_left <= 0:
+            self.loop.watch(self.udp, 0)
+            self.loop.call_later(self.slice_end - now, self.on_udp)
+            return
+        for _ in range(min(self.UDP_PER_TURN, self.slice_left)):
+            self.slice_left -= 1
             try:
                 packet, peer = self.udp.recvfrom(DNS_MAX_QUERY_BYTES)
                 verdict = self.limiter.judge(peer[0], time.monotonic())

@@ -13,7 +13,9 @@ then measures:
 1. tunnel round trip (64 bytes, one open stream; bench/loadgen.py) p50 and
    p99, idle, then while one process floods DNS_PORT with UDP queries as
    fast as it can send (it never reads the answers); target: p50 under the
-   flood within 2x of idle;
+   flood within 2x of idle. For scale, the same flood aimed at a UDP socket
+   nobody reads (what the flood alone costs this machine), and the server's
+   CPU use during the DNS flood;
 2. TCP slot fairness: while one process holds 200 slow TCP connections to
    DNS_PORT from 127.0.0.1 (one byte every second, reconnecting when
    dropped), `dig +tcp` from 127.0.0.2 asks for the SOA ten times; target:
@@ -108,6 +110,18 @@ def helper(group, name, *args):
     return group.start(name, [sys.executable, os.path.abspath(__file__)] + list(args))
 
 
+def flooded_round_trips(args, group, path, port, name):
+    """(p50, p99) while one process floods `port`, the flood's rate, and the
+    server's CPU use in that time (share of one core)."""
+    flood = helper(group, "flood-%d" % port, "--flood-udp", str(port), name)
+    time.sleep(args.seconds / 5)  # let the flood reach its pace
+    cpu, started = peers.cpu_seconds(path.server.tree()), time.monotonic()
+    figures = round_trip_figures(path.port, args.round_trips)
+    cpu = (peers.cpu_seconds(path.server.tree()) - cpu) / (time.monotonic() - started)
+    group.stop(flood)
+    return figures, flood.output("out").strip(), cpu
+
+
 def measure(args, group, work_dir):
     """The figures, as a dict."""
     _service, service_port = peers.start_service(group)
@@ -120,11 +134,12 @@ def measure(args, group, work_dir):
     domain = "pipe2.localhost"
     figures = {}
     figures["idle"] = round_trip_figures(path.port, args.round_trips)
-    flood = helper(group, "flood", "--flood-udp", str(dns_port), domain)
-    time.sleep(args.seconds / 5)  # let the flood reach its pace
-    figures["flood"] = round_trip_figures(path.port, args.round_trips)
-    group.stop(flood)
-    figures["flood_rate"] = flood.output("out").strip()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:
+        sink.bind(("127.0.0.1", 0))
+        figures["sink"], _rate, _cpu = flooded_round_trips(
+            args, group, path, sink.getsockname()[1], domain)
+    figures["flood"], figures["flood_rate"], figures["cpu"] = flooded_round_trips(
+        args, group, path, dns_port, domain)
     path.check_alive()
     hoard = helper(group, "hoard", "--hoard-tcp", str(dns_port), str(HOARD_CONNECTIONS))
     time.sleep(2.0)  # every connection made, and the first bytes sent
@@ -148,6 +163,9 @@ def render(figures, repo):
         " |" % flood,
         "| p50 under flood / idle | %.2fx | within 2x: %s |" % (ratio, "met" if ratio <= 2 else "MISSED"),
         "| flood sent | %s | |" % figures["flood_rate"],
+        "| server CPU during the flood | %.0f %% of a core | |" % (100 * figures["cpu"]),
+        "| for scale: round trip p50 / p99, the same flood at a socket nobody reads |"
+        " %.0f / %.0f µs | |" % figures["sink"],
         "| dig +tcp from 127.0.0.2 with %d slow TCP connections from 127.0.0.1: answered |"
         " %d of %d, slowest %s | all within 1 s: %s |" % (
             HOARD_CONNECTIONS, len(answered), DIG_TRIES,
