@@ -561,14 +561,6 @@ def plain_address(address):
     return str(getattr(ip, "ipv4_mapped", None) or ip)
 
 
-@functools.lru_cache(maxsize=4096)
-def source_prefix(address, ipv4_bits, ipv6_bits):
-    """The network a per-source limit counts `address` (a string) in: its
-    IPv4 /ipv4_bits or IPv6 /ipv6_bits, an IPv4-mapped address as IPv4."""
-    ip = ipaddress.ip_address(plain_address(address))
-    return str(ipaddress.ip_network((ip, ipv4_bits if ip.version == 4 else ipv6_bits), False))
-
-
 def three_words():
     pick = secrets.choice
     return "%s-%s-%s" % (pick(MOODS), pick(COLORS), pick(ANIMALS))
