@@ -1042,7 +1042,8 @@ def test_dns_pod_check_prints_status_address_time(dns_server_proc, tmp_path):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[:2] == ["STATUS=offline", "ADDRESS=127.0.0.1"], done.stdout
-    assert re.fullmatch(r"TIME=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", lines[2]) and len(lines) == 3
+    assert re.fullmatch(r"TIME=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", lines[2])
+    assert lines[3:] == ["REACH=relayed"], done.stdout
     assert "not directly reachable" in done.stderr and "own address" in done.stderr
     reach = json.load(open(tunnel_file(dns_server_proc, pod_dir)))["reach"]
     assert reach["status"] == "relayed" and reach["address"] == "127.0.0.1"
