@@ -1,0 +1,68 @@
+"""ACME pieces in-process: ARI's certificate identifier and window (RFC 9773;
+Debian's pebble has no renewal information, so this is where it is
+checked), times, Retry-After and problem documents."""
+
+import types
+
+import pytest
+
+
+def test_acme_ari_cert_id_matches_the_rfc_example(server_mod):
+    # RFC 9773 section 4.1: keyIdentifier 69:88:5B:..., serial 00:87:65:43:21
+    aki = "69885B6B87464041E1B37B847BA0AE2CDE01C8D4"
+    assert server_mod.ari_cert_id("0087654321", aki) == "aYhba4dGQEHhs3uEe6CuLN4ByNQ.AIdlQyE"
+    assert server_mod.ari_cert_id("87654321", aki) == "aYhba4dGQEHhs3uEe6CuLN4ByNQ.AIdlQyE"
+
+
+@pytest.mark.parametrize("text, epoch", [
+    ("2025-01-02T04:00:00Z", 1735790400),
+    ("2025-01-02T04:00:00.123456Z", 1735790400),
+    ("2025-01-02T06:00:00+02:00", 1735790400),
+])
+def test_acme_rfc3339_times(server_mod, text, epoch):
+    assert server_mod.parse_rfc3339(text) == epoch
+
+
+def test_acme_rfc3339_refuses_junk(server_mod):
+    with pytest.raises(ValueError):
+        server_mod.parse_rfc3339("tomorrow")
+
+
+def test_acme_retry_after_seconds_and_dates(server_mod):
+    assert server_mod.parse_retry_after("120") == 120
+    assert server_mod.parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412420) == 60
+    assert server_mod.parse_retry_after("soon") is None
+    assert server_mod.parse_retry_after(None) is None
+
+
+class FakeAnswer:
+    def __init__(self, headers):
+        self.headers = headers
+
+    def getheader(self, name):
+        return self.headers.get(name)
+
+
+def test_acme_problem_document_becomes_a_one_line_reason(server_mod):
+    data = (b'{"type": "urn:ietf:params:acme:error:rateLimited", '
+            b'"detail": "too many certificates\\nalready issued"}')
+    problem = server_mod.AcmeClient.problem(429, FakeAnswer({"Retry-After": "3600"}), data)
+    assert problem.kind == "rateLimited" and problem.retry_after_s == 3600
+    assert "\n" not in str(problem) and "too many certificates already issued" in str(problem)
+    assert isinstance(problem, server_mod.Unavailable)
+
+
+def orders_with(server_mod, window, tmp_path):
+    client = types.SimpleNamespace(renewal_window=lambda serial, aki: window)
+    settings = types.SimpleNamespace(state_dir=str(tmp_path))
+    return server_mod.AcmeOrders(settings, client, None, lambda key: True, lambda key: None)
+
+
+def test_acme_renews_inside_the_ari_window_when_offered(server_mod, tmp_path):
+    orders = orders_with(server_mod, (5000, 6000, None), tmp_path)
+    for _ in range(20):
+        assert 5000 <= orders.renew_time(0, 9000, "01", "AB") < 6000
+
+
+def test_acme_renews_at_two_thirds_without_ari(server_mod, tmp_path):
+    assert orders_with(server_mod, None, tmp_path).renew_time(0, 9000, "01", "AB") == 6000
