@@ -1755,11 +1755,15 @@ def make_ssl_context(cafile=None, insecure=False):
 
 
 def pinned_ssl_context(files):
-    """TLS settings after setup: trust only the CA received at setup."""
+    """TLS settings for the API after setup: the CA received at setup, and the
+    system store for a server whose name has a publicly trusted (ACME)
+    certificate. The tunnel connection trusts the pinned CA alone."""
     if not os.path.exists(files.cacert):
         raise UsageError("%s missing: the setup is damaged; run `clear` and `setup` again"
                          % files.cacert)
-    return make_ssl_context(cafile=files.cacert)
+    context = make_ssl_context(cafile=files.cacert)
+    context.load_default_certs()
+    return context
 
 
 class ApiClient:
@@ -3415,6 +3419,7 @@ def check_pin(api, cacert):
         context = ssl.create_default_context(cadata=cacert)
     except ssl.SSLError as exc:
         raise Rejected("bad CA certificate from %s/cacert: %s" % (api.base_url, exc))
+    context.load_default_certs()  # as pinned_ssl_context: the API's name may have an ACME certificate
     pinned = ApiClient(api.base_url, context)
     pinned.pinned = True
     pinned.get_config()

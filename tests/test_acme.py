@@ -441,3 +441,20 @@ def test_acme_chromium_trusts_the_pod_certificate(workdir, pebble, dns_port, htt
         if pod is not None:
             assert pod.stop() == 0
         assert server.stop() == 0
+
+
+def test_acme_update_fetches_the_chain_for_a_pod_that_was_offline(workdir, pebble, dns_port, http_port):
+    from helpers import request_json
+    server = acme_server(workdir, pebble, http_port, dns_port)
+    try:
+        pod_dir, _fqdn = https_pod(workdir, server)
+        url = server.url + "/tunnels/" + pod_id(pod_dir)
+        wait_until(lambda: request_json(url, secret=pod_secret(pod_dir))[1]["acme"]["state"] == "valid",
+                   timeout=60, what="the order done while the pod is offline")
+        assert not acme_installed(pod_dir)
+        done = run_pod(pod_dir, "update")
+        assert done.returncode == 0, done.stderr
+        assert acme_installed(pod_dir)
+        assert "Pebble" not in issuer(os.path.join(pod_dir, "pipe2me.tunnel.cert"))
+    finally:
+        assert server.stop() == 0
