@@ -23,7 +23,8 @@ Sections, in the order a tunnel comes to life:
                   byte-identical in pipe2me_pod.py
     TOKENS        tokens.conf: who may create tunnels, within which limits
     STATE STORE   STATE_DIR/tunnels/*.json and the port pool
-    CERTIFICATES  the CA, CSR checks, signing through the openssl CLI
+    CERTIFICATES  the CA, CSR checks, signing through the openssl CLI,
+                  which certificates of a tunnel connect, the signing limit
     ACME          publicly trusted certificates for pods' own keys and the
                   server's name from an ACME CA (RFC 8555), renewed (ARI)
     API           the HTTP API (JSON and shell format)
@@ -2066,9 +2067,10 @@ class Presence:
             self.dirty = True
 
 # =====================================================================
-# CERTIFICATES — owns STATE_DIR/ca (CA key and cert, issued/); used by the
-# API (POST /tunnels/<id>/cert, GET /cacert) and the wiring (the TLS
-# certificate of HTTPS_PORT and TUNNEL_PORT)
+# CERTIFICATES — owns STATE_DIR/ca (CA key and cert, issued/) and each
+# tunnel's certificate list; used by the API (POST /tunnels/<id>/cert, GET
+# /cacert), the tunnel sessions (which certificate may connect) and the
+# wiring (the TLS certificate of HTTPS_PORT and TUNNEL_PORT)
 # =====================================================================
 
 OPENSSL_TIMEOUT_S = 30
