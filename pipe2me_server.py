@@ -98,6 +98,7 @@ PROTOCOL_PORTS = ("http", "https", "imap", "imaps", "smtp", "smtps", "ssh", "tcp
 PROXY_PROTOCOL_CHOICES = ("v1", "v2", "off")  # a tunnel's PROXY protocol header to its pod's services
 DEFAULT_CONFIG_FILE = "~/pipe2me.server.conf"
 SWEEP_INTERVAL_S = 1.0            # expiry, deadlines and traffic bookkeeping
+PORT_RETRY_S = 60.0               # a public port another socket held is offered again after
 TRAFFIC_SAVE_INTERVAL_S = 30.0    # how often live byte counters reach the store
 API_MAX_BODY_BYTES = 64 * 1024
 API_MAX_CONNECTIONS = 64
@@ -156,6 +157,12 @@ def parse_path(value):
     return os.path.abspath(os.path.expanduser(value)) if value.strip() else ""
 
 
+def parse_required_path(value):
+    if not value.strip():
+        raise ValueError("must not be empty (the default is ~/.pipe2me-server)")
+    return parse_path(value)
+
+
 def parse_duration(value):
     """Seconds, or a number with an s/m/h/d suffix."""
     match = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", str(value))
@@ -202,6 +209,16 @@ def parse_networks(value):
         raise ValueError(str(exc)) from None
 
 
+def parse_bool(value):
+    """true/yes/1/on or false/no/0/off."""
+    value = value.strip()
+    if value.lower() in ("true", "yes", "1", "on"):
+        return True
+    if value.lower() in ("false", "no", "0", "off"):
+        return False
+    raise ValueError("not a boolean: %r" % value)
+
+
 def parse_dns_service(value):
     value = value.strip()
     if value in ("", "builtin"):
@@ -240,7 +257,7 @@ CONFIG_KEYS = {
     "TUNNEL_PORTS": ("10000...15000", parse_port_range, "public port range"),
     "DYNAMIC_DNS_SERVICE": ("", parse_dns_service, "dnsimple:TOKEN[:ACCOUNT], builtin, or empty"),
     "DNSIMPLE_API_URL": ("https://api.dnsimple.com", lambda v: v.strip().rstrip("/"), "dnsimple API base URL"),
-    "STATE_DIR": ("~/.pipe2me-server", parse_path, "where all server state lives"),
+    "STATE_DIR": ("~/.pipe2me-server", parse_required_path, "where all server state lives"),
     "LISTEN_ADDRESS": ("0.0.0.0", parse_address, "address all listeners bind"),
     "PUBLIC_ADDRESS": ("", parse_addresses, "the server's public IPv4 and/or IPv6"),
     "HTTP_PORT": ("8080", parse_port, "HTTP front and API"),
@@ -258,7 +275,7 @@ CONFIG_KEYS = {
     "SHUTDOWN_GRACE": ("10", parse_duration, "how long SIGTERM lets running streams finish"),
     "HELLO_TIMEOUT": ("10", parse_positive_duration, "seconds a pod connection has for its TLS handshake and HELLO"),
     "MAX_STREAMS_PER_TUNNEL": ("10000", parse_count, "open streams per tunnel; 0 = no cap"),
-    "MAX_TUNNELS_PER_TOKEN": ("0", parse_count, "live tunnels per token; 0 = no cap"),
+    "MAX_TUNNELS_PER_TOKEN": ("10", parse_count, "live tunnels per token; 0 = no cap"),
     "MAX_CERTS_PER_HOUR": ("6", parse_count, "certificates signed per tunnel per hour "
                            "(that many at once, then evenly); 0 = no cap"),
     "STREAM_IDLE_TIMEOUT": ("0", parse_duration, "close streams idle this long; 0 = never"),
@@ -280,6 +297,7 @@ CONFIG_KEYS = {
     "METRICS_TOKEN": ("", str.strip, "a bearer token that also shows tenant names (Authorization: Bearer ...); empty = none"),
     "MAX_BUFFERED_BYTES": ("256M", parse_budget, "bytes the relay holds for all readers that lag; past it, it stops reading their sources"),
     "MAX_BUFFERED_BYTES_PER_TUNNEL": ("32M", parse_budget, "the same budget for the streams of one tunnel"),
+    "METRICS_PER_TUNNEL": ("yes", parse_bool, "/metrics has two series per tunnel; no = totals only"),
 }
 
 
@@ -1683,20 +1701,18 @@ def parse_port_count(value):
     return int(value)
 
 
-def parse_bool(value):
-    if value.lower() in ("true", "yes", "1", "on"):
-        return True
-    if value.lower() in ("false", "no", "0", "off"):
-        return False
-    raise ValueError("not a boolean: %r" % value)
 
 
 def parse_token_line(line):
     """`name = option:value ...` -> (name, options); raises ValueError."""
+    if line.startswith("\ufeff"):
+        raise ValueError("the line starts with a UTF-8 byte order mark; save the file without it")
     name, sep, rest = line.partition("=")
     name = name.strip()
     if not sep or not TOKEN_NAME.fullmatch(name):
         raise ValueError("expected 'name = option:value ...' with a name of 4+ characters")
+    if "#" in rest:
+        raise ValueError("a comment after the options; put comments on lines of their own")
     options = {key: default for key, (default, _) in TOKEN_OPTIONS.items()}
     for item in rest.split():
         key, colon, value = item.partition(":")
@@ -1715,27 +1731,40 @@ def format_token_line(name, options):
     return "%s = %s" % (name, shown)
 
 
-def load_tokens(path):
-    """Return {name: options}; a bad line is logged with file:line and skipped."""
-    tokens = {}
+def load_tokens(path, problems=None):
+    """Return {name: options}. A bad line (and every line of a name given
+    twice) is skipped; its "file:line: reason" goes to `problems` if given,
+    else to the log."""
+    tokens, seen, found = {}, {}, []
     try:
         with open(path, encoding="utf-8") as fh:
             lines = fh.read().splitlines()
     except FileNotFoundError:
         return tokens
     except (OSError, UnicodeDecodeError) as exc:
-        log.error("cannot read tokens file=%s error=%s", path, exc)
-        return tokens
+        found.append("cannot read tokens file %s: %s" % (path, exc))
+        lines = []
     for number, line in enumerate(lines, 1):
-        line = line.split("#", 1)[0].strip() if line.lstrip().startswith("#") else line.strip()
-        if not line:
+        line = line.strip()
+        if not line or line.startswith("#"):
             continue
         try:
             name, options = parse_token_line(line)
         except ValueError as exc:
-            log.warning("bad token line skipped at %s:%d: %s", path, number, exc)
+            found.append("%s:%d: %s" % (path, number, exc))
             continue
+        if name in seen:
+            found.append("%s:%d: token %s is also on line %d; neither line is used"
+                         % (path, number, mask_secret(name), seen[name]))
+            tokens.pop(name, None)
+            continue
+        seen[name] = number
         tokens[name] = options
+    for problem in found:
+        if problems is None:
+            log.warning("bad token line skipped at %s", problem)
+        else:
+            problems.append(problem)
     return tokens
 
 
@@ -1770,20 +1799,125 @@ def warn_if_ports_meet_ephemeral_range(ports):
                     ports[0], ports[-1], ephemeral[0], ephemeral[-1])
 
 
+class PortPool:
+    """TUNNEL_PORTS as a min-heap of free ports, so a creation takes the
+    lowest free port in O(log n) instead of scanning from the first one.
+
+    Entries are removed lazily: a held port may still sit in the heap and is
+    dropped when it comes up. A port that another socket on this machine
+    holds is set aside and offered again after PORT_RETRY_S."""
+
+    def __init__(self, ports):
+        self.ports = ports
+        self.free = list(ports)  # a sorted list is a heap
+        self.held = set()
+        self.aside = collections.deque()  # (monotonic retry time, port)
+
+    def take(self, port):
+        self.held.add(port)
+
+    def release(self, port):
+        if port in self.held:
+            self.held.discard(port)
+            if port in self.ports:
+                heapq.heappush(self.free, port)
+
+    def pick(self, count, usable):
+        """The `count` lowest free ports for which usable(port) is true, now
+        held; Unavailable if the range has no more."""
+        self.offer_again(time.monotonic())
+        picked = []
+        while len(picked) < count and self.free:
+            port = heapq.heappop(self.free)
+            if port in self.held or port in picked:
+                continue
+            if usable(port):
+                picked.append(port)
+            else:
+                self.aside.append((time.monotonic() + PORT_RETRY_S, port))
+        if len(picked) < count:
+            for port in picked:
+                heapq.heappush(self.free, port)
+            raise Unavailable("no free public ports left in TUNNEL_PORTS")
+        self.held.update(picked)
+        return picked
+
+    def offer_again(self, now):
+        while self.aside and (self.aside[0][0] <= now or not self.free):
+            heapq.heappush(self.free, self.aside.popleft()[1])
+
+
 class Store:
     """Tunnel records, one JSON file each, written atomically.
 
     A port or a name belongs to a tunnel while its file exists and it has not
     passed expires_at + PORT_GRACE, so after any crash the port pool is simply
-    what the files say. Callers get copies, never the live dicts."""
+    what the files say. Callers get copies, never the live dicts.
+
+    Every lookup a request or an event needs is an index kept up to date as
+    records change (ports and names held, certificates, tunnels per token,
+    the order of expiries), so no request, change or sweep walks all tunnels."""
 
     def __init__(self, settings):
         self.settings = settings
         self.lock = threading.RLock()
-        self.tunnels = {}
-        self.used_tokens = set()
         self.on_change = lambda tunnel_id: None
         self.used_path = os.path.join(settings.state_dir, "used_tokens.json")
+        self.used_saved = set()  # what used_tokens.json holds
+        self.reset({}, set())
+
+    def reset(self, tunnels, used):
+        """Take `tunnels` and `used` as the whole state and index them."""
+        self.tunnels, self.used_tokens = tunnels, used
+        self.pool = PortPool(self.settings.tunnel_ports)
+        self.names, self.certs, self.by_token = {}, {}, {}
+        self.expiries, self.releases = [], []
+        now = time.time()
+        # tunnels past their grace are indexed first: a name a live tunnel
+        # took over from one of them points to the live tunnel
+        for record in sorted(tunnels.values(), key=lambda r: self.holds_resources(r, now)):
+            self.index(record, holds=self.holds_resources(record, now))
+        heapq.heapify(self.expiries)
+        heapq.heapify(self.releases)
+
+    def index(self, record, holds=True, push=list.append):
+        """Enter `record` in the indexes; `push` adds to the expiry heaps (None: its
+        entries are there already)."""
+        tunnel_id = record["id"]
+        if holds:
+            for port in record["ports"]:
+                self.pool.take(port)
+        self.names[record["fqdn"]] = tunnel_id
+        self.certs.update((fp, tunnel_id) for fp in record.get("cert_sha256", []))
+        if time.time() < record["expires_at"]:  # live tunnels only: what the cap counts
+            self.by_token.setdefault(record.get("token_sha256"), set()).add(tunnel_id)
+        if push is not None:
+            push(self.expiries, (record["expires_at"], tunnel_id))
+            push(self.releases, (record["expires_at"] + self.settings.port_grace, tunnel_id))
+
+    def unindex(self, record):
+        """Forget what `record` holds; its heap entries go stale and are dropped lazily."""
+        tunnel_id = record["id"]
+        for port in record["ports"]:
+            self.pool.release(port)
+        if self.names.get(record["fqdn"]) == tunnel_id:
+            del self.names[record["fqdn"]]
+        for fp in record.get("cert_sha256", []):
+            if self.certs.get(fp) == tunnel_id:
+                del self.certs[fp]
+        ids = self.by_token.get(record.get("token_sha256"), set())
+        ids.discard(tunnel_id)
+        if not ids:
+            self.by_token.pop(record.get("token_sha256"), None)
+
+    def put(self, record):
+        """Make `record` the live one, re-indexed (the caller holds the lock)."""
+        old = self.tunnels.get(record["id"])
+        if old is not None:
+            self.unindex(old)
+        self.tunnels[record["id"]] = record
+        same_expiry = old is not None and old["expires_at"] == record["expires_at"]
+        self.index(record, push=None if same_expiry else heapq.heappush)
 
     def load(self):
         """Read every tunnel file; unreadable ones are logged and left alone.
@@ -1802,13 +1936,25 @@ class Store:
                     log.error("unreadable tunnel file=%s error=%s", name, exc)
                     continue
                 tunnels[record["id"]] = record
-            used = set()
+            saved = set()
             if os.path.exists(self.used_path):
-                used = set(read_json(self.used_path).get("used", []))
-            # a crash between a tunnel's file and used_tokens.json loses nothing
-            used |= {r["token_sha256"] for r in tunnels.values() if r.get("token_unique")}
-            self.tunnels, self.used_tokens = tunnels, used
+                saved = set(read_json(self.used_path).get("used", []))
+            # a crash between a tunnel's file and used_tokens.json loses nothing:
+            # the tunnel file names its single-use token, written down here at once
+            used = saved | {r["token_sha256"] for r in tunnels.values() if r.get("token_unique")}
+            self.reset(tunnels, used)
+            self.used_saved = saved
+            if used != saved:
+                self.recover_used_tokens()
         return len(tunnels)
+
+    def recover_used_tokens(self):
+        try:
+            self.write_used_tokens(self.used_tokens)
+        except OSError as exc:  # read-only: delete() writes it before a tunnel file goes
+            log.warning("used tokens not written file=%s error=%s", self.used_path, exc.strerror)
+        else:
+            log.info("single-use tokens recovered from tunnel files file=%s", self.used_path)
 
     # -- queries -----------------------------------------------------
     def get(self, tunnel_id):
@@ -1825,30 +1971,38 @@ class Store:
         with self.lock:
             return [json.loads(json.dumps(r)) for r in self.tunnels.values()]
 
+    def count(self):
+        return len(self.tunnels)
+
+    def online_ports(self, now):
+        """{tunnel id: ports} of every online tunnel (for a full listener sync)."""
+        with self.lock:
+            return {i: list(r["ports"]) for i, r in self.tunnels.items()
+                    if tunnel_status(r, now) == "online"}
+
+    def metric_rows(self):
+        """What /metrics shows of every tunnel (id, fqdn, expires_at, bytes),
+        without copying whole records."""
+        keys = ("id", "fqdn", "expires_at", "bytes_in", "bytes_out")
+        with self.lock:
+            return [{key: r[key] for key in keys} for r in self.tunnels.values()]
+
     def by_fqdn(self, fqdn):
         with self.lock:
-            for record in self.tunnels.values():
-                if record["fqdn"] == fqdn:
-                    return dict(record)
-        return None
+            record = self.tunnels.get(self.names.get(fqdn))
+            return dict(record) if record else None
 
     def by_cert(self, fingerprint):
         with self.lock:
-            for record in self.tunnels.values():
-                if fingerprint in record.get("cert_sha256", []):
-                    return dict(record)
-        return None
+            record = self.tunnels.get(self.certs.get(fingerprint))
+            return dict(record) if record else None
 
     def holds_resources(self, record, now):
         return now < record["expires_at"] + self.settings.port_grace
 
-    def taken_ports(self, now):
-        return {p for r in self.tunnels.values() if self.holds_resources(r, now)
-                for p in r["ports"]}
-
     def live_count_for_token(self, token_hash, now):
-        return sum(1 for r in self.tunnels.values()
-                   if r.get("token_sha256") == token_hash and now < r["expires_at"])
+        ids = self.by_token.get(token_hash, ())
+        return sum(1 for i in ids if now < self.tunnels[i]["expires_at"])
 
     # -- changes -----------------------------------------------------
     def save(self, record):
@@ -1862,25 +2016,40 @@ class Store:
         token_hash = sha256_hex(token_name)
         with self.lock:
             self.check_token_use(token_hash, options, now)
-            ports = self.free_ports(len(protocols), now)
-            secret = secrets.token_urlsafe(24)
-            record = {
-                "version": STATE_VERSION, "id": self.new_id(),
-                "fqdn": self.new_fqdn(now), "protocols": list(protocols),
-                "ports": ports, "token_sha256": token_hash,
-                "secret_sha256": sha256_hex(secret), "created_at": now,
-                "expires_at": now + options["lifespan"], "cert_sha256": [],
-                "bytes_in": 0, "bytes_out": 0,
-                "max_traffic": options["max_traffic"], "rate": options["rate"],
-                "token_unique": options["unique"],
-            }
-            record.update(extra or {})
-            self.save(record)  # first: a unique token's use is also read from here
-            if options["unique"]:
-                self.mark_token_used_or_undo(token_hash, record)
-            self.tunnels[record["id"]] = record
+            ports = self.pool.pick(len(protocols), self.port_usable)
+            try:
+                record, secret = self.new_record(token_hash, options, protocols, ports, now)
+                record.update(extra or {})
+                self.save(record)  # first: a unique token's use is also read from here
+                if options["unique"]:
+                    self.mark_token_used_or_undo(token_hash, record)
+            except BaseException:
+                for port in ports:
+                    self.pool.release(port)
+                raise
+            self.put(record)
         self.on_change(record["id"])
         return dict(record), secret
+
+    def new_record(self, token_hash, options, protocols, ports, now):
+        secret = secrets.token_urlsafe(24)
+        record = {
+            "version": STATE_VERSION, "id": self.new_id(),
+            "fqdn": self.new_fqdn(), "protocols": list(protocols),
+            "ports": ports, "token_sha256": token_hash,
+            "secret_sha256": sha256_hex(secret), "created_at": now,
+            "expires_at": now + options["lifespan"], "cert_sha256": [],
+            "bytes_in": 0, "bytes_out": 0,
+            "max_traffic": options["max_traffic"], "rate": options["rate"],
+            "token_unique": options["unique"],
+        }
+        return record, secret
+
+    def port_usable(self, port):
+        """No other socket on this machine has bound the port (a listener of
+        another program, or an outgoing connection's local port when the range
+        meets the kernel's ephemeral range): one bind per port handed out."""
+        return port_can_listen(self.settings.listen_address, port)
 
     def check_token_use(self, token_hash, options, now):
         if options["unique"] and token_hash in self.used_tokens:
@@ -1899,23 +2068,26 @@ class Store:
             raise
 
     def mark_token_used(self, token_hash):
-        used = self.used_tokens | {token_hash}
-        write_json(self.used_path, {"version": STATE_VERSION, "used": sorted(used)}, 0o600)
-        self.used_tokens = used
+        self.write_used_tokens(self.used_tokens | {token_hash})
 
-    def free_ports(self, count, now):
-        """The first `count` ports of TUNNEL_PORTS that no tunnel holds and no
-        other socket on this machine has bound (a listener of another program,
-        or an outgoing connection's local port when the range meets the
-        kernel's ephemeral range)."""
-        taken = self.taken_ports(now)
-        free = []
-        for port in self.settings.tunnel_ports:
-            if port not in taken and port_can_listen(self.settings.listen_address, port):
-                free.append(port)
-                if len(free) == count:
-                    return free
-        raise Unavailable("no free public ports left in TUNNEL_PORTS")
+    def write_used_tokens(self, used):
+        write_json(self.used_path, {"version": STATE_VERSION, "used": sorted(used)}, 0o600)
+        self.used_tokens = self.used_saved = used
+
+    def extend(self, tunnel_id, token_name, options, now=None):
+        """Push the tunnel's expiry by the token's lifespan; a single-use
+        token is spent by it (and refused once spent). Returns the new copy."""
+        token_hash = sha256_hex(token_name)
+        with self.lock:
+            record = self.tunnels.get(tunnel_id)
+            if record is None:
+                return None
+            if options["unique"]:
+                if token_hash in self.used_tokens:
+                    raise Rejected("this token was for one use and has been used")
+                self.mark_token_used(token_hash)  # first: a crash spends it, extends nothing
+            expires = max(record["expires_at"], int(now or time.time())) + options["lifespan"]
+            return self.update(tunnel_id, expires_at=expires)
 
     def new_id(self):
         while True:
@@ -1923,13 +2095,12 @@ class Store:
             if candidate not in self.tunnels:
                 return candidate
 
-    def new_fqdn(self, now):
-        taken = {r["fqdn"] for r in self.tunnels.values() if self.holds_resources(r, now)}
+    def new_fqdn(self):
         domain = self.settings.tunnel_domain
         for attempt in range(200):
             words = three_words()
             name = "%s.%s" % (words if attempt < 20 else "%s-%d" % (words, attempt), domain)
-            if name not in taken:
+            if name not in self.names:
                 return name
         raise Unavailable("could not find a free name")
 
@@ -1941,7 +2112,7 @@ class Store:
                 return None
             updated = dict(record, **changes)
             self.save(updated)
-            self.tunnels[tunnel_id] = updated
+            self.put(updated)
         self.on_change(tunnel_id)
         return dict(updated)
 
@@ -1956,24 +2127,55 @@ class Store:
 
     def delete(self, tunnel_id):
         with self.lock:
-            if tunnel_id not in self.tunnels:
+            record = self.tunnels.get(tunnel_id)
+            if record is None:
                 return False
+            if record.get("token_unique") and record["token_sha256"] not in self.used_saved:
+                self.mark_token_used(record["token_sha256"])  # its file was the only proof
             with contextlib.suppress(FileNotFoundError):  # an OSError leaves the tunnel as it was
                 os.unlink(os.path.join(self.settings.tunnel_dir, tunnel_id + ".json"))
                 fsync_dir(self.settings.tunnel_dir)
+            self.unindex(record)
             del self.tunnels[tunnel_id]
         self.on_change(tunnel_id)
         return True
 
+    def due(self, heap, now, offset):
+        """Pop and return the ids whose time in `heap` has come (stale entries,
+        left by an extension or a deletion, are dropped)."""
+        ids = []
+        with self.lock:
+            while heap and heap[0][0] <= now:
+                when, tunnel_id = heapq.heappop(heap)
+                record = self.tunnels.get(tunnel_id)
+                if (record is not None and record["expires_at"] + offset <= when
+                        and tunnel_id not in ids):
+                    ids.append(tunnel_id)
+        return ids
+
+    def expire(self, now):
+        """Ids of tunnels that went offline since the last call (once a second
+        from the sweep); each is announced through on_change."""
+        expired = self.due(self.expiries, now, 0)
+        with self.lock:
+            for tunnel_id in expired:
+                record = self.tunnels[tunnel_id]
+                ids = self.by_token.get(record.get("token_sha256"), set())
+                ids.discard(tunnel_id)
+        for tunnel_id in expired:
+            self.on_change(tunnel_id)
+        return expired
+
     def purge_stale(self, now):
         """Forget tunnels past their grace period; returns their ids."""
-        with self.lock:
-            stale = [i for i, r in self.tunnels.items() if not self.holds_resources(r, now)]
+        stale = self.due(self.releases, now, self.settings.port_grace)
         for tunnel_id in stale:
             try:
                 self.delete(tunnel_id)
-            except OSError as exc:  # read-only STATE_DIR: the next sweep tries again
+            except OSError as exc:  # read-only STATE_DIR: tried again a sweep later
                 log.error("stale tunnel not removed tunnel=%s error=%s", tunnel_id, exc.strerror)
+                with self.lock:
+                    heapq.heappush(self.releases, (now + SWEEP_INTERVAL_S, tunnel_id))
         return stale
 
 
@@ -3337,9 +3539,10 @@ class Api:
             raise ApiError(403, "invalid token")
         if not options["extend"]:
             raise ApiError(403, "this token may not extend tunnels (extend:false)")
-        expires = max(record["expires_at"], int(time.time())) + options["lifespan"]
-        updated = self.store.update(record["id"], expires_at=expires)
-        log.info("tunnel extended tunnel=%s expires_at=%d", record["id"], expires)
+        updated = self.store.extend(record["id"], token, options)
+        if updated is None:
+            raise ApiError(404, "unknown tunnel %s" % record["id"])
+        log.info("tunnel extended tunnel=%s expires_at=%d", record["id"], updated["expires_at"])
         return public_view(updated, self.settings, presence=self.presence)
 
     def change(self, record, body):
@@ -5619,19 +5822,20 @@ class BuiltinDns:
     """The DnsZone of TUNNEL_DOMAIN and its DnsResponder on DNS_PORT,
     answering every online tunnel from the store.
 
-    refresh() (loop thread, after any store change) replaces the snapshot of
-    names and bumps the SOA serial when an answer changed; answering threads
-    only read snapshots. set_txt(name, values) (any thread) publishes TXT
-    strings for a name in the domain, e.g. ACME DNS-01's
-    `_acme-challenge.<fqdn>`; an empty list clears them."""
+    refresh(tunnel_id) (loop thread, after that tunnel's change) updates its
+    name, one dict operation at a time (each is atomic, and answering threads
+    read with one get), and bumps the SOA serial when an answer changed.
+    set_txt(name, values) (any thread) publishes TXT strings for a name in
+    the domain, e.g. ACME DNS-01's `_acme-challenge.<fqdn>`; an empty list
+    clears them."""
 
     def __init__(self, settings, store):
         self.settings, self.store = settings, store
         ipv4, ipv6 = by_family(server_addresses(settings))
         self.txt = {}               # name -> [strings]; replaced, never changed in place
         self.txt_lock = threading.Lock()
-        self.names = {}             # fqdn -> (expires_at, DnsTunnelRecord); likewise
-        self.next_expiry = None
+        self.names = {}             # fqdn -> (expires_at, tunnel id, DnsTunnelRecord)
+        self.fqdns = {}             # tunnel id -> fqdn in names
         self.zone = DnsZone(settings.tunnel_domain, ipv4, ipv6, ttl_s=DNS_TTL_S,
                             lookup=self.lookup, txt_lookup=lambda name: self.txt.get(name, []),
                             serial=int(time.time()),
@@ -5659,25 +5863,38 @@ class BuiltinDns:
                 txt[name] = [str(value) for value in values]
             self.txt = txt
 
-    def refresh(self, _tunnel_id=None):
-        """Names and answers of every online tunnel, from the store."""
+    def refresh(self, tunnel_id=None):
+        """Follow the store: one tunnel's name after its change, or all names;
+        the SOA serial moves when an answer changed."""
         now = time.time()
-        names = {record["fqdn"]: (record["expires_at"],
-                                  DnsTunnelRecord(*tunnel_answers(record, self.settings)))
-                 for record in self.store.all() if tunnel_status(record, now) == "online"}
-        self.next_expiry = min([expires for expires, _ in names.values()], default=None)
-        if names != self.names:
+        if tunnel_id is None:
+            names = {r["fqdn"]: self.entry(r) for r in self.store.all()
+                     if tunnel_status(r, now) == "online"}
+            changed = names != self.names
             self.names = names
+            self.fqdns = {entry[1]: fqdn for fqdn, entry in names.items()}
+        else:
+            record = self.store.get(tunnel_id)
+            old = self.names.pop(self.fqdns.pop(tunnel_id, None), None)
+            new = None
+            if record is not None and tunnel_status(record, now) == "online":
+                new = self.names[record["fqdn"]] = self.entry(record)
+                self.fqdns[tunnel_id] = record["fqdn"]
+            changed = old != new
+        if changed:
             self.zone.serial = max(self.zone.serial + 1, int(now))
+
+    def entry(self, record):
+        return (record["expires_at"], record["id"],
+                DnsTunnelRecord(*tunnel_answers(record, self.settings)))
 
     def lookup(self, name):
         entry = self.names.get(name)
-        return entry[1] if entry and time.time() < entry[0] else None
+        return entry[2] if entry and time.time() < entry[0] else None
 
     def sweep(self, now):
-        """Once a second from the server's sweep: names that just expired go."""
-        if self.next_expiry is not None and now >= self.next_expiry:
-            self.refresh()
+        """Once a second from the server's sweep: nothing to do (a tunnel that
+        expires arrives through refresh, from the store's expiry order)."""
 
     def close(self):
         if self.responder is not None:
@@ -6108,7 +6325,8 @@ class Hub:
         self.sessions = {}
         self.presence = None  # Presence, set by the wiring
         self.listeners = {}  # port -> (tunnel id, Listener)
-        self.unbound = set()  # wanted ports another socket holds; expire() retries them
+        self.wanted = {}  # tunnel id -> ports it listens on (or waits for, in unbound)
+        self.unbound = {}  # wanted port another socket holds -> tunnel id; expire() retries
         self.accepting = True
         self.cert_view = None  # tunnel id -> ACME state for CERT frames; set by the wiring
         self.on_http_port_accept = None  # Fronts' handler for the ports of http services
@@ -6188,29 +6406,46 @@ class Hub:
         ends = stream_ends(ends_of or sock, address) if session.wants_addresses else None
         return session.open_stream(sock, port, ends)
 
-    def sync(self, _tunnel_id=None):
-        """Make listeners and sessions match the store (after any change)."""
-        now = time.time()
-        wanted, online = {}, set()
-        for record in self.store.all():
-            if tunnel_status(record, now) == "online":
-                online.add(record["id"])  # draining closes listeners, not sessions
-                if self.accepting:
-                    wanted.update({port: record["id"] for port in record["ports"]})
-        self.unbound.intersection_update(wanted)
-        for port, (tunnel_id, listener) in list(self.listeners.items()):
-            if wanted.get(port) != tunnel_id:
-                listener.close()
-                del self.listeners[port]
-        for port, tunnel_id in wanted.items():
-            if port not in self.listeners:
+    def sync(self, tunnel_id=None):
+        """Make listeners and sessions match the store: for one tunnel after
+        its change, or for all (start, reload, drain)."""
+        if tunnel_id is not None:
+            record = self.store.get(tunnel_id)
+            online = record is not None and tunnel_status(record) == "online"
+            return self.sync_tunnel(tunnel_id, record["ports"] if online else None)
+        online = self.store.online_ports(time.time())
+        for gone in [t for t in set(self.wanted) | set(self.sessions) if t not in online]:
+            self.sync_tunnel(gone, None)
+        for tunnel_id, ports in online.items():
+            self.sync_tunnel(tunnel_id, ports)
+
+    def sync_tunnel(self, tunnel_id, ports):
+        """Listen on `ports` for the tunnel (None: it is offline or gone, so
+        its listeners close and its session ends); draining closes listeners only."""
+        wanted = set(ports or ()) if self.accepting else set()
+        for port in self.wanted.pop(tunnel_id, set()) - wanted:
+            self.unlisten(port, tunnel_id)
+        if wanted:
+            self.wanted[tunnel_id] = wanted
+        for port in sorted(wanted):
+            if self.listeners.get(port, (None,))[0] != tunnel_id and self.unbound.get(port) != tunnel_id:
+                self.unlisten(port)  # a port a deleted tunnel held and this one took over
                 self.listen(port, tunnel_id)
-        for tunnel_id in [t for t in self.sessions if t not in online]:
-            session = self.sessions[tunnel_id]
+        session = self.sessions.get(tunnel_id)
+        if ports is None and session is not None:
             reason = "tunnel %s %s" % (session.fqdn, "expired" if self.store.get(tunnel_id)
                                        else "deleted")
             session.send_control(Msg.GOAWAY, {"reason": reason, "permanent": True})
             session.destroy(reason)
+
+    def unlisten(self, port, tunnel_id=None):
+        """Close the listener on `port` (only if it is `tunnel_id`'s, when given)."""
+        if tunnel_id is None or self.unbound.get(port) == tunnel_id:
+            self.unbound.pop(port, None)
+        owner, listener = self.listeners.get(port, (None, None))
+        if listener is not None and tunnel_id in (None, owner):
+            listener.close()
+            del self.listeners[port]
 
     def refresh_session(self, tunnel_id):
         """A connected pod whose tunnel settings changed is asked to reconnect
@@ -6231,10 +6466,9 @@ class Hub:
             if port not in self.unbound:
                 log.error("public port unavailable, retrying every %gs tunnel=%s error=%s",
                           SWEEP_INTERVAL_S, tunnel_id, exc)
-            self.unbound.add(port)
+            self.unbound[port] = tunnel_id
             return
-        if port in self.unbound:
-            self.unbound.discard(port)
+        if self.unbound.pop(port, None) is not None:
             log.info("public port listening tunnel=%s port=%d", tunnel_id, port)
         record = self.store.get(tunnel_id)
         http = record is not None and dict(zip(record["ports"], record["protocols"])).get(port) == "http"
@@ -6245,11 +6479,11 @@ class Hub:
         self.listeners[port] = (tunnel_id, Listener(self.loop, sock, on_accept, "port %d" % port))
 
     def expire(self, now):
-        """Close the listeners and sessions of tunnels that went offline, and
-        try again the public ports another socket held."""
-        if self.unbound or any(not self.store.is_online(tunnel_id, now)
-                               for tunnel_id, _listener in self.listeners.values()):
-            self.sync()
+        """Try again the public ports another socket held (tunnels that went
+        offline arrive one by one through sync, from the store's expiry order)."""
+        for port, tunnel_id in list(self.unbound.items()):
+            if self.listeners.get(port, (None,))[0] != tunnel_id:
+                self.listen(port, tunnel_id)
 
     def stream_count(self):
         return sum(len(s.streams) for s in self.sessions.values())
@@ -6491,12 +6725,13 @@ class Server:
                  view.get("not_after"))
 
     def on_store_change(self, tunnel_id=None):
-        """Any thread: listeners, sessions, DNS answers and dnsimple records follow the store."""
-        self.loop.call_soon_threadsafe(self.hub.sync)
+        """Any thread: listeners, sessions, DNS answers and dnsimple records
+        follow the store, for the one tunnel that changed (None: all of them)."""
+        self.loop.call_soon_threadsafe(lambda: self.hub.sync(tunnel_id))
         if tunnel_id is not None:
             self.loop.call_soon_threadsafe(lambda: self.hub.refresh_session(tunnel_id))
         if self.dns is not None:
-            self.loop.call_soon_threadsafe(self.dns.refresh)
+            self.loop.call_soon_threadsafe(lambda: self.dns.refresh(tunnel_id))
         if self.reconciler is not None:
             self.reconciler.trigger()
 
@@ -6504,6 +6739,7 @@ class Server:
     def sweep(self):
         now = time.time()
         self.api_server.expire(time.monotonic())
+        self.store.expire(now)
         self.store.purge_stale(now)
         self.hub.expire(now)
         if time.monotonic() - self.last_traffic_save > TRAFFIC_SAVE_INTERVAL_S:
@@ -6597,8 +6833,10 @@ class Server:
                 "held": len(loop.pressed)}
 
     def metrics_text(self, tenants=False):
-        """Prometheus text; per-tunnel lines (which name tenants) only with `tenants`."""
-        records, live, now = self.store.all(), self.on_loop(self.live_counts), time.time()
+        """Prometheus text; per-tunnel lines (which name tenants) only with
+        `tenants` and METRICS_PER_TUNNEL (at 10,000 tunnels they are most of
+        a scrape's size and cost)."""
+        records, live, now = self.store.metric_rows(), self.on_loop(self.live_counts), time.time()
         lines = []
         for name, kind, text, samples in self.metric_families(records, live, now, tenants):
             lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)]
@@ -6624,7 +6862,7 @@ class Server:
         yield ("pipe2me_internal_errors_total", "counter",
                "Connections closed because a callback raised (bugs; see the debug log).",
                [("", live["internal_errors"])])
-        if tenants:
+        if tenants and self.settings.metrics_per_tunnel:
             yield ("pipe2me_tunnel_bytes_total", "counter",
                    "Bytes relayed per tunnel (in = consumer to pod).",
                    [(sample % r["fqdn"], r[key] + t[index]) for r, t in traffic
@@ -6632,8 +6870,8 @@ class Server:
                                                ('{fqdn="%s",direction="out"}', "bytes_out", 1))])
 
     def status_lines(self, _tenants=False):
-        records, live = self.store.all(), self.on_loop(self.live_counts)
-        return ["tunnels: %d" % len(records), "pods connected: %d" % live["pods"],
+        live = self.on_loop(self.live_counts)
+        return ["tunnels: %d" % self.store.count(), "pods connected: %d" % live["pods"],
                 "streams open: %d" % live["streams"]]
 
 
@@ -6738,14 +6976,23 @@ def cmd_tokens(settings, args):
             options = parse_token_line("%s = %s" % (name, " ".join(given)))[1]
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        append_token(path, name, options)
+        write_tokens_file(append_token, path, name, options)
         print(name)
     else:
         if not args.name or args.name not in tokens:
             raise UsageError("no such token")
-        remove_token(path, args.name)
+        write_tokens_file(remove_token, path, args.name)
     notify_server(settings)
     return 0
+
+
+def write_tokens_file(change, path, *args):
+    """Run change(path, *args); a file that cannot be written is one line (exit 3)."""
+    try:
+        change(path, *args)
+    except OSError as exc:
+        raise Unavailable("cannot write %s: %s; nothing changed" % (
+            path, exc.strerror or exc)) from None
 
 
 def append_token(path, name, options):
@@ -6817,6 +7064,8 @@ def shown_setting(value):
 
 
 def cmd_check_config(settings, _args):
+    """Print the configuration; exit 2 if a line of the tokens file is bad
+    (the server would skip it)."""
     for key in CONFIG_KEYS:
         value = getattr(settings, key.lower())
         if key == "DYNAMIC_DNS_SERVICE" and value.startswith("dnsimple:"):
@@ -6826,6 +7075,13 @@ def cmd_check_config(settings, _args):
         if key in ("METRICS_ALLOW", "DNS_CLIENT_SUBNET_FROM"):
             value = ",".join(str(network) for network in value)
         print("%s=%s  # %s" % (key, shown_setting(value), settings.origins[key]))
+    problems = []
+    load_tokens(settings.tokens_file, problems)
+    for problem in problems:
+        print("pipe2me_server: %s" % problem, file=sys.stderr)
+    if problems:
+        raise UsageError("%s: %d bad line(s), which the server skips" % (
+            settings.tokens_file, len(problems)))
     return 0
 
 

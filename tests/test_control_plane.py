@@ -36,6 +36,10 @@ RUN_TIMEOUT_S = 60
 
 # ---- environment and processes ----------------------------------------------
 
+# bursts of one token's creations, beyond the default MAX_TUNNELS_PER_TOKEN
+UNCAPPED = ("--max-tunnels-per-token", "0")
+
+
 class Server(ServerHandle):
     """A ServerHandle whose process reads no configuration of this machine."""
 
@@ -590,7 +594,7 @@ def assert_disjoint_ports(records, tunnel_ports):
 
 
 def test_store_50_concurrent_creations_are_distinct(workdir):
-    server = Server(workdir, ports=free_port_range(110))
+    server = Server(workdir, ports=free_port_range(110), extra=UNCAPPED)
     try:
         assert server.admin("tokens", "add", "burst-token", "max_ports:2", "lifespan:1h",
                             reload=True).returncode == 0
@@ -654,7 +658,7 @@ class Burst:
 
 @pytest.mark.slow
 def test_store_sigkill_during_burst_keeps_completed_tunnels(workdir):
-    server = Server(workdir, ports=free_port_range(760))
+    server = Server(workdir, ports=free_port_range(760), extra=UNCAPPED)
     try:
         assert server.admin("tokens", "add", "crash-token", "max_ports:2", "lifespan:1h",
                             reload=True).returncode == 0
@@ -883,7 +887,7 @@ def test_signal_sighup_reloads_tokens_file(srv, workdir):
 
 
 def test_signal_sighup_during_creations_loses_no_tunnel(workdir):
-    server = Server(workdir, ports=free_port_range(500))
+    server = Server(workdir, ports=free_port_range(500), extra=UNCAPPED)
     try:
         assert server.admin("tokens", "add", "hup-token", "max_ports:2", "lifespan:1h",
                             reload=True).returncode == 0
