@@ -4,9 +4,9 @@ expiry, one tunnel at a time. Real server processes on 127.0.0.1; the
 figures themselves come from bench/scale.py, not from here."""
 import os
 import socket
-import urllib.request
 
 from conftest import ServerHandle, wait_until
+from helpers import api
 from test_state_rules import call, create, extend, write_tokens
 
 
@@ -112,5 +112,4 @@ def test_scale_metrics_per_tunnel_series_can_be_turned_off(workdir):
 
 
 def metrics(server):
-    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as answer:
-        return answer.read().decode()
+    return api(server, "GET", "/metrics").body.decode()

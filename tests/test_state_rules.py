@@ -5,37 +5,26 @@ a full disk is one line.
 
 Real server processes on 127.0.0.1; a crash is a SIGKILL, or the state files
 written as a crash would leave them."""
-import json
 import os
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 
 import pytest
 
 from conftest import SERVER, ServerHandle, clean_env
+from helpers import api, create_tunnel
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
 def call(server, method, path, body=None, secret=None):
     """(status, JSON body) of one API request."""
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(server.url + path, data=data, method=method)
-    request.add_header("Content-Type", "application/json")
-    if secret:
-        request.add_header("Authorization", "Bearer " + secret)
-    try:
-        with urllib.request.urlopen(request, timeout=20) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return api(server, method, path, body, secret=secret).pair()
 
 
 def create(server, token, protocols=("tcp",)):
-    return call(server, "POST", "/tunnels", {"token": token, "protocols": list(protocols)})
+    return create_tunnel(server, token, protocols)
 
 
 def extend(server, tunnel, token):
