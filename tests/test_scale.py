@@ -25,14 +25,14 @@ def scale_server(workdir, tokens, *extra):
 
 
 def test_scale_expiry_closes_listener_then_grace_returns_port_and_name(workdir):
-    server = scale_server(workdir, "short-token = lifespan:2\nlong-token = lifespan:1h\n",
+    server = scale_server(workdir, "short-token = lifespan:4\nlong-token = lifespan:1h\n",
                           "--port-grace", "2")
     try:
         status, short = create(server, "short-token")
         assert status == 201, short
+        assert accepts(short["ports"][0])
         status, long_lived = create(server, "long-token")
         assert status == 201 and long_lived["ports"][0] > short["ports"][0], long_lived
-        assert accepts(short["ports"][0])
         wait_until(lambda: not accepts(short["ports"][0]), timeout=10,
                    what="the expired tunnel's listener to close")
         assert call(server, "GET", "/tunnels/%s/verify" % short["id"])[0] == 410
@@ -47,7 +47,7 @@ def test_scale_expiry_closes_listener_then_grace_returns_port_and_name(workdir):
 
 
 def test_scale_extension_after_expiry_opens_the_listener_again(workdir):
-    server = scale_server(workdir, "short-token = lifespan:2\nmore-token = extend:true lifespan:1h\n",
+    server = scale_server(workdir, "short-token = lifespan:3\nmore-token = extend:true lifespan:1h\n",
                           "--port-grace", "1h")
     try:
         status, tunnel = create(server, "short-token")
