@@ -105,6 +105,9 @@ API_MAX_CONNECTIONS = 64
 FRONT_SNIFF_BYTES = 16 * 1024     # request head / ClientHello limit on the fronts
 BAD_TOKEN_LIMIT = 10              # failed token uses per address per window ...
 BAD_TOKEN_WINDOW_S = 60.0         # ... before answering 429
+BAD_TOKEN_GLOBAL_LIMIT = 100      # failed token uses from all addresses together per window
+LOG_REPEAT_LIMIT = 20             # lines of one kind of refusal per window, then a summary
+LOG_REPEAT_WINDOW_S = 60.0
 
 
 def parse_domain(value):
@@ -472,16 +475,18 @@ def source_prefix(address, ipv4_bits, ipv6_bits):
 class SourceShares:
     """Connections served by threads (pod handshakes, API requests): `cap`
     at once, `share` per source (an IPv4 address, an IPv6 /64; 0 = no
-    limit). A newcomer whose source holds its share takes the place of that
-    source's oldest connection; when every slot is taken, one whose source
+    limit). A newcomer whose source holds its share is refused, or with
+    `rotate` takes the place of that source's oldest connection (for pod
+    handshakes, so that a pod behind an attacker's NAT still gets in; not
+    for API requests, which would cut each other off); when every slot is
+    taken, one whose source
     holds fewer than the largest holder takes the place of that holder's
     oldest. So a flood from one source, or many, leaves room for everybody
-    else, and the newest connection of any source is served (a pod behind
-    the attacker's NAT too). A displaced connection is shut down, which
-    ends its thread. Thread-safe."""
+    else. A displaced connection is shut down, which ends its thread.
+    Thread-safe."""
 
-    def __init__(self, cap, share):
-        self.cap, self.share = cap, share
+    def __init__(self, cap, share, rotate=False):
+        self.cap, self.share, self.rotate = cap, share, rotate
         self.lock = threading.Lock()
         self.holders = {}                     # socket -> (source, taken at)
         self.counts = collections.Counter()   # source -> slots held
@@ -492,6 +497,8 @@ class SourceShares:
             held = self.counts[source]
             victim = None
             if self.share and held >= self.share:
+                if not self.rotate:
+                    return False
                 victim = self.oldest(source)
             elif self.cap and len(self.holders) >= self.cap:
                 victim = self.victim(held)
@@ -3406,26 +3413,40 @@ def read_acme_view(state_dir, key):
 # =====================================================================
 
 class BadTokenLimiter:
-    """Counts failed token uses per client address; thread-safe."""
+    """Counts failed token uses per source (IPv4 address, IPv6 /64) and for
+    all sources together, over the last `window_s`; thread-safe. Past either
+    limit every token use gets 429 until the window has moved on: guesses
+    spread over many addresses are limited too (at the price that, during
+    such a flood, valid tokens wait as well)."""
 
-    def __init__(self, limit=BAD_TOKEN_LIMIT, window_s=BAD_TOKEN_WINDOW_S):
-        self.limit, self.window_s = limit, window_s
-        self.failures = {}
+    def __init__(self, limit=BAD_TOKEN_LIMIT, window_s=BAD_TOKEN_WINDOW_S,
+                 global_limit=BAD_TOKEN_GLOBAL_LIMIT):
+        self.limit, self.window_s, self.global_limit = limit, window_s, global_limit
+        self.failures = collections.OrderedDict()    # source -> deque of times
+        self.everyone = collections.deque(maxlen=global_limit)
         self.lock = threading.Lock()
 
     def blocked(self, address, now=None):
+        """Why this address may not try a token now ("" if it may)."""
         now = now or time.monotonic()
+        source = source_prefix(address, 32, 64)
         with self.lock:
-            recent = [t for t in self.failures.get(address, []) if now - t < self.window_s]
-            self.failures[address] = recent
-            return len(recent) >= self.limit
+            recent = self.failures.get(source, ())
+            if sum(now - t < self.window_s for t in recent) >= self.limit:
+                return "too many invalid tokens from %s; wait a minute" % source
+            if len(self.everyone) >= self.global_limit and now - self.everyone[0] < self.window_s:
+                return "too many invalid tokens from everywhere; wait a minute"
+            return ""
 
     def record(self, address, now=None):
+        now = now or time.monotonic()
+        source = source_prefix(address, 32, 64)
         with self.lock:
-            self.failures.setdefault(address, []).append(now or time.monotonic())
-            if len(self.failures) > 10000:  # bounded: forget the oldest addresses
-                for key in list(self.failures)[:5000]:
-                    del self.failures[key]
+            self.failures.setdefault(source, collections.deque(maxlen=self.limit)).append(now)
+            self.failures.move_to_end(source)
+            self.everyone.append(now)
+            while len(self.failures) > 10000:  # bounded: forget the least recent sources
+                self.failures.popitem(last=False)
 
 
 class Api:
@@ -3446,8 +3467,9 @@ class Api:
     def create_tunnel(self, token, protocols, address, proxy_protocol=None):
         if not token:
             raise ApiError(401, "a token is required (token=...)")
-        if self.limiter.blocked(address):
-            raise ApiError(429, "too many invalid tokens from %s; wait a minute" % address)
+        refusal = self.limiter.blocked(address)
+        if refusal:
+            raise ApiError(429, refusal)
         options = self.tokens.get(token)
         if options is None:
             self.limiter.record(address)
@@ -3531,8 +3553,9 @@ class Api:
         return view
 
     def extend(self, record, token, address):
-        if self.limiter.blocked(address):
-            raise ApiError(429, "too many invalid tokens from %s; wait a minute" % address)
+        refusal = self.limiter.blocked(address)
+        if refusal:
+            raise ApiError(429, refusal)
         options = self.tokens.get(token or "")
         if options is None:
             self.limiter.record(address)
@@ -3915,8 +3938,9 @@ class PodGate:
         # Until its certificate is verified a connection is a stranger's: the
         # strangers share `cap` slots by source. A verified pod leaves them
         # for slots shared by certificate, where no stranger can take its place.
-        self.strangers = SourceShares(self.cap, settings.max_pending_handshakes_per_source)
-        self.verified = SourceShares(self.cap, 2)
+        self.strangers = SourceShares(self.cap, settings.max_pending_handshakes_per_source,
+                                      rotate=True)
+        self.verified = SourceShares(self.cap, 2, rotate=True)
 
     def admit(self, sock, address):
         if not self.strangers.take(sock, source_prefix(address[0], 32, 64)):
@@ -6518,6 +6542,59 @@ def stream_ends(sock, address):
     return (plain_address(address[0]), address[1]), (plain_address(public[0]), public[1])
 
 
+# Log lines of refused or failed connections: a flood of them is summarised.
+REFUSAL_PREFIXES = ("pod handshake", "pod refused", "protocol error", "api connection cap",
+                    "http front refused", "%s, consumer closed", "stream cap reached",
+                    "tunnel cap reached", "internal error contained")
+
+
+class RepeatedLines(logging.Filter):
+    """On the server's logger: of each kind of refusal line (REFUSAL_PREFIXES,
+    told apart by message template), LOG_REPEAT_LIMIT pass per
+    LOG_REPEAT_WINDOW_S; the others are counted, and once the window is over
+    one line says "N more like this in the last 60 s". flush() ends windows
+    (the sweep calls it); filter() runs in any thread."""
+
+    def __init__(self, limit=LOG_REPEAT_LIMIT, window_s=LOG_REPEAT_WINDOW_S):
+        super().__init__()
+        self.limit, self.window_s = limit, window_s
+        self.windows = {}  # message template -> [window start, lines passed, lines held back]
+        self.lock = threading.Lock()
+
+    def filter(self, record):
+        if not isinstance(record.msg, str) or not record.msg.startswith(REFUSAL_PREFIXES):
+            return True
+        now = time.monotonic()
+        with self.lock:
+            window = self.windows.get(record.msg)
+            if window is None or now - window[0] >= self.window_s:
+                ended, window = window, [now, 0, 0]
+                self.windows[record.msg] = window
+            else:
+                ended = None
+            window[1] += 1
+            passed = window[1] <= self.limit
+            if not passed:
+                window[2] += 1
+        if ended:
+            self.report(record.msg, ended)
+        return passed
+
+    def flush(self, now):
+        with self.lock:
+            ended = [(m, w) for m, w in self.windows.items() if now - w[0] >= self.window_s]
+            for message, _ in ended:
+                del self.windows[message]
+        for message, window in ended:
+            self.report(message, window)
+
+    def report(self, message, window):
+        if window[2]:
+            event = " ".join(w for w in message.split() if "=" not in w and "%" not in w)
+            log.warning("%d more like this in the last %d s: %s", window[2], self.window_s,
+                        event.rstrip(",:"))
+
+
 class Server:
     """Everything a running server owns, started by start() and run by run()."""
 
@@ -6624,6 +6701,8 @@ class Server:
         self.api.metrics = self.metrics_text
         self.api.status_lines = self.status_lines
         self.loop.call_later(SWEEP_INTERVAL_S, self.sweep)
+        self.repeats = RepeatedLines()
+        log.addFilter(self.repeats)
         if created:
             print_first_token(self.settings, created)
         dns = " dns=%s:%d" % (self.settings.listen_address, self.dns.responder.port) if self.dns else ""
@@ -6738,6 +6817,7 @@ class Server:
     # -- running --------------------------------------------------------
     def sweep(self):
         now = time.time()
+        self.repeats.flush(time.monotonic())
         self.api_server.expire(time.monotonic())
         self.store.expire(now)
         self.store.purge_stale(now)
@@ -6805,6 +6885,7 @@ class Server:
         signal.signal(signal.SIGHUP, lambda *_: self.loop.call_soon_threadsafe(self.reload))
         self.loop.run()
         self.presence.save()
+        self.repeats.flush(float("inf"))
         log.info("stopped")
 
     # -- what the API shows ---------------------------------------------
