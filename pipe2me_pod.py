@@ -26,18 +26,23 @@ Results go to stdout, logs and the one-line error to stderr. Exit codes:
 4 rejected (bad token, expired: not worth retrying), 130 interrupted.
 
 Sections, in the order a tunnel comes to life:
-    SETTINGS           constants and defaults
-    ERRORS             the Pipe2meError tree and exit codes
-    HELPERS            .inc quoting and parsing, atomic writes, the openssl wrapper
-    SHARED protocol    wire format, byte-identical with pipe2me_server.py
-    SHARED relay       stream relay, byte-identical with pipe2me_server.py
-    POD FILES          the files of a pod directory, the key and CSR, the ACME chain
-    SERVER API CLIENT  HTTP(S) calls to the server's JSON API
+    SHARED base          the Pipe2meError tree and exit codes, the service
+                         protocols, the host-name check, atomic files, the
+                         openssl wrapper
+    SETTINGS             constants and defaults, the log
+    HELPERS              .inc quoting and parsing, reading and writing files
+    SHARED protocol      the wire contract
+    SHARED relay         the selector loop and the stream relay
+    SHARED process       descriptor limit and the re-exec from compiled code
+    POD FILES            the files of a pod directory, the key and CSR, the ACME chain
+    SERVER API CLIENT    HTTP(S) calls to the server's JSON API
     ROUTER PORT MAPPING  NAT-PMP and UPnP IGD: the public ports opened on the router
-    TUNNEL CLIENT      `start`: the tunnel connection, streams to local services, reconnects
-    ECHO SERVICES      `start --echo`: built-in local services for end-to-end checks
-    COMMANDS           one function per command
-    CLI                argument parsing, logging, main()
+    TUNNEL CLIENT        `start`: the tunnel connection, streams to local services, reconnects
+    ECHO SERVICES        `start --echo`: built-in local services for end-to-end checks
+    COMMANDS             one function per command
+    CLI                  argument parsing, logging, main()
+
+The SHARED blocks are byte-identical with pipe2me_server.py.
 
 Glossary: *server* (the public pipe2me host), *pod* (this machine),
 *consumer* (connects to a public port), *tunnel* (one FQDN with its
@@ -74,6 +79,171 @@ import threading
 import time
 import types
 import urllib.parse
+
+# ---- BEGIN SHARED base (identical in pipe2me_server.py and pipe2me_pod.py) ----
+# What every section of both programs stands on: the one exception tree and
+# its exit codes, the services a tunnel may publish, peer text made safe for
+# logs, the host-name check, files replaced atomically, and the one wrapper
+# through which openssl runs.
+
+EXIT_INTERRUPTED = 130                # main() after Ctrl-C; the tree below carries 1 to 4
+SERVICE_PROTOCOLS = ("http", "https", "imap", "imaps", "smtp", "smtps", "ssh", "tcp")
+HOSTNAME_MAX_CHARS = 253
+HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+OPENSSL_TIMEOUT_S = 60
+OPENSSL_PACKAGE_HINT = ("install the package 'openssl' (Debian/Ubuntu) "
+                        "or 'openssl-util' (OpenWrt)")
+
+
+class Pipe2meError(Exception):
+    """An expected failure: main() prints the message alone and returns
+    exit_code; the server's API answers it with http_status."""
+    exit_code = 1
+    http_status = 500
+
+
+class UsageError(Pipe2meError):
+    """Bad arguments, configuration or setup: fix the call, not worth retrying as is."""
+    exit_code = 2
+    http_status = 400
+
+
+class Unavailable(Pipe2meError):
+    """Something needed cannot be reached or failed: worth retrying later."""
+    exit_code = 3
+    http_status = 503
+
+
+class Rejected(Pipe2meError):
+    """Refused (bad token, expired, unknown): not worth retrying."""
+    exit_code = 4
+    http_status = 403
+
+
+class NotFound(Rejected):
+    """What was asked for does not exist (an unknown tunnel, endpoint or file)."""
+    http_status = 404
+
+
+class Expired(Rejected):
+    """The tunnel's lifetime is over."""
+    http_status = 410
+
+
+class CertRefused(Rejected):
+    """A CSR the server will not sign; the message says why."""
+    http_status = 400
+
+
+class OpensslFailed(Unavailable):
+    """openssl ran and exited non-zero; the message carries its last stderr line."""
+
+
+# C0 and C1 controls, DEL and the Unicode line breaks, as \xNN / \uNNNN: text
+# a peer sent (a reason, a name, a request line) cannot start a log line.
+CONTROL_ESCAPES = {c: "\\x%02x" % c for c in list(range(32)) + list(range(127, 160))}
+CONTROL_ESCAPES.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def printable(text, limit=300):
+    """`text` shortened to `limit` characters with every control character escaped."""
+    text = str(text)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return text.translate(CONTROL_ESCAPES)
+
+
+def is_hostname(name):
+    """True for dot-separated LDH labels (1-63 characters, no hyphen at either
+    end), HOSTNAME_MAX_CHARS at most. Only such names may reach an openssl
+    -subj, a file or a header: no '/', ',', '=', space, quote or newline passes."""
+    return (isinstance(name, str) and 0 < len(name) <= HOSTNAME_MAX_CHARS
+            and all(HOSTNAME_LABEL.fullmatch(label) for label in name.split(".")))
+
+
+def write_atomic(path, data, mode=0o644, durable=True):
+    """Replace `path` by `data` (bytes or str) with file mode `mode`, so that a
+    crash leaves the old or the new content, whole.
+
+    The temporary file is created with mode 0600, so a secret is never
+    readable by others, not even for a moment; it is fsynced, renamed over
+    `path`, then the directory is fsynced. durable=False skips the fsyncs (for
+    files rewritten often and worthless after a crash, on a router's flash).
+    Raises OSError, with the temporary file removed."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    directory = os.path.dirname(os.path.abspath(path))
+    temp = os.path.join(directory, ".%s.%d.%s.tmp" % (
+        os.path.basename(path), os.getpid(), os.urandom(4).hex()))
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fchmod(handle.fileno(), mode)
+            if durable:
+                os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    if durable:
+        fsync_dir(directory)
+
+
+def fsync_dir(directory):
+    """Make a rename in `directory` durable; a file system that cannot fsync a
+    directory is let be (the rename still happened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def run_openssl(args, input_bytes=None, cwd=None, merge_stderr=False):
+    """Run `openssl ARGS...` (argv list, no shell) and return its stdout bytes.
+
+    The only place either program runs openssl. stdin is `input_bytes` or
+    empty (so a passphrase prompt can never hang); merge_stderr=True returns
+    stderr interleaved with stdout, for the few commands that report only
+    there. A missing openssl is a UsageError naming the package; a timeout
+    (OPENSSL_TIMEOUT_S) or a failure to start it is Unavailable; a non-zero
+    exit is OpensslFailed (an Unavailable) with openssl's last stderr line."""
+    import subprocess  # here, not at the top: the pod's `start` never runs openssl (RSS)
+    argv = ["openssl"] + [str(arg) for arg in args]
+    stdin = {"input": input_bytes} if input_bytes is not None else {"stdin": subprocess.DEVNULL}
+    try:
+        done = subprocess.run(argv, cwd=cwd, stdout=subprocess.PIPE, timeout=OPENSSL_TIMEOUT_S,
+                              stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+                              check=False, **stdin)
+    except FileNotFoundError as exc:
+        if exc.filename == "openssl":
+            raise UsageError("the openssl command was not found: " + OPENSSL_PACKAGE_HINT) from None
+        raise Unavailable("cannot run openssl %s: %s" % (argv[1], exc)) from None
+    except subprocess.TimeoutExpired:
+        raise Unavailable("openssl %s did not finish within %s s" % (argv[1], OPENSSL_TIMEOUT_S)) from None
+    except OSError as exc:
+        raise Unavailable("cannot run openssl %s: %s" % (argv[1], exc)) from None
+    if done.returncode != 0:
+        raise OpensslFailed("openssl %s failed (exit %d): %s"
+                            % (argv[1], done.returncode, last_line(done.stderr or done.stdout)))
+    return done.stdout
+
+
+def last_line(output):
+    """The last non-blank line of a command's output (where openssl puts the
+    actual error), at most 300 characters."""
+    lines = [line.strip() for line in output.decode("utf-8", "replace").splitlines()]
+    lines = [line for line in lines if line]
+    return lines[-1][:300] if lines else "no message"
+# ---- END SHARED base ----
 
 # =====================================================================
 # SETTINGS — constants and defaults; read by every section below
@@ -131,52 +301,16 @@ SECRET_FILE_MODE = 0o600
 PUBLIC_FILE_MODE = 0o644
 POD_DIR_MODE = 0o700
 
-PROTOCOL_VERSION = 1
-KNOWN_PROTOCOLS = ("http", "https", "imap", "imaps", "smtp", "smtps", "ssh", "tcp")
 DEFAULT_PROTOCOLS = ("https",)
 
 API_TIMEOUT_S = 15
 API_MAX_ANSWER_BYTES = 1024 * 1024
-OPENSSL_TIMEOUT_S = 60
 # Renew when the certificate expires within this fraction of its lifetime.
 CERT_RENEW_REMAINING_FRACTION = 2.0 / 3.0
 SERVICE_RESTART_DELAY_S = 5
 
-OPENSSL_PACKAGE_HINT = ("install the package 'openssl' (Debian/Ubuntu) "
-                        "or 'openssl-util' (OpenWrt)")
-
 # =====================================================================
-# ERRORS — the one exception tree; raised everywhere, caught in main()
-# =====================================================================
-
-
-class Pipe2meError(Exception):
-    """An expected failure: main() prints `pipe2me: <message>` and exits."""
-    exit_code = 1
-
-
-class UsageError(Pipe2meError):
-    """Bad arguments, a bad or missing setup: fix the call, not worth retrying as is."""
-    exit_code = 2
-
-
-class Unavailable(Pipe2meError):
-    """The server cannot be reached or failed: worth retrying later."""
-    exit_code = 3
-
-
-class Rejected(Pipe2meError):
-    """The server said no (bad token, expired, unknown): not worth retrying."""
-    exit_code = 4
-
-
-class StopSignal(BaseException):
-    """SIGTERM/SIGINT while `start` is dialing: ends the blocking connect at once
-    and PodRunner.run() returns 0. No Pipe2meError, so no retry loop catches it."""
-
-
-# =====================================================================
-# HELPERS — .inc files, atomic writes, the openssl wrapper; used by all below
+# HELPERS — .inc files, reading and writing the pod's files; used by all below
 # =====================================================================
 
 _INC_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
@@ -230,49 +364,11 @@ def read_text(path):
 
 
 def write_file_atomic(path, data, mode=PUBLIC_FILE_MODE, durable=True):
-    """Replace `path` by `data` (bytes or str) atomically, with file mode `mode`.
-
-    The temporary file is created with mode 0600, so a secret is never
-    readable by others, not even for a moment; it is fsynced, then renamed
-    over `path`, then the directory is fsynced. A crash leaves either the
-    old or the new content. durable=False skips the fsyncs (for files that
-    are rewritten often and worthless after a crash, on a router's flash).
-    """
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    directory = os.path.dirname(os.path.abspath(path))
-    temp = os.path.join(directory, ".%s.%d.%s.tmp" % (
-        os.path.basename(path), os.getpid(), os.urandom(4).hex()))
+    """write_atomic() for the pod's files: a failure is one UsageError line."""
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SECRET_FILE_MODE)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fchmod(handle.fileno(), mode)
-            if durable:
-                os.fsync(handle.fileno())
-        os.replace(temp, path)
+        write_atomic(path, data, mode, durable)
     except OSError as exc:
-        remove_file(temp)
         raise UsageError("cannot write %s: %s" % (path, _reason(exc)))
-    except BaseException:
-        remove_file(temp)
-        raise
-    if durable:
-        _fsync_dir(directory)
-
-
-def _fsync_dir(directory):
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot fsync a directory; the rename still happened
-    finally:
-        os.close(fd)
 
 
 def remove_file(path):
@@ -288,41 +384,6 @@ def remove_file(path):
 
 def _reason(exc):
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-
-
-def require_openssl():
-    """The path of the openssl CLI; UsageError naming the package when missing."""
-    import shutil  # here, not at the top: `start` never needs it (pod RSS)
-    path = shutil.which("openssl")
-    if path is None:
-        raise UsageError("openssl command not found: " + OPENSSL_PACKAGE_HINT)
-    return path
-
-
-def run_openssl(args, input_bytes=None):
-    """Run `openssl ARGS...` (argv list, no shell) and return its stdout bytes.
-
-    The only place that runs openssl. Failure raises Pipe2meError with the
-    last line openssl wrote to stderr.
-    """
-    import subprocess  # here, not at the top: `start` never runs openssl (pod RSS)
-    argv = [require_openssl()] + [str(arg) for arg in args]
-    log.debug("openssl run args=%s", " ".join(argv[1:]))
-    try:
-        done = subprocess.run(
-            argv, input=input_bytes, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL if input_bytes is None else None,
-            timeout=OPENSSL_TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired:
-        raise Pipe2meError("openssl %s timed out after %d s" % (args[0], OPENSSL_TIMEOUT_S))
-    except OSError as exc:
-        raise UsageError("cannot run openssl: %s; %s" % (_reason(exc), OPENSSL_PACKAGE_HINT))
-    if done.returncode != 0:
-        lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
-        detail = lines[-1].strip() if lines else "exit status %d" % done.returncode
-        raise Pipe2meError("openssl %s failed: %s" % (args[0], detail))
-    return done.stdout
-
 
 # ---- BEGIN SHARED protocol (identical in pipe2me_server.py and pipe2me_pod.py) ----
 # The tunnel connection: the pod dials TUNNEL_PORT, both sides authenticate with
@@ -420,20 +481,6 @@ RESET_CONNECT_FAILED = "local connect failed"
 
 class ProtocolError(Rejected):
     """The peer broke the wire contract; the connection is closed with this reason."""
-
-
-# C0 and C1 controls, DEL and the Unicode line breaks, as \xNN / \uNNNN: text
-# a peer sent (a reason, a name, a request line) cannot start a log line.
-CONTROL_ESCAPES = {c: "\\x%02x" % c for c in list(range(32)) + list(range(127, 160))}
-CONTROL_ESCAPES.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
-
-
-def printable(text, limit=300):
-    """`text` shortened to `limit` characters with every control character escaped."""
-    text = str(text)
-    if len(text) > limit:
-        text = text[:limit] + "..."
-    return text.translate(CONTROL_ESCAPES)
 
 
 def encode_frame(msg, stream, payload=b""):
@@ -571,77 +618,6 @@ LOCAL_CONNECT_TIMEOUT_S = 10           # a local service that has not accepted b
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
 SOCKET_GONE = (ConnectionError, TimeoutError, OSError)
-
-
-def raise_open_file_limit():
-    """Let the relay hold as many sockets as allowed: soft limit up to the hard one."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-# Python keeps, for the life of a process, most of the memory its compiler
-# took for the script the process started with: about 8 MB for the pod and
-# 11 MB for the server on Python 3.11. The server and `start` run for months,
-# so they re-execute themselves once, keeping their PID, from the script's
-# compiled code handed over in an anonymous in-memory file, with -S: both
-# scripts use the standard library only, so nothing from site-packages
-# belongs in the process.
-CODE_FD_VARIABLE = "PIPE2ME_CODE_FD"
-CODE_LOADER = ("import marshal,os,sys;"
-               "code=marshal.load(os.fdopen(int(os.environ.pop('PIPE2ME_CODE_FD')),'rb'));"
-               "del sys.argv[0];"
-               "exec(code,{'__name__':'__main__','__file__':sys.argv[0],'__cached__':'memfd'})")
-
-
-# glibc raises its mmap threshold to the size of any large block freed; from
-# then on such blocks come from the heap, which fragments and does not shrink,
-# so the bytes held for a crowd of slow readers would stay in RSS after they
-# left. A fixed threshold keeps every block of 64 KiB or more (the relay's
-# buffers) in a map of its own, returned to the system when freed.
-MALLOC_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-
-
-def run_from_compiled_code(environment=None):
-    """Re-execute this script from its compiled code (see above), with the
-    `environment` variables added. Returns only when that is done already,
-    not wanted (imported, run with -m, under a debugger, profiler or
-    coverage tool) or not possible."""
-    script = globals()
-    path = script.get("__file__")
-    if (script.get("__name__") != "__main__" or script.get("__cached__") or not path
-            or sys.gettrace() or sys.getprofile()
-            or not sys.executable or not hasattr(os, "memfd_create")):
-        return
-    try:
-        with open(path, "rb") as fh:
-            code = compile(fh.read(), path, "exec", dont_inherit=True)
-        fd = os.memfd_create("pipe2me-code", 0)
-    except (OSError, SyntaxError, ValueError):
-        return
-    try:
-        with open(fd, "wb", closefd=False) as fh:
-            marshal.dump(code, fh)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.set_inheritable(fd, True)
-        flags = ["-W" + option for option in sys.warnoptions] + ["-O"] * sys.flags.optimize
-        for name, value in getattr(sys, "_xoptions", {}).items():
-            flags += ["-X", name if value is True else "%s=%s" % (name, value)]
-        for stream in (sys.stdout, sys.stderr):
-            if stream is not None:
-                stream.flush()
-        environment = dict({k: v for k, v in MALLOC_ENVIRONMENT.items() if k not in os.environ},
-                           **(environment or {}), **{CODE_FD_VARIABLE: str(fd)})
-        os.environ.update(environment)
-        os.execv(sys.executable, [sys.executable, "-S"] + flags + ["-c", CODE_LOADER, path]
-                 + sys.argv[1:])
-    except OSError:
-        for name in environment or ():
-            os.environ.pop(name, None)
-        os.close(fd)
 
 
 class EventLoop:
@@ -1332,20 +1308,6 @@ class Mux:
         self.on_open(stream_id, port, consumer, public)
 
     # -- streams -------------------------------------------------------
-    def open_stream(self, sock, port, ends=None):
-        """Server side: carry a new consumer socket to the pod's `port` service;
-        `ends` ((ip, port) of the consumer, of the public end) go in the OPEN
-        when the pod asked for them. What the consumer sent with its connect
-        goes in the OPEN's TLS record, so the pod connects and writes in one
-        wake-up."""
-        self.highest_stream += 1
-        self.queue(Msg.OPEN, self.highest_stream, encode_open(port, *(ends or ())))
-        stream = self.add_stream(self.highest_stream, sock)
-        stream.on_readable()
-        if self.out:
-            self.flush()
-        return stream
-
     def add_stream(self, stream_id, sock, connecting=False):
         sock.setblocking(False)
         stream = Stream(self, stream_id, sock, connecting)
@@ -1414,6 +1376,80 @@ class Mux:
     def on_closed(self, reason):
         pass
 # ---- END SHARED relay ----
+# ---- BEGIN SHARED process (identical in pipe2me_server.py and pipe2me_pod.py) ----
+# How the long-running commands start: as many descriptors as allowed, and
+# the compiled code handed to a fresh interpreter. Used by main() only.
+
+def raise_open_file_limit():
+    """Let the relay hold as many sockets as allowed: soft limit up to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# Python keeps, for the life of a process, most of the memory its compiler
+# took for the script the process started with: about 8 MB for the pod and
+# 11 MB for the server on Python 3.11. The server and `start` run for months,
+# so they re-execute themselves once, keeping their PID, from the script's
+# compiled code handed over in an anonymous in-memory file, with -S: both
+# scripts use the standard library only, so nothing from site-packages
+# belongs in the process.
+CODE_FD_VARIABLE = "PIPE2ME_CODE_FD"
+CODE_LOADER = ("import marshal,os,sys;"
+               "code=marshal.load(os.fdopen(int(os.environ.pop('PIPE2ME_CODE_FD')),'rb'));"
+               "del sys.argv[0];"
+               "exec(code,{'__name__':'__main__','__file__':sys.argv[0],'__cached__':'memfd'})")
+
+
+# glibc raises its mmap threshold to the size of any large block freed; from
+# then on such blocks come from the heap, which fragments and does not shrink,
+# so the bytes held for a crowd of slow readers would stay in RSS after they
+# left. A fixed threshold keeps every block of 64 KiB or more (the relay's
+# buffers) in a map of its own, returned to the system when freed.
+MALLOC_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def run_from_compiled_code(environment=None):
+    """Re-execute this script from its compiled code (see above), with the
+    `environment` variables added. Returns only when that is done already,
+    not wanted (imported, run with -m, under a debugger, profiler or
+    coverage tool) or not possible."""
+    script = globals()
+    path = script.get("__file__")
+    if (script.get("__name__") != "__main__" or script.get("__cached__") or not path
+            or sys.gettrace() or sys.getprofile()
+            or not sys.executable or not hasattr(os, "memfd_create")):
+        return
+    try:
+        with open(path, "rb") as fh:
+            code = compile(fh.read(), path, "exec", dont_inherit=True)
+        fd = os.memfd_create("pipe2me-code", 0)
+    except (OSError, SyntaxError, ValueError):
+        return
+    try:
+        with open(fd, "wb", closefd=False) as fh:
+            marshal.dump(code, fh)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.set_inheritable(fd, True)
+        flags = ["-W" + option for option in sys.warnoptions] + ["-O"] * sys.flags.optimize
+        for name, value in getattr(sys, "_xoptions", {}).items():
+            flags += ["-X", name if value is True else "%s=%s" % (name, value)]
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        environment = dict({k: v for k, v in MALLOC_ENVIRONMENT.items() if k not in os.environ},
+                           **(environment or {}), **{CODE_FD_VARIABLE: str(fd)})
+        os.environ.update(environment)
+        os.execv(sys.executable, [sys.executable, "-S"] + flags + ["-c", CODE_LOADER, path]
+                 + sys.argv[1:])
+    except OSError:
+        for name in environment or ():
+            os.environ.pop(name, None)
+        os.close(fd)
+# ---- END SHARED process ----
 
 
 # =====================================================================
@@ -1421,7 +1457,6 @@ class Mux:
 # =====================================================================
 
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_FQDN_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$")
 
 
 class PodFiles:
@@ -1626,7 +1661,7 @@ def write_local(files, server_url, local_ports):
 def check_tunnel(tunnel, need_secret=False):
     """Check the shape of a tunnel object from the server; return it."""
     try:
-        ok = (_ID_PATTERN.match(tunnel["id"]) and _FQDN_PATTERN.match(tunnel["fqdn"])
+        ok = (_ID_PATTERN.match(tunnel["id"]) and is_hostname(tunnel["fqdn"]) and "." in tunnel["fqdn"]
               and len(tunnel["urls"]) == len(tunnel["ports"]) == len(tunnel["protocols"]) > 0
               and all(isinstance(url, str) for url in tunnel["urls"])
               and isinstance(tunnel["tunnel_port"], int) and isinstance(tunnel["expires_at"], int)
@@ -2695,6 +2730,11 @@ class PortMapKeeper:
 # relays streams to the local services, reconnects with backoff
 # =====================================================================
 
+class StopSignal(BaseException):
+    """SIGTERM/SIGINT while `start` is dialing: ends the blocking connect at once
+    and PodRunner.run() returns 0. No Pipe2meError, so no retry loop catches it."""
+
+
 LOCAL_SERVICE_HOST = "127.0.0.1"   # where `start --echo` listens for a bare PORT
 PROXY_PROTOCOLS = ("v1", "v2")
 PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -3287,9 +3327,9 @@ def parse_protocols(text):
     """A comma list of protocols as a list; UsageError on unknown ones."""
     protocols = [item.strip().lower() for item in (text or "").split(",")]
     for protocol in protocols:
-        if protocol not in KNOWN_PROTOCOLS:
+        if protocol not in SERVICE_PROTOCOLS:
             raise UsageError("bad protocol %r in --protocols: choose from %s"
-                             % (protocol, ",".join(KNOWN_PROTOCOLS)))
+                             % (protocol, ",".join(SERVICE_PROTOCOLS)))
     return protocols
 
 
@@ -3311,7 +3351,7 @@ def cmd_setup(args):
             raise UsageError("--local-ports has %d targets for %d protocols: give one port per protocol"
                              % (len(local_ports), len(protocols)))
     proxy = parse_proxy_protocol(args.proxy_protocol)
-    require_openssl()
+    run_openssl(["version"])  # a missing openssl fails the setup before anything exists
     context = make_ssl_context(args.cacert, args.insecure)
     created = make_pod_dir(files.dir)
     try:
@@ -3932,7 +3972,7 @@ def build_parser():
     setup.add_argument("-s", "--server", help="server URL: http(s)://HOST[:PORT] or HOST[:PORT]")
     setup.add_argument("--auth", "--token", dest="auth", help="auth token from the server")
     setup.add_argument("--protocols", default=",".join(DEFAULT_PROTOCOLS),
-                       help="comma list of %s (default: %%(default)s)" % ",".join(KNOWN_PROTOCOLS))
+                       help="comma list of %s (default: %%(default)s)" % ",".join(SERVICE_PROTOCOLS))
     setup.add_argument("--local-ports", "--ports", dest="local_ports",
                        help="comma list of local targets, one per protocol: PORT, HOST:PORT, "
                        "[IPV6]:PORT or NAME:PORT (default: the public ports)")
@@ -4027,7 +4067,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         if not args.silent:
             sys.stderr.write("pipe2me: interrupted\n")
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -16,27 +16,32 @@ connects to a public port (or to the HTTP/HTTPS fronts by name) becomes a
 stream multiplexed over that connection.
 
 Sections, in the order a tunnel comes to life:
-    SETTINGS      configuration keys, defaults, parsing and validation
-    ERRORS        the exception tree and exit codes
-    HELPERS       atomic files, shell format, secrets, name words
-    SHARED protocol / SHARED relay   the wire contract and the selector relay,
-                  byte-identical in pipe2me_pod.py
-    TOKENS        tokens.conf: who may create tunnels, within which limits
-    STATE STORE   STATE_DIR/tunnels/*.json and the port pool
-    CERTIFICATES  the CA, CSR checks, signing through the openssl CLI,
-                  which certificates of a tunnel connect, the signing limit
-    ACME          publicly trusted certificates for pods' own keys and the
-                  server's name from an ACME CA (RFC 8555), renewed (ARI)
-    API           the HTTP API (JSON and shell format)
-    TUNNEL SESSIONS  pod authentication and the live session per tunnel
-    FRONTS        public ports, the HTTP front (a reverse proxy routing each
-                  request by Host), the SNI front
-    REACHABILITY  direct or relayed: probing a pod's router on every port
-    DNS           what each tunnel's name answers, the built-in
-                  authoritative responder (rate limited, fair shares)
-    DNSIMPLE      the tunnels' records at dnsimple, reconciled in a thread
-    WIRING        the Server object: listeners, signals, sweeps
-    CLI           admin commands and main()
+    SHARED base      the exception tree and exit codes, the service protocols,
+                     the host-name check, atomic files, the openssl wrapper
+    SETTINGS         configuration keys, defaults, parsing and validation
+    HELPERS          JSON files, shell format, addresses, name words, bound sockets
+    SHARED protocol  the wire contract
+    SHARED relay     the selector loop and the stream relay
+    SHARED process   descriptor limit and the re-exec from compiled code
+    TOKENS           tokens.conf: who may create tunnels, within which limits
+    STATE STORE      STATE_DIR/tunnels/*.json, the port pool, the state lock
+    CERTIFICATES     the CA, CSR checks, signing through the openssl CLI,
+                     which certificates of a tunnel connect, the signing limit
+    ACME             publicly trusted certificates for pods' own keys and the
+                     server's name from an ACME CA (RFC 8555), renewed (ARI)
+    API              the HTTP API (JSON and shell format) and its threads
+    TUNNEL SESSIONS  pod authentication, the live session per tunnel, the
+                     public ports of online tunnels
+    FRONTS           the HTTP front (a reverse proxy routing each request by
+                     Host), the SNI front
+    REACHABILITY     direct or relayed: probing a pod's router on every port
+    DNS              what each tunnel's name answers, the built-in
+                     authoritative responder (rate limited, fair shares)
+    DNSIMPLE         the tunnels' records at dnsimple, reconciled in a thread
+    WIRING           the Server object: listeners, signals, sweeps
+    CLI              admin commands and main()
+
+The SHARED blocks are byte-identical in pipe2me_pod.py.
 
 Glossary: server, pod, consumer (connects to a public port), tunnel (a pod's
 name, ports and certificate), service (one protocol and port of a tunnel),
@@ -79,7 +84,6 @@ import signal
 import socket
 import ssl
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -90,11 +94,176 @@ from collections.abc import Sequence
 log = logging.getLogger("pipe2me.server")
 
 
+# ---- BEGIN SHARED base (identical in pipe2me_server.py and pipe2me_pod.py) ----
+# What every section of both programs stands on: the one exception tree and
+# its exit codes, the services a tunnel may publish, peer text made safe for
+# logs, the host-name check, files replaced atomically, and the one wrapper
+# through which openssl runs.
+
+EXIT_INTERRUPTED = 130                # main() after Ctrl-C; the tree below carries 1 to 4
+SERVICE_PROTOCOLS = ("http", "https", "imap", "imaps", "smtp", "smtps", "ssh", "tcp")
+HOSTNAME_MAX_CHARS = 253
+HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+OPENSSL_TIMEOUT_S = 60
+OPENSSL_PACKAGE_HINT = ("install the package 'openssl' (Debian/Ubuntu) "
+                        "or 'openssl-util' (OpenWrt)")
+
+
+class Pipe2meError(Exception):
+    """An expected failure: main() prints the message alone and returns
+    exit_code; the server's API answers it with http_status."""
+    exit_code = 1
+    http_status = 500
+
+
+class UsageError(Pipe2meError):
+    """Bad arguments, configuration or setup: fix the call, not worth retrying as is."""
+    exit_code = 2
+    http_status = 400
+
+
+class Unavailable(Pipe2meError):
+    """Something needed cannot be reached or failed: worth retrying later."""
+    exit_code = 3
+    http_status = 503
+
+
+class Rejected(Pipe2meError):
+    """Refused (bad token, expired, unknown): not worth retrying."""
+    exit_code = 4
+    http_status = 403
+
+
+class NotFound(Rejected):
+    """What was asked for does not exist (an unknown tunnel, endpoint or file)."""
+    http_status = 404
+
+
+class Expired(Rejected):
+    """The tunnel's lifetime is over."""
+    http_status = 410
+
+
+class CertRefused(Rejected):
+    """A CSR the server will not sign; the message says why."""
+    http_status = 400
+
+
+class OpensslFailed(Unavailable):
+    """openssl ran and exited non-zero; the message carries its last stderr line."""
+
+
+# C0 and C1 controls, DEL and the Unicode line breaks, as \xNN / \uNNNN: text
+# a peer sent (a reason, a name, a request line) cannot start a log line.
+CONTROL_ESCAPES = {c: "\\x%02x" % c for c in list(range(32)) + list(range(127, 160))}
+CONTROL_ESCAPES.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def printable(text, limit=300):
+    """`text` shortened to `limit` characters with every control character escaped."""
+    text = str(text)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return text.translate(CONTROL_ESCAPES)
+
+
+def is_hostname(name):
+    """True for dot-separated LDH labels (1-63 characters, no hyphen at either
+    end), HOSTNAME_MAX_CHARS at most. Only such names may reach an openssl
+    -subj, a file or a header: no '/', ',', '=', space, quote or newline passes."""
+    return (isinstance(name, str) and 0 < len(name) <= HOSTNAME_MAX_CHARS
+            and all(HOSTNAME_LABEL.fullmatch(label) for label in name.split(".")))
+
+
+def write_atomic(path, data, mode=0o644, durable=True):
+    """Replace `path` by `data` (bytes or str) with file mode `mode`, so that a
+    crash leaves the old or the new content, whole.
+
+    The temporary file is created with mode 0600, so a secret is never
+    readable by others, not even for a moment; it is fsynced, renamed over
+    `path`, then the directory is fsynced. durable=False skips the fsyncs (for
+    files rewritten often and worthless after a crash, on a router's flash).
+    Raises OSError, with the temporary file removed."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    directory = os.path.dirname(os.path.abspath(path))
+    temp = os.path.join(directory, ".%s.%d.%s.tmp" % (
+        os.path.basename(path), os.getpid(), os.urandom(4).hex()))
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fchmod(handle.fileno(), mode)
+            if durable:
+                os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    if durable:
+        fsync_dir(directory)
+
+
+def fsync_dir(directory):
+    """Make a rename in `directory` durable; a file system that cannot fsync a
+    directory is let be (the rename still happened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def run_openssl(args, input_bytes=None, cwd=None, merge_stderr=False):
+    """Run `openssl ARGS...` (argv list, no shell) and return its stdout bytes.
+
+    The only place either program runs openssl. stdin is `input_bytes` or
+    empty (so a passphrase prompt can never hang); merge_stderr=True returns
+    stderr interleaved with stdout, for the few commands that report only
+    there. A missing openssl is a UsageError naming the package; a timeout
+    (OPENSSL_TIMEOUT_S) or a failure to start it is Unavailable; a non-zero
+    exit is OpensslFailed (an Unavailable) with openssl's last stderr line."""
+    import subprocess  # here, not at the top: the pod's `start` never runs openssl (RSS)
+    argv = ["openssl"] + [str(arg) for arg in args]
+    stdin = {"input": input_bytes} if input_bytes is not None else {"stdin": subprocess.DEVNULL}
+    try:
+        done = subprocess.run(argv, cwd=cwd, stdout=subprocess.PIPE, timeout=OPENSSL_TIMEOUT_S,
+                              stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+                              check=False, **stdin)
+    except FileNotFoundError as exc:
+        if exc.filename == "openssl":
+            raise UsageError("the openssl command was not found: " + OPENSSL_PACKAGE_HINT) from None
+        raise Unavailable("cannot run openssl %s: %s" % (argv[1], exc)) from None
+    except subprocess.TimeoutExpired:
+        raise Unavailable("openssl %s did not finish within %s s" % (argv[1], OPENSSL_TIMEOUT_S)) from None
+    except OSError as exc:
+        raise Unavailable("cannot run openssl %s: %s" % (argv[1], exc)) from None
+    if done.returncode != 0:
+        raise OpensslFailed("openssl %s failed (exit %d): %s"
+                            % (argv[1], done.returncode, last_line(done.stderr or done.stdout)))
+    return done.stdout
+
+
+def last_line(output):
+    """The last non-blank line of a command's output (where openssl puts the
+    actual error), at most 300 characters."""
+    lines = [line.strip() for line in output.decode("utf-8", "replace").splitlines()]
+    lines = [line for line in lines if line]
+    return lines[-1][:300] if lines else "no message"
+# ---- END SHARED base ----
+
+
 # =====================================================================
 # SETTINGS — configuration keys and their validation; read by everything
 # =====================================================================
 
-PROTOCOL_PORTS = ("http", "https", "imap", "imaps", "smtp", "smtps", "ssh", "tcp")
 PROXY_PROTOCOL_CHOICES = ("v1", "v2", "off")  # a tunnel's PROXY protocol header to its pod's services
 DEFAULT_CONFIG_FILE = "~/pipe2me.server.conf"
 SWEEP_INTERVAL_S = 1.0            # expiry, deadlines and traffic bookkeeping
@@ -115,13 +284,6 @@ def parse_domain(value):
     if not is_hostname(value) or "." not in value and value != "localhost":
         raise ValueError("not a domain name: %r" % value)
     return value
-
-
-def is_hostname(name):
-    """True for an LDH host name of at most 253 characters."""
-    labels = name.split(".")
-    return (0 < len(name) <= 253 and all(
-        re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", label) for label in labels))
 
 
 def parse_port(value):
@@ -370,73 +532,9 @@ def load_settings(config_path=None, flags=None, environ=None):
 
 
 # =====================================================================
-# ERRORS — the exception tree; main() turns these into one line and an exit code
+# HELPERS — JSON files, shell format, addresses and their per-source prefix,
+# name words, bound sockets
 # =====================================================================
-
-class Pipe2meError(Exception):
-    """An expected failure: main() prints the message alone and exits exit_code."""
-    exit_code = 1
-    http_status = 500
-
-
-class UsageError(Pipe2meError):
-    exit_code = 2
-    http_status = 400
-
-
-class Unavailable(Pipe2meError):
-    exit_code = 3
-    http_status = 503
-
-
-class Rejected(Pipe2meError):
-    exit_code = 4
-    http_status = 403
-
-
-class NotFound(Rejected):
-    http_status = 404
-
-
-class Expired(Rejected):
-    http_status = 410
-
-
-class CertRefused(Rejected):
-    http_status = 400
-
-
-# =====================================================================
-# HELPERS — files written atomically, shell format, addresses and their per-source prefix, name words
-# =====================================================================
-
-def write_atomic(path, data, mode=0o644):
-    """Replace path with data so that a crash leaves the old or the new file, whole."""
-    if isinstance(data, str):
-        data = data.encode()
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(directory)
-
-
-def fsync_dir(directory):
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def write_json(path, obj, mode=0o644):
     write_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n", mode)
@@ -556,6 +654,72 @@ def mask_secret(secret):
 
 def sha256_hex(data):
     return hashlib.sha256(data if isinstance(data, bytes) else data.encode()).hexdigest()
+
+
+def bind_listener(address, port, kind=socket.SOCK_STREAM, listen=True):
+    """A bound (and for TCP, unless told not to, listening) socket;
+    Unavailable naming the port if taken."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+        if kind == socket.SOCK_STREAM and listen:
+            sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise Unavailable("cannot listen on %s port %d: %s" % (address, port, exc.strerror)) from None
+    return sock
+
+
+def port_can_listen(address, port):
+    """Whether a public listener could bind (address, port) right now."""
+    try:
+        bind_listener(address, port, listen=False).close()
+    except Unavailable:
+        return False
+    return True
+
+
+class PendingBudget:
+    """The connections of one front still sending their first head or
+    ClientHello: at most `cap` in all (0 = no cap) and `share` per source
+    (source_prefix: an IPv4 address, an IPv6 /64), so one source flooding a
+    front leaves its budget to everybody else, and the other front keeps
+    its own budget."""
+
+    def __init__(self, name, cap, share):
+        self.name, self.cap, self.share = name, cap, share
+        self.total = 0
+        self.by_source = collections.Counter()
+
+    def take(self, address):
+        """The source key if the connection fits, else None (logged)."""
+        key = source_prefix(address[0], 32, 64)
+        if self.cap and self.total >= self.cap:
+            why, cap = "pending cap reached", self.cap
+        elif self.share and self.by_source[key] >= self.share:
+            why, cap = "pending share of one source reached", self.share
+        else:
+            self.total += 1
+            self.by_source[key] += 1
+            return key
+        log.warning("%s, consumer closed front=%s from=%s cap=%d", why, self.name,
+                    shown_address(address), cap)
+        return None
+
+    def give_back(self, key):
+        """A connection left the budget (routed, closed or given up)."""
+        self.total -= 1
+        self.by_source[key] -= 1
+        if not self.by_source[key]:
+            del self.by_source[key]
+
+
+def shown_address(address):
+    """host:port of a peer for a log line ([v6]:port)."""
+    host = address[0]
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, address[1])
 
 
 MOODS = """able agile amber balmy blithe bold brave breezy bright calm candid cheery
@@ -687,20 +851,6 @@ RESET_CONNECT_FAILED = "local connect failed"
 
 class ProtocolError(Rejected):
     """The peer broke the wire contract; the connection is closed with this reason."""
-
-
-# C0 and C1 controls, DEL and the Unicode line breaks, as \xNN / \uNNNN: text
-# a peer sent (a reason, a name, a request line) cannot start a log line.
-CONTROL_ESCAPES = {c: "\\x%02x" % c for c in list(range(32)) + list(range(127, 160))}
-CONTROL_ESCAPES.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
-
-
-def printable(text, limit=300):
-    """`text` shortened to `limit` characters with every control character escaped."""
-    text = str(text)
-    if len(text) > limit:
-        text = text[:limit] + "..."
-    return text.translate(CONTROL_ESCAPES)
 
 
 def encode_frame(msg, stream, payload=b""):
@@ -838,77 +988,6 @@ LOCAL_CONNECT_TIMEOUT_S = 10           # a local service that has not accepted b
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
 SOCKET_GONE = (ConnectionError, TimeoutError, OSError)
-
-
-def raise_open_file_limit():
-    """Let the relay hold as many sockets as allowed: soft limit up to the hard one."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-# Python keeps, for the life of a process, most of the memory its compiler
-# took for the script the process started with: about 8 MB for the pod and
-# 11 MB for the server on Python 3.11. The server and `start` run for months,
-# so they re-execute themselves once, keeping their PID, from the script's
-# compiled code handed over in an anonymous in-memory file, with -S: both
-# scripts use the standard library only, so nothing from site-packages
-# belongs in the process.
-CODE_FD_VARIABLE = "PIPE2ME_CODE_FD"
-CODE_LOADER = ("import marshal,os,sys;"
-               "code=marshal.load(os.fdopen(int(os.environ.pop('PIPE2ME_CODE_FD')),'rb'));"
-               "del sys.argv[0];"
-               "exec(code,{'__name__':'__main__','__file__':sys.argv[0],'__cached__':'memfd'})")
-
-
-# glibc raises its mmap threshold to the size of any large block freed; from
-# then on such blocks come from the heap, which fragments and does not shrink,
-# so the bytes held for a crowd of slow readers would stay in RSS after they
-# left. A fixed threshold keeps every block of 64 KiB or more (the relay's
-# buffers) in a map of its own, returned to the system when freed.
-MALLOC_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-
-
-def run_from_compiled_code(environment=None):
-    """Re-execute this script from its compiled code (see above), with the
-    `environment` variables added. Returns only when that is done already,
-    not wanted (imported, run with -m, under a debugger, profiler or
-    coverage tool) or not possible."""
-    script = globals()
-    path = script.get("__file__")
-    if (script.get("__name__") != "__main__" or script.get("__cached__") or not path
-            or sys.gettrace() or sys.getprofile()
-            or not sys.executable or not hasattr(os, "memfd_create")):
-        return
-    try:
-        with open(path, "rb") as fh:
-            code = compile(fh.read(), path, "exec", dont_inherit=True)
-        fd = os.memfd_create("pipe2me-code", 0)
-    except (OSError, SyntaxError, ValueError):
-        return
-    try:
-        with open(fd, "wb", closefd=False) as fh:
-            marshal.dump(code, fh)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.set_inheritable(fd, True)
-        flags = ["-W" + option for option in sys.warnoptions] + ["-O"] * sys.flags.optimize
-        for name, value in getattr(sys, "_xoptions", {}).items():
-            flags += ["-X", name if value is True else "%s=%s" % (name, value)]
-        for stream in (sys.stdout, sys.stderr):
-            if stream is not None:
-                stream.flush()
-        environment = dict({k: v for k, v in MALLOC_ENVIRONMENT.items() if k not in os.environ},
-                           **(environment or {}), **{CODE_FD_VARIABLE: str(fd)})
-        os.environ.update(environment)
-        os.execv(sys.executable, [sys.executable, "-S"] + flags + ["-c", CODE_LOADER, path]
-                 + sys.argv[1:])
-    except OSError:
-        for name in environment or ():
-            os.environ.pop(name, None)
-        os.close(fd)
 
 
 class EventLoop:
@@ -1599,20 +1678,6 @@ class Mux:
         self.on_open(stream_id, port, consumer, public)
 
     # -- streams -------------------------------------------------------
-    def open_stream(self, sock, port, ends=None):
-        """Server side: carry a new consumer socket to the pod's `port` service;
-        `ends` ((ip, port) of the consumer, of the public end) go in the OPEN
-        when the pod asked for them. What the consumer sent with its connect
-        goes in the OPEN's TLS record, so the pod connects and writes in one
-        wake-up."""
-        self.highest_stream += 1
-        self.queue(Msg.OPEN, self.highest_stream, encode_open(port, *(ends or ())))
-        stream = self.add_stream(self.highest_stream, sock)
-        stream.on_readable()
-        if self.out:
-            self.flush()
-        return stream
-
     def add_stream(self, stream_id, sock, connecting=False):
         sock.setblocking(False)
         stream = Stream(self, stream_id, sock, connecting)
@@ -1681,6 +1746,80 @@ class Mux:
     def on_closed(self, reason):
         pass
 # ---- END SHARED relay ----
+# ---- BEGIN SHARED process (identical in pipe2me_server.py and pipe2me_pod.py) ----
+# How the long-running commands start: as many descriptors as allowed, and
+# the compiled code handed to a fresh interpreter. Used by main() only.
+
+def raise_open_file_limit():
+    """Let the relay hold as many sockets as allowed: soft limit up to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# Python keeps, for the life of a process, most of the memory its compiler
+# took for the script the process started with: about 8 MB for the pod and
+# 11 MB for the server on Python 3.11. The server and `start` run for months,
+# so they re-execute themselves once, keeping their PID, from the script's
+# compiled code handed over in an anonymous in-memory file, with -S: both
+# scripts use the standard library only, so nothing from site-packages
+# belongs in the process.
+CODE_FD_VARIABLE = "PIPE2ME_CODE_FD"
+CODE_LOADER = ("import marshal,os,sys;"
+               "code=marshal.load(os.fdopen(int(os.environ.pop('PIPE2ME_CODE_FD')),'rb'));"
+               "del sys.argv[0];"
+               "exec(code,{'__name__':'__main__','__file__':sys.argv[0],'__cached__':'memfd'})")
+
+
+# glibc raises its mmap threshold to the size of any large block freed; from
+# then on such blocks come from the heap, which fragments and does not shrink,
+# so the bytes held for a crowd of slow readers would stay in RSS after they
+# left. A fixed threshold keeps every block of 64 KiB or more (the relay's
+# buffers) in a map of its own, returned to the system when freed.
+MALLOC_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def run_from_compiled_code(environment=None):
+    """Re-execute this script from its compiled code (see above), with the
+    `environment` variables added. Returns only when that is done already,
+    not wanted (imported, run with -m, under a debugger, profiler or
+    coverage tool) or not possible."""
+    script = globals()
+    path = script.get("__file__")
+    if (script.get("__name__") != "__main__" or script.get("__cached__") or not path
+            or sys.gettrace() or sys.getprofile()
+            or not sys.executable or not hasattr(os, "memfd_create")):
+        return
+    try:
+        with open(path, "rb") as fh:
+            code = compile(fh.read(), path, "exec", dont_inherit=True)
+        fd = os.memfd_create("pipe2me-code", 0)
+    except (OSError, SyntaxError, ValueError):
+        return
+    try:
+        with open(fd, "wb", closefd=False) as fh:
+            marshal.dump(code, fh)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.set_inheritable(fd, True)
+        flags = ["-W" + option for option in sys.warnoptions] + ["-O"] * sys.flags.optimize
+        for name, value in getattr(sys, "_xoptions", {}).items():
+            flags += ["-X", name if value is True else "%s=%s" % (name, value)]
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        environment = dict({k: v for k, v in MALLOC_ENVIRONMENT.items() if k not in os.environ},
+                           **(environment or {}), **{CODE_FD_VARIABLE: str(fd)})
+        os.environ.update(environment)
+        os.execv(sys.executable, [sys.executable, "-S"] + flags + ["-c", CODE_LOADER, path]
+                 + sys.argv[1:])
+    except OSError:
+        for name in environment or ():
+            os.environ.pop(name, None)
+        os.close(fd)
+# ---- END SHARED process ----
 
 # =====================================================================
 # TOKENS — tokens.conf in the original format; read by the store and the CLI
@@ -1779,9 +1918,24 @@ def new_token_name():
     return "p2m-" + secrets.token_urlsafe(18)
 
 
+def ensure_tokens_file(path):
+    """Write a tokens file with one fresh token if none exists; returns it or None."""
+    if os.path.exists(path):
+        return None
+    name = new_token_name()
+    options = {key: default for key, (default, _) in TOKEN_OPTIONS.items()}
+    options.update(max_ports=ADDED_TOKEN_MAX_PORTS, extend=True)
+    text = ("# pipe2me tokens: name = option:value ...\n"
+            "# options: max_ports lifespan(s/m/h/d) extend unique max_traffic(K/M/G) rate\n"
+            + format_token_line(name, options) + "\n")
+    write_atomic(path, text, 0o600)
+    return name
+
+
 # =====================================================================
-# STATE STORE — owns STATE_DIR/tunnels/*.json and the port pool; used by the
-# API, the sessions and the admin CLI. All methods are thread-safe.
+# STATE STORE — owns STATE_DIR/tunnels/*.json, the port pool and
+# STATE_DIR/server.lock; used by the API, the sessions and the admin CLI.
+# All methods are thread-safe.
 # =====================================================================
 
 STATE_VERSION = 1
@@ -2275,6 +2429,37 @@ class Presence:
             log.error("connected.json not written error=%s", exc.strerror)
             self.dirty = True
 
+def lock_state_dir(state_dir):
+    """Hold STATE_DIR/server.lock for the life of the process, or refuse (exit 3)."""
+    path = os.path.join(state_dir, "server.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise Unavailable("another pipe2me server is running on %s" % state_dir) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, b"%d\n" % os.getpid())
+    return fd
+
+
+def running_server_pid(state_dir):
+    """PID of the server holding the lock on state_dir, or None."""
+    path = os.path.join(state_dir, "server.lock")
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None  # nobody holds it
+    except OSError:
+        text = os.read(fd, 32).decode().strip()
+        return int(text) if text.isdigit() else None
+    finally:
+        os.close(fd)
+
+
 # =====================================================================
 # CERTIFICATES — owns STATE_DIR/ca (CA key and cert, issued/) and each
 # tunnel's certificate list; used by the API (POST /tunnels/<id>/cert, GET
@@ -2282,7 +2467,6 @@ class Presence:
 # wiring (the TLS certificate of HTTPS_PORT and TUNNEL_PORT)
 # =====================================================================
 
-OPENSSL_TIMEOUT_S = 30
 CSR_MAX_BYTES = 64 * 1024
 CA_VALIDITY_DAYS = 3650
 LEAF_BACKDATE_S = 300            # tolerate pods whose clocks run a little slow
@@ -2291,7 +2475,6 @@ CERT_KEEP = 3                    # certificates a tunnel lists: the last used on
 CERT_PRUNE_INTERVAL_S = 3600     # how often signing also sweeps issued/ of deleted tunnels
 RSA_MIN_BITS = 2048
 RSA_MAX_BITS = 16384             # OpenSSL's own ceiling for RSA verification
-FQDN_MAX_CHARS = 253
 
 # The AlgorithmIdentifier that opens the SubjectPublicKeyInfo of each accepted
 # key, as `openssl req -pubkey` writes it: the key check compares bytes and
@@ -2308,13 +2491,7 @@ ACCEPTED_KEY_ALGORITHMS = {
 # status line is the only signal; anything else counts as a failure.
 VERIFY_OK_LINES = ("Certificate request self-signature verify OK", "verify OK")
 
-_LDH_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
-_FQDN_RE = re.compile(_LDH_LABEL + r"(?:\." + _LDH_LABEL + r")*")
 _PEM_PUBLIC_KEY_RE = re.compile(r"-----BEGIN PUBLIC KEY-----([A-Za-z0-9+/=\s]+)-----END PUBLIC KEY-----")
-
-
-class OpensslFailed(Unavailable):
-    """openssl ran and exited non-zero; the message carries its last stderr line."""
 
 
 class SigningLimited(Unavailable):
@@ -2334,56 +2511,7 @@ class Leaf(collections.namedtuple("Leaf", "pem serial not_after")):
     __slots__ = ()
 
 
-# ---- openssl ----------------------------------------------------------
-
-def run_openssl(args: Sequence[str], input_bytes: bytes | None = None,
-                cwd: str | None = None, merge_stderr: bool = False) -> bytes:
-    """Run `openssl *args` (argv, no shell) and return its stdout.
-
-    The only place the server executes openssl.  stdin is `input_bytes` or
-    empty (so a passphrase prompt can never hang us); merge_stderr=True returns
-    stderr interleaved with stdout for the few commands that report only there.
-    Raises Unavailable if openssl is missing or exceeds OPENSSL_TIMEOUT_S, and
-    OpensslFailed (an Unavailable) with the last stderr line on a non-zero exit.
-    """
-    argv = ["openssl"] + [str(arg) for arg in args]
-    stdin = {"input": input_bytes} if input_bytes is not None else {"stdin": subprocess.DEVNULL}
-    try:
-        done = subprocess.run(argv, cwd=cwd, stdout=subprocess.PIPE, timeout=OPENSSL_TIMEOUT_S,
-                              stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
-                              check=False, **stdin)
-    except FileNotFoundError as exc:
-        if exc.filename == "openssl":
-            raise Unavailable("the openssl command was not found: install the Debian package "
-                              "'openssl' (apt-get install openssl)") from None
-        raise Unavailable("cannot run openssl %s: %s" % (argv[1], exc)) from None
-    except subprocess.TimeoutExpired:
-        raise Unavailable("openssl %s did not finish within %s s" % (argv[1], OPENSSL_TIMEOUT_S)) from None
-    except OSError as exc:
-        raise Unavailable("cannot run openssl %s: %s" % (argv[1], exc)) from None
-    if done.returncode != 0:
-        raise OpensslFailed("openssl %s failed (exit %d): %s"
-                            % (argv[1], done.returncode, _last_line(done.stderr or done.stdout)))
-    return done.stdout
-
-
-def _last_line(output: bytes) -> str:
-    """The last non-blank line of openssl's output, where it puts the actual error."""
-    lines = [line.strip() for line in output.decode("utf-8", "replace").splitlines()]
-    lines = [line for line in lines if line]
-    return lines[-1][:300] if lines else "no message"
-
-
 # ---- names --------------------------------------------------------------
-
-def valid_fqdn(name: str) -> bool:
-    """True if name is dot-separated LDH labels (1-63 chars, no edge hyphen), 253 chars at most.
-
-    Only such names may reach an openssl -subj or config string: no '/', ',',
-    '=', spaces, quotes or newlines can pass, so nothing can be injected.
-    """
-    return isinstance(name, str) and len(name) <= FQDN_MAX_CHARS and _FQDN_RE.fullmatch(name) is not None
-
 
 def _shown(value: str, limit: int = 80) -> str:
     """value made safe for a one-line reason: escaped and shortened."""
@@ -2552,7 +2680,7 @@ class CertAuthority:
 
     def _create_root(self, domain: str) -> None:
         """Make a new self-signed root in ca_dir; nothing is written unless all steps succeed."""
-        if not valid_fqdn(domain):
+        if not is_hostname(domain):
             raise UsageError("cannot create a CA for %r: not a valid domain name" % domain)
         key = run_openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"])
         # OpenSSL 3.0 does not read "-key -" from stdin, /dev/stdin does work.
@@ -2593,7 +2721,7 @@ class CertAuthority:
         public key and ends no later than not_after_epoch or the CA itself.
         The leaf is kept in issued/<SERIAL>.pem (CertBook decides for how long).
         """
-        if not valid_fqdn(fqdn):
+        if not is_hostname(fqdn):
             raise CertRefused("cannot certify %s: not a valid host name" % _shown(str(fqdn)))
         start, end = self._window(not_after_epoch)
         with tempfile.TemporaryDirectory(prefix="pipe2me-ca-") as work:
@@ -2676,7 +2804,7 @@ class CertAuthority:
 
     def _server_record(self, names: Sequence[str], ips: Sequence[str]) -> dict:
         """The JSON record that identifies a server certificate: its SANs and the CA that signed it."""
-        bad = [name for name in names if not valid_fqdn(name)]
+        bad = [name for name in names if not is_hostname(name)]
         if bad:
             raise UsageError("server certificate name %s is not a valid host name" % _shown(str(bad[0])))
         try:
@@ -3409,7 +3537,8 @@ def read_acme_view(state_dir, key):
 
 # =====================================================================
 # API — the HTTP API on the bare domain (JSON, or shell format with
-# ?format=shell); served in threads handed over by the fronts
+# ?format=shell); ApiServer runs it in threads for the connections the
+# fronts hand over
 # =====================================================================
 
 class BadTokenLimiter:
@@ -3490,10 +3619,10 @@ class Api:
             protocols = [p for p in re.split(r"[\s,]+", protocols) if p]
         if not isinstance(protocols, list) or not protocols:
             raise ApiError(400, "protocols must be a non-empty list")
-        unknown = [p for p in protocols if p not in PROTOCOL_PORTS]
+        unknown = [p for p in protocols if p not in SERVICE_PROTOCOLS]
         if unknown:
             raise ApiError(400, "unknown protocol %s (known: %s)"
-                           % (str(unknown[0])[:40], ", ".join(PROTOCOL_PORTS)))
+                           % (str(unknown[0])[:40], ", ".join(SERVICE_PROTOCOLS)))
         return protocols
 
     @staticmethod
@@ -3590,7 +3719,7 @@ class Api:
         s = self.settings
         return {"protocol_version": PROTOCOL_VERSION, "tunnel_domain": s.tunnel_domain,
                 "tunnel_port": s.tunnel_port, "http_port": s.http_port,
-                "https_port": s.https_port, "protocols": list(PROTOCOL_PORTS)}
+                "https_port": s.https_port, "protocols": list(SERVICE_PROTOCOLS)}
 
 
 class ApiError(Exception):
@@ -3840,9 +3969,95 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             raise ApiError(404, "reachability checks are not available on this server")
         return 200, self.server.reachability(record, self.client_address[0], body)
 
+
+def answer_and_close(sock, status, reason, headers=(), body=""):
+    """A tiny HTTP/1.0 answer from the front itself, then close (429, 431)."""
+    payload = body.encode()
+    lines = ["HTTP/1.0 %d %s" % (status, reason), "Content-Type: text/plain",
+             "Content-Length: %d" % len(payload), "Connection: close"] + list(headers)
+    try:
+        sock.setblocking(True)
+        sock.settimeout(2)
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + payload)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    sock.close()
+
+
+class ApiServer:
+    """Runs API requests in threads (at most API_MAX_CONNECTIONS at once) and
+    closes any that outlive API_REQUEST_DEADLINE (counted from the hand-over
+    by the front, which allows FRONT_HEAD_DEADLINE before it)."""
+
+    def __init__(self, api, tls_context):
+        self.api, self.tls_context = api, tls_context
+        self.slots = SourceShares(API_MAX_CONNECTIONS, api.settings.api_connections_per_source)
+        self.deadlines = {}
+        self.lock = threading.Lock()
+
+    def serve(self, sock, address, tls):
+        sock.setblocking(True)
+        if not self.slots.take(sock, source_prefix(address[0], 32, 64)):
+            log.warning("api connection cap reached, closing from=%s:%d cap=%d",
+                        address[0], address[1], API_MAX_CONNECTIONS)
+            return answer_and_close(sock, 429, "Too Many Requests", body="server busy\n")
+        with self.lock:
+            self.deadlines[sock] = time.monotonic() + self.api.settings.api_request_deadline
+        threading.Thread(target=self.handle, args=(sock, address, tls),
+                         name="api", daemon=True).start()
+
+    def handle(self, sock, address, tls):
+        conn = sock
+        try:
+            sock.settimeout(ApiHandler.timeout)
+            if tls:  # wrapping detaches `sock`: the deadline moves to the TLS socket
+                conn = self.tls_context.wrap_socket(sock, server_side=True,
+                                                    do_handshake_on_connect=False)
+                with self.lock:
+                    self.deadlines[conn] = self.deadlines.pop(sock)
+                self.slots.rekey(sock, conn)
+                conn.do_handshake()
+            ApiHandler(conn, address, self.api)
+            linger(conn)
+        except (OSError, ValueError) as exc:
+            log.debug("api connection failed from=%s error=%s", address[0], exc)
+        finally:
+            with self.lock:
+                self.deadlines.pop(sock, None)
+                self.deadlines.pop(conn, None)
+            self.slots.leave(sock)
+            self.slots.leave(conn)
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def expire(self, now):
+        """Shut down connections past their deadline (slow clients). The
+        plain socket method acts on the descriptor, also under TLS."""
+        with self.lock:
+            late = [s for s, deadline in self.deadlines.items() if deadline < now]
+        for sock in late:
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+def linger(conn, limit_bytes=4 << 20, limit_s=2.0):
+    """Half-close, then read and drop what the client still sends (an
+    oversized body answered early), so closing with unread input does not
+    reset the connection before the client has read the answer."""
+    conn.shutdown(socket.SHUT_WR)
+    deadline, dropped = time.monotonic() + limit_s, 0
+    while dropped < limit_bytes and time.monotonic() < deadline:
+        conn.settimeout(max(0.01, deadline - time.monotonic()))
+        data = conn.recv(65536)
+        if not data:
+            return
+        dropped += len(data)
+
 # =====================================================================
-# TUNNEL SESSIONS — authenticates pods on TUNNEL_PORT and keeps one live
-# session per tunnel; used by the fronts to open streams
+# TUNNEL SESSIONS — authenticates pods on TUNNEL_PORT; the Hub keeps one
+# live session per tunnel and the public ports of every online tunnel;
+# used by the fronts to open streams
 # =====================================================================
 
 class PodSession(Mux):
@@ -3901,6 +4116,20 @@ class PodSession(Mux):
         got_out = self.local_written_bytes - self.saved_out
         self.saved_in, self.saved_out = self.local_read_bytes, self.local_written_bytes
         return got_in, got_out
+
+    def open_stream(self, sock, port, ends=None):
+        """Carry a new consumer socket to the pod's `port` service;
+        `ends` ((ip, port) of the consumer, of the public end) go in the OPEN
+        when the pod asked for them. What the consumer sent with its connect
+        goes in the OPEN's TLS record, so the pod connects and writes in one
+        wake-up."""
+        self.highest_stream += 1
+        self.queue(Msg.OPEN, self.highest_stream, encode_open(port, *(ends or ())))
+        stream = self.add_stream(self.highest_stream, sock)
+        stream.on_readable()
+        if self.out:
+            self.flush()
+        return stream
 
 
 class RateCap:
@@ -4033,13 +4262,6 @@ class PodGate:
             return None, REPLACED_OR_DELETED, True
         return record, None, False
 
-# =====================================================================
-# FRONTS — where consumers arrive: each tunnel's public ports, the HTTP
-# front (a reverse proxy routing every request by its Host; also serves the
-# public ports of http services), the SNI-routed HTTPS front, their pending
-# budgets, and the HTTP-01 hook. They look up the live session through
-# `hub` (WIRING) and open streams on it.
-# =====================================================================
 
 ACCEPT_BATCH = 64
 ACCEPT_PAUSE_S = 0.5  # after EMFILE: stop accepting briefly instead of spinning
@@ -4095,71 +4317,217 @@ class Listener:
             self.sock.close()
 
 
-def bind_listener(address, port, kind=socket.SOCK_STREAM, listen=True):
-    """A bound (and for TCP, unless told not to, listening) socket;
-    Unavailable naming the port if taken."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = socket.socket(family, kind)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((address, port))
-        if kind == socket.SOCK_STREAM and listen:
-            sock.listen(1024)
-    except OSError as exc:
-        sock.close()
-        raise Unavailable("cannot listen on %s port %d: %s" % (address, port, exc.strerror)) from None
-    return sock
+class Hub:
+    """Live pod sessions and the public listeners of every online tunnel.
+    Lives in the loop thread; other threads reach it through call_soon."""
 
+    def __init__(self, loop, settings, store):
+        self.loop, self.settings, self.store = loop, settings, store
+        self.sessions = {}
+        self.presence = None  # Presence, set by the wiring
+        self.listeners = {}  # port -> (tunnel id, Listener)
+        self.wanted = {}  # tunnel id -> ports it listens on (or waits for, in unbound)
+        self.unbound = {}  # wanted port another socket holds -> tunnel id; expire() retries
+        self.accepting = True
+        self.cert_view = None  # tunnel id -> ACME state for CERT frames; set by the wiring
+        self.on_http_port_accept = None  # Fronts' handler for the ports of http services
 
-def port_can_listen(address, port):
-    """Whether a public listener could bind (address, port) right now."""
-    try:
-        bind_listener(address, port, listen=False).close()
-    except Unavailable:
-        return False
-    return True
+    def attach(self, record, tls, peer, welcome, features=()):
+        """A pod passed the gate: it replaces any older session of its tunnel
+        and is welcomed (a pod refused here sees its greeting cut short);
+        a pod that accepts CERT frames gets its ACME state right after."""
+        current = self.store.get(record["id"])
+        if not self.accepting or current is None or tunnel_status(current) != "online":
+            tls.close()
+            return
+        old = self.sessions.get(record["id"])
+        if old is not None and "yield" in features and not old.closed:
+            log.warning("pod refused, another connection holds the tunnel tunnel=%s pod=%s holder=%s",
+                        record["id"], peer, old.address)
+            return refuse_greeted(tls, {
+                "reason": "tunnel %s is held by another connection from %s" % (
+                    record["fqdn"], old.address), "permanent": False, "replaced_by": old.address})
+        if old is not None:
+            log.warning("pod replaced tunnel=%s old=%s new=%s", record["id"], old.address, peer)
+            old.send_control(Msg.GOAWAY, {"reason": "replaced by another connection of this "
+                                          "tunnel from %s" % peer, "replaced_by": peer})
+            old.destroy("replaced by a new connection from %s" % peer)
+        session = self.sessions[record["id"]] = PodSession(self, current, tls, peer, features)
+        if self.presence is not None:
+            self.presence.connect(record["id"], peer)
+        session.send_control(Msg.WELCOME, welcome)
+        log.info("pod connected tunnel=%s fqdn=%s pod=%s", record["id"], record["fqdn"], peer)
+        self.push_cert(record["id"])
 
+    def push_cert(self, tunnel_id):
+        """Send the tunnel's ACME state and chain to its live pod, if it accepts CERT frames."""
+        session = self.sessions.get(tunnel_id)
+        view = self.cert_view(tunnel_id) if self.cert_view is not None else None
+        if session is None or view is None or not session.accepts_cert:
+            return
+        session.send_control(Msg.CERT, view)
 
-class PendingBudget:
-    """The connections of one front still sending their first head or
-    ClientHello: at most `cap` in all (0 = no cap) and `share` per source
-    (source_prefix: an IPv4 address, an IPv6 /64), so one source flooding a
-    front leaves its budget to everybody else, and the other front keeps
-    its own budget."""
+    def on_session_closed(self, session):
+        if self.sessions.get(session.tunnel_id) is session:
+            del self.sessions[session.tunnel_id]
+            if self.presence is not None:
+                self.presence.disconnect(session.tunnel_id)
+        self.save_traffic(session)
 
-    def __init__(self, name, cap, share):
-        self.name, self.cap, self.share = name, cap, share
-        self.total = 0
-        self.by_source = collections.Counter()
+    def save_traffic(self, session):
+        got_in, got_out = session.unsaved_traffic()
+        try:
+            self.store.add_traffic(session.tunnel_id, got_in, got_out)
+        except OSError as exc:  # counted in memory; the next save of the tunnel writes them
+            log.error("traffic not saved tunnel=%s error=%s", session.tunnel_id, exc.strerror)
 
-    def take(self, address):
-        """The source key if the connection fits, else None (logged)."""
-        key = source_prefix(address[0], 32, 64)
-        if self.cap and self.total >= self.cap:
-            why, cap = "pending cap reached", self.cap
-        elif self.share and self.by_source[key] >= self.share:
-            why, cap = "pending share of one source reached", self.share
-        else:
-            self.total += 1
-            self.by_source[key] += 1
-            return key
-        log.warning("%s, consumer closed front=%s from=%s cap=%d", why, self.name,
-                    shown_address(address), cap)
+    def stream_refusal(self, tunnel_id):
+        """Why a new stream to the tunnel cannot open now, as (HTTP status,
+        reason), or None."""
+        session = self.sessions.get(tunnel_id)
+        if session is None or session.closed or session.draining:
+            return 502, "the pod is not connected"
+        cap = self.settings.max_streams_per_tunnel
+        if cap and len(session.streams) >= cap:
+            log.warning("stream cap reached tunnel=%s cap=%d", tunnel_id, cap)
+            return 503, "the tunnel is at its cap of %d open streams" % cap
         return None
 
-    def give_back(self, key):
-        """A connection left the budget (routed, closed or given up)."""
-        self.total -= 1
-        self.by_source[key] -= 1
-        if not self.by_source[key]:
-            del self.by_source[key]
+    def open_stream(self, tunnel_id, port, sock, address, ends_of=None):
+        """Carry a consumer socket to the tunnel's `port` service: the Stream,
+        or None (the socket is closed) if stream_refusal() says no. The OPEN
+        names the ends of `ends_of` (the consumer's socket when `sock` is the
+        HTTP front's socket pair), else of `sock`."""
+        refusal = self.stream_refusal(tunnel_id)
+        if refusal is not None:
+            log.debug("consumer refused tunnel=%s from=%s reason=%s", tunnel_id, address[0],
+                      refusal[1])
+            return sock.close()
+        session = self.sessions[tunnel_id]
+        ends = stream_ends(ends_of or sock, address) if session.wants_addresses else None
+        return session.open_stream(sock, port, ends)
+
+    def sync(self, tunnel_id=None):
+        """Make listeners and sessions match the store: for one tunnel after
+        its change, or for all (start, reload, drain)."""
+        if tunnel_id is not None:
+            record = self.store.get(tunnel_id)
+            online = record is not None and tunnel_status(record) == "online"
+            return self.sync_tunnel(tunnel_id, record["ports"] if online else None)
+        online = self.store.online_ports(time.time())
+        for gone in [t for t in set(self.wanted) | set(self.sessions) if t not in online]:
+            self.sync_tunnel(gone, None)
+        for tunnel_id, ports in online.items():
+            self.sync_tunnel(tunnel_id, ports)
+
+    def sync_tunnel(self, tunnel_id, ports):
+        """Listen on `ports` for the tunnel (None: it is offline or gone, so
+        its listeners close and its session ends); draining closes listeners only."""
+        wanted = set(ports or ()) if self.accepting else set()
+        for port in self.wanted.pop(tunnel_id, set()) - wanted:
+            self.unlisten(port, tunnel_id)
+        if wanted:
+            self.wanted[tunnel_id] = wanted
+        for port in sorted(wanted):
+            if self.listeners.get(port, (None,))[0] != tunnel_id and self.unbound.get(port) != tunnel_id:
+                self.unlisten(port)  # a port a deleted tunnel held and this one took over
+                self.listen(port, tunnel_id)
+        session = self.sessions.get(tunnel_id)
+        if ports is None and session is not None:
+            reason = "tunnel %s %s" % (session.fqdn, "expired" if self.store.get(tunnel_id)
+                                       else "deleted")
+            session.send_control(Msg.GOAWAY, {"reason": reason, "permanent": True})
+            session.destroy(reason)
+
+    def unlisten(self, port, tunnel_id=None):
+        """Close the listener on `port` (only if it is `tunnel_id`'s, when given)."""
+        if tunnel_id is None or self.unbound.get(port) == tunnel_id:
+            self.unbound.pop(port, None)
+        owner, listener = self.listeners.get(port, (None, None))
+        if listener is not None and tunnel_id in (None, owner):
+            listener.close()
+            del self.listeners[port]
+
+    def refresh_session(self, tunnel_id):
+        """A connected pod whose tunnel settings changed is asked to reconnect
+        (GOAWAY), so that its next WELCOME tells the new ones."""
+        session = self.sessions.get(tunnel_id)
+        record = self.store.get(tunnel_id) if session is not None else None
+        if record is None or (record.get("proxy_protocol") or "") == session.proxy_protocol:
+            return
+        session.proxy_protocol = record.get("proxy_protocol") or ""
+        session.send_control(Msg.GOAWAY, {"reason": "tunnel settings changed, reconnect"})
+
+    def listen(self, port, tunnel_id):
+        """Open the public listener; a port some other socket holds is tried
+        again by expire(), once a second, until it is free or no longer wanted."""
+        try:
+            sock = bind_listener(self.settings.listen_address, port)
+        except Unavailable as exc:
+            if port not in self.unbound:
+                log.error("public port unavailable, retrying every %gs tunnel=%s error=%s",
+                          SWEEP_INTERVAL_S, tunnel_id, exc)
+            self.unbound[port] = tunnel_id
+            return
+        if self.unbound.pop(port, None) is not None:
+            log.info("public port listening tunnel=%s port=%d", tunnel_id, port)
+        record = self.store.get(tunnel_id)
+        http = record is not None and dict(zip(record["ports"], record["protocols"])).get(port) == "http"
+        if http and self.on_http_port_accept is not None:
+            on_accept = lambda conn, address: self.on_http_port_accept(tunnel_id, port, conn, address)
+        else:
+            on_accept = lambda conn, address: self.open_stream(tunnel_id, port, conn, address)
+        self.listeners[port] = (tunnel_id, Listener(self.loop, sock, on_accept, "port %d" % port))
+
+    def expire(self, now):
+        """Try again the public ports another socket held (tunnels that went
+        offline arrive one by one through sync, from the store's expiry order)."""
+        for port, tunnel_id in list(self.unbound.items()):
+            if self.listeners.get(port, (None,))[0] != tunnel_id:
+                self.listen(port, tunnel_id)
+
+    def stream_count(self):
+        return sum(len(s.streams) for s in self.sessions.values())
+
+    def unsaved_traffic(self, tunnel_id):
+        """(bytes in, bytes out) of the tunnel's live session not yet in the
+        store; read from API threads for /metrics, so it resets nothing."""
+        session = self.sessions.get(tunnel_id)
+        if session is None:
+            return 0, 0
+        return (session.local_read_bytes - session.saved_in,
+                session.local_written_bytes - session.saved_out)
 
 
-def shown_address(address):
-    """host:port of a peer for a log line ([v6]:port)."""
-    host = address[0]
-    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, address[1])
+def refuse_greeted(tls, reject):
+    """REJECT a pod that passed the gate but is not attached, and close it."""
+    try:
+        tls.settimeout(1)
+        tls.sendall(encode_control(Msg.REJECT, reject))
+    except OSError:
+        pass
+    tls.close()
 
+
+def stream_ends(sock, address):
+    """((consumer ip, port), (public ip, port)) of a consumer socket for the
+    OPEN frame; None when the socket is gone already."""
+    try:
+        public = sock.getsockname()
+    except OSError:
+        return None
+    return (plain_address(address[0]), address[1]), (plain_address(public[0]), public[1])
+
+
+# Log lines of refused or failed connections: a flood of them is summarised.
+
+# =====================================================================
+# FRONTS — where consumers arrive by name: the HTTP front (a reverse proxy
+# routing every request by its Host; also serves the public ports of http
+# services), the SNI-routed HTTPS front, their pending budgets, and the
+# HTTP-01 hook. They look up the live session through `hub` (TUNNEL
+# SESSIONS) and open streams on it, or hand the API its connections.
+# =====================================================================
 
 class Sniffer:
     """Peeks at a new front connection until `parse(head)` decides, without
@@ -4246,21 +4614,6 @@ def client_hello_server_name(body):
             return body[pos + 9:pos + 9 + name_len].decode("ascii").lower().rstrip(".")
         pos += 4 + ext_len
     return ""
-
-
-def answer_and_close(sock, status, reason, headers=(), body=""):
-    """A tiny HTTP/1.0 answer from the front itself, then close (429, 431)."""
-    payload = body.encode()
-    lines = ["HTTP/1.0 %d %s" % (status, reason), "Content-Type: text/plain",
-             "Content-Length: %d" % len(payload), "Connection: close"] + list(headers)
-    try:
-        sock.setblocking(True)
-        sock.settimeout(2)
-        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + payload)
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
-    sock.close()
 
 
 # ---- HTTP/1.1 messages (RFC 9112): what the HTTP front needs to route each
@@ -6262,287 +6615,14 @@ class DnsReconciler:
         return delay
 
 # =====================================================================
-# WIRING — the Server: binds listeners, owns the loop, the hub of live
-# sessions, signals and periodic sweeps; built by main()
+# WIRING — the Server object: builds the parts above, binds the fixed
+# listeners, owns the loop, signals and periodic sweeps; built by main()
 # =====================================================================
 
 SERVER_CERT_DAYS = 90  # renewed at start when less than a week is left
 X509_V_FLAG_NO_CHECK_TIME = 0x200000  # OpenSSL's flag; the ssl module has no name for it
 
 
-class ApiServer:
-    """Runs API requests in threads (at most API_MAX_CONNECTIONS at once) and
-    closes any that outlive API_REQUEST_DEADLINE (counted from the hand-over
-    by the front, which allows FRONT_HEAD_DEADLINE before it)."""
-
-    def __init__(self, api, tls_context):
-        self.api, self.tls_context = api, tls_context
-        self.slots = SourceShares(API_MAX_CONNECTIONS, api.settings.api_connections_per_source)
-        self.deadlines = {}
-        self.lock = threading.Lock()
-
-    def serve(self, sock, address, tls):
-        sock.setblocking(True)
-        if not self.slots.take(sock, source_prefix(address[0], 32, 64)):
-            log.warning("api connection cap reached, closing from=%s:%d cap=%d",
-                        address[0], address[1], API_MAX_CONNECTIONS)
-            return answer_and_close(sock, 429, "Too Many Requests", body="server busy\n")
-        with self.lock:
-            self.deadlines[sock] = time.monotonic() + self.api.settings.api_request_deadline
-        threading.Thread(target=self.handle, args=(sock, address, tls),
-                         name="api", daemon=True).start()
-
-    def handle(self, sock, address, tls):
-        conn = sock
-        try:
-            sock.settimeout(ApiHandler.timeout)
-            if tls:  # wrapping detaches `sock`: the deadline moves to the TLS socket
-                conn = self.tls_context.wrap_socket(sock, server_side=True,
-                                                    do_handshake_on_connect=False)
-                with self.lock:
-                    self.deadlines[conn] = self.deadlines.pop(sock)
-                self.slots.rekey(sock, conn)
-                conn.do_handshake()
-            ApiHandler(conn, address, self.api)
-            linger(conn)
-        except (OSError, ValueError) as exc:
-            log.debug("api connection failed from=%s error=%s", address[0], exc)
-        finally:
-            with self.lock:
-                self.deadlines.pop(sock, None)
-                self.deadlines.pop(conn, None)
-            self.slots.leave(sock)
-            self.slots.leave(conn)
-            with contextlib.suppress(OSError):
-                conn.close()
-
-    def expire(self, now):
-        """Shut down connections past their deadline (slow clients). The
-        plain socket method acts on the descriptor, also under TLS."""
-        with self.lock:
-            late = [s for s, deadline in self.deadlines.items() if deadline < now]
-        for sock in late:
-            with contextlib.suppress(OSError):
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-
-
-def linger(conn, limit_bytes=4 << 20, limit_s=2.0):
-    """Half-close, then read and drop what the client still sends (an
-    oversized body answered early), so closing with unread input does not
-    reset the connection before the client has read the answer."""
-    conn.shutdown(socket.SHUT_WR)
-    deadline, dropped = time.monotonic() + limit_s, 0
-    while dropped < limit_bytes and time.monotonic() < deadline:
-        conn.settimeout(max(0.01, deadline - time.monotonic()))
-        data = conn.recv(65536)
-        if not data:
-            return
-        dropped += len(data)
-
-
-class Hub:
-    """Live pod sessions and the public listeners of every online tunnel.
-    Lives in the loop thread; other threads reach it through call_soon."""
-
-    def __init__(self, loop, settings, store):
-        self.loop, self.settings, self.store = loop, settings, store
-        self.sessions = {}
-        self.presence = None  # Presence, set by the wiring
-        self.listeners = {}  # port -> (tunnel id, Listener)
-        self.wanted = {}  # tunnel id -> ports it listens on (or waits for, in unbound)
-        self.unbound = {}  # wanted port another socket holds -> tunnel id; expire() retries
-        self.accepting = True
-        self.cert_view = None  # tunnel id -> ACME state for CERT frames; set by the wiring
-        self.on_http_port_accept = None  # Fronts' handler for the ports of http services
-
-    def attach(self, record, tls, peer, welcome, features=()):
-        """A pod passed the gate: it replaces any older session of its tunnel
-        and is welcomed (a pod refused here sees its greeting cut short);
-        a pod that accepts CERT frames gets its ACME state right after."""
-        current = self.store.get(record["id"])
-        if not self.accepting or current is None or tunnel_status(current) != "online":
-            tls.close()
-            return
-        old = self.sessions.get(record["id"])
-        if old is not None and "yield" in features and not old.closed:
-            log.warning("pod refused, another connection holds the tunnel tunnel=%s pod=%s holder=%s",
-                        record["id"], peer, old.address)
-            return refuse_greeted(tls, {
-                "reason": "tunnel %s is held by another connection from %s" % (
-                    record["fqdn"], old.address), "permanent": False, "replaced_by": old.address})
-        if old is not None:
-            log.warning("pod replaced tunnel=%s old=%s new=%s", record["id"], old.address, peer)
-            old.send_control(Msg.GOAWAY, {"reason": "replaced by another connection of this "
-                                          "tunnel from %s" % peer, "replaced_by": peer})
-            old.destroy("replaced by a new connection from %s" % peer)
-        session = self.sessions[record["id"]] = PodSession(self, current, tls, peer, features)
-        if self.presence is not None:
-            self.presence.connect(record["id"], peer)
-        session.send_control(Msg.WELCOME, welcome)
-        log.info("pod connected tunnel=%s fqdn=%s pod=%s", record["id"], record["fqdn"], peer)
-        self.push_cert(record["id"])
-
-    def push_cert(self, tunnel_id):
-        """Send the tunnel's ACME state and chain to its live pod, if it accepts CERT frames."""
-        session = self.sessions.get(tunnel_id)
-        view = self.cert_view(tunnel_id) if self.cert_view is not None else None
-        if session is None or view is None or not session.accepts_cert:
-            return
-        session.send_control(Msg.CERT, view)
-
-    def on_session_closed(self, session):
-        if self.sessions.get(session.tunnel_id) is session:
-            del self.sessions[session.tunnel_id]
-            if self.presence is not None:
-                self.presence.disconnect(session.tunnel_id)
-        self.save_traffic(session)
-
-    def save_traffic(self, session):
-        got_in, got_out = session.unsaved_traffic()
-        try:
-            self.store.add_traffic(session.tunnel_id, got_in, got_out)
-        except OSError as exc:  # counted in memory; the next save of the tunnel writes them
-            log.error("traffic not saved tunnel=%s error=%s", session.tunnel_id, exc.strerror)
-
-    def stream_refusal(self, tunnel_id):
-        """Why a new stream to the tunnel cannot open now, as (HTTP status,
-        reason), or None."""
-        session = self.sessions.get(tunnel_id)
-        if session is None or session.closed or session.draining:
-            return 502, "the pod is not connected"
-        cap = self.settings.max_streams_per_tunnel
-        if cap and len(session.streams) >= cap:
-            log.warning("stream cap reached tunnel=%s cap=%d", tunnel_id, cap)
-            return 503, "the tunnel is at its cap of %d open streams" % cap
-        return None
-
-    def open_stream(self, tunnel_id, port, sock, address, ends_of=None):
-        """Carry a consumer socket to the tunnel's `port` service: the Stream,
-        or None (the socket is closed) if stream_refusal() says no. The OPEN
-        names the ends of `ends_of` (the consumer's socket when `sock` is the
-        HTTP front's socket pair), else of `sock`."""
-        refusal = self.stream_refusal(tunnel_id)
-        if refusal is not None:
-            log.debug("consumer refused tunnel=%s from=%s reason=%s", tunnel_id, address[0],
-                      refusal[1])
-            return sock.close()
-        session = self.sessions[tunnel_id]
-        ends = stream_ends(ends_of or sock, address) if session.wants_addresses else None
-        return session.open_stream(sock, port, ends)
-
-    def sync(self, tunnel_id=None):
-        """Make listeners and sessions match the store: for one tunnel after
-        its change, or for all (start, reload, drain)."""
-        if tunnel_id is not None:
-            record = self.store.get(tunnel_id)
-            online = record is not None and tunnel_status(record) == "online"
-            return self.sync_tunnel(tunnel_id, record["ports"] if online else None)
-        online = self.store.online_ports(time.time())
-        for gone in [t for t in set(self.wanted) | set(self.sessions) if t not in online]:
-            self.sync_tunnel(gone, None)
-        for tunnel_id, ports in online.items():
-            self.sync_tunnel(tunnel_id, ports)
-
-    def sync_tunnel(self, tunnel_id, ports):
-        """Listen on `ports` for the tunnel (None: it is offline or gone, so
-        its listeners close and its session ends); draining closes listeners only."""
-        wanted = set(ports or ()) if self.accepting else set()
-        for port in self.wanted.pop(tunnel_id, set()) - wanted:
-            self.unlisten(port, tunnel_id)
-        if wanted:
-            self.wanted[tunnel_id] = wanted
-        for port in sorted(wanted):
-            if self.listeners.get(port, (None,))[0] != tunnel_id and self.unbound.get(port) != tunnel_id:
-                self.unlisten(port)  # a port a deleted tunnel held and this one took over
-                self.listen(port, tunnel_id)
-        session = self.sessions.get(tunnel_id)
-        if ports is None and session is not None:
-            reason = "tunnel %s %s" % (session.fqdn, "expired" if self.store.get(tunnel_id)
-                                       else "deleted")
-            session.send_control(Msg.GOAWAY, {"reason": reason, "permanent": True})
-            session.destroy(reason)
-
-    def unlisten(self, port, tunnel_id=None):
-        """Close the listener on `port` (only if it is `tunnel_id`'s, when given)."""
-        if tunnel_id is None or self.unbound.get(port) == tunnel_id:
-            self.unbound.pop(port, None)
-        owner, listener = self.listeners.get(port, (None, None))
-        if listener is not None and tunnel_id in (None, owner):
-            listener.close()
-            del self.listeners[port]
-
-    def refresh_session(self, tunnel_id):
-        """A connected pod whose tunnel settings changed is asked to reconnect
-        (GOAWAY), so that its next WELCOME tells the new ones."""
-        session = self.sessions.get(tunnel_id)
-        record = self.store.get(tunnel_id) if session is not None else None
-        if record is None or (record.get("proxy_protocol") or "") == session.proxy_protocol:
-            return
-        session.proxy_protocol = record.get("proxy_protocol") or ""
-        session.send_control(Msg.GOAWAY, {"reason": "tunnel settings changed, reconnect"})
-
-    def listen(self, port, tunnel_id):
-        """Open the public listener; a port some other socket holds is tried
-        again by expire(), once a second, until it is free or no longer wanted."""
-        try:
-            sock = bind_listener(self.settings.listen_address, port)
-        except Unavailable as exc:
-            if port not in self.unbound:
-                log.error("public port unavailable, retrying every %gs tunnel=%s error=%s",
-                          SWEEP_INTERVAL_S, tunnel_id, exc)
-            self.unbound[port] = tunnel_id
-            return
-        if self.unbound.pop(port, None) is not None:
-            log.info("public port listening tunnel=%s port=%d", tunnel_id, port)
-        record = self.store.get(tunnel_id)
-        http = record is not None and dict(zip(record["ports"], record["protocols"])).get(port) == "http"
-        if http and self.on_http_port_accept is not None:
-            on_accept = lambda conn, address: self.on_http_port_accept(tunnel_id, port, conn, address)
-        else:
-            on_accept = lambda conn, address: self.open_stream(tunnel_id, port, conn, address)
-        self.listeners[port] = (tunnel_id, Listener(self.loop, sock, on_accept, "port %d" % port))
-
-    def expire(self, now):
-        """Try again the public ports another socket held (tunnels that went
-        offline arrive one by one through sync, from the store's expiry order)."""
-        for port, tunnel_id in list(self.unbound.items()):
-            if self.listeners.get(port, (None,))[0] != tunnel_id:
-                self.listen(port, tunnel_id)
-
-    def stream_count(self):
-        return sum(len(s.streams) for s in self.sessions.values())
-
-    def unsaved_traffic(self, tunnel_id):
-        """(bytes in, bytes out) of the tunnel's live session not yet in the
-        store; read from API threads for /metrics, so it resets nothing."""
-        session = self.sessions.get(tunnel_id)
-        if session is None:
-            return 0, 0
-        return (session.local_read_bytes - session.saved_in,
-                session.local_written_bytes - session.saved_out)
-
-
-def refuse_greeted(tls, reject):
-    """REJECT a pod that passed the gate but is not attached, and close it."""
-    try:
-        tls.settimeout(1)
-        tls.sendall(encode_control(Msg.REJECT, reject))
-    except OSError:
-        pass
-    tls.close()
-
-
-def stream_ends(sock, address):
-    """((consumer ip, port), (public ip, port)) of a consumer socket for the
-    OPEN frame; None when the socket is gone already."""
-    try:
-        public = sock.getsockname()
-    except OSError:
-        return None
-    return (plain_address(address[0]), address[1]), (plain_address(public[0]), public[1])
-
-
-# Log lines of refused or failed connections: a flood of them is summarised.
 REFUSAL_PREFIXES = ("pod handshake", "pod refused", "protocol error", "api connection cap",
                     "http front refused", "%s, consumer closed", "stream cap reached",
                     "tunnel cap reached", "internal error contained")
@@ -6954,51 +7034,6 @@ class Server:
         live = self.on_loop(self.live_counts)
         return ["tunnels: %d" % self.store.count(), "pods connected: %d" % live["pods"],
                 "streams open: %d" % live["streams"]]
-
-
-def lock_state_dir(state_dir):
-    """Hold STATE_DIR/server.lock for the life of the process, or refuse (exit 3)."""
-    path = os.path.join(state_dir, "server.lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise Unavailable("another pipe2me server is running on %s" % state_dir) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, b"%d\n" % os.getpid())
-    return fd
-
-
-def running_server_pid(state_dir):
-    """PID of the server holding the lock on state_dir, or None."""
-    path = os.path.join(state_dir, "server.lock")
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return None  # nobody holds it
-    except OSError:
-        text = os.read(fd, 32).decode().strip()
-        return int(text) if text.isdigit() else None
-    finally:
-        os.close(fd)
-
-
-def ensure_tokens_file(path):
-    """Write a tokens file with one fresh token if none exists; returns it or None."""
-    if os.path.exists(path):
-        return None
-    name = new_token_name()
-    options = {key: default for key, (default, _) in TOKEN_OPTIONS.items()}
-    options.update(max_ports=ADDED_TOKEN_MAX_PORTS, extend=True)
-    text = ("# pipe2me tokens: name = option:value ...\n"
-            "# options: max_ports lifespan(s/m/h/d) extend unique max_traffic(K/M/G) rate\n"
-            + format_token_line(name, options) + "\n")
-    write_atomic(path, text, 0o600)
-    return name
 
 
 def print_first_token(settings, token):
@@ -7451,7 +7486,7 @@ def main(argv=None):
         print("pipe2me_server: %s" % exc, file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -349,8 +349,8 @@ def test_openssl_failure_carries_its_last_stderr_line(tmp_path):
     with pytest.raises(pod.Pipe2meError) as caught:
         pod.run_openssl(["x509", "-noout", "-in", str(tmp_path / "missing.pem")])
     message = str(caught.value)
-    assert message.startswith("openssl x509 failed: ")
-    assert len(message) > len("openssl x509 failed: ")
+    assert message.startswith("openssl x509 failed (exit 1): ")
+    assert len(message) > len("openssl x509 failed (exit 1): ")
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")

@@ -367,7 +367,7 @@ def test_tunnel_stream_opened_while_mux_congested_reads_once_it_drains(server_mo
     consumer, server_side = socket.socketpair()
     consumer.settimeout(0)
     pod_mux.congested = True   # as if its send buffer were above the high water mark
-    server_mux.open_stream(server_side, 80)
+    mod.PodSession.open_stream(server_mux, server_side, 80)  # the server's opener on a bare Mux
     service.sendall(b"answer")
     service.shutdown(socket.SHUT_WR)
     got = bytearray()
