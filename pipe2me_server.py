@@ -2575,15 +2575,17 @@ def _accepted_key(key_text: str) -> str:
 
 # ---- certificates read back -------------------------------------------------------
 
-def cert_validity(cert_path):
-    """(not_before, not_after) of a PEM certificate, in epoch seconds."""
-    text = run_openssl(["x509", "-noout", "-startdate", "-enddate", "-in", cert_path])
-    dates = dict(line.split("=", 1) for line in text.decode("ascii").splitlines() if "=" in line)
+def ca_validity(ca_pem: str) -> tuple[int, int]:
+    """(not_before, not_after) in epoch seconds of a PEM CA certificate, as the ssl
+    module reads it; UsageError if it is not a CA certificate (ssl lists only those)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
-        return (ssl.cert_time_to_seconds(dates["notBefore"].strip()),
-                ssl.cert_time_to_seconds(dates["notAfter"].strip()))
-    except (KeyError, ValueError):
-        raise Pipe2meError("cannot read the validity of %s" % cert_path)
+        context.load_verify_locations(cadata=ca_pem)
+        (dates,) = context.get_ca_certs()
+        return (ssl.cert_time_to_seconds(dates["notBefore"]),
+                ssl.cert_time_to_seconds(dates["notAfter"]))
+    except (ssl.SSLError, ValueError, KeyError) as exc:
+        raise UsageError("not a readable CA certificate (%s)" % (str(exc)[:80] or "no CA")) from None
 
 
 def pem_certificates(text):
@@ -2669,8 +2671,8 @@ class CertAuthority:
         if not blocks:
             raise UsageError("CA certificate %s holds no PEM certificate" % self.cert_file)
         try:
-            validity = cert_validity(self.cert_file)
-        except Pipe2meError as exc:
+            validity = ca_validity(blocks[0])
+        except UsageError as exc:
             raise UsageError("CA certificate %s is unusable: %s" % (self.cert_file, exc)) from None
         if validity[1] <= time.time():
             raise UsageError("CA certificate %s has expired; supply a new CA" % self.cert_file)
@@ -2799,6 +2801,7 @@ class CertAuthority:
             leaf = self._issue(work, common_name, extensions, start, end)
         write_atomic(key_path, key, 0o600)
         write_atomic(cert_path, leaf.pem.encode("ascii"), 0o644)
+        record["not_after"] = leaf.not_after
         write_atomic(cert_path + ".json", json.dumps(record, sort_keys=True).encode("ascii"))
         return True
 
@@ -2817,19 +2820,17 @@ class CertAuthority:
         return {"version": 1, "names": [name.lower() for name in names], "ips": addresses, "ca": ca_id}
 
     def _server_cert_reusable(self, record: dict, key_path: str, cert_path: str) -> bool:
-        """True if the certificate at cert_path matches record and has life left."""
+        """True if the certificate at cert_path matches record and has life left,
+        as its `.json` record (written when it was issued) says."""
         try:
             with open(cert_path + ".json", "r", encoding="ascii") as handle:
                 stored = json.load(handle)
-        except (OSError, ValueError):
+            not_after = stored.pop("not_after")
+        except (OSError, ValueError, KeyError, AttributeError):
             return False
         if stored != record or not os.path.exists(key_path) or not os.path.exists(cert_path):
             return False
-        try:
-            not_after = cert_validity(cert_path)[1]
-        except Pipe2meError:
-            return False
-        return not_after - time.time() > SERVER_CERT_RENEW_BEFORE_S
+        return isinstance(not_after, int) and not_after - time.time() > SERVER_CERT_RENEW_BEFORE_S
 
 
 # ---- the certificates of each tunnel ----------------------------------------------

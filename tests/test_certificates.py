@@ -634,12 +634,22 @@ def test_openssl_returns_stdout_and_feeds_stdin():
 
 # ---- certificate dates ----------------------------------------------------------------
 
-def test_ca_cert_validity_matches_openssl(ca, tmp_path):
+def test_ca_validity_matches_openssl(ca, tmp_path):
     fields = cert_fields(ca.ca_pem())
-    assert cs.cert_validity(ca.cert_file) == (iso_epoch(fields["notBefore"]),
-                                              iso_epoch(fields["notAfter"]))
-    with pytest.raises(cs.Pipe2meError):
-        cs.cert_validity(write(tmp_path / "junk.pem", "not a certificate\n"))
+    assert cs.ca_validity(ca.ca_pem()) == (iso_epoch(fields["notBefore"]),
+                                           iso_epoch(fields["notAfter"]))
+    leaf = ca.sign(csr_for(make_key(tmp_path / "k.pem")), FQDN, time.time() + HOUR_S)
+    for not_a_ca in ("not a certificate\n", leaf.pem):
+        with pytest.raises(cs.UsageError):
+            cs.ca_validity(not_a_ca)
+
+
+def test_ca_supplied_leaf_instead_of_a_ca_refused(ca, tmp_path):
+    leaf = ca.sign(csr_for(make_key(tmp_path / "k.pem")), FQDN, time.time() + HOUR_S)
+    write(tmp_path / "leaf.pem", leaf.pem)
+    wrong = cs.CertAuthority(str(tmp_path / "ca2"), str(tmp_path / "leaf.pem"), ca.key_file)
+    with pytest.raises(cs.UsageError, match="unusable"):
+        wrong.ensure(DOMAIN)
 
 
 def _mutations(rng, der):
