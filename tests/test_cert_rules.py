@@ -10,7 +10,7 @@ import re
 import shutil
 
 from conftest import ServerHandle, echo_round_trip, free_port, public_ports, run_pod, \
-    setup_pod, start_pod
+    setup_pod, start_pod, wait_until
 from helpers import api, make_csr, make_key, openssl
 
 PER_HOUR = 6    # the default MAX_CERTS_PER_HOUR
@@ -40,20 +40,30 @@ def info(pod_dir):
 
 
 def post_csr(server, pod_dir, csr):
-    """POST /tunnels/<id>/cert with the pod's secret: (status, JSON body, Retry-After)."""
+    """POST /tunnels/<id>/cert with the pod's secret: (status, JSON body, Retry-After).
+    While the API turns this source away ("server busy": its share of API workers is
+    still taken by a flood's connections), wait for a worker, up to 30 s."""
     tunnel_id, _fqdn, secret = info(pod_dir)
-    answer = api(server, "POST", "/tunnels/%s/cert" % tunnel_id, {"csr": csr}, secret=secret,
-                 timeout=60)
+
+    def answered():
+        answer = api(server, "POST", "/tunnels/%s/cert" % tunnel_id, {"csr": csr},
+                     secret=secret, timeout=60)
+        return None if answer.body == b"server busy\n" else answer
+    answer = wait_until(answered, timeout=30, interval=0.2, what="an API worker")
     return answer.status, answer.json(), answer.headers.get("Retry-After")
 
 
 def flood_csr(server, pod_dir, csr):
-    """post_csr, or (None, None, None) when the server closed the connection unanswered
-    (its per-source share of API connections)."""
+    """post_csr without waiting: (None, None, None) when the server closed the connection
+    unanswered or was busy (its per-source share of API connections)."""
     try:
-        return post_csr(server, pod_dir, csr)
+        answer = api(server, "POST", "/tunnels/%s/cert" % info(pod_dir)[0], {"csr": csr},
+                     secret=info(pod_dir)[2], timeout=60)
     except (ConnectionError, http.client.HTTPException):
         return None, None, None
+    if answer.body == b"server busy\n":
+        return None, None, None
+    return answer.status, answer.json(), answer.headers.get("Retry-After")
 
 
 def record(server, pod_dir):
