@@ -1685,6 +1685,19 @@ def make_csr(key_path, fqdn):
                         "-addext", "subjectAltName=DNS:" + fqdn]).decode("ascii")
 
 
+def restore_tunnel_cert(files, acme_not_after, now=None):
+    """After the last ACME chain expired unrenewed, give the services the
+    server-CA certificate again; True when pipe2me.openssl.cert changed."""
+    tunnel_cert = read_text(files.tunnel_cert)
+    if not tunnel_cert or not isinstance(acme_not_after, int):
+        return False
+    if acme_not_after > (time.time() if now is None else now) or read_text(files.cert) == tunnel_cert:
+        return False
+    write_file_atomic(files.cert, tunnel_cert, PUBLIC_FILE_MODE)
+    log.warning("acme certificate expired, server-CA certificate back in use")
+    return True
+
+
 def install_chain(files, chain):
     """Put a publicly trusted chain (leaf first) in pipe2me.openssl.cert, atomically,
     if it is new and belongs to the pod's key; True when the file changed.
@@ -3050,7 +3063,8 @@ class PodRunner:
         """The server's ACME state for this tunnel: a new chain is installed and the hook run."""
         self.acme = {key: obj.get(key) for key in ("state", "reason", "next_try_at", "not_after")}
         try:
-            changed = install_chain(self.files, obj.get("chain"))
+            changed = (install_chain(self.files, obj.get("chain")) or not obj.get("chain")
+                       and restore_tunnel_cert(self.files, obj.get("not_after")))
         except Pipe2meError as exc:
             log.warning("acme certificate not written reason=%s", exc)
             changed = False

@@ -2975,6 +2975,7 @@ def b64url(data):
 
 
 def acme_json(obj):
+    """Compact JSON bytes with sorted keys (JWS parts, JWK thumbprints)."""
     return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
 
 
@@ -3069,6 +3070,7 @@ class AcmeClient:
 
     # -- keys and signatures ------------------------------------------
     def load_key(self):
+        """Make the account key on first use; read its public point into the JWK."""
         if not os.path.exists(self.key_path):
             key = run_openssl(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"])
             write_atomic(self.key_path, key, 0o600)
@@ -3083,9 +3085,11 @@ class AcmeClient:
         return b64url(hashlib.sha256(acme_json(self.jwk)).digest())
 
     def key_authorization(self, token):
+        """RFC 8555 §8.1: the token and the account key's thumbprint."""
         return "%s.%s" % (token, self.thumbprint())
 
     def jws(self, url, payload):
+        """The flattened JWS (ES256) of payload for url: kid once registered, jwk before."""
         protected = {"alg": "ES256", "nonce": self.nonce, "url": url}
         if self.kid:
             protected["kid"] = self.kid
@@ -3122,6 +3126,7 @@ class AcmeClient:
         return answer.status, answer, data
 
     def directory(self):
+        """The CA's directory object (fetched once, forgotten by reset())."""
         if self.urls is None:
             status, _answer, data = self.request("GET", self.directory_url)
             urls = json.loads(data) if status == 200 else None
@@ -3160,6 +3165,7 @@ class AcmeClient:
                            kind, parse_retry_after(answer.getheader("Retry-After")))
 
     def get_json(self, url):
+        """POST-as-GET url; (JSON object, answer)."""
         status, answer, data = self.post(url, None)
         try:
             return json.loads(data), answer
@@ -3168,6 +3174,7 @@ class AcmeClient:
 
     # -- account, order, ARI --------------------------------------------
     def ensure_account(self):
+        """Register the account (or find the existing one for this key) once."""
         if self.kid:
             return
         self.load_key()
@@ -3272,10 +3279,12 @@ class DnsTxtChallenger:
         self.set_txt = set_txt
 
     def publish(self, fqdn, token, key_authorization):
+        """Publish the TXT value of the key authorization (RFC 8555 §8.4)."""
         value = b64url(hashlib.sha256(key_authorization.encode("ascii")).digest())
         self.set_txt("_acme-challenge." + fqdn, [value])
 
     def withdraw(self, fqdn, token):
+        """Remove the challenge's TXT record."""
         self.set_txt("_acme-challenge." + fqdn, [])
 
 
@@ -3289,10 +3298,12 @@ class HttpTokenChallenger:
         self.lock = threading.Lock()
 
     def publish(self, fqdn, token, key_authorization):
+        """Serve key_authorization for token from now on."""
         with self.lock:
             self.tokens[token] = key_authorization.encode("ascii")
 
     def withdraw(self, fqdn, token):
+        """Stop serving the token (404 from then on)."""
         with self.lock:
             self.tokens.pop(token, None)
 
@@ -3329,9 +3340,11 @@ class AcmeOrders:
 
     @staticmethod
     def job_path(state_dir, key):
+        """Where the job of key is stored."""
         return os.path.join(state_dir, "acme", "certs", key + ".json")
 
     def load(self):
+        """Read the stored jobs (an unreadable one is logged and skipped)."""
         os.makedirs(os.path.join(self.dir, "certs"), mode=0o700, exist_ok=True)
         for name in os.listdir(os.path.join(self.dir, "certs")):
             if name.endswith(".json"):
@@ -3343,10 +3356,12 @@ class AcmeOrders:
                 self.jobs[job["key"]] = job
 
     def start(self):
+        """Start the worker thread."""
         self.thread = threading.Thread(target=self.run, name="acme", daemon=True)
         self.thread.start()
 
     def stop(self):
+        """Let the worker end after the order it is running (if any)."""
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
@@ -3372,16 +3387,19 @@ class AcmeOrders:
             return None if job is None else acme_view(job)
 
     def forget(self, key):
+        """Drop the job of key and its file."""
         with self.cond:
             if self.jobs.pop(key, None) is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(self.job_path(self.settings.state_dir, key))
 
     def save(self, job):
+        """Write the job's file atomically."""
         write_json(self.job_path(self.settings.state_dir, job["key"]), job)
 
     # -- the worker -------------------------------------------------------
     def run(self):
+        """The worker: run each job when it is due, one at a time, until stop()."""
         while True:
             with self.cond:
                 job = self.next_due()
@@ -3405,11 +3423,13 @@ class AcmeOrders:
 
     @staticmethod
     def due_at(job):
+        """When the job wants the worker next (renewal or retry), or None."""
         if job["state"] == "valid":
             return job.get("renew_at")
         return job.get("next_try_at")
 
     def process(self, job):
+        """One turn of a job: dropped, queued under the weekly limit, or ordered."""
         key = job["key"]
         if not self.alive(key):
             log.info("acme job dropped, tunnel gone key=%s", key)
@@ -3448,6 +3468,7 @@ class AcmeOrders:
         return "".join(c if c.endswith("\n") else c + "\n" for c in certs)
 
     def succeeded(self, job, chain, renewal):
+        """Keep the new chain and schedule its renewal."""
         start, end, serial, aki = leaf_facts(chain)
         renew_at = self.renew_time(start, end, serial, aki)
         if not renewal:
@@ -3470,6 +3491,7 @@ class AcmeOrders:
         return int(start + (end - start) * ACME_RENEW_FRACTION)
 
     def failed(self, job, exc):
+        """Keep the reason and schedule the next try (backoff, at least the CA's Retry-After)."""
         self.client.reset()
         attempts = job.get("attempts", 0) + 1
         backoff = min(ACME_RETRY_MAX_S, self.settings.acme_retry * 2 ** min(attempts - 1, 20))
@@ -3492,9 +3514,11 @@ class AcmeOrders:
 
     # -- the CA's weekly limit on new certificates --------------------------
     def issued_path(self):
+        """The file of the new certificates' times (the weekly limit)."""
         return os.path.join(self.dir, "issued.json")
 
     def recent_new_certificates(self, now):
+        """Times of the new certificates of the last seven days, oldest first."""
         try:
             times = read_json(self.issued_path()).get("issued", [])
         except (OSError, ValueError, AttributeError):
@@ -3511,6 +3535,7 @@ class AcmeOrders:
         return max(1.0, recent[-limit] + ACME_RATE_WINDOW_S - now)
 
     def count_new_certificate(self):
+        """Record one new certificate now."""
         now = time.time()
         write_json(self.issued_path(), {"version": 1,
                                         "issued": self.recent_new_certificates(now) + [int(now)]})

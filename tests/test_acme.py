@@ -458,3 +458,22 @@ def test_acme_update_fetches_the_chain_for_a_pod_that_was_offline(workdir, pebbl
         assert "Pebble" not in issuer(os.path.join(pod_dir, "pipe2me.tunnel.cert"))
     finally:
         assert server.stop() == 0
+
+
+def test_acme_expired_chain_gives_way_to_the_server_certificate(workdir, dns_port, http_port, started):
+    pebble = Pebble(workdir, dns_port, http_port, validity_s=20)
+    server = acme_server(workdir, pebble, http_port, dns_port)
+    try:
+        pod_dir, _fqdn = https_pod(workdir, server)
+        pod = start_pod(workdir, pod_dir, "--echo")
+        started.append(pod)
+        wait_until(lambda: acme_installed(pod_dir), timeout=60, what="the ACME certificate")
+        pebble.stop()  # no renewal can come
+        cert, tunnel_cert = (os.path.join(pod_dir, name)
+                             for name in ("pipe2me.openssl.cert", "pipe2me.tunnel.cert"))
+        wait_until(lambda: open(cert).read() == open(tunnel_cert).read(), timeout=90,
+                   what="the server-CA certificate back after the chain expired")
+        assert "ACME=failed" in run_pod(pod_dir, "status").stdout
+    finally:
+        assert server.stop() == 0
+        pebble.stop()
