@@ -6096,8 +6096,9 @@ class DnsResponder:
     tunnels keep their turns and the CPU; `limiter` says per source whether
     a query gets its answer, a truncated one or none.
     TCP: a Listener hands each connection to a thread, at most
-    TCP_MAX_CLIENTS and TCP_PER_SOURCE per IPv4 address or IPv6 /64 (more
-    are closed at once); each whole query must arrive, and its answer leave,
+    TCP_MAX_CLIENTS and TCP_PER_SOURCE per IPv4 address or IPv6 /64, shared
+    as SourceShares does (a source's newest connection ends its oldest);
+    each whole query must arrive, and its answer leave,
     within TCP_QUERY_DEADLINE_S however slowly bytes trickle; a length below
     a header closes it. Settings are class attributes (per instance too)."""
 
@@ -6123,8 +6124,7 @@ class DnsResponder:
                         address, port, getattr(exc, "strerror", None) or exc)) from None
         self.port, self.closed = self.udp.getsockname()[1], False
         self.slice_end, self.slice_left = 0.0, 0
-        self.lock = threading.Lock()               # guards the two below
-        self.tcp_held, self.tcp_socks = collections.Counter(), set()
+        self.shares = SourceShares(self.TCP_MAX_CLIENTS, self.TCP_PER_SOURCE)
         self.udp.setblocking(False)
         loop.watch(self.udp, EVENT_READ, self.on_udp)
         self.listener = Listener(loop, tcp, self.on_tcp_accept, "dns")
@@ -6167,22 +6167,16 @@ class DnsResponder:
             return servfail(packet)
 
     def on_tcp_accept(self, sock, address):
-        """Listener callback: a thread for the connection, or close it at once
-        when all slots, or the source's share of them, are taken."""
-        source = source_prefix(address[0], 32, 64)
-        with self.lock:
-            admitted = not self.closed and len(self.tcp_socks) < self.TCP_MAX_CLIENTS \
-                and self.tcp_held[source] < self.TCP_PER_SOURCE
-            if admitted:
-                self.tcp_held[source] += 1
-                self.tcp_socks.add(sock)
-        if not admitted:
+        """Listener callback: a thread for the connection if `shares` gives it
+        a slot (it may end an older one of the same or the largest source),
+        else it is closed at once."""
+        if self.closed or not self.shares.take(sock, source_prefix(address[0], 32, 64)):
             log.debug("dns tcp refused, slots taken peer=%s", address[0])
             return sock.close()
-        threading.Thread(target=self.serve_tcp, args=(sock, address[0], source),
+        threading.Thread(target=self.serve_tcp, args=(sock, address[0]),
                          name="dns-tcp", daemon=True).start()
 
-    def serve_tcp(self, sock, peer, source):
+    def serve_tcp(self, sock, peer):
         """Thread body: answer whole queries in turn until EOF, a deadline,
         garbage or close(); then give the slot back."""
         try:
@@ -6199,9 +6193,7 @@ class DnsResponder:
         except (OSError, ProtocolError) as exc:
             log.debug("dns tcp closed peer=%s reason=%s", peer, exc)
         finally:
-            with self.lock:
-                self.tcp_socks.discard(sock)
-                self.tcp_held -= collections.Counter([source])
+            self.shares.leave(sock)
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_WR)
             sock.close()
@@ -6213,10 +6205,11 @@ class DnsResponder:
             self.loop.watch(self.udp, 0)
             self.udp.close()
             self.listener.close()
-            with self.lock:
-                for sock in self.tcp_socks:
-                    with contextlib.suppress(OSError):
-                        sock.shutdown(socket.SHUT_RDWR)
+            with self.shares.lock:
+                held = list(self.shares.holders)
+            for sock in held:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
 
 # ---- builtin provider: the zone fed from the store ----------------------------

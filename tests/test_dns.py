@@ -673,13 +673,22 @@ def test_dns_tcp_idle_connections_expire(dns_server):
 
 
 def test_dns_tcp_client_limit(dns_server):
-    dns_server.TCP_MAX_CLIENTS = 4
+    """At most `cap` connections at once: one more from the source holding
+    them all is closed; one from another source takes the place of the
+    oldest; a freed slot is used again."""
+    dns_server.shares.cap, dns_server.shares.share = 4, 0
     socks = [tcp_connect(dns_server) for _ in range(4)]
     for sock in socks:  # each one accepted and served
         assert tcp_ask(sock, make_query(OTTER))["rcode"] == NOERROR
     extra = tcp_connect(dns_server)
     assert wait_closed(extra)
     extra.close()
+    other = socket.create_connection(("127.0.0.1", dns_server.port), timeout=5,
+                                     source_address=("127.0.0.2", 0))
+    assert tcp_ask(other, make_query(OTTER))["rcode"] == NOERROR
+    assert wait_closed(socks[0])  # the oldest made room
+    socks[0].close()
+    socks[0] = other
     socks.pop().close()
     for _ in range(50):  # the freed slot is seen once the server reads the EOF
         sock = tcp_connect(dns_server)
