@@ -146,11 +146,10 @@ CONTROL_ESCAPES.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
 
 
 def printable(text, limit=300):
-    """`text` shortened to `limit` characters with every control character escaped."""
-    text = str(text)
-    if len(text) > limit:
-        text = text[:limit] + "..."
-    return text.translate(CONTROL_ESCAPES)
+    """Peer text (any object, as str) made safe for a log line, a header or a
+    page: its first `limit` characters, ASCII, with control characters and
+    everything beyond printable ASCII escaped (\\n, \\x1b, \\u2028)."""
+    return str(text)[:limit].encode("unicode_escape").decode("ascii")
 
 
 def is_hostname(name):

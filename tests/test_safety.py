@@ -711,3 +711,14 @@ def test_safety_token_guesses_from_many_addresses_get_429(workdir):
         assert set(statuses) <= {403, 429}
     finally:
         assert server.stop() == 0
+
+
+@pytest.mark.parametrize("reason", [None, 12, {"nested": ["a\nb"]}])
+def test_safety_goaway_reason_of_any_type_is_logged_not_a_crash(bed, server_mod, reason):
+    mark = bed.server.mark()
+    pod = RawPod(server_mod, bed.server, bed.raw)
+    pod.send(server_mod.encode_control(server_mod.Msg.GOAWAY, {"reason": reason}))
+    bed.server.proc.wait_for(r"pod going away tunnel=%s" % bed.raw.id, after=mark)
+    pod.close()
+    bed.server.proc.wait_for(r"pod disconnected tunnel=%s" % bed.raw.id, after=mark)
+    assert "internal error" not in bed.server.log_after(mark)
