@@ -477,3 +477,42 @@ def test_acme_expired_chain_gives_way_to_the_server_certificate(workdir, dns_por
     finally:
         assert server.stop() == 0
         pebble.stop()
+
+
+OLD_POD_COMMIT = "df6c451"  # a pod from before ACME: no CERT frame, one certificate file
+
+
+def test_acme_a_pod_from_before_keeps_working_on_its_server_certificate(workdir, pebble, dns_port,
+                                                                        http_port, started):
+    import sys
+    from conftest import ROOT
+    shown = subprocess.run(["git", "-C", ROOT, "show", "%s:pipe2me_pod.py" % OLD_POD_COMMIT],
+                           capture_output=True, text=True)
+    if shown.returncode != 0:
+        pytest.skip("commit %s not in this clone" % OLD_POD_COMMIT)
+    old_pod = os.path.join(workdir, "old_pod.py")
+    with open(old_pod, "w") as fh:
+        fh.write(shown.stdout)
+    server = acme_server(workdir, pebble, http_port, dns_port)
+    try:
+        pod_dir = os.path.join(workdir, "old")
+        local = free_port()
+        setup = subprocess.run([sys.executable, old_pod, "--dir", pod_dir, "setup", "--server",
+                                server.url, "--auth", server.token, "--protocols", "https",
+                                "--local-ports", str(local)], capture_output=True, text=True, timeout=60)
+        assert setup.returncode == 0, setup.stderr
+        fqdn = setup.stdout.strip()
+        pod = Proc([sys.executable, old_pod, "--dir", pod_dir, "start", "--echo"], workdir, "old-pod")
+        started.append(pod)
+        pod.wait_for(r"tunnel up")
+        # the server orders (its CSR has no SAN, so the CA refuses) and never sends CERT
+        server.proc.wait_for(r"acme order failed key=%s" % pod_id(pod_dir), timeout=60)
+        assert "pipe2me CA" in issuer(os.path.join(pod_dir, "pipe2me.openssl.cert"))
+        ca = os.path.join(pod_dir, "pipe2me.cacert")
+        through_sni = curl("https://%s:%d/old" % (fqdn, server.https), ca, fqdn, server.https)
+        assert through_sni.returncode == 0 and "GET /old" in through_sni.stdout, through_sni.stderr
+        assert pod.alive() and "Traceback" not in pod.stderr()
+        assert pod.stderr().count("tunnel up") == 1 and "tunnel down" not in pod.stderr()
+        assert pod.stop() == 0
+    finally:
+        assert server.stop() == 0
