@@ -2819,9 +2819,10 @@ class PodMux(Mux):
         if msg == Msg.GOAWAY:
             log.info("server going away reason=%s", printable(obj.get("reason"), 200))
             if obj.get("replaced_by"):
-                self.runner.displaced_by = str(obj["replaced_by"])[:100]
+                self.runner.displaced_by = str(obj["replaced_by"])[:100].translate(CONTROL_ESCAPES)
             if obj.get("permanent"):
-                self.runner.final_reason = "server: %s" % str(obj.get("reason"))[:200]
+                self.runner.final_reason = "server: %s" % str(obj.get("reason"))[:200].translate(
+                    CONTROL_ESCAPES)
             self.draining = True
             if not self.streams:
                 self.destroy("server going away")
@@ -2942,7 +2943,7 @@ class PodRunner:
         if msg == Msg.REJECT:
             reason = str(obj.get("reason", "rejected"))[:300]
             if obj.get("replaced_by") and not obj.get("permanent"):
-                raise Displaced(reason, str(obj["replaced_by"])[:100])
+                raise Displaced(reason, str(obj["replaced_by"])[:100].translate(CONTROL_ESCAPES))
             raise (Rejected if obj.get("permanent") else Unavailable)(
                 "server rejected the tunnel: " + reason)
         raise Unavailable("expected WELCOME from the server, got %s" % msg.name)

@@ -24,7 +24,8 @@ Sections, in the order a tunnel comes to life:
     SHARED relay     the selector loop and the stream relay
     SHARED process   descriptor limit and the re-exec from compiled code
     TOKENS           tokens.conf: who may create tunnels, within which limits
-    STATE STORE      STATE_DIR/tunnels/*.json, the port pool, the state lock
+    STATE STORE      STATE_DIR/tunnels/*.json, the port pool, the state lock,
+                     who is connected
     CERTIFICATES     the CA, CSR checks, signing through the openssl CLI,
                      which certificates of a tunnel connect, the signing limit
     ACME             publicly trusted certificates for pods' own keys and the
@@ -1932,8 +1933,9 @@ def ensure_tokens_file(path):
 
 
 # =====================================================================
-# STATE STORE — owns STATE_DIR/tunnels/*.json, the port pool and
-# STATE_DIR/server.lock; used by the API, the sessions and the admin CLI.
+# STATE STORE — owns STATE_DIR/tunnels/*.json, the port pool,
+# STATE_DIR/server.lock and who is connected (STATE_DIR/connected.json);
+# used by the API, the sessions and the admin CLI.
 # All methods are thread-safe.
 # =====================================================================
 

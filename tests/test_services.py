@@ -184,27 +184,26 @@ def test_services_local_target_forms(pod_mod):
     assert [a[1][0] for a in got[0].addresses()] == ["127.0.0.1", "::1"]
 
 
-def test_services_ipv6_only_service_three_ways(server, workdir, threaded, procs):
-    """A service on ::1 only, as `PORT`, `[::1]:PORT` and `localhost:PORT`:
-    the per-port URL, the HTTP front and the SNI front all reach it."""
+@pytest.mark.parametrize("form", ["PORT", "[::1]:PORT", "localhost:PORT"])
+def test_services_ipv6_only_service_three_ways(server, workdir, threaded, procs, form):
+    """Services on ::1 only (Node.js's `localhost`), named as `form`: the
+    per-port URLs, the HTTP front and the SNI front all reach them."""
     pod_dir = os.path.join(workdir, "pod")
-    tcp = threaded("::1", banner("tcp on ::1\n"))
     web = threaded("::1", http_answer("http on ::1\n"))
-    targets = [str(tcp.port), "[::1]:%d" % web.port, "localhost:%d" % free_port()]
-    fqdn = setup_pod(server, pod_dir, "tcp,http,https", targets)
-    tls = threaded("::1", banner("https on ::1\n"), tls=pod_cert(pod_dir),
-                   port=int(targets[2].rsplit(":", 1)[1]))
-    env = pod_env(pod_dir)
-    assert env["PIPE2ME_LOCAL_PORTS"] == ",".join(targets)
+    tls_port = free_port()
+    targets = [form.replace("PORT", str(port)) for port in (web.port, tls_port)]
+    fqdn = setup_pod(server, pod_dir, "http,https", targets)
+    threaded("::1", banner("https on ::1\n"), tls=pod_cert(pod_dir), port=tls_port)
+    assert pod_env(pod_dir)["PIPE2ME_LOCAL_PORTS"] == ",".join(targets)
     procs.append(start_pod(workdir, pod_dir))
-    tcp_port, http_port, https_port = public_ports(pod_dir)
-    assert read_banner(tcp_port) == "tcp on ::1\n"
+    http_port, https_port = public_ports(pod_dir)
     assert curl("http://127.0.0.1:%d/" % http_port) == "http on ::1\n"
     assert curl("-H", "Host: " + fqdn, "http://127.0.0.1:%d/" % server.http) == "http on ::1\n"
     cafile = os.path.join(pod_dir, "pipe2me.cacert")
     assert tls_banner(https_port, fqdn, cafile) == "https on ::1\n"
     assert tls_banner(server.https, fqdn, cafile) == "https on ::1\n"
-    assert tls.port
+    status = run_pod(pod_dir, "status")
+    assert "LOCAL_PORTS=%s" % ",".join(targets) in status.stdout.splitlines()
 
 
 def closed_at_once(port):
