@@ -362,6 +362,16 @@ def pod_env(pod_dir):
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
+def copy_pod_dir(pod_dir, name):
+    """A copy of a pod directory (the same tunnel and key, as a copied
+    directory on another machine would be): `start` allows one per directory."""
+    import shutil
+    copy = "%s-%s" % (pod_dir, name)
+    shutil.copytree(pod_dir, copy, ignore=shutil.ignore_patterns("pipe2me.lock",
+                                                                  "pipe2me.status.json"))
+    return copy
+
+
 def start_pod(workdir, pod_dir, *extra, name="pod", wait=True):
     proc = Proc([sys.executable, POD, "--dir", pod_dir, "start"] + list(extra), workdir, name)
     if wait:

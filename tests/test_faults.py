@@ -30,7 +30,7 @@ import time
 
 import pytest
 
-from conftest import (echo_handler, connect, recv_to_eof, echo_round_trip, MiB, POD, SERVER, Proc, ServerHandle, free_port, pod_env, public_ports,
+from conftest import (copy_pod_dir, echo_handler, connect, recv_to_eof, echo_round_trip, MiB, POD, SERVER, Proc, ServerHandle, free_port, pod_env, public_ports,
                       run_pod, setup_pod, wait_until)
 from helpers import api, make_csr, make_key
 
@@ -274,7 +274,7 @@ def test_faults_frozen_pod_declared_dead_then_new_session_takes_over(server, wor
     in_flight.close()
     seen = len(server.proc.stderr())
     started = time.monotonic()
-    second = pods(pod_dir, name="pod-b")  # a second `start` on the same dir
+    second = pods(copy_pod_dir(pod_dir, "b"), name="pod-b")  # the same tunnel from a copy
     server.proc.wait_for(r"pod connected tunnel=%s" % tunnel_id, after=seen)
     took_over = time.monotonic() - started
     assert echo_round_trip(port) == b"ping through pipe2me\n"
@@ -283,7 +283,7 @@ def test_faults_frozen_pod_declared_dead_then_new_session_takes_over(server, wor
     seen = len(server.proc.stderr())
     os.kill(second.pid, signal.SIGSTOP)
     started = time.monotonic()
-    pods(pod_dir, name="pod-c")
+    pods(copy_pod_dir(pod_dir, "c"), name="pod-c")
     wait_disconnect(server, tunnel_id, "replaced", seen, 3 * HEARTBEAT_S)
     replaced_after = time.monotonic() - started
     assert echo_round_trip(port) == b"ping through pipe2me\n"
@@ -399,7 +399,7 @@ def test_faults_black_holed_pod_in_netns_replaced_at_once_and_declared_dead(work
             seen = len(server.proc.stderr())
             nets.black_hole("a")
             holed_at = time.monotonic()
-            pods(pod_dir, "--echo", name="pod-b", prefix=nets.exec_prefix("b"))
+            pods(copy_pod_dir(pod_dir, "b"), "--echo", name="pod-b", prefix=nets.exec_prefix("b"))
             server.proc.wait_for(r"pod connected tunnel=%s fqdn=\S+ pod=%s\.2:"
                                  % (tunnel_id, link_b), after=seen, timeout=5)
             wait_disconnect(server, tunnel_id, "replaced", seen, 1,

@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from conftest import (echo_handler, connect, recv_to_eof, echo_round_trip, MiB, POD, SERVER, Proc, ServerHandle, free_port, public_ports, run_pod,
+from conftest import (copy_pod_dir, echo_handler, connect, recv_to_eof, echo_round_trip, MiB, POD, SERVER, Proc, ServerHandle, free_port, public_ports, run_pod,
                       setup_pod, start_pod, wait_until)
 from helpers import api, cert_sha256
 
@@ -568,7 +568,7 @@ def test_tunnel_frozen_pod_replaced_at_once_and_declared_dead(server, workdir, p
     seen = len(server.proc.stderr())
     os.kill(first.pid, signal.SIGSTOP)
     frozen_at = time.monotonic()
-    second = pods(pod_dir, name="pod-b")  # same directory, while the first is frozen
+    second = pods(copy_pod_dir(pod_dir, "b"), name="pod-b")  # same tunnel, first frozen
     server.proc.wait_for(r"pod disconnected tunnel=%s \S+ reason=replaced" % tunnel_id,
                          timeout=5, after=seen)
     took = time.monotonic() - frozen_at
