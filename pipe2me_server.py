@@ -4975,7 +4975,7 @@ class HttpFrontConnection:
     def __init__(self, fronts, sock, address, pinned=None):
         self.fronts, self.loop, self.sock, self.address = fronts, fronts.loop, sock, address
         self.pinned = pinned               # (tunnel id, port) of a per-port URL
-        self.peer = address[0].partition("%")[0]
+        self.peer = plain_address(address[0].partition("%")[0])  # ::ffff:a.b.c.d as a.b.c.d
         self.trusted = fronts.is_trusted(self.peer)
         self.inbuf, self.out = bytearray(), bytearray()
         self.waiting = collections.deque()  # forwarded requests without their response
@@ -5377,15 +5377,12 @@ class Fronts:
         return name in ("", domain, "localhost") or not name.endswith("." + domain)
 
     def is_trusted(self, ip):
-        """Whether a peer is a proxy the operator trusts (TRUSTED_PROXIES)."""
+        """Whether a peer (a plain address) is a proxy the operator trusts
+        (TRUSTED_PROXIES)."""
         networks = self.trusted_proxies
         if not networks:
             return False
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        address = getattr(address, "ipv4_mapped", None) or address
+        address = ipaddress.ip_address(ip)
         return any(address in network for network in networks)
 
     # -- HTTP front -----------------------------------------------------
