@@ -3369,11 +3369,16 @@ class AcmeOrders:
 
     # -- what other threads call ------------------------------------------
     def request(self, key, fqdn, csr_pem):
-        """Make sure `key` gets a certificate for fqdn from this CSR (a new CSR orders anew)."""
+        """Make sure `key` gets a certificate for fqdn from this CSR; a CSR for
+        another key orders anew, one for the same key (a renewed server-CA
+        certificate) keeps the job and its chain."""
         with self.cond:
             job = self.jobs.get(key)
-            if job is not None and job["csr"] == csr_pem and job["fqdn"] == fqdn:
-                return
+            known = job["csr"] if job is not None and job["fqdn"] == fqdn else None
+        if known is not None and (known == csr_pem or same_public_key(known, csr_pem)):
+            return
+        with self.cond:
+            job = self.jobs.get(key)
             job = dict(job or {}, version=1, key=key, fqdn=fqdn, csr=csr_pem, state="pending",
                        reason=None, next_try_at=int(time.time()), attempts=0)
             self.jobs[key] = job
@@ -3540,6 +3545,16 @@ class AcmeOrders:
         now = time.time()
         write_json(self.issued_path(), {"version": 1,
                                         "issued": self.recent_new_certificates(now) + [int(now)]})
+
+
+def same_public_key(csr_a, csr_b):
+    """True when two CSRs (PEM) carry the same public key."""
+    try:
+        keys = [run_openssl(["req", "-noout", "-pubkey"], input_bytes=csr.encode("ascii"))
+                for csr in (csr_a, csr_b)]
+    except (Pipe2meError, UnicodeEncodeError):
+        return False
+    return keys[0].strip() == keys[1].strip()
 
 
 def random_jitter():

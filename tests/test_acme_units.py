@@ -66,3 +66,20 @@ def test_acme_renews_inside_the_ari_window_when_offered(server_mod, tmp_path):
 
 def test_acme_renews_at_two_thirds_without_ari(server_mod, tmp_path):
     assert orders_with(server_mod, None, tmp_path).renew_time(0, 9000, "01", "AB") == 6000
+
+
+def test_acme_a_new_csr_for_the_same_key_keeps_the_job(server_mod, tmp_path):
+    from helpers import make_csr, make_key
+    one, other = make_key(str(tmp_path / "one.key")), make_key(str(tmp_path / "other.key"))
+    name = "calm-teal-otter.pipe2.test"
+    first = make_csr(one, "/CN=" + name, "subjectAltName=DNS:" + name)
+    again = make_csr(one, "/CN=" + name, "subjectAltName=DNS:" + name)
+    assert first != again  # ECDSA signatures differ, the key does not
+    orders = orders_with(server_mod, None, tmp_path)
+    orders.load()
+    orders.request("t1", name, first)
+    orders.jobs["t1"].update(state="valid", chain="kept")
+    orders.request("t1", name, again)
+    assert orders.jobs["t1"]["state"] == "valid" and orders.jobs["t1"]["csr"] == first
+    orders.request("t1", name, make_csr(other, "/CN=" + name, "subjectAltName=DNS:" + name))
+    assert orders.jobs["t1"]["state"] == "pending"
