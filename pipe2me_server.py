@@ -6651,7 +6651,8 @@ X509_V_FLAG_NO_CHECK_TIME = 0x200000  # OpenSSL's flag; the ssl module has no na
 
 REFUSAL_PREFIXES = ("pod handshake", "pod refused", "protocol error", "api connection cap",
                     "http front refused", "%s, consumer closed", "stream cap reached",
-                    "tunnel cap reached", "internal error contained")
+                    "tunnel cap reached", "internal error contained",
+                    "stream reset, reader stalled")
 
 
 class RepeatedLines(logging.Filter):

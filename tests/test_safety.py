@@ -404,7 +404,8 @@ def test_safety_stalled_readers_make_room_for_new_consumers(push_bed):
     started = time.monotonic()
     with connect(b.pusher.ports[0]) as sock:
         sock.sendall(b"GET /big HTTP/1.0\r\n\r\n")
-        got, deadline = 0, time.monotonic() + 20
+        # each round of resets takes BUFFER_STALL_S (5 s): slow on a loaded machine
+        got, deadline = 0, time.monotonic() + 60
         while got < 2 * MiB and time.monotonic() < deadline:
             sock.settimeout(max(0.01, deadline - time.monotonic()))
             data = sock.recv(1 << 20)
