@@ -1871,7 +1871,7 @@ class ApiClient:
 
     def _http_error(self, code, data):
         message = _error_message(data) or "HTTP %d" % code
-        if 400 <= code < 500:
+        if 400 <= code < 500 and code != 429:    # 429: too often, worth retrying later
             return Rejected(message)
         return Unavailable("server error: %s: HTTP %d: %s" % (self.base_url, code, message))
 

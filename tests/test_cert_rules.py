@@ -145,6 +145,12 @@ def test_cert_rules_signing_flood_gets_json_429_with_retry_after(workdir):
         assert signs(server) == PER_HOUR, statuses      # setup's, then 5 of the flood
         # once spent, even a CSR that would be refused costs no openssl run: 429 first
         assert post_csr(server, pod_dir, bad_signature(csrs[0]))[0] == 429
+        # the pod's own renewal says so in one line and exits 3 (unavailable: retry later)
+        os.unlink(os.path.join(pod_dir, "pipe2me.openssl.cert"))
+        renewal = run_pod(pod_dir, "update")
+        assert renewal.returncode == 3, renewal.stderr
+        lines = renewal.stderr.strip().splitlines()
+        assert len(lines) == 1 and "MAX_CERTS_PER_HOUR" in lines[0] and "Traceback" not in lines[0]
         # whatever got through left at most CERT_KEEP (3) files behind
         assert issued(server) == listed_serials(server)
         assert len(record(server, pod_dir)["cert_serials"]) <= 3
