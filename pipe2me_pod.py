@@ -1377,7 +1377,8 @@ class Mux:
 # ---- END SHARED relay ----
 # ---- BEGIN SHARED process (identical in pipe2me_server.py and pipe2me_pod.py) ----
 # How the long-running commands start: as many descriptors as allowed, and
-# the compiled code handed to a fresh interpreter. Used by main() only.
+# the compiled code handed to a fresh interpreter (used by main() only);
+# and the service definitions that start them at boot (`service`).
 
 def raise_open_file_limit():
     """Let the relay hold as many sockets as allowed: soft limit up to the hard one."""
@@ -1448,6 +1449,59 @@ def run_from_compiled_code(environment=None):
         for name in environment or ():
             os.environ.pop(name, None)
         os.close(fd)
+
+
+# Both programs print service definitions (`service`) that start them at boot.
+
+def systemd_quote(word):
+    """One ExecStart word: `%` and `$` escaped, double-quoted when needed."""
+    word = word.replace("%", "%%").replace("$", "$$")
+    if re.fullmatch(r"[A-Za-z0-9_@%+=:,./-]+", word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# The verbs of a System V init script, after its own supervise(): a pid file,
+# a stop that waits for the process, start/stop/status and @MORE_VERBS@.
+SYSV_VERBS_TEMPLATE = """\
+is_running() {
+	[ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null
+}
+
+do_stop() {
+	if is_running; then
+		kill "$(cat "$PIDFILE")"
+		i=0
+		while is_running && [ "$i" -lt @STOP_WAIT_S@ ]; do sleep 1; i=$((i + 1)); done
+	fi
+	rm -f "$PIDFILE"
+}
+
+case "$1" in
+start)
+	if is_running; then echo "@NAME@ is already running"; exit 0; fi
+	(exec </dev/null >>"$LOGFILE" 2>&1; supervise) &  # exec: no copy of our stdout stays open
+	echo $! >"$PIDFILE"
+	;;
+stop)
+	do_stop
+	;;
+@MORE_VERBS@status)
+	if is_running; then echo "@NAME@ is running"; else echo "@NAME@ is stopped"; exit 3; fi
+	;;
+*)
+	echo "usage: $0 @USAGE@" >&2
+	exit 2
+	;;
+esac
+"""
+
+
+def sysv_verbs(name, stop_wait_s, more_verbs, usage):
+    """The end of an init script for the service `name`: its verbs, `more_verbs`
+    (case branches, each ending in `;;`) before status; `usage` lists them all."""
+    return (SYSV_VERBS_TEMPLATE.replace("@MORE_VERBS@", more_verbs).replace("@NAME@", name)
+            .replace("@STOP_WAIT_S@", str(stop_wait_s)).replace("@USAGE@", usage))
 # ---- END SHARED process ----
 
 
@@ -3615,7 +3669,8 @@ def cmd_service(args):
     if args.systemd:
         text = systemd_unit(name, fqdn or files.dir, argv, _dir_owner(files.dir))
     else:
-        template = PROCD_TEMPLATE if args.procd else SYSV_TEMPLATE
+        template = PROCD_TEMPLATE if args.procd else SYSV_TEMPLATE.replace(
+            "@VERBS@", sysv_verbs("@NAME@", 20, SYSV_MORE_VERBS, "start|stop|restart|status"))
         text = fill_template(template, name, fqdn or files.dir,
                              " ".join(shlex.quote(arg) for arg in argv))
     sys.stdout.write(text)
@@ -3647,14 +3702,6 @@ def _dir_owner(directory):
 def fill_template(template, name, title, command):
     return (template.replace("@NAME@", name).replace("@TITLE@", title)
             .replace("@COMMAND@", command).replace("@DELAY@", str(SERVICE_RESTART_DELAY_S)))
-
-
-def systemd_quote(word):
-    """One ExecStart word: `%` and `$` escaped, double-quoted when needed."""
-    word = word.replace("%", "%%").replace("$", "$$")
-    if re.match(r"^[A-Za-z0-9_@%+=:,./-]+$", word):
-        return word
-    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def systemd_unit(name, title, argv, user):
@@ -3735,40 +3782,13 @@ supervise() {
 	done
 }
 
-is_running() {
-	[ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null
-}
+@VERBS@"""
 
-do_stop() {
-	if is_running; then
-		kill "$(cat "$PIDFILE")"
-		i=0
-		while is_running && [ "$i" -lt 20 ]; do sleep 1; i=$((i + 1)); done
-	fi
-	rm -f "$PIDFILE"
-}
-
-case "$1" in
-start)
-	if is_running; then echo "@NAME@ is already running"; exit 0; fi
-	(exec </dev/null >>"$LOGFILE" 2>&1; supervise) &  # exec: no copy of our stdout stays open
-	echo $! >"$PIDFILE"
-	;;
-stop)
-	do_stop
-	;;
+SYSV_MORE_VERBS = """\
 restart|force-reload)
 	do_stop
 	"$0" start
 	;;
-status)
-	if is_running; then echo "@NAME@ is running"; else echo "@NAME@ is stopped"; exit 3; fi
-	;;
-*)
-	echo "usage: $0 start|stop|restart|status" >&2
-	exit 2
-	;;
-esac
 """
 
 

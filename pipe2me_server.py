@@ -1748,7 +1748,8 @@ class Mux:
 # ---- END SHARED relay ----
 # ---- BEGIN SHARED process (identical in pipe2me_server.py and pipe2me_pod.py) ----
 # How the long-running commands start: as many descriptors as allowed, and
-# the compiled code handed to a fresh interpreter. Used by main() only.
+# the compiled code handed to a fresh interpreter (used by main() only);
+# and the service definitions that start them at boot (`service`).
 
 def raise_open_file_limit():
     """Let the relay hold as many sockets as allowed: soft limit up to the hard one."""
@@ -1819,6 +1820,59 @@ def run_from_compiled_code(environment=None):
         for name in environment or ():
             os.environ.pop(name, None)
         os.close(fd)
+
+
+# Both programs print service definitions (`service`) that start them at boot.
+
+def systemd_quote(word):
+    """One ExecStart word: `%` and `$` escaped, double-quoted when needed."""
+    word = word.replace("%", "%%").replace("$", "$$")
+    if re.fullmatch(r"[A-Za-z0-9_@%+=:,./-]+", word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# The verbs of a System V init script, after its own supervise(): a pid file,
+# a stop that waits for the process, start/stop/status and @MORE_VERBS@.
+SYSV_VERBS_TEMPLATE = """\
+is_running() {
+	[ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null
+}
+
+do_stop() {
+	if is_running; then
+		kill "$(cat "$PIDFILE")"
+		i=0
+		while is_running && [ "$i" -lt @STOP_WAIT_S@ ]; do sleep 1; i=$((i + 1)); done
+	fi
+	rm -f "$PIDFILE"
+}
+
+case "$1" in
+start)
+	if is_running; then echo "@NAME@ is already running"; exit 0; fi
+	(exec </dev/null >>"$LOGFILE" 2>&1; supervise) &  # exec: no copy of our stdout stays open
+	echo $! >"$PIDFILE"
+	;;
+stop)
+	do_stop
+	;;
+@MORE_VERBS@status)
+	if is_running; then echo "@NAME@ is running"; else echo "@NAME@ is stopped"; exit 3; fi
+	;;
+*)
+	echo "usage: $0 @USAGE@" >&2
+	exit 2
+	;;
+esac
+"""
+
+
+def sysv_verbs(name, stop_wait_s, more_verbs, usage):
+    """The end of an init script for the service `name`: its verbs, `more_verbs`
+    (case branches, each ending in `;;`) before status; `usage` lists them all."""
+    return (SYSV_VERBS_TEMPLATE.replace("@MORE_VERBS@", more_verbs).replace("@NAME@", name)
+            .replace("@STOP_WAIT_S@", str(stop_wait_s)).replace("@USAGE@", usage))
 # ---- END SHARED process ----
 
 # =====================================================================
@@ -7271,6 +7325,8 @@ def cmd_service(settings, args):
         template = SERVER_SYSTEMD_TEMPLATE
     else:
         values["@COMMAND@"] = " ".join(shlex.quote(word) for word in argv)
+        values["@VERBS@"] = sysv_verbs("pipe2me-server", 30, SERVER_SYSV_MORE_VERBS,
+                                       "start|stop|restart|reload|status")
         template = SERVER_SYSV_TEMPLATE
     for key, value in values.items():
         template = template.replace(key, value)
@@ -7299,14 +7355,6 @@ def service_arguments(settings, config_path):
                 value = os.path.abspath(value)
             words += [origin.split(" ", 1)[1], value]
     return words
-
-
-def systemd_quote(word):
-    """One ExecStart word: `%` and `$` escaped, double-quoted when needed."""
-    word = word.replace("%", "%%").replace("$", "$$")
-    if re.fullmatch(r"[A-Za-z0-9_@%+=:,./-]+", word):
-        return word
-    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 SERVER_SYSTEMD_TEMPLATE = """\
@@ -7410,28 +7458,10 @@ supervise() {
 	done
 }
 
-is_running() {
-	[ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null
-}
+@VERBS@"""
 
-do_stop() {
-	if is_running; then
-		kill "$(cat "$PIDFILE")"
-		i=0
-		while is_running && [ "$i" -lt 30 ]; do sleep 1; i=$((i + 1)); done
-	fi
-	rm -f "$PIDFILE"
-}
-
-case "$1" in
-start)
-	if is_running; then echo "pipe2me-server is already running"; exit 0; fi
-	(exec </dev/null >>"$LOGFILE" 2>&1; supervise) &  # exec: no copy of our stdout stays open
-	echo $! >"$PIDFILE"
-	;;
-stop)
-	do_stop
-	;;
+# reload: SIGHUP, tokens and tunnel files are read again
+SERVER_SYSV_MORE_VERBS = """\
 reload|force-reload)
 	if is_running; then kill -HUP "$(cat "$PIDFILE")"; fi
 	;;
@@ -7439,14 +7469,6 @@ restart)
 	do_stop
 	"$0" start
 	;;
-status)
-	if is_running; then echo "pipe2me-server is running"; else echo "pipe2me-server is stopped"; exit 3; fi
-	;;
-*)
-	echo "usage: $0 start|stop|restart|reload|status" >&2
-	exit 2
-	;;
-esac
 """
 
 
