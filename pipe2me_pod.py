@@ -97,9 +97,16 @@ OPENSSL_PACKAGE_HINT = ("install the package 'openssl' (Debian/Ubuntu) "
 
 class Pipe2meError(Exception):
     """An expected failure: main() prints the message alone and returns
-    exit_code; the server's API answers it with http_status."""
+    exit_code. The server's API answers http_status (the class's, or one
+    given to this raise) with {"error": message} plus the `details` keys."""
     exit_code = 1
     http_status = 500
+
+    def __init__(self, message, http_status=None, **details):
+        super().__init__(message)
+        if http_status is not None:
+            self.http_status = http_status
+        self.details = details
 
 
 class UsageError(Pipe2meError):

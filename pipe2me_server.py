@@ -112,9 +112,16 @@ OPENSSL_PACKAGE_HINT = ("install the package 'openssl' (Debian/Ubuntu) "
 
 class Pipe2meError(Exception):
     """An expected failure: main() prints the message alone and returns
-    exit_code; the server's API answers it with http_status."""
+    exit_code. The server's API answers http_status (the class's, or one
+    given to this raise) with {"error": message} plus the `details` keys."""
     exit_code = 1
     http_status = 500
+
+    def __init__(self, message, http_status=None, **details):
+        super().__init__(message)
+        if http_status is not None:
+            self.http_status = http_status
+        self.details = details
 
 
 class UsageError(Pipe2meError):
@@ -3691,19 +3698,20 @@ class Api:
     # -- tunnel creation ------------------------------------------------
     def create_tunnel(self, token, protocols, address, proxy_protocol=None):
         if not token:
-            raise ApiError(401, "a token is required (token=...)")
+            raise Rejected("a token is required (token=...)", http_status=401)
         refusal = self.limiter.blocked(address)
         if refusal:
-            raise ApiError(429, refusal)
+            raise Unavailable(refusal, http_status=429)
         options = self.tokens.get(token)
         if options is None:
             self.limiter.record(address)
-            raise ApiError(403, "invalid token")
+            raise Rejected("invalid token")
         protocols = self.check_protocols(protocols)
         extra = self.check_settings({"proxy_protocol": proxy_protocol})
         if len(protocols) > options["max_ports"]:
-            raise ApiError(422, "%d ports requested, the token allows %d"
-                           % (len(protocols), options["max_ports"]))
+            raise Rejected("%d ports requested, the token allows %d"
+                           % (len(protocols), options["max_ports"]),
+                           http_status=422)
         record, secret = self.store.create(token, options, protocols, extra=extra)
         log.info("tunnel created tunnel=%s fqdn=%s ports=%s from=%s",
                  record["id"], record["fqdn"], record["ports"], address)
@@ -3714,10 +3722,10 @@ class Api:
         if isinstance(protocols, str):
             protocols = [p for p in re.split(r"[\s,]+", protocols) if p]
         if not isinstance(protocols, list) or not protocols:
-            raise ApiError(400, "protocols must be a non-empty list")
+            raise UsageError("protocols must be a non-empty list")
         unknown = [p for p in protocols if p not in SERVICE_PROTOCOLS]
         if unknown:
-            raise ApiError(400, "unknown protocol %s (known: %s)"
+            raise UsageError("unknown protocol %s (known: %s)"
                            % (str(unknown[0])[:40], ", ".join(SERVICE_PROTOCOLS)))
         return protocols
 
@@ -3729,40 +3737,41 @@ class Api:
         if value is None:
             return {}
         if value not in PROXY_PROTOCOL_CHOICES:
-            raise ApiError(400, "proxy_protocol must be one of %s" % ", ".join(PROXY_PROTOCOL_CHOICES))
+            raise UsageError("proxy_protocol must be one of %s" % ", ".join(PROXY_PROTOCOL_CHOICES))
         return {"proxy_protocol": "" if value == "off" else value}
 
     # -- one tunnel -----------------------------------------------------
     def tunnel_for(self, tunnel_id, secret):
-        """The record if the secret matches; ApiError otherwise."""
+        """The record if the secret matches; NotFound or Rejected (401) otherwise."""
         record = self.store.get(tunnel_id) if TUNNEL_ID.fullmatch(tunnel_id) else None
         if record is None:
-            raise ApiError(404, "unknown tunnel %s" % tunnel_id[:40])
+            raise NotFound("unknown tunnel %s" % tunnel_id[:40])
         if not secret or not secrets.compare_digest(sha256_hex(secret), record["secret_sha256"]):
-            raise ApiError(401, "wrong or missing tunnel secret (Authorization: Bearer ...)")
+            raise Rejected("wrong or missing tunnel secret (Authorization: Bearer ...)",
+                           http_status=401)
         return record
 
     def verify(self, tunnel_id):
         record = self.store.get(tunnel_id) if TUNNEL_ID.fullmatch(tunnel_id) else None
         if record is None:
-            raise ApiError(404, "unknown tunnel", status="unknown")
+            raise NotFound("unknown tunnel", status="unknown")
         view = {"status": tunnel_status(record), "fqdn": record["fqdn"],
                 "expired": tunnel_status(record) == "expired", "expires_at": record["expires_at"]}
         if view["status"] == "expired":
-            raise ApiError(410, "tunnel %s expired" % record["fqdn"], **view)
+            raise Expired("tunnel %s expired" % record["fqdn"], **view)
         return view
 
     def sign(self, record, csr):
         if not isinstance(csr, str) or not csr.strip():
-            raise ApiError(400, "csr (PEM) is required")
+            raise UsageError("csr (PEM) is required")
         if tunnel_status(record) != "online":
-            raise ApiError(410, "tunnel %s expired" % record["fqdn"])
+            raise Expired("tunnel %s expired" % record["fqdn"])
         try:
             leaf = self.certs.sign(record, csr)
         except SigningLimited as exc:
             log.warning("certificate signing limited tunnel=%s retry_after_s=%d",
                         record["id"], exc.retry_after_s)
-            raise ApiError(429, str(exc), retry_after_s=exc.retry_after_s) from None
+            raise Unavailable(str(exc), retry_after_s=exc.retry_after_s, http_status=429) from None
         log.info("certificate signed tunnel=%s fqdn=%s", record["id"], record["fqdn"])
         answer = {"cert": leaf.pem, "not_after": leaf.not_after}
         if self.acme is not None:
@@ -3780,16 +3789,16 @@ class Api:
     def extend(self, record, token, address):
         refusal = self.limiter.blocked(address)
         if refusal:
-            raise ApiError(429, refusal)
+            raise Unavailable(refusal, http_status=429)
         options = self.tokens.get(token or "")
         if options is None:
             self.limiter.record(address)
-            raise ApiError(403, "invalid token")
+            raise Rejected("invalid token")
         if not options["extend"]:
-            raise ApiError(403, "this token may not extend tunnels (extend:false)")
+            raise Rejected("this token may not extend tunnels (extend:false)")
         updated = self.store.extend(record["id"], token, options)
         if updated is None:
-            raise ApiError(404, "unknown tunnel %s" % record["id"])
+            raise NotFound("unknown tunnel %s" % record["id"])
         log.info("tunnel extended tunnel=%s expires_at=%d", record["id"], updated["expires_at"])
         return public_view(updated, self.settings, presence=self.presence)
 
@@ -3798,9 +3807,9 @@ class Api:
         reconnect (GOAWAY), so the next session has them."""
         changes = self.check_settings(body)
         if not changes:
-            raise ApiError(400, "nothing to change (known settings: proxy_protocol)")
+            raise UsageError("nothing to change (known settings: proxy_protocol)")
         if tunnel_status(record) != "online":
-            raise ApiError(410, "tunnel %s expired" % record["fqdn"])
+            raise Expired("tunnel %s expired" % record["fqdn"])
         updated = self.store.update(record["id"], **changes)
         log.info("tunnel changed tunnel=%s %s", record["id"],
                  " ".join("%s=%s" % (k, v or "off") for k, v in sorted(changes.items())))
@@ -3816,14 +3825,6 @@ class Api:
         return {"protocol_version": PROTOCOL_VERSION, "tunnel_domain": s.tunnel_domain,
                 "tunnel_port": s.tunnel_port, "http_port": s.http_port,
                 "https_port": s.https_port, "protocols": list(SERVICE_PROTOCOLS)}
-
-
-class ApiError(Exception):
-    """An API answer other than 2xx: status, one-line message, extra JSON keys."""
-
-    def __init__(self, http_status, message, **extra):
-        super().__init__(message)
-        self.status, self.message, self.extra = http_status, message, extra
 
 
 # A state file that cannot be written (disk full, read-only, out of descriptors)
@@ -3848,7 +3849,7 @@ def field(body, *names):
     for name in names:
         value = body.get(name)
         if value is not None and not isinstance(value, str):
-            raise ApiError(400, "%s must be a string" % name)
+            raise UsageError("%s must be a string" % name)
         if value:
             return value
     return ""
@@ -3900,10 +3901,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             self.check_request()
             handler, params = self.route(self.command, url.path.rstrip("/") or "/")
             status, body = handler(**params)
-        except ApiError as exc:
-            status, body = exc.status, dict(exc.extra, error=exc.message)
         except Pipe2meError as exc:
-            status, body = exc.http_status, {"error": str(exc)}
+            status, body = exc.http_status, dict(exc.details, error=str(exc))
         except OSError as exc:
             answer = state_write_failed(exc)
             if answer is None:
@@ -3920,40 +3919,42 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             if match:
                 allowed.append(verb)
         if allowed:
-            raise ApiError(405, "method %s not allowed on %s" % (method[:20], path[:80]))
-        raise ApiError(404, "no such endpoint %s" % path[:80])
+            raise UsageError("method %s not allowed on %s" % (method[:20], path[:80]),
+                             http_status=405)
+        raise NotFound("no such endpoint %s" % path[:80])
 
     def check_request(self):
         """Refuse what HTTP/1.x does not allow before any endpoint runs."""
         if self.request_version == "HTTP/0.9":
-            raise ApiError(400, "HTTP/0.9 requests are not supported; send HTTP/1.0 or 1.1")
+            raise UsageError("HTTP/0.9 requests are not supported; send HTTP/1.0 or 1.1")
         if self.request_version == "HTTP/1.1" and "Host" not in self.headers:
-            raise ApiError(400, "an HTTP/1.1 request needs a Host header")
+            raise UsageError("an HTTP/1.1 request needs a Host header")
 
     # -- request and answer -------------------------------------------
     def body(self):
         if "Transfer-Encoding" in self.headers:
-            raise ApiError(411, "send the body with a Content-Length (no Transfer-Encoding)")
+            raise UsageError("send the body with a Content-Length (no Transfer-Encoding)",
+                             http_status=411)
         lengths = set(self.headers.get_all("Content-Length") or [])
         if not lengths:
             return {}
         length = lengths.pop().strip() if len(lengths) == 1 else "conflicting"
         if not re.fullmatch(r"[0-9]+", length):
-            raise ApiError(400, "bad Content-Length")
+            raise UsageError("bad Content-Length")
         if len(length) > 9 or int(length) > API_MAX_BODY_BYTES:
-            raise ApiError(413, "request body over %d bytes" % API_MAX_BODY_BYTES)
+            raise UsageError("request body over %d bytes" % API_MAX_BODY_BYTES, http_status=413)
         raw = self.rfile.read(int(length))
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise ApiError(400, "request body is not UTF-8") from None
+            raise UsageError("request body is not UTF-8") from None
         if "json" in self.headers.get("Content-Type", "") or text.lstrip().startswith("{"):
             try:
                 data = json.loads(text)
             except (ValueError, RecursionError):
-                raise ApiError(400, "request body is not valid JSON") from None
+                raise UsageError("request body is not valid JSON") from None
             if not isinstance(data, dict):
-                raise ApiError(400, "request body must be a JSON object")
+                raise UsageError("request body must be a JSON object")
             return data
         return {k: v[-1] for k, v in urllib.parse.parse_qs(text).items()}
 
@@ -4062,7 +4063,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         body = self.body()
         record = self.server.tunnel_for(id, self.secret(body))
         if self.server.reachability is None:
-            raise ApiError(404, "reachability checks are not available on this server")
+            raise NotFound("reachability checks are not available on this server")
         return 200, self.server.reachability(record, self.client_address[0], body)
 
 
@@ -5643,9 +5644,9 @@ def body_address(body, key, version=None):
     try:
         ip = ipaddress.ip_address(value)
     except ValueError:
-        raise ApiError(400, "%s is not an IP address" % key) from None
+        raise UsageError("%s is not an IP address" % key) from None
     if version and ip.version != version:
-        raise ApiError(400, "%s must be an IPv%d address" % (key, version))
+        raise UsageError("%s must be an IPv%d address" % (key, version))
     return str(ip)
 
 
@@ -5655,7 +5656,7 @@ def check_reachability(settings, store, record, observed, body):
     body may carry external_address (the router's, as NAT-PMP/UPnP told the
     pod) and lan_address (the pod's, for split horizon)."""
     if tunnel_status(record) != "online":
-        raise ApiError(410, "tunnel %s expired" % record["fqdn"])
+        raise Expired("tunnel %s expired" % record["fqdn"])
     external, lan = body_address(body, "external_address"), body_address(body, "lan_address", 4)
     address = plain_address(observed)
     status, ports, reason = probe_outcome(record, address, settings)
