@@ -90,6 +90,7 @@ EXIT_INTERRUPTED = 130                # main() after Ctrl-C; the tree below carr
 SERVICE_PROTOCOLS = ("http", "https", "imap", "imaps", "smtp", "smtps", "ssh", "tcp")
 HOSTNAME_MAX_CHARS = 253
 HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+LAN_NAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")  # names on a LAN may hold '_'
 OPENSSL_TIMEOUT_S = 60
 OPENSSL_PACKAGE_HINT = ("install the package 'openssl' (Debian/Ubuntu) "
                         "or 'openssl-util' (OpenWrt)")
@@ -159,12 +160,14 @@ def printable(text, limit=300):
     return str(text)[:limit].encode("unicode_escape").decode("ascii")
 
 
-def is_hostname(name):
+def is_hostname(name, underscores=False):
     """True for dot-separated LDH labels (1-63 characters, no hyphen at either
-    end), HOSTNAME_MAX_CHARS at most. Only such names may reach an openssl
-    -subj, a file or a header: no '/', ',', '=', space, quote or newline passes."""
+    end), HOSTNAME_MAX_CHARS at most; underscores=True also lets labels hold
+    '_', as LAN names may. Only such names may reach an openssl -subj, a file
+    or a header: no '/', ',', '=', space, quote or newline passes."""
+    label = LAN_NAME_LABEL if underscores else HOSTNAME_LABEL
     return (isinstance(name, str) and 0 < len(name) <= HOSTNAME_MAX_CHARS
-            and all(HOSTNAME_LABEL.fullmatch(label) for label in name.split(".")))
+            and all(label.fullmatch(part) for part in name.split(".")))
 
 
 def write_atomic(path, data, mode=0o644, durable=True):
@@ -269,15 +272,19 @@ class PodLog:
         self.name, self.level = name, LOG_LEVELS["WARNING"]
 
     def debug(self, message, *args):
+        """Log at DEBUG (shown with -v)."""
         self.write("DEBUG", message, args)
 
     def info(self, message, *args):
+        """Log at INFO."""
         self.write("INFO", message, args)
 
     def warning(self, message, *args):
+        """Log at WARNING (the default level)."""
         self.write("WARNING", message, args)
 
     def write(self, level, message, args):
+        """One line on stderr if `level` is shown; a closed stderr is ignored."""
         if LOG_LEVELS[level] < self.level or sys.stderr is None:
             return
         now = time.time()
@@ -319,7 +326,7 @@ SERVICE_RESTART_DELAY_S = 5
 # HELPERS — .inc files, reading and writing the pod's files; used by all below
 # =====================================================================
 
-_INC_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+INC_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 
 
 def shell_quote(value):
@@ -344,7 +351,7 @@ def parse_inc(text, where):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        match = _INC_LINE.match(line)
+        match = INC_LINE.match(line)
         try:
             words = shlex.split(match.group(2), comments=True) if match else None
         except ValueError as exc:
@@ -366,7 +373,7 @@ def read_text(path):
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError("cannot read %s: %s" % (path, _reason(exc)))
+        raise UsageError("cannot read %s: %s" % (path, error_text(exc)))
 
 
 def write_file_atomic(path, data, mode=PUBLIC_FILE_MODE, durable=True):
@@ -374,7 +381,7 @@ def write_file_atomic(path, data, mode=PUBLIC_FILE_MODE, durable=True):
     try:
         write_atomic(path, data, mode, durable)
     except OSError as exc:
-        raise UsageError("cannot write %s: %s" % (path, _reason(exc)))
+        raise UsageError("cannot write %s: %s" % (path, error_text(exc)))
 
 
 def remove_file(path):
@@ -385,10 +392,11 @@ def remove_file(path):
     except FileNotFoundError:
         return False
     except OSError as exc:
-        raise UsageError("cannot remove %s: %s" % (path, _reason(exc)))
+        raise UsageError("cannot remove %s: %s" % (path, error_text(exc)))
 
 
-def _reason(exc):
+def error_text(exc):
+    """The short reason of an exception: its strerror, else its text, else its type."""
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 # ---- BEGIN SHARED protocol (identical in pipe2me_server.py and pipe2me_pod.py) ----
@@ -450,7 +458,7 @@ U32 = struct.Struct("!I")
 FEATURE_CONSUMER_ADDRESS = "consumer_address"   # OPEN carries the addresses
 FEATURE_CERT = "cert"                           # the pod takes CERT frames
 POD_FEATURES = (FEATURE_CONSUMER_ADDRESS, FEATURE_CERT)
-_OPEN_FAMILIES = {4: (socket.AF_INET, 4), 6: (socket.AF_INET6, 16)}
+OPEN_FAMILIES = {4: (socket.AF_INET, 4), 6: (socket.AF_INET6, 16)}
 
 
 def encode_open(port, consumer=None, public=None):
@@ -461,7 +469,7 @@ def encode_open(port, consumer=None, public=None):
     if consumer is None or public is None:
         return payload
     version = 6 if ":" in consumer[0] else 4
-    family = _OPEN_FAMILIES[version][0]
+    family = OPEN_FAMILIES[version][0]
     return payload + bytes([version]) + b"".join(
         socket.inet_pton(family, ip) + U16.pack(number) for ip, number in (consumer, public))
 
@@ -470,7 +478,7 @@ def decode_open(payload):
     """(public port, consumer (ip, port) or None, public end (ip, port) or None)."""
     if len(payload) == U16.size:
         return U16.unpack(payload)[0], None, None
-    family, size = _OPEN_FAMILIES.get(payload[2] if len(payload) > 2 else 0, (None, 0))
+    family, size = OPEN_FAMILIES.get(payload[2] if len(payload) > 2 else 0, (None, 0))
     if family is None or len(payload) != 3 + 2 * (size + U16.size):
         raise ProtocolError("bad OPEN payload of %d bytes" % len(payload))
     ends = []
@@ -528,6 +536,7 @@ class FrameDecoder:
         self.data_left = 0          # ... and how much of it is still to come
 
     def frames(self, data):
+        """Yield (msg, stream, payload) for each frame (or DATA piece) `data` completes."""
         view = memoryview(data)
         pos, end = 0, len(view)
         while pos < end:
@@ -565,6 +574,7 @@ class FrameDecoder:
         return self.finish_frame() if not length else None
 
     def finish_frame(self):
+        """The whole non-DATA frame in the buffer; the buffer is emptied."""
         msg, stream, _length = self.header
         payload = bytes(self.buffer[FRAME_HEADER.size:])
         del self.buffer[:]
@@ -584,6 +594,7 @@ def read_frame_blocking(sock, allowed, deadline):
 
 
 def recv_exactly(sock, size, deadline):
+    """Exactly `size` bytes from a blocking socket before `deadline`, or ProtocolError."""
     data = bytearray()
     while len(data) < size:
         remaining = deadline - time.monotonic()
@@ -691,6 +702,7 @@ class EventLoop:
         return handle
 
     def call_soon_threadsafe(self, callback):
+        """From any thread: run callback in the loop thread soon."""
         self.soon.append(callback)
         try:
             self.waker_w.send(b"\0")
@@ -698,6 +710,7 @@ class EventLoop:
             pass  # a wake-up is already pending
 
     def on_wake(self, _mask):
+        """Drain the waker socket; the callbacks run after the select."""
         try:
             self.waker_r.recv(4096)
         except (BlockingIOError, OSError):
@@ -710,6 +723,7 @@ class EventLoop:
             self.run_once()
 
     def run_once(self):
+        """One select, then the due callbacks: sockets, call_soon, timers."""
         timeout = None
         if self.soon:
             timeout = 0
@@ -762,6 +776,7 @@ class EventLoop:
                 self.log.debug("cleanup after an internal error failed: %s", printable(str(second)))
 
     def stop(self):
+        """End run() after the current iteration; callable from any thread."""
         self.running = False
         self.call_soon_threadsafe(lambda: None)
 
@@ -780,6 +795,8 @@ class EventLoop:
                 mux.release()
 
     def on_pressure_tick(self):
+        """While the buffer budget is reached: once a second, reap stalled connections and
+        relieve."""
         self.pressure_timer = None
         if not self.pressed:
             return
@@ -834,6 +851,7 @@ class Stream:
         self.update_interest()
 
     def update_interest(self):
+        """Watch the socket for what the stream can do now: write what waits, read with credit."""
         if self.closed:
             return
         events = 0
@@ -847,21 +865,25 @@ class Stream:
         self.mux.loop.watch(self.sock, events, self.on_event)
 
     def pause_reading(self, seconds):
+        """A rate cap: stop reading the local socket for `seconds`."""
         self.paused = True
         self.update_interest()
         self.mux.loop.call_later(seconds, self.resume_reading)
 
     def resume_reading(self):
+        """Read the local socket again after pause_reading()."""
         self.paused = False
         self.update_interest()
 
     def on_event(self, mask):
+        """Loop callback: write first, then read."""
         if mask & EVENT_WRITE:
             self.on_writable()
         if mask & EVENT_READ and not self.closed:
             self.on_readable()
 
     def on_readable(self):
+        """Read the local socket straight into one DATA frame, within credit."""
         mux = self.mux
         if mux.congested:
             mux.blocked.add(self)
@@ -889,6 +911,7 @@ class Stream:
             self.update_interest()
 
     def on_writable(self):
+        """A connect finished (or failed) or the socket has room: write what waits."""
         if self.connecting:
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
@@ -899,6 +922,7 @@ class Stream:
             self.update_interest()
 
     def on_connect_timeout(self):
+        """The local service did not answer within LOCAL_CONNECT_TIMEOUT_S: reset the stream."""
         if self.connecting and not self.closed:
             self.mux.log.warning("local service unavailable stream=%d target=%s error=%s",
                                  self.id, self.target or "?",
@@ -960,6 +984,7 @@ class Stream:
             self.keep(payload[sent:])
 
     def keep(self, payload):
+        """Keep a copy of what the socket did not take; write it when it has room."""
         was_empty = not self.pending
         self.pending.append(bytes(payload))
         self.pending_bytes += len(payload)
@@ -1002,6 +1027,7 @@ class Stream:
             self.shutdown_write()
 
     def shutdown_write(self):
+        """Half-close: the peer sent EOF and everything is written."""
         self.write_closed = True
         try:
             self.sock.shutdown(socket.SHUT_WR)
@@ -1010,6 +1036,7 @@ class Stream:
         self.finish_if_done()
 
     def on_window(self, payload):
+        """The peer returned credit; ProtocolError if it grows past the window."""
         if len(payload) != U32.size:
             raise ProtocolError("stream %d: bad WINDOW frame" % self.id)
         was_blocked = self.credit <= 0
@@ -1020,11 +1047,13 @@ class Stream:
             self.update_interest()
 
     def on_eof(self):
+        """The peer sends no more: half-close once what waits is written."""
         self.peer_eof = True
         if not self.connecting and not self.pending:
             self.shutdown_write()
 
     def finish_if_done(self):
+        """Destroy the stream once both directions are closed."""
         if self.read_closed and self.write_closed:
             self.destroy()
         else:
@@ -1042,6 +1071,7 @@ class Stream:
         self.abort("internal error")
 
     def destroy(self):
+        """Close the socket and forget the stream; idempotent."""
         if self.closed:
             return
         self.closed = True
@@ -1092,6 +1122,7 @@ class Mux:
 
     # -- sending -------------------------------------------------------
     def send(self, msg, stream, payload=b""):
+        """Queue one frame and write what the socket takes."""
         self.queue(msg, stream, payload)
         self.flush()
 
@@ -1125,9 +1156,11 @@ class Mux:
             self.loop.watch(self.sock, reading | EVENT_WRITE, self.on_event)
 
     def send_control(self, msg, obj):
+        """Send a stream-0 frame with obj as its JSON payload."""
         self.send(msg, 0, json.dumps(obj, separators=(",", ":")).encode())
 
     def flush(self):
+        """Write `out` while the socket takes it; wake blocked streams below the low water mark."""
         while self.out and not self.closed:
             try:
                 with memoryview(self.out) as view:
@@ -1149,6 +1182,7 @@ class Mux:
 
     # -- receiving -----------------------------------------------------
     def on_event(self, mask):
+        """Loop callback: write first, then read unless a rate cap paused reading."""
         if mask & EVENT_WRITE:
             self.flush()
         if mask & EVENT_READ and not self.closed and not self.reading_paused:
@@ -1195,15 +1229,18 @@ class Mux:
         self.loop.call_later(seconds, self.end_rate_hold)
 
     def end_rate_hold(self):
+        """The rate cap's pause is over: read again."""
         self.rate_hold = False
         self.resume_reading()
 
     def hold_reads(self):
+        """Stop reading the peer (writes go on) until resume_reading()."""
         self.reading_paused = True
         if not self.closed:
             self.loop.watch(self.sock, EVENT_WRITE if self.out else 0, self.on_event)
 
     def resume_reading(self):
+        """Read the peer again after pause_reading()."""
         if self.closed or self.rate_hold or self.pressure_hold or not self.reading_paused:
             return
         self.reading_paused = False
@@ -1232,6 +1269,7 @@ class Mux:
                 loop.relieve()
 
     def press(self):
+        """The loop's buffer budget is reached: hold reads until the loop relieves it."""
         self.log.debug("reads held back, buffer budget reached buffered=%d total=%d",
                        self.buffered, self.loop.buffered)
         self.pressure_hold = True
@@ -1270,6 +1308,7 @@ class Mux:
         return size, None
 
     def dispatch(self, msg, stream_id, payload):
+        """Hand one frame to its stream, to on_frame_0 or to on_open_frame."""
         if stream_id == 0:
             return self.on_frame_0(msg, payload)
         if msg == Msg.OPEN:
@@ -1296,6 +1335,7 @@ class Mux:
             self.loop.contain(stream.crash, exc)
 
     def on_frame_0(self, msg, payload):
+        """A frame on stream 0: answer PING, ignore PONG, the rest to on_control()."""
         if msg == Msg.PING:
             if len(self.out) <= CONTROL_REPLY_LIMIT_BYTES:
                 self.queue(Msg.PONG, 0, payload)  # sent once per batch (on_readable)
@@ -1307,6 +1347,7 @@ class Mux:
             self.on_control(msg, decode_control(payload))
 
     def on_open_frame(self, stream_id, payload):
+        """A new stream from the peer: check its id and port, then on_open()."""
         if stream_id <= self.highest_stream:
             raise ProtocolError("bad OPEN for stream %d" % stream_id)
         port, consumer, public = decode_open(payload)
@@ -1315,6 +1356,7 @@ class Mux:
 
     # -- streams -------------------------------------------------------
     def add_stream(self, stream_id, sock, connecting=False):
+        """Carry `sock` as stream `stream_id` over this connection."""
         sock.setblocking(False)
         stream = Stream(self, stream_id, sock, connecting)
         self.streams[stream_id] = stream
@@ -1366,6 +1408,7 @@ class Mux:
 
     # -- for owners to override ----------------------------------------
     def on_open(self, stream_id, port, consumer=None, public=None):
+        """May be overridden: the peer opened stream_id for its `port` service."""
         raise ProtocolError("OPEN is not expected here")
 
     def retry_local_connect(self, stream, reason):
@@ -1374,12 +1417,15 @@ class Mux:
         return False
 
     def on_control(self, msg, obj):
+        """May be overridden: a control frame other than PING/PONG arrived."""
         raise ProtocolError("unexpected %s" % msg.name)
 
     def on_stream_closed(self, stream):
+        """May be overridden: `stream` was destroyed."""
         pass
 
     def on_closed(self, reason):
+        """May be overridden: the connection is closed, for `reason`."""
         pass
 # ---- END SHARED relay ----
 # ---- BEGIN SHARED process (identical in pipe2me_server.py and pipe2me_pod.py) ----
@@ -1516,7 +1562,7 @@ def sysv_verbs(name, stop_wait_s, more_verbs, usage):
 # POD FILES — owns the files of DIR (SPEC §3): settings, key, CSR, certificates and their dates
 # =====================================================================
 
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class PodFiles:
@@ -1535,6 +1581,7 @@ class PodFiles:
         self.cacert = os.path.join(self.dir, CACERT_FILE)
 
     def all(self):
+        """The paths of the five files, in POD_FILES order."""
         return [self.info, self.local, self.key, self.cert, self.tunnel_cert, self.cacert]
 
     def tunnel_cert_in_use(self):
@@ -1610,10 +1657,10 @@ class PodSetup:
         self.proxy_protocol = info.get("PIPE2ME_PROXY_PROTOCOL") or "off"
         self.id = info["PIPE2ME_ID"]
         self.fqdn = info["PIPE2ME_FQDN"]
-        self.urls = _numbered(info, "PIPE2ME_URLS")
+        self.urls = numbered(info, "PIPE2ME_URLS")
         self.tunnel = info["PIPE2ME_TUNNEL"]
         self.tunnel_domain = info.get("PIPE2ME_TUNNEL_DOMAIN", "")
-        self.expires_at = _int_or_none(info.get("PIPE2ME_EXPIRES_AT"))
+        self.expires_at = int_or_none(info.get("PIPE2ME_EXPIRES_AT"))
         self.secret = info["PIPE2ME_SECRET"]
 
     def services(self):
@@ -1625,7 +1672,8 @@ class PodSetup:
         return result
 
 
-def _numbered(values, prefix):
+def numbered(values, prefix):
+    """The values of prefix_0, prefix_1, ... in `values`, up to the first gap."""
     items, index = [], 0
     while "%s_%d" % (prefix, index) in values:
         items.append(values["%s_%d" % (prefix, index)])
@@ -1633,15 +1681,15 @@ def _numbered(values, prefix):
     return items
 
 
-def _int_or_none(text):
+def int_or_none(text):
+    """int(text), or None when it is no number."""
     try:
         return int(text)
     except (TypeError, ValueError):
         return None
 
 
-_TARGET_PATTERN = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]:|([A-Za-z0-9._-]+):)?([0-9]{1,5})$")
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?$")
+TARGET_PATTERN = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]:|([A-Za-z0-9._-]+):)?([0-9]{1,5})$")
 
 
 def parse_targets(text, where):
@@ -1650,23 +1698,25 @@ def parse_targets(text, where):
     targets = []
     for item in str(text).split(","):
         item = item.strip()
-        match = _TARGET_PATTERN.match(item)
+        match = TARGET_PATTERN.match(item)
         host = match and (match.group(1) or match.group(2))
         if not match or not 1 <= int(match.group(3)) <= 65535 or (
-                host and not _valid_target_host(host, bool(match.group(1)))):
+                host and not valid_host(host, bool(match.group(1)))):
             raise UsageError("%s: bad port %r: expected PORT, HOST:PORT, [IPV6]:PORT "
                              "or NAME:PORT (port 1..65535), separated by commas" % (where, item))
         targets.append(LocalTarget(host or None, int(match.group(3))))
     return targets
 
 
-def _valid_target_host(host, bracketed):
+def valid_host(host, bracketed):
+    """A local target's or the server's host: an IPv6 address if it came in
+    brackets, else a host name (an IPv4 address is one; '_' and a final dot allowed)."""
     if bracketed:
         try:
             return ipaddress.ip_address(host).version == 6
         except ValueError:
             return False
-    return bool(_NAME_PATTERN.match(host)) and len(host) <= 253
+    return is_hostname(host[:-1] if host.endswith(".") else host, underscores=True)
 
 
 def read_setup(files):
@@ -1685,7 +1735,7 @@ def read_setup(files):
             if not values.get(key):
                 raise UsageError("%s lacks %s: the setup is damaged; run `clear` and `setup` again"
                                  % (path, key))
-    if not _ID_PATTERN.match(info["PIPE2ME_ID"]):
+    if not ID_PATTERN.match(info["PIPE2ME_ID"]):
         raise UsageError("%s: bad PIPE2ME_ID %r" % (files.info, info["PIPE2ME_ID"]))
     return PodSetup(files, info, local)
 
@@ -1721,7 +1771,7 @@ def write_local(files, server_url, local_ports):
 def check_tunnel(tunnel, need_secret=False):
     """Check the shape of a tunnel object from the server; return it."""
     try:
-        ok = (_ID_PATTERN.match(tunnel["id"]) and is_hostname(tunnel["fqdn"]) and "." in tunnel["fqdn"]
+        ok = (ID_PATTERN.match(tunnel["id"]) and is_hostname(tunnel["fqdn"]) and "." in tunnel["fqdn"]
               and len(tunnel["urls"]) == len(tunnel["ports"]) == len(tunnel["protocols"]) > 0
               and all(isinstance(url, str) for url in tunnel["urls"])
               and isinstance(tunnel["tunnel_port"], int) and isinstance(tunnel["expires_at"], int)
@@ -1830,7 +1880,7 @@ def normalize_server_url(text):
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise UsageError("bad server URL %r: use http:// or https://" % original)
-    if not host or not _valid_host(host) or port == 0 or parts.query or parts.fragment \
+    if not host or not valid_host(host, ":" in host) or port == 0 or parts.query or parts.fragment \
             or parts.username is not None:
         raise UsageError("bad server URL %r: expected http(s)://HOST[:PORT] or HOST[:PORT]"
                          % original)
@@ -1838,15 +1888,6 @@ def normalize_server_url(text):
     if port is not None:
         netloc += ":%d" % port
     return "%s://%s%s" % (scheme, netloc, parts.path.rstrip("/"))
-
-
-def _valid_host(host):
-    if ":" in host:
-        try:
-            return ipaddress.IPv6Address(host) is not None
-        except ValueError:
-            return False
-    return re.match(r"^[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?$", host) is not None
 
 
 def make_ssl_context(cafile=None, insecure=False):
@@ -1859,7 +1900,7 @@ def make_ssl_context(cafile=None, insecure=False):
     try:
         return ssl.create_default_context(cafile=cafile)
     except (OSError, ssl.SSLError) as exc:
-        raise UsageError("cannot load CA certificates from %s: %s" % (cafile, _reason(exc)))
+        raise UsageError("cannot load CA certificates from %s: %s" % (cafile, error_text(exc)))
 
 
 def pinned_ssl_context(files):
@@ -1909,14 +1950,14 @@ class ApiClient:
                                         context=self.ssl_context) as answer:
                 return answer.status, answer.read(API_MAX_ANSWER_BYTES)
         except urllib.error.HTTPError as exc:
-            data = _read_error_body(exc)
+            data = read_error_body(exc)
             if exc.code in answers:
                 return exc.code, data
-            raise self._http_error(exc.code, data)
+            raise self.http_error(exc.code, data)
         except urllib.error.URLError as exc:
-            raise self._connect_error(exc.reason)
+            raise self.connect_error(exc.reason)
         except (OSError, ValueError, http.client.HTTPException) as exc:  # timeouts, resets
-            raise self._connect_error(exc)
+            raise self.connect_error(exc)
 
     def call_json(self, method, path, body=None, auth=False, answers=()):
         """(status, decoded JSON object) of a call."""
@@ -1930,13 +1971,16 @@ class ApiClient:
                            % (self.base_url, path))
         return status, decoded
 
-    def _http_error(self, code, data):
-        message = _error_message(data) or "HTTP %d" % code
+    def http_error(self, code, data):
+        """The error for an HTTP error answer: Rejected for 4xx but 429, Unavailable otherwise."""
+        message = error_message(data) or "HTTP %d" % code
         if 400 <= code < 500 and code != 429:    # 429: too often, worth retrying later
             return Rejected(message)
         return Unavailable("server error: %s: HTTP %d: %s" % (self.base_url, code, message))
 
-    def _connect_error(self, reason):
+    def connect_error(self, reason):
+        """The error for a failed connection: Rejected for an untrusted certificate, else
+        Unavailable."""
         if isinstance(reason, ssl.SSLCertVerificationError):
             hint = "" if self.pinned else "; pass --cacert FILE, or -k to skip the check"
             return Rejected("server certificate not trusted: %s: %s%s"
@@ -1945,15 +1989,17 @@ class ApiClient:
         if isinstance(reason, (TimeoutError, socket.timeout)):
             text = "timed out after %d s" % self.timeout_s
         else:
-            text = _reason(reason) if isinstance(reason, BaseException) else str(reason)
+            text = error_text(reason) if isinstance(reason, BaseException) else str(reason)
         return Unavailable("server unreachable: %s: %s" % (self.base_url, text))
 
     # -- the endpoints --------------------------------------------------
 
     def get_config(self):
+        """GET /config."""
         return self.call_json("GET", "/config")[1]
 
     def create_tunnel(self, token, protocols, proxy_protocol=None):
+        """POST /tunnels: the new tunnel, with its secret, checked."""
         body = {"token": token, "protocols": protocols}
         if proxy_protocol:
             body["proxy_protocol"] = proxy_protocol
@@ -1966,6 +2012,7 @@ class ApiClient:
                                            auth=True)[1])
 
     def get_tunnel(self, tunnel_id):
+        """GET /tunnels/<id>, checked."""
         return check_tunnel(self.call_json("GET", "/tunnels/" + tunnel_id, auth=True)[1])
 
     def verify(self, tunnel_id):
@@ -1973,6 +2020,7 @@ class ApiClient:
         return self.call_json("GET", "/tunnels/%s/verify" % tunnel_id, answers=(404, 410))
 
     def sign(self, tunnel_id, csr_pem):
+        """POST /tunnels/<id>/cert: the certificate (PEM) for the CSR."""
         answer = self.call_json("POST", "/tunnels/%s/cert" % tunnel_id,
                                 {"csr": csr_pem}, auth=True)[1]
         cert = answer.get("cert")
@@ -1981,6 +2029,7 @@ class ApiClient:
         return cert
 
     def extend(self, tunnel_id, token):
+        """POST /tunnels/<id>/extend with an extending token: the tunnel, checked."""
         answer = self.call_json("POST", "/tunnels/%s/extend" % tunnel_id,
                                 {"token": token}, auth=True)[1]
         return check_tunnel(answer)
@@ -1994,20 +2043,22 @@ class ApiClient:
         return self.call_json("POST", "/tunnels/%s/check" % tunnel_id, body, auth=True)[1]
 
     def get_cacert(self):
+        """GET /cacert: the server's CA certificate (PEM)."""
         text = self.call("GET", "/cacert")[1].decode("utf-8", "replace")
         if "-----BEGIN CERTIFICATE-----" not in text:
             raise Rejected("bad answer from %s/cacert: no certificate" % self.base_url)
         return text
 
 
-def _read_error_body(exc):
+def read_error_body(exc):
+    """The body of an HTTP error answer, bounded, or b""."""
     try:
         return exc.read(API_MAX_ANSWER_BYTES)
     except (OSError, ValueError):
         return b""
 
 
-def _error_message(data):
+def error_message(data):
     """The server's one-line `error` from a JSON error body, if any."""
     try:
         decoded = json.loads(data.decode("utf-8"))
@@ -2147,7 +2198,8 @@ def local_address_toward(gateway):
             raise PortMapError("no route to the router %s: %s" % (gateway, e)) from None
 
 
-def _check_port(port, allow_zero=False):
+def check_port(port, allow_zero=False):
+    """port if it is a TCP port number (0 too with allow_zero), else ValueError."""
     if not isinstance(port, int) or not (0 if allow_zero else 1) <= port <= 65535:
         raise ValueError("bad TCP port %r" % (port,))
     return port
@@ -2171,7 +2223,7 @@ def natpmp_schedule(timeout_s):
     return waits
 
 
-def _natpmp_answer(data, request):
+def natpmp_answer(data, request):
     """Return (result_code, data) if `data` answers `request`, else None.
 
     An answer carries version 0 and the request's opcode + 128; a success
@@ -2190,7 +2242,7 @@ def _natpmp_answer(data, request):
     return (0, data) if len(data) >= 16 and data[8:10] == request[4:6] else None
 
 
-def _natpmp_receive(sock, request, wait_s):
+def natpmp_receive(sock, request, wait_s):
     """Wait up to `wait_s` for an answer to `request`; return it or None."""
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
@@ -2199,13 +2251,13 @@ def _natpmp_receive(sock, request, wait_s):
             data = sock.recv(64)
         except socket.timeout:
             return None
-        answer = _natpmp_answer(data, request)
+        answer = natpmp_answer(data, request)
         if answer is not None:
             return answer
     return None
 
 
-def _natpmp_exchange(gateway, request, timeout_s, port):
+def natpmp_exchange(gateway, request, timeout_s, port):
     """Send `request` with RFC retransmissions; return the answer bytes.
 
     Only datagrams from gateway:port are seen (connected socket). Raises
@@ -2218,7 +2270,7 @@ def _natpmp_exchange(gateway, request, timeout_s, port):
             sock.connect((gateway, port))
             for wait_s in natpmp_schedule(timeout_s):
                 sock.send(request)
-                answer = _natpmp_receive(sock, request, wait_s)
+                answer = natpmp_receive(sock, request, wait_s)
                 if answer is not None:
                     break
             else:
@@ -2241,7 +2293,7 @@ def natpmp_external_address(gateway, timeout_s=PORTMAP_TIMEOUT_S, port=NATPMP_PO
 
     Raises PortMapError (no answer, or refused).
     """
-    data = _natpmp_exchange(gateway, struct.pack("!BB", 0, NATPMP_OP_EXTERNAL_ADDRESS),
+    data = natpmp_exchange(gateway, struct.pack("!BB", 0, NATPMP_OP_EXTERNAL_ADDRESS),
                             timeout_s, port)
     return socket.inet_ntoa(data[8:12])
 
@@ -2256,11 +2308,11 @@ def natpmp_map(gateway, internal_port, external_port, lifetime_s,
     external port is then sent as 0); the answer is then (0, 0).
     Raises PortMapError.
     """
-    _check_port(internal_port)
-    external_port = 0 if lifetime_s == 0 else _check_port(external_port, allow_zero=True)
+    check_port(internal_port)
+    external_port = 0 if lifetime_s == 0 else check_port(external_port, allow_zero=True)
     request = struct.pack("!BBHHHI", 0, NATPMP_OP_MAP_TCP, 0, internal_port,
                           external_port, int(lifetime_s))
-    data = _natpmp_exchange(gateway, request, timeout_s, port)
+    data = natpmp_exchange(gateway, request, timeout_s, port)
     got_external, got_lifetime = struct.unpack("!HI", data[10:16])
     return got_external, got_lifetime
 
@@ -2272,12 +2324,13 @@ def natpmp_unmap(gateway, internal_port, timeout_s=PORTMAP_TIMEOUT_S, port=NATPM
 
 # ---- UPnP IGD -----------------------------------------------------------
 
-def _ssdp_request(target, mx_s):
+def ssdp_request(target, mx_s):
+    """An SSDP M-SEARCH datagram for `target`."""
     return ("M-SEARCH * HTTP/1.1\r\nHOST: %s:%d\r\nMAN: \"ssdp:discover\"\r\n"
             "MX: %d\r\nST: %s\r\n\r\n" % (SSDP_ADDRESS + (mx_s, target))).encode("ascii")
 
 
-def _ssdp_location(data, sender):
+def ssdp_location(data, sender):
     """Return the LOCATION of an SSDP answer if it points at its sender."""
     lines = data.decode("latin-1").split("\r\n")
     if not lines or " 200 " not in lines[0] + " ":
@@ -2293,7 +2346,7 @@ def _ssdp_location(data, sender):
     return None
 
 
-def _ssdp_receive(sock, timeout_s):
+def ssdp_receive(sock, timeout_s):
     """Return the first IGD LOCATION answered within `timeout_s`, or None."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -2302,7 +2355,7 @@ def _ssdp_receive(sock, timeout_s):
             data, sender = sock.recvfrom(4096)
         except socket.timeout:
             return None
-        location = _ssdp_location(data, sender[0])
+        location = ssdp_location(data, sender[0])
         if location:
             return location
     return None
@@ -2322,8 +2375,8 @@ def ssdp_discover(local_address=None, timeout_s=PORTMAP_TIMEOUT_S):
         mx_s = max(1, min(int(timeout_s), 5))
         try:
             for target in SSDP_SEARCH_TARGETS:
-                sock.sendto(_ssdp_request(target, mx_s), SSDP_ADDRESS)
-            location = _ssdp_receive(sock, timeout_s)
+                sock.sendto(ssdp_request(target, mx_s), SSDP_ADDRESS)
+            location = ssdp_receive(sock, timeout_s)
         except OSError as e:
             raise PortMapError("UPnP SSDP search failed: %s" % e, "upnp") from None
     if location:
@@ -2331,7 +2384,7 @@ def ssdp_discover(local_address=None, timeout_s=PORTMAP_TIMEOUT_S):
     raise PortMapError("no UPnP IGD answered SSDP within %.1f s" % timeout_s, "upnp")
 
 
-def _upnp_modules():
+def upnp_modules():
     """(urllib.request, urllib.error, ElementTree), imported on first use, not
     at the top: `start` on a router seldom needs them, and they would cost
     memory for the life of the tunnel."""
@@ -2341,10 +2394,10 @@ def _upnp_modules():
     return urllib.request, urllib.error, ElementTree
 
 
-def _http_open(request, timeout_s):
+def http_open(request, timeout_s):
     """Open a URL on the LAN: no *_proxy environment settings, no redirects
     (a router has no reason to redirect: a 3xx becomes an HTTPError)."""
-    request_module = _upnp_modules()[0]
+    request_module = upnp_modules()[0]
 
     class NoRedirect(request_module.HTTPRedirectHandler):
         def redirect_request(self, *args, **kwargs):
@@ -2354,12 +2407,14 @@ def _http_open(request, timeout_s):
     return opener.open(request, timeout=timeout_s)
 
 
-def _local_name(tag):
+def local_name(tag):
+    """An XML tag without its namespace."""
     return tag.rsplit("}", 1)[-1]
 
 
-def _parse_xml(data, what):
-    ElementTree = _upnp_modules()[2]
+def parse_xml(data, what):
+    """The root element of UPnP XML, or PortMapError."""
+    ElementTree = upnp_modules()[2]
     try:
         return ElementTree.fromstring(data)
     except ElementTree.ParseError as e:
@@ -2373,19 +2428,19 @@ def upnp_find_service(location, timeout_s=PORTMAP_TIMEOUT_S):
     PortMapError when the description is unreachable or has none.
     """
     try:
-        with _http_open(location, timeout_s) as response:
+        with http_open(location, timeout_s) as response:
             data = response.read(UPNP_MAX_BODY_BYTES)
     except OSError as e:  # urllib's URLError included
         raise PortMapError("UPnP description %s unreachable: %s" % (location, e), "upnp") from None
-    root = _parse_xml(data, "description " + location)
+    root = parse_xml(data, "description " + location)
     base = location
     found = {}
     for element in root.iter():
-        name = _local_name(element.tag)
+        name = local_name(element.tag)
         if name == "URLBase" and (element.text or "").strip():
             base = element.text.strip()
         elif name == "service":
-            fields = {_local_name(c.tag): (c.text or "").strip() for c in element}
+            fields = {local_name(c.tag): (c.text or "").strip() for c in element}
             found.setdefault(fields.get("serviceType"), fields.get("controlURL"))
     host = urllib.parse.urlsplit(location).hostname
     for service_type in UPNP_SERVICE_TYPES:
@@ -2403,23 +2458,25 @@ def upnp_discover(local_address=None, timeout_s=PORTMAP_TIMEOUT_S):
     return upnp_find_service(ssdp_discover(local_address, timeout_s), timeout_s)
 
 
-def _xml_text(value):
+def xml_text(value):
+    """value escaped for XML text."""
     return str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def _soap_envelope(service_type, action, args):
-    body = "".join("<%s>%s</%s>" % (name, _xml_text(value), name) for name, value in args)
+def soap_envelope(service_type, action, args):
+    """A SOAP request body for one UPnP action with its arguments."""
+    body = "".join("<%s>%s</%s>" % (name, xml_text(value), name) for name, value in args)
     return ('<?xml version="1.0"?>\r\n<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"'
             ' s:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body>'
             '<u:%s xmlns:u="%s">%s</u:%s></s:Body></s:Envelope>\r\n'
             % (action, service_type, body, action)).encode("utf-8")
 
 
-def _soap_fault(data, action):
+def soap_fault(data, action):
     """Return a PortMapError for a SOAP fault body (UPnPError inside)."""
-    fields, ElementTree = {}, _upnp_modules()[2]
+    fields, ElementTree = {}, upnp_modules()[2]
     try:
-        fields = {_local_name(e.tag): (e.text or "").strip()
+        fields = {local_name(e.tag): (e.text or "").strip()
                   for e in ElementTree.fromstring(data).iter()}
     except ElementTree.ParseError:
         pass
@@ -2439,23 +2496,23 @@ def upnp_call(service, action, args=(), timeout_s=PORTMAP_TIMEOUT_S):
     specification lists them. Raises PortMapError for a SOAP fault (with
     its UPnP error code) or a transport failure.
     """
-    request_module, error_module, _ = _upnp_modules()
+    request_module, error_module, _ = upnp_modules()
     request = request_module.Request(
-        service.control_url, data=_soap_envelope(service.service_type, action, args),
+        service.control_url, data=soap_envelope(service.service_type, action, args),
         headers={"Content-Type": 'text/xml; charset="utf-8"',
                  "SOAPAction": '"%s#%s"' % (service.service_type, action)})
     try:
-        with _http_open(request, timeout_s) as response:
+        with http_open(request, timeout_s) as response:
             data = response.read(UPNP_MAX_BODY_BYTES)
     except error_module.HTTPError as e:
-        raise _soap_fault(e.read(UPNP_MAX_BODY_BYTES), action) from None
+        raise soap_fault(e.read(UPNP_MAX_BODY_BYTES), action) from None
     except OSError as e:  # urllib's URLError included
         raise PortMapError("UPnP %s at %s failed: %s" % (action, service.control_url, e),
                            "upnp") from None
-    root = _parse_xml(data, action + " answer")
+    root = parse_xml(data, action + " answer")
     for element in root.iter():
-        if _local_name(element.tag) == action + "Response":
-            return {_local_name(c.tag): (c.text or "").strip() for c in element}
+        if local_name(element.tag) == action + "Response":
+            return {local_name(c.tag): (c.text or "").strip() for c in element}
     raise PortMapError("UPnP %s answer lacks %sResponse" % (action, action), "upnp")
 
 
@@ -2487,8 +2544,8 @@ def upnp_map(service, internal_client, internal_port, external_port, lifetime_s,
     """
     def add(lease_s):
         upnp_call(service, "AddPortMapping", (
-            ("NewRemoteHost", ""), ("NewExternalPort", _check_port(external_port)),
-            ("NewProtocol", "TCP"), ("NewInternalPort", _check_port(internal_port)),
+            ("NewRemoteHost", ""), ("NewExternalPort", check_port(external_port)),
+            ("NewProtocol", "TCP"), ("NewInternalPort", check_port(internal_port)),
             ("NewInternalClient", internal_client), ("NewEnabled", 1),
             ("NewPortMappingDescription", description), ("NewLeaseDuration", int(lease_s)),
         ), timeout_s)
@@ -2509,7 +2566,7 @@ def upnp_unmap(service, external_port, timeout_s=PORTMAP_TIMEOUT_S):
     """
     try:
         upnp_call(service, "DeletePortMapping", (
-            ("NewRemoteHost", ""), ("NewExternalPort", _check_port(external_port)),
+            ("NewRemoteHost", ""), ("NewExternalPort", check_port(external_port)),
             ("NewProtocol", "TCP")), timeout_s)
     except PortMapError as e:
         if e.code != 714:
@@ -2547,14 +2604,16 @@ class PortMapper:
         self._renew_at = None
         self._upnp = None           # UpnpService once discovered
 
-    def _gateway(self):
+    def find_gateway(self):
+        """The IPv4 default gateway (found once), or PortMapError."""
         if self.gateway is None:
             self.gateway = default_gateway()
         if self.gateway is None:
             raise PortMapError("no IPv4 default gateway: is this pod behind a router?")
         return self.gateway
 
-    def _methods(self):
+    def methods(self):
+        """The methods to try, the last one that worked first."""
         if self.method != "auto":
             return [self.method]
         first = self.result.method if self.result else "natpmp"
@@ -2568,12 +2627,12 @@ class PortMapper:
         this one are then removed. Raises PortMapError naming every
         method's failure on one line; the previous mappings stay then.
         """
-        mappings = [(_check_port(i), _check_port(e)) for i, e in mappings]
-        self._gateway()
+        mappings = [(check_port(i), check_port(e)) for i, e in mappings]
+        self.find_gateway()
         failures = []
-        for method in self._methods():
+        for method in self.methods():
             try:
-                result = self._map_with(method, mappings, lifetime_s)
+                result = self.map_with(method, mappings, lifetime_s)
             except PortMapError as e:
                 log.info("port mapping failed method=%s error=%s", method, e)
                 failures.append("%s: %s" % ("NAT-PMP" if method == "natpmp" else "UPnP", e))
@@ -2582,34 +2641,35 @@ class PortMapper:
                 continue
             if self.result:
                 stale = [m for m in self.result.mappings if m not in mappings]
-                self._unmap_quietly(self.result.method, stale)
+                self.unmap_quietly(self.result.method, stale)
             self.result = result
             self._renew_at = self.clock() + (result.lease_end - self.clock()) / 2
             return result
         raise PortMapError("router port mapping failed: " + "; ".join(failures))
 
-    def _map_with(self, method, mappings, lifetime_s):
-        gateway, now, done, leases = self._gateway(), self.clock(), [], []
+    def map_with(self, method, mappings, lifetime_s):
+        """Map every (internal, external) pair with one method; the result with its leases."""
+        gateway, now, done, leases = self.find_gateway(), self.clock(), [], []
         try:
             if method == "natpmp":
                 address = natpmp_external_address(gateway, self.timeout_s, self.natpmp_port)
             else:
-                address = upnp_external_address(self._upnp_service(gateway), self.timeout_s)
+                address = upnp_external_address(self.upnp_service(gateway), self.timeout_s)
             for internal, external in mappings:
-                leases.append(self._map_one(method, gateway, internal, external, lifetime_s, done))
+                leases.append(self.map_one(method, gateway, internal, external, lifetime_s, done))
                 log.info("port mapped method=%s port=%d internal_port=%d lease_s=%d",
                          method, external, internal, leases[-1])
         except PortMapError:
-            self._unmap_quietly(method, done)
+            self.unmap_quietly(method, done)
             raise
         lease_s = min([s if s > 0 else lifetime_s for s in leases] or [lifetime_s])
         return PortMapResult(method, address, now + lease_s, list(mappings))
 
-    def _map_one(self, method, gateway, internal, external, lifetime_s, done):
+    def map_one(self, method, gateway, internal, external, lifetime_s, done):
         """Map one pair, append it to `done`; return the lease granted."""
         if method == "upnp":
             client = local_address_toward(gateway)
-            lease = upnp_map(self._upnp_service(gateway), client, internal, external,
+            lease = upnp_map(self.upnp_service(gateway), client, internal, external,
                              lifetime_s, "pipe2me %s" % self.fqdn, self.timeout_s)
             done.append((internal, external))
             return lease
@@ -2622,22 +2682,24 @@ class PortMapper:
                                "natpmp")
         return lease
 
-    def _upnp_service(self, gateway):
+    def upnp_service(self, gateway):
+        """The router's UPnP IGD service, discovered once."""
         if self._upnp is None:
             self._upnp = upnp_discover(local_address_toward(gateway), self.timeout_s)
         return self._upnp
 
-    def _unmap_one(self, method, internal, external):
+    def unmap_one(self, method, internal, external):
+        """Remove one mapping with the method that made it."""
         if method == "natpmp":
-            natpmp_unmap(self._gateway(), internal, self.timeout_s, self.natpmp_port)
+            natpmp_unmap(self.find_gateway(), internal, self.timeout_s, self.natpmp_port)
         else:
-            upnp_unmap(self._upnp_service(self._gateway()), external, self.timeout_s)
+            upnp_unmap(self.upnp_service(self.find_gateway()), external, self.timeout_s)
 
-    def _unmap_quietly(self, method, mappings):
+    def unmap_quietly(self, method, mappings):
         """Undo mappings; log failures instead of raising (best effort)."""
         for internal, external in mappings:
             try:
-                self._unmap_one(method, internal, external)
+                self.unmap_one(method, internal, external)
             except PortMapError as e:
                 log.warning("port unmapping failed method=%s port=%d error=%s", method, external, e)
 
@@ -2683,7 +2745,7 @@ class PortMapper:
         failures = []
         for internal, external in result.mappings:
             try:
-                self._unmap_one(result.method, internal, external)
+                self.unmap_one(result.method, internal, external)
                 log.info("port unmapped method=%s port=%d", result.method, external)
             except PortMapError as e:
                 failures.append("port %d: %s" % (external, e))
@@ -2700,10 +2762,12 @@ PORTMAP_JOIN_S = 15.0              # how long a stop waits for a renewal under w
 
 
 def portmap_path(directory):
+    """The file in `directory` where the mappings are kept."""
     return os.path.join(directory, PORTMAP_FILE)
 
 
 def save_portmap(directory, mapper, lifetime_s):
+    """Write the mapper's state and lifetime to the port map file."""
     state = dict(mapper.state(), lifetime_s=int(lifetime_s))
     write_file_atomic(portmap_path(directory), json.dumps(state, indent=1) + "\n", PUBLIC_FILE_MODE)
 
@@ -2719,7 +2783,7 @@ def load_portmap(directory):
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError("%s is damaged (%s): run `map-ports` again"
-                         % (portmap_path(directory), _reason(exc)))
+                         % (portmap_path(directory), error_text(exc)))
     return state
 
 
@@ -2759,18 +2823,23 @@ class PortMapKeeper:
         self.closed = False
 
     def start(self, loop):
+        """Map now, then keep renewing on `loop`."""
         self.loop = loop
         self.schedule(0)
 
     def schedule(self, delay_s):
+        """Renew in delay_s (unless closed)."""
         if not self.closed:
             self.timer = self.loop.call_later(delay_s, self.renew)
 
     def renew(self):
+        """Renew in a thread: the router's answers must not block the loop."""
         self.thread = threading.Thread(target=self.renew_in_thread, name="portmap", daemon=True)
         self.thread.start()
 
     def renew_in_thread(self):
+        """Renew the mappings, save them, and schedule the next renewal (sooner after a
+        failure)."""
         pairs = [tuple(pair) for pair in self.state["mappings"]]
         try:
             result = self.mapper.map_all(pairs, self.lifetime_s)
@@ -2837,6 +2906,8 @@ class PodMux(Mux):
                          float(welcome.get("heartbeat_interval_s") or HEARTBEAT_INTERVAL_S))
 
     def on_open(self, stream_id, port, consumer=None, public=None):
+        """The server opened a stream: connect to the local service of that public port, or
+        RESET."""
         service = self.services.get(port)
         if service is None:
             self.send(Msg.RESET, stream_id, b"no service for that port")
@@ -2874,6 +2945,8 @@ class PodMux(Mux):
         return True
 
     def on_control(self, msg, obj):
+        """GOAWAY from the server: no new streams; the session ends once the running ones are
+        done."""
         if msg == Msg.CERT:
             self.runner.on_cert(obj)
             return
@@ -2891,11 +2964,13 @@ class PodMux(Mux):
         raise ProtocolError("unexpected %s after WELCOME" % msg.name)
 
     def on_stream_closed(self, stream):
+        """A draining session ends with its last stream."""
         self.fallbacks.pop(stream.id, None)
         if self.draining and not self.streams:
             self.destroy("drained")
 
     def on_closed(self, reason):
+        """Tell the runner, which reconnects."""
         self.runner.on_session_closed(reason)
 
 
@@ -2959,6 +3034,7 @@ class PodRunner:
 
     # -- one session --------------------------------------------------
     def tls_context(self):
+        """TLS 1.3 with the pod's certificate, trusting only the pinned CA."""
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.minimum_version = ssl.TLSVersion.TLSv1_3
         context.load_verify_locations(self.files.cacert)
@@ -3010,6 +3086,7 @@ class PodRunner:
         raise Unavailable("expected WELCOME from the server, got %s" % msg.name)
 
     def on_session_closed(self, reason):
+        """Count the session's bytes, note why it ended, and leave the loop to reconnect."""
         session = self.session
         self.totals[0] += session.local_written_bytes
         self.totals[1] += session.local_read_bytes
@@ -3029,6 +3106,8 @@ class PodRunner:
             return 0
 
     def run_sessions(self):
+        """Connect, run the session, reconnect with backoff; returns when asked to stop, raises
+        Rejected."""
         while not self.stop_requested:
             self.check_still_wanted()
             try:
@@ -3080,6 +3159,7 @@ class PodRunner:
         self.loop.run()
 
     def wait_before_retry(self, exc):
+        """Back off (exponential, with jitter) before the next connect."""
         self.failures += 1
         ceiling = min(RECONNECT_MAX_S, RECONNECT_FIRST_S * 2 ** min(self.failures, 10))
         delay = random.uniform(ceiling / 2, ceiling)
@@ -3140,10 +3220,12 @@ class PodRunner:
 
     # -- status for `pipe2me_pod.py status` -----------------------------
     def status_tick(self):
+        """Write the status file every STATUS_INTERVAL_S."""
         self.write_status()
         self.loop.call_later(STATUS_INTERVAL_S, self.status_tick)
 
     def write_status(self):
+        """The status file that `status` reads: up, streams, bytes, last error."""
         session = self.session
         live_in = session.local_written_bytes if session else 0
         live_out = session.local_read_bytes if session else 0
@@ -3187,6 +3269,7 @@ def public_urls(fqdn, urls, fronts):
 
 
 def log_public_urls(fqdn, urls, fronts):
+    """Log each URL consumers reach the tunnel by, one line each."""
     for url in public_urls(fqdn, urls, fronts):
         log.info("public url=%s", url)
 
@@ -3206,7 +3289,7 @@ def lock_pod_dir(directory):
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise UsageError("cannot open %s: %s" % (path, _reason(exc)))
+        raise UsageError("cannot open %s: %s" % (path, error_text(exc)))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -3275,6 +3358,7 @@ def check_no_loop(setup, endpoint):
 
 
 def split_host_port(endpoint):
+    """(host, port) of a `host:port` or `[v6]:port` endpoint, or UsageError."""
     host, _, port = endpoint.rpartition(":")
     if not host or not port.isdigit():
         raise UsageError("bad tunnel endpoint %r (expected host:port)" % endpoint)
@@ -3335,6 +3419,8 @@ class EchoTls:
         self.current()
 
     def current(self):
+        """The TLS context of the echo https service, reloaded when the certificate file
+        changed."""
         stat = os.stat(self.files.cert)
         with self.lock:
             if self.loaded != (stat.st_mtime_ns, stat.st_size):
@@ -3355,6 +3441,7 @@ def serve_echo(listener, protocol, context):
 
 
 def echo_one(conn, protocol, context):
+    """Serve one echo connection: the request line for http(s), the bytes for others."""
     try:
         conn.settimeout(ECHO_TIMEOUT_S)
         if context is not None:
@@ -3434,7 +3521,7 @@ def cmd_setup(args):
                              local_ports, proxy)
     except BaseException:
         if created:
-            _remove_empty_dir(files.dir)
+            remove_empty_dir(files.dir)
         raise
     print(fqdn)
     return 0
@@ -3485,13 +3572,14 @@ def make_pod_dir(directory):
     try:
         os.makedirs(directory, mode=POD_DIR_MODE, exist_ok=True)
     except OSError as exc:
-        raise UsageError("cannot create %s: %s" % (directory, _reason(exc)))
+        raise UsageError("cannot create %s: %s" % (directory, error_text(exc)))
     if not os.access(directory, os.W_OK | os.X_OK):
         raise UsageError("cannot write to %s: permission denied" % directory)
     return created
 
 
-def _remove_empty_dir(directory):
+def remove_empty_dir(directory):
+    """Remove a directory if it is empty; leave it otherwise."""
     try:
         os.rmdir(directory)
     except OSError:
@@ -3674,7 +3762,7 @@ def cmd_service(args):
     name = "pipe2me-" + fqdn.split(".")[0] if fqdn else "pipe2me"
     argv = pod_argv() + ["--dir", files.dir, "start"]
     if args.systemd:
-        text = systemd_unit(name, fqdn or files.dir, argv, _dir_owner(files.dir))
+        text = systemd_unit(name, fqdn or files.dir, argv, dir_owner(files.dir))
     else:
         template = PROCD_TEMPLATE if args.procd else SYSV_TEMPLATE.replace(
             "@VERBS@", sysv_verbs("@NAME@", 20, SYSV_MORE_VERBS, "start|stop|restart|status"))
@@ -3696,7 +3784,7 @@ def pod_argv():
     return [python, os.path.abspath(__file__)]
 
 
-def _dir_owner(directory):
+def dir_owner(directory):
     """The name of the directory's owner unless it is root, for systemd's User=."""
     try:
         import pwd
@@ -3707,11 +3795,13 @@ def _dir_owner(directory):
 
 
 def fill_template(template, name, title, command):
+    """A service template with its placeholders filled in."""
     return (template.replace("@NAME@", name).replace("@TITLE@", title)
             .replace("@COMMAND@", command).replace("@DELAY@", str(SERVICE_RESTART_DELAY_S)))
 
 
 def systemd_unit(name, title, argv, user):
+    """The systemd unit that runs `start` for this directory (as `user`, if given)."""
     text = fill_template(SYSTEMD_TEMPLATE, name, title, " ".join(systemd_quote(a) for a in argv))
     return text.replace("@USER@\n", "User=%s\n" % user if user else "")
 
@@ -3799,7 +3889,19 @@ restart|force-reload)
 """
 
 
+# `start` re-executes itself from compiled code (SHARED process) and hands its
+# parsed arguments over in this variable; CLI reads them back.
+ARGS_VARIABLE = "PIPE2ME_ARGS"
+
+
+def hand_over_arguments(args):
+    """ARGS_VARIABLE's value for run_from_compiled_code(): the parsed `args`."""
+    values = {name: value for name, value in vars(args).items() if name != "func"}
+    return {ARGS_VARIABLE: json.dumps(values)}
+
+
 def cmd_start(args):
+    """`start`: run the tunnel in the foreground until stopped."""
     files = PodFiles(args.dir)
     setup = read_setup(files)
     run_from_compiled_code(hand_over_arguments(args))
@@ -3827,6 +3929,7 @@ def cmd_start(args):
 
 
 def cmd_status(args):
+    """`status`: whether the tunnel connection is up, from the status file `start` writes."""
     files = PodFiles(args.dir)
     setup = read_setup(files)
     try:
@@ -3865,6 +3968,7 @@ def print_acme_status(acme):
 
 
 def pid_alive(pid):
+    """Whether a process with that PID exists."""
     try:
         os.kill(int(pid), 0)
     except (OSError, ValueError):
@@ -3887,6 +3991,7 @@ def start_port_keeper(directory, loop):
 
 
 def iso_time(epoch):
+    """epoch seconds as UTC ISO 8601, or "" for none."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)) if epoch else ""
 
 
@@ -3949,10 +4054,8 @@ def cmd_map_ports(args):
 # argparse is imported where a parser is built, not at the top: `start`,
 # re-executed from compiled code, gets its parsed arguments handed over and
 # never builds one (argparse and the parser would be 1.4 MB of pod RSS).
-ARGS_VARIABLE = "PIPE2ME_ARGS"
-
-
 def argument_parser_class():
+    """argparse.ArgumentParser whose errors are UsageError (one line, exit 2)."""
     import argparse
 
     class ArgumentParser(argparse.ArgumentParser):
@@ -3995,6 +4098,7 @@ def positive_seconds(text):
 
 
 def build_parser():
+    """The command line: global options and one subcommand per command."""
     parser = argument_parser_class()(
         prog="pipe2me_pod.py", description="pipe2me pod: publish local TCP services "
         "through a pipe2me server.", epilog="Exit codes: 0 ok, 2 usage, 3 unavailable, "
@@ -4070,12 +4174,6 @@ def configure_logging(args):
 
 
 HANDED_OVER_COMMANDS = {"start": cmd_start}  # the commands that call run_from_compiled_code()
-
-
-def hand_over_arguments(args):
-    """ARGS_VARIABLE's value for run_from_compiled_code(): the parsed `args`."""
-    values = {name: value for name, value in vars(args).items() if name != "func"}
-    return {ARGS_VARIABLE: json.dumps(values)}
 
 
 def handed_over_arguments():

@@ -105,6 +105,7 @@ EXIT_INTERRUPTED = 130                # main() after Ctrl-C; the tree below carr
 SERVICE_PROTOCOLS = ("http", "https", "imap", "imaps", "smtp", "smtps", "ssh", "tcp")
 HOSTNAME_MAX_CHARS = 253
 HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+LAN_NAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")  # names on a LAN may hold '_'
 OPENSSL_TIMEOUT_S = 60
 OPENSSL_PACKAGE_HINT = ("install the package 'openssl' (Debian/Ubuntu) "
                         "or 'openssl-util' (OpenWrt)")
@@ -174,12 +175,14 @@ def printable(text, limit=300):
     return str(text)[:limit].encode("unicode_escape").decode("ascii")
 
 
-def is_hostname(name):
+def is_hostname(name, underscores=False):
     """True for dot-separated LDH labels (1-63 characters, no hyphen at either
-    end), HOSTNAME_MAX_CHARS at most. Only such names may reach an openssl
-    -subj, a file or a header: no '/', ',', '=', space, quote or newline passes."""
+    end), HOSTNAME_MAX_CHARS at most; underscores=True also lets labels hold
+    '_', as LAN names may. Only such names may reach an openssl -subj, a file
+    or a header: no '/', ',', '=', space, quote or newline passes."""
+    label = LAN_NAME_LABEL if underscores else HOSTNAME_LABEL
     return (isinstance(name, str) and 0 < len(name) <= HOSTNAME_MAX_CHARS
-            and all(HOSTNAME_LABEL.fullmatch(label) for label in name.split(".")))
+            and all(label.fullmatch(part) for part in name.split(".")))
 
 
 def write_atomic(path, data, mode=0o644, durable=True):
@@ -287,6 +290,7 @@ LOG_REPEAT_WINDOW_S = 60.0
 
 
 def parse_domain(value):
+    """The managed domain, lower-cased: a host name with a dot, or localhost."""
     value = value.strip().lower().rstrip(".")
     if not is_hostname(value) or "." not in value and value != "localhost":
         raise ValueError("not a domain name: %r" % value)
@@ -294,6 +298,7 @@ def parse_domain(value):
 
 
 def parse_port(value):
+    """A port number 0..65535 (0: any free port, for tests)."""
     port = int(value)
     if not 0 <= port <= 65535:
         raise ValueError("port out of range: %s" % value)
@@ -301,6 +306,7 @@ def parse_port(value):
 
 
 def parse_optional_port(value):
+    """A port, or None for an empty value (the listener is off)."""
     return parse_port(value) if value.strip() else None
 
 
@@ -318,18 +324,22 @@ def parse_port_range(value):
 
 
 def parse_address(value):
+    """One IPv4 or IPv6 address, in its normal form."""
     return str(ipaddress.ip_address(value.strip()))
 
 
 def parse_addresses(value):
+    """A list of addresses separated by commas or spaces."""
     return [parse_address(v) for v in re.split(r"[\s,]+", value.strip()) if v]
 
 
 def parse_path(value):
+    """An absolute path (~ expanded), or "" for an empty value."""
     return os.path.abspath(os.path.expanduser(value)) if value.strip() else ""
 
 
 def parse_required_path(value):
+    """A path (parse_path) that must not be empty."""
     if not value.strip():
         raise ValueError("must not be empty (the default is ~/.pipe2me-server)")
     return parse_path(value)
@@ -345,6 +355,7 @@ def parse_duration(value):
 
 
 def parse_positive_duration(value):
+    """A duration (parse_duration) of more than 0 seconds."""
     seconds = parse_duration(value)
     if seconds <= 0:
         raise ValueError("must be more than 0 seconds")
@@ -352,6 +363,7 @@ def parse_positive_duration(value):
 
 
 def parse_count(value):
+    """A whole number of at least 0."""
     count = int(value)
     if count < 0:
         raise ValueError("must not be negative")
@@ -359,6 +371,7 @@ def parse_count(value):
 
 
 def parse_bytes(value):
+    """A byte count, optionally with a K, M or G suffix (powers of 1024)."""
     match = re.fullmatch(r"(\d+)([KMG]?)", value.strip().upper())
     if not match:
         raise ValueError("not a byte count: %r" % value)
@@ -366,6 +379,7 @@ def parse_bytes(value):
 
 
 def parse_budget(value):
+    """A byte count (parse_bytes) of at least 1 MiB."""
     size = parse_bytes(value)
     if size < 1 << 20:
         raise ValueError("at least 1M")
@@ -392,6 +406,7 @@ def parse_bool(value):
 
 
 def parse_dns_service(value):
+    """Empty, 'builtin' or 'dnsimple:TOKEN[:ACCOUNT]', as given."""
     value = value.strip()
     if value in ("", "builtin"):
         return value
@@ -402,6 +417,7 @@ def parse_dns_service(value):
 
 
 def parse_https_url(value):
+    """An https:// URL, or empty."""
     value = value.strip()
     parts = urllib.parse.urlsplit(value)
     if value and (parts.scheme != "https" or not parts.hostname):
@@ -410,6 +426,7 @@ def parse_https_url(value):
 
 
 def parse_email(value):
+    """An e-mail address, or empty."""
     value = value.strip()
     if value and not re.fullmatch(r"[^@\s:,<>]+@[A-Za-z0-9.-]+", value):
         raise ValueError("not an e-mail address: %r" % value[:80])
@@ -417,6 +434,7 @@ def parse_email(value):
 
 
 def parse_acme_challenge(value):
+    """dns-01, http-01 or empty (choose by the DNS setup)."""
     value = value.strip().lower()
     if value not in ("", "dns-01", "http-01"):
         raise ValueError("expected dns-01, http-01 or empty")
@@ -485,6 +503,7 @@ class Settings:
 
     @property
     def tunnel_dir(self):
+        """STATE_DIR/tunnels: one JSON file per tunnel."""
         return os.path.join(self.state_dir, "tunnels")
 
 
@@ -512,6 +531,7 @@ def read_config_file(path):
 
 
 def unquote(value):
+    """value without one pair of matching surrounding quotes."""
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
         return value[1:-1]
     return value
@@ -544,10 +564,12 @@ def load_settings(config_path=None, flags=None, environ=None):
 # =====================================================================
 
 def write_json(path, obj, mode=0o644):
+    """Write obj as indented JSON, atomically."""
     write_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n", mode)
 
 
 def read_json(path):
+    """The JSON object in path (OSError and ValueError pass through)."""
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
 
@@ -627,10 +649,12 @@ class SourceShares:
                                key=self.oldest_time))
 
     def oldest(self, source):
+        """The socket that `source` has held longest."""
         return min((sock for sock, (owner, _) in self.holders.items() if owner == source),
                    key=lambda sock: self.holders[sock][1])
 
     def oldest_time(self, source):
+        """When `source`'s oldest socket took its slot."""
         return self.holders[self.oldest(source)][1]
 
     def rekey(self, old, new):
@@ -640,10 +664,12 @@ class SourceShares:
                 self.holders[new] = self.holders.pop(old)
 
     def leave(self, sock):
+        """`sock` gives its slot back; thread-safe."""
         with self.lock:
             self.forget(sock)
 
     def forget(self, sock):
+        """Drop `sock` from the counts (the caller holds the lock)."""
         entry = self.holders.pop(sock, None)
         if entry is not None:
             self.counts[entry[0]] -= 1
@@ -651,15 +677,18 @@ class SourceShares:
                 del self.counts[entry[0]]
 
     def held(self):
+        """How many slots are taken now."""
         with self.lock:
             return len(self.holders)
 
 
 def mask_secret(secret):
+    """A secret shortened for logs and listings: its first four characters."""
     return secret[:4] + "…" if len(secret) > 8 else "…"
 
 
 def sha256_hex(data):
+    """The hex SHA-256 of bytes, or of a str's UTF-8 encoding."""
     return hashlib.sha256(data if isinstance(data, bytes) else data.encode()).hexdigest()
 
 
@@ -759,6 +788,7 @@ def plain_address(address):
 
 
 def three_words():
+    """A fresh `<mood>-<color>-<animal>` tunnel name."""
     pick = secrets.choice
     return "%s-%s-%s" % (pick(MOODS), pick(COLORS), pick(ANIMALS))
 
@@ -821,7 +851,7 @@ U32 = struct.Struct("!I")
 FEATURE_CONSUMER_ADDRESS = "consumer_address"   # OPEN carries the addresses
 FEATURE_CERT = "cert"                           # the pod takes CERT frames
 POD_FEATURES = (FEATURE_CONSUMER_ADDRESS, FEATURE_CERT)
-_OPEN_FAMILIES = {4: (socket.AF_INET, 4), 6: (socket.AF_INET6, 16)}
+OPEN_FAMILIES = {4: (socket.AF_INET, 4), 6: (socket.AF_INET6, 16)}
 
 
 def encode_open(port, consumer=None, public=None):
@@ -832,7 +862,7 @@ def encode_open(port, consumer=None, public=None):
     if consumer is None or public is None:
         return payload
     version = 6 if ":" in consumer[0] else 4
-    family = _OPEN_FAMILIES[version][0]
+    family = OPEN_FAMILIES[version][0]
     return payload + bytes([version]) + b"".join(
         socket.inet_pton(family, ip) + U16.pack(number) for ip, number in (consumer, public))
 
@@ -841,7 +871,7 @@ def decode_open(payload):
     """(public port, consumer (ip, port) or None, public end (ip, port) or None)."""
     if len(payload) == U16.size:
         return U16.unpack(payload)[0], None, None
-    family, size = _OPEN_FAMILIES.get(payload[2] if len(payload) > 2 else 0, (None, 0))
+    family, size = OPEN_FAMILIES.get(payload[2] if len(payload) > 2 else 0, (None, 0))
     if family is None or len(payload) != 3 + 2 * (size + U16.size):
         raise ProtocolError("bad OPEN payload of %d bytes" % len(payload))
     ends = []
@@ -899,6 +929,7 @@ class FrameDecoder:
         self.data_left = 0          # ... and how much of it is still to come
 
     def frames(self, data):
+        """Yield (msg, stream, payload) for each frame (or DATA piece) `data` completes."""
         view = memoryview(data)
         pos, end = 0, len(view)
         while pos < end:
@@ -936,6 +967,7 @@ class FrameDecoder:
         return self.finish_frame() if not length else None
 
     def finish_frame(self):
+        """The whole non-DATA frame in the buffer; the buffer is emptied."""
         msg, stream, _length = self.header
         payload = bytes(self.buffer[FRAME_HEADER.size:])
         del self.buffer[:]
@@ -955,6 +987,7 @@ def read_frame_blocking(sock, allowed, deadline):
 
 
 def recv_exactly(sock, size, deadline):
+    """Exactly `size` bytes from a blocking socket before `deadline`, or ProtocolError."""
     data = bytearray()
     while len(data) < size:
         remaining = deadline - time.monotonic()
@@ -1062,6 +1095,7 @@ class EventLoop:
         return handle
 
     def call_soon_threadsafe(self, callback):
+        """From any thread: run callback in the loop thread soon."""
         self.soon.append(callback)
         try:
             self.waker_w.send(b"\0")
@@ -1069,6 +1103,7 @@ class EventLoop:
             pass  # a wake-up is already pending
 
     def on_wake(self, _mask):
+        """Drain the waker socket; the callbacks run after the select."""
         try:
             self.waker_r.recv(4096)
         except (BlockingIOError, OSError):
@@ -1081,6 +1116,7 @@ class EventLoop:
             self.run_once()
 
     def run_once(self):
+        """One select, then the due callbacks: sockets, call_soon, timers."""
         timeout = None
         if self.soon:
             timeout = 0
@@ -1133,6 +1169,7 @@ class EventLoop:
                 self.log.debug("cleanup after an internal error failed: %s", printable(str(second)))
 
     def stop(self):
+        """End run() after the current iteration; callable from any thread."""
         self.running = False
         self.call_soon_threadsafe(lambda: None)
 
@@ -1151,6 +1188,8 @@ class EventLoop:
                 mux.release()
 
     def on_pressure_tick(self):
+        """While the buffer budget is reached: once a second, reap stalled connections and
+        relieve."""
         self.pressure_timer = None
         if not self.pressed:
             return
@@ -1205,6 +1244,7 @@ class Stream:
         self.update_interest()
 
     def update_interest(self):
+        """Watch the socket for what the stream can do now: write what waits, read with credit."""
         if self.closed:
             return
         events = 0
@@ -1218,21 +1258,25 @@ class Stream:
         self.mux.loop.watch(self.sock, events, self.on_event)
 
     def pause_reading(self, seconds):
+        """A rate cap: stop reading the local socket for `seconds`."""
         self.paused = True
         self.update_interest()
         self.mux.loop.call_later(seconds, self.resume_reading)
 
     def resume_reading(self):
+        """Read the local socket again after pause_reading()."""
         self.paused = False
         self.update_interest()
 
     def on_event(self, mask):
+        """Loop callback: write first, then read."""
         if mask & EVENT_WRITE:
             self.on_writable()
         if mask & EVENT_READ and not self.closed:
             self.on_readable()
 
     def on_readable(self):
+        """Read the local socket straight into one DATA frame, within credit."""
         mux = self.mux
         if mux.congested:
             mux.blocked.add(self)
@@ -1260,6 +1304,7 @@ class Stream:
             self.update_interest()
 
     def on_writable(self):
+        """A connect finished (or failed) or the socket has room: write what waits."""
         if self.connecting:
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
@@ -1270,6 +1315,7 @@ class Stream:
             self.update_interest()
 
     def on_connect_timeout(self):
+        """The local service did not answer within LOCAL_CONNECT_TIMEOUT_S: reset the stream."""
         if self.connecting and not self.closed:
             self.mux.log.warning("local service unavailable stream=%d target=%s error=%s",
                                  self.id, self.target or "?",
@@ -1331,6 +1377,7 @@ class Stream:
             self.keep(payload[sent:])
 
     def keep(self, payload):
+        """Keep a copy of what the socket did not take; write it when it has room."""
         was_empty = not self.pending
         self.pending.append(bytes(payload))
         self.pending_bytes += len(payload)
@@ -1373,6 +1420,7 @@ class Stream:
             self.shutdown_write()
 
     def shutdown_write(self):
+        """Half-close: the peer sent EOF and everything is written."""
         self.write_closed = True
         try:
             self.sock.shutdown(socket.SHUT_WR)
@@ -1381,6 +1429,7 @@ class Stream:
         self.finish_if_done()
 
     def on_window(self, payload):
+        """The peer returned credit; ProtocolError if it grows past the window."""
         if len(payload) != U32.size:
             raise ProtocolError("stream %d: bad WINDOW frame" % self.id)
         was_blocked = self.credit <= 0
@@ -1391,11 +1440,13 @@ class Stream:
             self.update_interest()
 
     def on_eof(self):
+        """The peer sends no more: half-close once what waits is written."""
         self.peer_eof = True
         if not self.connecting and not self.pending:
             self.shutdown_write()
 
     def finish_if_done(self):
+        """Destroy the stream once both directions are closed."""
         if self.read_closed and self.write_closed:
             self.destroy()
         else:
@@ -1413,6 +1464,7 @@ class Stream:
         self.abort("internal error")
 
     def destroy(self):
+        """Close the socket and forget the stream; idempotent."""
         if self.closed:
             return
         self.closed = True
@@ -1463,6 +1515,7 @@ class Mux:
 
     # -- sending -------------------------------------------------------
     def send(self, msg, stream, payload=b""):
+        """Queue one frame and write what the socket takes."""
         self.queue(msg, stream, payload)
         self.flush()
 
@@ -1496,9 +1549,11 @@ class Mux:
             self.loop.watch(self.sock, reading | EVENT_WRITE, self.on_event)
 
     def send_control(self, msg, obj):
+        """Send a stream-0 frame with obj as its JSON payload."""
         self.send(msg, 0, json.dumps(obj, separators=(",", ":")).encode())
 
     def flush(self):
+        """Write `out` while the socket takes it; wake blocked streams below the low water mark."""
         while self.out and not self.closed:
             try:
                 with memoryview(self.out) as view:
@@ -1520,6 +1575,7 @@ class Mux:
 
     # -- receiving -----------------------------------------------------
     def on_event(self, mask):
+        """Loop callback: write first, then read unless a rate cap paused reading."""
         if mask & EVENT_WRITE:
             self.flush()
         if mask & EVENT_READ and not self.closed and not self.reading_paused:
@@ -1566,15 +1622,18 @@ class Mux:
         self.loop.call_later(seconds, self.end_rate_hold)
 
     def end_rate_hold(self):
+        """The rate cap's pause is over: read again."""
         self.rate_hold = False
         self.resume_reading()
 
     def hold_reads(self):
+        """Stop reading the peer (writes go on) until resume_reading()."""
         self.reading_paused = True
         if not self.closed:
             self.loop.watch(self.sock, EVENT_WRITE if self.out else 0, self.on_event)
 
     def resume_reading(self):
+        """Read the peer again after pause_reading()."""
         if self.closed or self.rate_hold or self.pressure_hold or not self.reading_paused:
             return
         self.reading_paused = False
@@ -1603,6 +1662,7 @@ class Mux:
                 loop.relieve()
 
     def press(self):
+        """The loop's buffer budget is reached: hold reads until the loop relieves it."""
         self.log.debug("reads held back, buffer budget reached buffered=%d total=%d",
                        self.buffered, self.loop.buffered)
         self.pressure_hold = True
@@ -1641,6 +1701,7 @@ class Mux:
         return size, None
 
     def dispatch(self, msg, stream_id, payload):
+        """Hand one frame to its stream, to on_frame_0 or to on_open_frame."""
         if stream_id == 0:
             return self.on_frame_0(msg, payload)
         if msg == Msg.OPEN:
@@ -1667,6 +1728,7 @@ class Mux:
             self.loop.contain(stream.crash, exc)
 
     def on_frame_0(self, msg, payload):
+        """A frame on stream 0: answer PING, ignore PONG, the rest to on_control()."""
         if msg == Msg.PING:
             if len(self.out) <= CONTROL_REPLY_LIMIT_BYTES:
                 self.queue(Msg.PONG, 0, payload)  # sent once per batch (on_readable)
@@ -1678,6 +1740,7 @@ class Mux:
             self.on_control(msg, decode_control(payload))
 
     def on_open_frame(self, stream_id, payload):
+        """A new stream from the peer: check its id and port, then on_open()."""
         if stream_id <= self.highest_stream:
             raise ProtocolError("bad OPEN for stream %d" % stream_id)
         port, consumer, public = decode_open(payload)
@@ -1686,6 +1749,7 @@ class Mux:
 
     # -- streams -------------------------------------------------------
     def add_stream(self, stream_id, sock, connecting=False):
+        """Carry `sock` as stream `stream_id` over this connection."""
         sock.setblocking(False)
         stream = Stream(self, stream_id, sock, connecting)
         self.streams[stream_id] = stream
@@ -1737,6 +1801,7 @@ class Mux:
 
     # -- for owners to override ----------------------------------------
     def on_open(self, stream_id, port, consumer=None, public=None):
+        """May be overridden: the peer opened stream_id for its `port` service."""
         raise ProtocolError("OPEN is not expected here")
 
     def retry_local_connect(self, stream, reason):
@@ -1745,12 +1810,15 @@ class Mux:
         return False
 
     def on_control(self, msg, obj):
+        """May be overridden: a control frame other than PING/PONG arrived."""
         raise ProtocolError("unexpected %s" % msg.name)
 
     def on_stream_closed(self, stream):
+        """May be overridden: `stream` was destroyed."""
         pass
 
     def on_closed(self, reason):
+        """May be overridden: the connection is closed, for `reason`."""
         pass
 # ---- END SHARED relay ----
 # ---- BEGIN SHARED process (identical in pipe2me_server.py and pipe2me_pod.py) ----
@@ -1903,6 +1971,7 @@ ADDED_TOKEN_MAX_PORTS = 4
 
 
 def parse_port_count(value):
+    """A number of ports, 1 or more."""
     if not re.fullmatch(r"[0-9]{1,5}", value) or int(value) < 1:
         raise ValueError("not a number of ports (1 or more)")
     return int(value)
@@ -1933,6 +2002,7 @@ def parse_token_line(line):
 
 
 def format_token_line(name, options):
+    """One tokens.conf line: `name = option:value ...`."""
     shown = " ".join("%s:%s" % (k, str(v).lower() if isinstance(v, bool) else v)
                      for k, v in options.items())
     return "%s = %s" % (name, shown)
@@ -1976,6 +2046,7 @@ def load_tokens(path, problems=None):
 
 
 def new_token_name():
+    """A fresh random token name."""
     return "p2m-" + secrets.token_urlsafe(18)
 
 
@@ -2015,6 +2086,7 @@ def ephemeral_port_range(path="/proc/sys/net/ipv4/ip_local_port_range"):
 
 
 def warn_if_ports_meet_ephemeral_range(ports):
+    """Log a warning when TUNNEL_PORTS overlaps the kernel's ephemeral port range."""
     ephemeral = ephemeral_port_range()
     if ephemeral and ports[0] <= ephemeral[-1] and ephemeral[0] <= ports[-1]:
         log.warning("TUNNEL_PORTS %d..%d meets the kernel's ephemeral ports %d..%d: an outgoing "
@@ -2037,9 +2109,11 @@ class PortPool:
         self.aside = collections.deque()  # (monotonic retry time, port)
 
     def take(self, port):
+        """`port` is held by a tunnel."""
         self.held.add(port)
 
     def release(self, port):
+        """`port` is free again (if it is still in TUNNEL_PORTS)."""
         if port in self.held:
             self.held.discard(port)
             if port in self.ports:
@@ -2066,6 +2140,8 @@ class PortPool:
         return picked
 
     def offer_again(self, now):
+        """Put the ports set aside back among the free ones once their time has come (or none
+        are free)."""
         while self.aside and (self.aside[0][0] <= now or not self.free):
             heapq.heappush(self.free, self.aside.popleft()[1])
 
@@ -2172,6 +2248,7 @@ class Store:
         return len(tunnels)
 
     def recover_used_tokens(self):
+        """Write the used single-use tokens found in tunnel files; a read-only disk is logged."""
         try:
             self.write_used_tokens(self.used_tokens)
         except OSError as exc:  # read-only: delete() writes it before a tunnel file goes
@@ -2181,20 +2258,24 @@ class Store:
 
     # -- queries -----------------------------------------------------
     def get(self, tunnel_id):
+        """A copy of the tunnel's record, or None."""
         with self.lock:
             record = self.tunnels.get(tunnel_id)
             return json.loads(json.dumps(record)) if record else None
 
     def is_online(self, tunnel_id, now=None):
+        """Whether the tunnel exists and has not expired at `now`."""
         with self.lock:
             record = self.tunnels.get(tunnel_id)
             return record is not None and tunnel_status(record, now) == "online"
 
     def all(self):
+        """Copies of every record."""
         with self.lock:
             return [json.loads(json.dumps(r)) for r in self.tunnels.values()]
 
     def count(self):
+        """How many tunnels the store holds."""
         return len(self.tunnels)
 
     def online_ports(self, now):
@@ -2211,24 +2292,29 @@ class Store:
             return [{key: r[key] for key in keys} for r in self.tunnels.values()]
 
     def by_fqdn(self, fqdn):
+        """A copy of the record of that name, or None."""
         with self.lock:
             record = self.tunnels.get(self.names.get(fqdn))
             return dict(record) if record else None
 
     def by_cert(self, fingerprint):
+        """A copy of the record whose certificates include this SHA-256, or None."""
         with self.lock:
             record = self.tunnels.get(self.certs.get(fingerprint))
             return dict(record) if record else None
 
     def holds_resources(self, record, now):
+        """Whether the record still holds its ports and name (until PORT_GRACE after expiry)."""
         return now < record["expires_at"] + self.settings.port_grace
 
     def live_count_for_token(self, token_hash, now):
+        """How many unexpired tunnels the token (by hash) has made."""
         ids = self.by_token.get(token_hash, ())
         return sum(1 for i in ids if now < self.tunnels[i]["expires_at"])
 
     # -- changes -----------------------------------------------------
     def save(self, record):
+        """Write the record's file (mode 0600, atomically)."""
         path = os.path.join(self.settings.tunnel_dir, record["id"] + ".json")
         write_json(path, record, mode=0o600)
 
@@ -2255,6 +2341,7 @@ class Store:
         return dict(record), secret
 
     def new_record(self, token_hash, options, protocols, ports, now):
+        """A new tunnel record and its secret (not yet saved)."""
         secret = secrets.token_urlsafe(24)
         record = {
             "version": STATE_VERSION, "id": self.new_id(),
@@ -2275,6 +2362,7 @@ class Store:
         return port_can_listen(self.settings.listen_address, port)
 
     def check_token_use(self, token_hash, options, now):
+        """Rejected if a used single-use token or a token at MAX_TUNNELS_PER_TOKEN."""
         if options["unique"] and token_hash in self.used_tokens:
             raise Rejected("this token was for one use and has been used")
         cap = self.settings.max_tunnels_per_token
@@ -2283,6 +2371,8 @@ class Store:
             raise Rejected("this token already has %d live tunnels (MAX_TUNNELS_PER_TOKEN)" % cap)
 
     def mark_token_used_or_undo(self, token_hash, record):
+        """Record the token as used; if that cannot be written, remove the new tunnel's file
+        and raise."""
         try:
             self.mark_token_used(token_hash)
         except OSError:
@@ -2291,9 +2381,11 @@ class Store:
             raise
 
     def mark_token_used(self, token_hash):
+        """Add the token's hash to the used-tokens file."""
         self.write_used_tokens(self.used_tokens | {token_hash})
 
     def write_used_tokens(self, used):
+        """Write the set of used single-use token hashes."""
         write_json(self.used_path, {"version": STATE_VERSION, "used": sorted(used)}, 0o600)
         self.used_tokens = self.used_saved = used
 
@@ -2313,12 +2405,15 @@ class Store:
             return self.update(tunnel_id, expires_at=expires)
 
     def new_id(self):
+        """A fresh tunnel id (16 hex digits) no record has."""
         while True:
             candidate = secrets.token_hex(8)
             if candidate not in self.tunnels:
                 return candidate
 
     def new_fqdn(self):
+        """A three-word name under the domain that no record holds (a numbered suffix after 20
+        tries)."""
         domain = self.settings.tunnel_domain
         for attempt in range(200):
             words = three_words()
@@ -2340,6 +2435,7 @@ class Store:
         return dict(updated)
 
     def add_traffic(self, tunnel_id, bytes_in, bytes_out):
+        """Add relayed bytes to the tunnel's counters and save them."""
         with self.lock:
             record = self.tunnels.get(tunnel_id)
             if record is None or not (bytes_in or bytes_out):
@@ -2349,6 +2445,7 @@ class Store:
             self.save(record)
 
     def delete(self, tunnel_id):
+        """Remove the tunnel's file and record; False if there was none."""
         with self.lock:
             record = self.tunnels.get(tunnel_id)
             if record is None:
@@ -2403,6 +2500,7 @@ class Store:
 
 
 def tunnel_status(record, now=None):
+    """"online" or "expired" at `now`."""
     return "online" if (now or time.time()) < record["expires_at"] else "expired"
 
 
@@ -2458,11 +2556,13 @@ class Presence:
         return self
 
     def connect(self, tunnel_id, pod):
+        """The tunnel's pod connected now, from `pod`."""
         with self.lock:
             self.connected[tunnel_id] = {"since": int(time.time()), "pod": pod}
             self.dirty = True
 
     def disconnect(self, tunnel_id):
+        """The tunnel's pod is gone; remember when it was last seen."""
         with self.lock:
             if self.connected.pop(tunnel_id, None) is not None:
                 self.last_seen[tunnel_id] = int(time.time())
@@ -3671,6 +3771,7 @@ class BadTokenLimiter:
             return ""
 
     def record(self, address, now=None):
+        """Count one failed token use from `address` (the table is bounded)."""
         now = now or time.monotonic()
         source = source_prefix(address, 32, 64)
         with self.lock:
@@ -3697,6 +3798,7 @@ class Api:
 
     # -- tunnel creation ------------------------------------------------
     def create_tunnel(self, token, protocols, address, proxy_protocol=None):
+        """POST /tunnels: a new tunnel for a valid token, with its secret."""
         if not token:
             raise Rejected("a token is required (token=...)", http_status=401)
         refusal = self.limiter.blocked(address)
@@ -3719,6 +3821,8 @@ class Api:
 
     @staticmethod
     def check_protocols(protocols):
+        """The requested protocols as a list (a comma string is split); UsageError for unknown
+        ones."""
         if isinstance(protocols, str):
             protocols = [p for p in re.split(r"[\s,]+", protocols) if p]
         if not isinstance(protocols, list) or not protocols:
@@ -3752,6 +3856,7 @@ class Api:
         return record
 
     def verify(self, tunnel_id):
+        """GET /tunnels/<id>/verify: status, name and expiry; NotFound or Expired otherwise."""
         record = self.store.get(tunnel_id) if TUNNEL_ID.fullmatch(tunnel_id) else None
         if record is None:
             raise NotFound("unknown tunnel", status="unknown")
@@ -3762,6 +3867,8 @@ class Api:
         return view
 
     def sign(self, record, csr):
+        """POST /tunnels/<id>/cert: sign the pod's CSR for its own name and remember the
+        fingerprint."""
         if not isinstance(csr, str) or not csr.strip():
             raise UsageError("csr (PEM) is required")
         if tunnel_status(record) != "online":
@@ -3787,6 +3894,7 @@ class Api:
         return view
 
     def extend(self, record, token, address):
+        """POST /tunnels/<id>/extend: add an extending token's lifespan to the tunnel."""
         refusal = self.limiter.blocked(address)
         if refusal:
             raise Unavailable(refusal, http_status=429)
@@ -3816,11 +3924,13 @@ class Api:
         return public_view(updated, self.settings, presence=self.presence)
 
     def delete(self, record):
+        """DELETE /tunnels/<id>: the tunnel and its file are gone."""
         self.store.delete(record["id"])
         log.info("tunnel deleted tunnel=%s fqdn=%s", record["id"], record["fqdn"])
         return {"deleted": record["id"]}
 
     def config(self):
+        """GET /config: what a pod needs to know before it creates a tunnel."""
         s = self.settings
         return {"protocol_version": PROTOCOL_VERSION, "tunnel_domain": s.tunnel_domain,
                 "tunnel_port": s.tunnel_port, "http_port": s.http_port,
@@ -3892,6 +4002,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         raise AttributeError(name)
 
     def dispatch(self):
+        """Every method: route the request, answer JSON (or shell format), turn a Pipe2meError
+        into its status."""
         try:
             url = urllib.parse.urlsplit(self.path)
         except ValueError:  # e.g. "http://[::1" as the target
@@ -3911,6 +4023,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         self.reply(status, body)
 
     def route(self, method, path):
+        """The endpoint method and its URL parameters; NotFound or 405."""
         allowed = []
         for verb, pattern, name in ROUTES:
             match = re.fullmatch(pattern, path)
@@ -3932,6 +4045,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
     # -- request and answer -------------------------------------------
     def body(self):
+        """The request body as a dict (JSON or form), within API_MAX_BODY_BYTES."""
         if "Transfer-Encoding" in self.headers:
             raise UsageError("send the body with a Content-Length (no Transfer-Encoding)",
                              http_status=411)
@@ -3959,17 +4073,20 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         return {k: v[-1] for k, v in urllib.parse.parse_qs(text).items()}
 
     def secret(self, body=None):
+        """The tunnel secret: Authorization: Bearer, else the body's or the query's `secret`."""
         auth = self.headers.get("Authorization", "")
         if auth.startswith("Bearer "):
             return auth[7:].strip()
         return field(body or {}, "secret") or (self.query.get("secret") or [""])[-1]
 
     def wants_shell(self):
+        """Whether the client asked for the shell format (?format=shell or Accept)."""
         headers = getattr(self, "headers", None) or {}  # none yet after a bad request line
         return self.query.get("format", [""])[-1] == "shell" or \
             "text/x-shellscript" in headers.get("Accept", "")
 
     def reply(self, status, body, content_type=None):
+        """Send status and body: str as text, else JSON or shell format."""
         if self.request_version == "HTTP/0.9":  # it has no status line; we refuse it anyway
             self.request_version = "HTTP/1.0"
         if isinstance(body, str):
@@ -3998,6 +4115,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             pass
 
     def log_message(self, fmt, *args):
+        """http.server's request log, as a debug line of ours."""
         log.debug("api %s %s", self.address_string(), fmt % args)
 
     # -- endpoints ------------------------------------------------------
@@ -4017,19 +4135,24 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         return any(address in network for network in settings.metrics_allow)
 
     def page_status(self):
+        """GET /: a short human-readable status page."""
         lines = ["pipe2me server for %s" % self.server.settings.tunnel_domain, ""]
         return 200, "\n".join(lines + self.server.status_lines(self.may_see_tenants())) + "\n"
 
     def page_config(self):
+        """GET /config."""
         return 200, self.server.config()
 
     def page_cacert(self):
+        """GET /cacert: the CA certificate (PEM)."""
         return 200, self.server.ca.ca_pem()
 
     def page_metrics(self):
+        """GET /metrics: Prometheus text format."""
         return 200, self.server.metrics(self.may_see_tenants())
 
     def post_tunnels(self):
+        """POST /tunnels (token, protocols)."""
         body = self.body()
         token = field(body, "token", "auth")
         view = self.server.create_tunnel(token, body.get("protocols", "https"),
@@ -4037,29 +4160,36 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         return 201, view
 
     def patch_tunnel(self, id):
+        """PATCH /tunnels/<id>: change the tunnel's settings, with its secret."""
         body = self.body()
         return 200, self.server.change(self.server.tunnel_for(id, self.secret(body)), body)
 
     def get_tunnel(self, id):
+        """GET /tunnels/<id> with the tunnel's secret."""
         return 200, self.server.show(self.server.tunnel_for(id, self.secret()))
 
     def delete_tunnel(self, id):
+        """DELETE /tunnels/<id> with the tunnel's secret."""
         return 200, self.server.delete(self.server.tunnel_for(id, self.secret()))
 
     def get_verify(self, id):
+        """GET /tunnels/<id>/verify, no secret needed."""
         return 200, self.server.verify(id)
 
     def post_cert(self, id):
+        """POST /tunnels/<id>/cert (csr) with the tunnel's secret."""
         body = self.body()
         return 200, self.server.sign(self.server.tunnel_for(id, self.secret(body)), body.get("csr"))
 
     def post_extend(self, id):
+        """POST /tunnels/<id>/extend (token) with the tunnel's secret."""
         body = self.body()
         record = self.server.tunnel_for(id, self.secret(body))
         return 200, self.server.extend(record, field(body, "token", "auth"),
                                        self.client_address[0])
 
     def post_check(self, id):
+        """POST /tunnels/<id>/check: probe the pod's router, with the tunnel's secret."""
         body = self.body()
         record = self.server.tunnel_for(id, self.secret(body))
         if self.server.reachability is None:
@@ -4094,6 +4224,8 @@ class ApiServer:
         self.lock = threading.Lock()
 
     def serve(self, sock, address, tls):
+        """Take over a connection from a front: answer it in a thread, or 429 when all slots
+        are busy."""
         sock.setblocking(True)
         if not self.slots.take(sock, source_prefix(address[0], 32, 64)):
             log.warning("api connection cap reached, closing from=%s:%d cap=%d",
@@ -4105,6 +4237,7 @@ class ApiServer:
                          name="api", daemon=True).start()
 
     def handle(self, sock, address, tls):
+        """In the request's thread: TLS if asked, one request, linger, close."""
         conn = sock
         try:
             sock.settimeout(ApiHandler.timeout)
@@ -4191,6 +4324,7 @@ class PodSession(Mux):
         return self.rate_cap.pace(nbytes) if self.rate_cap else 0
 
     def on_control(self, msg, obj):
+        """GOAWAY from the pod: no new streams, the session ends once the running ones are done."""
         if msg == Msg.GOAWAY:
             log.info("pod going away tunnel=%s reason=%s", self.tunnel_id,
                      printable(obj.get("reason"), 200))
@@ -4199,10 +4333,12 @@ class PodSession(Mux):
         raise ProtocolError("unexpected %s after HELLO" % msg.name)
 
     def on_stream_closed(self, stream):
+        """A draining session ends with its last stream."""
         if self.draining and not self.streams:
             self.destroy("drained")
 
     def on_closed(self, reason):
+        """Log the disconnect and let the hub forget the session."""
         log.info("pod disconnected tunnel=%s pod=%s reason=%s",
                  self.tunnel_id, self.address, reason)
         self.hub.on_session_closed(self)
@@ -4237,6 +4373,7 @@ class RateCap:
         self.rate, self.allowance, self.stamp = rate, float(rate), time.monotonic()
 
     def pace(self, nbytes):
+        """Take nbytes from the bucket; the seconds to pause reading (0 within the rate)."""
         now = time.monotonic()
         self.allowance = min(self.rate, self.allowance + (now - self.stamp) * self.rate) - nbytes
         self.stamp = now
@@ -4269,6 +4406,8 @@ class PodGate:
         self.verified = SourceShares(self.cap, 2, rotate=True)
 
     def admit(self, sock, address):
+        """A new connection on TUNNEL_PORT: authenticate it in a thread, or close it beyond
+        MAX_PENDING_HANDSHAKES."""
         if not self.strangers.take(sock, source_prefix(address[0], 32, 64)):
             log.warning("pod handshake cap reached, closing pod=%s:%d cap=%d",
                         address[0], address[1], self.cap)
@@ -4277,6 +4416,7 @@ class PodGate:
                          name="pod-handshake", daemon=True).start()
 
     def authenticate(self, sock, address):
+        """In the handshake thread: TLS, HELLO and the verdict; a welcome pod goes to the loop."""
         peer, tls = "%s:%d" % address[:2], sock
         try:
             sock.setblocking(True)
@@ -4376,6 +4516,7 @@ class Listener:
         self.paused_since = None  # start of a descriptor shortage: logged once, with its end
 
     def on_event(self, _mask):
+        """Accept up to ACCEPT_BATCH connections and hand each to on_accept."""
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, address = self.sock.accept()
@@ -4404,10 +4545,12 @@ class Listener:
         self.loop.call_later(ACCEPT_PAUSE_S, self.resume)
 
     def resume(self):
+        """Accept again after pause()."""
         if not self.closed:
             self.loop.watch(self.sock, EVENT_READ, self.on_event)
 
     def close(self):
+        """Stop accepting and close the socket; idempotent."""
         if not self.closed:
             self.closed = True
             self.loop.watch(self.sock, 0)
@@ -4465,6 +4608,7 @@ class Hub:
         session.send_control(Msg.CERT, view)
 
     def on_session_closed(self, session):
+        """Forget a closed session (unless a newer one replaced it) and save its traffic."""
         if self.sessions.get(session.tunnel_id) is session:
             del self.sessions[session.tunnel_id]
             if self.presence is not None:
@@ -4472,6 +4616,7 @@ class Hub:
         self.save_traffic(session)
 
     def save_traffic(self, session):
+        """Write the session's unsaved byte counts to the store; kept in memory if that fails."""
         got_in, got_out = session.unsaved_traffic()
         try:
             self.store.add_traffic(session.tunnel_id, got_in, got_out)
@@ -4584,6 +4729,7 @@ class Hub:
                 self.listen(port, tunnel_id)
 
     def stream_count(self):
+        """Streams open over all sessions."""
         return sum(len(s.streams) for s in self.sessions.values())
 
     def unsaved_traffic(self, tunnel_id):
@@ -4645,10 +4791,12 @@ class Sniffer:
         loop.watch(sock, EVENT_READ, self.on_event)
 
     def on_event(self, _mask):
+        """Readable: stop watching and peek at what arrived."""
         self.loop.watch(self.sock, 0)
         self.peek()
 
     def peek(self):
+        """Look at the head without consuming it; route, wait with backoff, or give up."""
         try:
             head = self.sock.recv(FRONT_SNIFF_BYTES, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
@@ -4666,6 +4814,7 @@ class Sniffer:
         self.delay = min(self.delay * 2, 0.25)
 
     def finish(self, action):
+        """Hand the connection to `action`, once."""
         self.on_finish()
         action(self.sock)
 
@@ -4901,6 +5050,7 @@ class BodyReader:
         self.done = kind == "none" or (kind == "length" and not length)
 
     def feed(self, data):
+        """How many bytes of `data` belong to the body (all, for a body that ends at close)."""
         if self.kind == "close" or self.done:
             return 0 if self.done else len(data)
         if self.kind == "length":
@@ -4928,6 +5078,7 @@ class BodyReader:
         return pos
 
     def on_line(self, line):
+        """One chunk-size, chunk-end or trailer line; BadMessage if malformed."""
         if not line.endswith(b"\r\n"):
             raise BadMessage("chunk line without CRLF")
         line = line[:-2]
@@ -5080,6 +5231,7 @@ class HttpFrontConnection:
             self.loop.watch(up.sock, events, self.on_upstream_event)
 
     def on_event(self, mask):
+        """Loop callback of the consumer's socket: write, then read the next requests."""
         if mask & EVENT_WRITE:
             self.flush(self.sock, self.out)
         if mask & EVENT_READ and not self.closed:
@@ -5094,6 +5246,7 @@ class HttpFrontConnection:
         self.after_io()
 
     def on_upstream_event(self, mask):
+        """Loop callback of the upstream stream: write the request, read the response."""
         up = self.up
         if up is None:
             return
@@ -5247,6 +5400,7 @@ class HttpFrontConnection:
         return False
 
     def on_consumer_eof(self):
+        """The consumer sends no more."""
         self.read_closed = True
         if self.lingering:
             self.destroy()
@@ -5319,6 +5473,7 @@ class HttpFrontConnection:
             self.advance()
 
     def on_upstream_eof(self, up):
+        """The upstream ended: answer what it left unanswered (502/503/504), then close."""
         if up.closed:
             return
         if self.waiting and not self.raw:
@@ -5443,6 +5598,8 @@ class Fronts:
                 lambda: budget.give_back(key))
 
     def is_api_name(self, name):
+        """Whether a Host or SNI name means the API (the bare domain, localhost, or no tunnel
+        name)."""
         domain = self.settings.tunnel_domain
         return name in ("", domain, "localhost") or not name.endswith("." + domain)
 
@@ -5457,6 +5614,7 @@ class Fronts:
 
     # -- HTTP front -----------------------------------------------------
     def on_http_accept(self, sock, address):
+        """A new connection on HTTP_PORT: sniff its Host."""
         self.sniff("http", sock, address, lambda head: self.route_http(head, address),
                    lambda s: answer_and_close(s, 431, "Request Header Fields Too Large"))
 
@@ -5538,10 +5696,13 @@ class Fronts:
 
     # -- HTTPS front ----------------------------------------------------
     def on_https_accept(self, sock, address):
+        """A new connection on HTTPS_PORT: sniff its SNI."""
         self.sniff("https", sock, address, lambda head: self.route_https(head, address),
                    lambda s: s.close())
 
     def route_https(self, head, address):
+        """Where a ClientHello goes: the API, the tunnel's https service (passed through), or
+        closed."""
         try:
             name = tls_client_hello_sni(head)
         except (ValueError, IndexError, UnicodeDecodeError):
@@ -6724,6 +6885,7 @@ class RepeatedLines(logging.Filter):
         self.lock = threading.Lock()
 
     def filter(self, record):
+        """logging.Filter: pass a refusal line, or count it once its kind filled the window."""
         if not isinstance(record.msg, str) or not record.msg.startswith(REFUSAL_PREFIXES):
             return True
         now = time.monotonic()
@@ -6743,6 +6905,7 @@ class RepeatedLines(logging.Filter):
         return passed
 
     def flush(self, now):
+        """Close the windows older than window_s, reporting what each held back."""
         with self.lock:
             ended = [(m, w) for m, w in self.windows.items() if now - w[0] >= self.window_s]
             for message, _ in ended:
@@ -6751,6 +6914,7 @@ class RepeatedLines(logging.Filter):
             self.report(message, window)
 
     def report(self, message, window):
+        """One line saying how many lines of a kind were held back."""
         if window[2]:
             event = " ".join(w for w in message.split() if "=" not in w and "%" not in w)
             log.warning("%d more like this in the last %d s: %s", window[2], self.window_s,
@@ -6795,6 +6959,8 @@ class Server:
         return created
 
     def server_tls_context(self):
+        """TLS for the API on HTTPS_PORT, with a server certificate from the CA renewed as
+        needed."""
         names = [self.settings.tunnel_domain]
         ips = sorted({"127.0.0.1", "::1", *self.settings.public_address}
                      | ({self.settings.listen_address} - {"0.0.0.0", "::"}))
@@ -6816,6 +6982,8 @@ class Server:
             tls.context = acme_context
 
     def pod_tls_context(self, base_cert_files):
+        """TLS 1.3 with client certificates of the CA, for TUNNEL_PORT; expiry is judged after
+        HELLO."""
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_3
         context.load_cert_chain(*base_cert_files)
@@ -6847,6 +7015,7 @@ class Server:
         return bound
 
     def start(self):
+        """State, listeners and DNS; prints the first token on a first start; logs `ready`."""
         created = self.prepare_state()
         try:
             bound = self.bind_all()
@@ -6978,6 +7147,7 @@ class Server:
 
     # -- running --------------------------------------------------------
     def sweep(self):
+        """Once a second: API deadlines, expiry, traffic saves, idle streams, traffic caps, DNS."""
         now = time.time()
         self.repeats.flush(time.monotonic())
         self.api_server.expire(time.monotonic())
@@ -6995,6 +7165,7 @@ class Server:
         self.loop.call_later(SWEEP_INTERVAL_S, self.sweep)
 
     def expire_idle_streams(self):
+        """Reset streams idle for STREAM_IDLE_TIMEOUT (when set)."""
         limit = self.settings.stream_idle_timeout
         if not limit:
             return
@@ -7034,6 +7205,7 @@ class Server:
         self.wait_for_streams()
 
     def wait_for_streams(self):
+        """During a drain: wait for the streams, until SHUTDOWN_GRACE, then stop the loop."""
         if self.hub.stream_count() and time.monotonic() < self.finish_by:
             self.loop.call_later(0.1, self.wait_for_streams)
             return
@@ -7042,6 +7214,7 @@ class Server:
         self.loop.stop()
 
     def run(self):
+        """Serve until SIGTERM or SIGINT drains; SIGHUP reloads."""
         signal.signal(signal.SIGTERM, lambda *_: self.loop.call_soon_threadsafe(self.drain))
         signal.signal(signal.SIGINT, lambda *_: self.loop.call_soon_threadsafe(self.drain))
         signal.signal(signal.SIGHUP, lambda *_: self.loop.call_soon_threadsafe(self.reload))
@@ -7087,6 +7260,7 @@ class Server:
         return "\n".join(lines) + "\n"
 
     def metric_families(self, records, live, now, tenants):
+        """Yield (name, type, help, [(labels, value)]) for each /metrics family."""
         online = sum(tunnel_status(r, now) == "online" for r in records)
         traffic = [(r, live["traffic"].get(r["id"], (0, 0))) for r in records]
         yield ("pipe2me_tunnels", "gauge", "Tunnels known to the server, by status.",
@@ -7113,6 +7287,7 @@ class Server:
                                                ('{fqdn="%s",direction="out"}', "bytes_out", 1))])
 
     def status_lines(self, _tenants=False):
+        """The counts on the status page."""
         live = self.on_loop(self.live_counts)
         return ["tunnels: %d" % self.store.count(), "pods connected: %d" % live["pods"],
                 "streams open: %d" % live["streams"]]
@@ -7153,6 +7328,7 @@ def notify_server(settings):
 
 
 def cmd_tokens(settings, args):
+    """`tokens list|add|remove`."""
     path = settings.tokens_file
     tokens = load_tokens(path)
     if args.action == "list":  # names in full: this is the server's own machine
@@ -7194,6 +7370,7 @@ def write_tokens_file(change, path, *args):
 
 
 def append_token(path, name, options):
+    """Add one token line to tokens.conf, atomically."""
     old = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
     if old and not old.endswith("\n"):
         old += "\n"
@@ -7202,6 +7379,7 @@ def append_token(path, name, options):
 
 
 def remove_token(path, name):
+    """Drop the named token's line from tokens.conf, atomically."""
     lines = open(path, encoding="utf-8").read().splitlines(True)
     kept = [l for l in lines if l.partition("=")[0].strip() != name]
     write_atomic(path, "".join(kept), 0o600)
@@ -7211,6 +7389,7 @@ TUNNELS_LIST_ROW = "%-16s  %-40s %-7s %-9s %-20s  %s"
 
 
 def cmd_tunnels(settings, args):
+    """`tunnels list|show|remove`."""
     store = Store(settings)
     store.load()
     presence = Presence(settings.state_dir).load(running_server_pid(settings.state_dir) is not None)
@@ -7474,6 +7653,7 @@ restart)
 
 
 def cmd_serve(settings, _args):
+    """Run the server in the foreground until it is stopped."""
     run_from_compiled_code()
     raise_open_file_limit()
     server = Server(settings)
@@ -7483,6 +7663,7 @@ def cmd_serve(settings, _args):
 
 
 def build_parser():
+    """The command line: one flag per configuration key, and the admin commands."""
     parser = argparse.ArgumentParser(
         prog="pipe2me_server.py", description="pipe2me tunnel server")
     parser.add_argument("--config", help="configuration file (default ~/pipe2me.server.conf)")
@@ -7519,10 +7700,12 @@ class LogFormatter(logging.Formatter):
     so no peer can end a log line or forge the next one."""
 
     def format(self, record):
+        """The logging module's line with control characters escaped."""
         return super().format(record).translate(CONTROL_ESCAPES)
 
 
 def main(argv=None):
+    """Run one command; return the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
