@@ -83,8 +83,8 @@ import urllib.parse
 # ---- BEGIN SHARED base (identical in pipe2me_server.py and pipe2me_pod.py) ----
 # What every section of both programs stands on: the one exception tree and
 # its exit codes, the services a tunnel may publish, peer text made safe for
-# logs, the host-name check, files replaced atomically, and the one wrapper
-# through which openssl runs.
+# logs, the host-name check, files replaced atomically, the one wrapper
+# through which openssl runs, and times as the CLI prints them.
 
 EXIT_INTERRUPTED = 130                # main() after Ctrl-C; the tree below carries 1 to 4
 SERVICE_PROTOCOLS = ("http", "https", "imap", "imaps", "smtp", "smtps", "ssh", "tcp")
@@ -252,6 +252,11 @@ def last_line(output):
     lines = [line.strip() for line in output.decode("utf-8", "replace").splitlines()]
     lines = [line for line in lines if line]
     return lines[-1][:300] if lines else "no message"
+
+
+def iso_time(epoch):
+    """An epoch as 2026-12-02T05:10:00Z; "" for None."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)) if epoch else ""
 # ---- END SHARED base ----
 
 # =====================================================================
@@ -320,7 +325,6 @@ API_TIMEOUT_S = 15
 API_MAX_ANSWER_BYTES = 1024 * 1024
 # Renew when the certificate expires within this fraction of its lifetime.
 CERT_RENEW_REMAINING_FRACTION = 2.0 / 3.0
-SERVICE_RESTART_DELAY_S = 5
 
 # =====================================================================
 # HELPERS — .inc files, reading and writing the pod's files; used by all below
@@ -1505,6 +1509,7 @@ def run_from_compiled_code(environment=None):
 
 
 # Both programs print service definitions (`service`) that start them at boot.
+SERVICE_RESTART_DELAY_S = 5          # between a failed run and the next
 
 def systemd_quote(word):
     """One ExecStart word: `%` and `$` escaped, double-quoted when needed."""
@@ -3988,11 +3993,6 @@ def start_port_keeper(directory, loop):
     keeper = PortMapKeeper(directory, state)
     keeper.start(loop)
     return keeper
-
-
-def iso_time(epoch):
-    """epoch seconds as UTC ISO 8601, or "" for none."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)) if epoch else ""
 
 
 def cmd_check(args):

@@ -98,8 +98,8 @@ log = logging.getLogger("pipe2me.server")
 # ---- BEGIN SHARED base (identical in pipe2me_server.py and pipe2me_pod.py) ----
 # What every section of both programs stands on: the one exception tree and
 # its exit codes, the services a tunnel may publish, peer text made safe for
-# logs, the host-name check, files replaced atomically, and the one wrapper
-# through which openssl runs.
+# logs, the host-name check, files replaced atomically, the one wrapper
+# through which openssl runs, and times as the CLI prints them.
 
 EXIT_INTERRUPTED = 130                # main() after Ctrl-C; the tree below carries 1 to 4
 SERVICE_PROTOCOLS = ("http", "https", "imap", "imaps", "smtp", "smtps", "ssh", "tcp")
@@ -267,6 +267,11 @@ def last_line(output):
     lines = [line.strip() for line in output.decode("utf-8", "replace").splitlines()]
     lines = [line for line in lines if line]
     return lines[-1][:300] if lines else "no message"
+
+
+def iso_time(epoch):
+    """An epoch as 2026-12-02T05:10:00Z; "" for None."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)) if epoch else ""
 # ---- END SHARED base ----
 
 
@@ -1898,6 +1903,7 @@ def run_from_compiled_code(environment=None):
 
 
 # Both programs print service definitions (`service`) that start them at boot.
+SERVICE_RESTART_DELAY_S = 5          # between a failed run and the next
 
 def systemd_quote(word):
     """One ExecStart word: `%` and `$` escaped, double-quoted when needed."""
@@ -7421,11 +7427,6 @@ def cmd_tunnels(settings, args):
     return 0
 
 
-def iso_time(epoch):
-    """An epoch as 2026-12-02T05:10:00Z; "" for None."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)) if epoch else ""
-
-
 def shown_setting(value):
     """A setting as the configuration file spells it: a range as a..b, a
     list comma-separated, nothing as an empty value."""
@@ -7486,7 +7487,6 @@ def cmd_dns_refresh(settings, _args):
 
 
 SERVICE_USER = "pipe2me"
-SERVICE_RESTART_DELAY_S = 5
 
 
 def cmd_service(settings, args):
