@@ -305,6 +305,18 @@ class ServerHandle:
         assert "Traceback" not in self.proc.stderr(), self.proc.stderr()[-3000:]
         return code
 
+    def mark(self):
+        """Where the server's log is now: log text after it is what came since."""
+        return len(self.proc.stderr())
+
+
+def write_tokens(state_dir, lines):
+    """A fresh state dir (mode 0700) whose tokens.conf holds `lines`."""
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    with open(os.path.join(state_dir, "tokens.conf"), "w", encoding="utf-8") as fh:
+        fh.write("".join(line + "\n" for line in lines))
+    return state_dir
+
 
 @pytest.fixture
 def services():

@@ -27,7 +27,8 @@ import time
 
 import pytest
 
-from conftest import clean_env, POD, ServerHandle, free_port, setup_pod, start_pod, wait_until
+from conftest import (clean_env, POD, ServerHandle, free_port, setup_pod, start_pod, wait_until,
+                      write_tokens)
 from helpers import DOMAIN, api, cert_fields, cert_sha256, create_tunnel, make_csr, make_key, openssl
 MAIN_TOKEN = "main-token-hostile"
 UNIQUE_TOKEN = "unique-token-hostile"
@@ -54,20 +55,14 @@ class Server(ServerHandle):
     """A server reading no configuration of this machine, with known tokens."""
 
     def __init__(self, workdir, extra=(), tokens=()):
-        state_dir = os.path.join(workdir, "state")
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        lines = ["%s = max_ports:4 lifespan:1h" % MAIN_TOKEN] + list(tokens)
-        with open(os.path.join(state_dir, "tokens.conf"), "w", encoding="utf-8") as fh:
-            fh.write("".join(line + "\n" for line in lines))
+        state_dir = write_tokens(os.path.join(workdir, "state"),
+                                 ["%s = max_ports:4 lifespan:1h" % MAIN_TOKEN] + list(tokens))
         super().__init__(workdir, extra=extra, env=clean_env(os.path.join(workdir, "home")),
                          state_dir=state_dir)
         self.token = MAIN_TOKEN
         self.cafile = os.path.join(workdir, "cacert.pem")
         with open(self.cafile, "wb") as fh:
             fh.write(api_call(self, "GET", "/cacert")[1])
-
-    def mark(self):
-        return len(self.proc.stderr())
 
     def wait_log(self, pattern, mark, timeout=10.0):
         return self.proc.wait_for(pattern, timeout=timeout, after=mark)

@@ -20,7 +20,7 @@ import time
 import pytest
 
 from conftest import (MiB, LocalService, ServerHandle, clean_env, connect, echo_handler,
-                      echo_round_trip, free_port, setup_pod, start_pod, wait_until)
+                      echo_round_trip, free_port, setup_pod, start_pod, wait_until, write_tokens)
 
 DOMAIN = "pipe2.localhost"
 TOKEN = "safety-main-token"
@@ -37,11 +37,8 @@ class Server(ServerHandle):
     """A server with known tokens and the given flags, reading nothing of this machine."""
 
     def __init__(self, workdir, extra=(), tokens=()):
-        state_dir = os.path.join(workdir, "state")
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        lines = ["%s = max_ports:4 lifespan:1h" % TOKEN] + list(tokens)
-        with open(os.path.join(state_dir, "tokens.conf"), "w", encoding="utf-8") as fh:
-            fh.write("".join(line + "\n" for line in lines))
+        state_dir = write_tokens(os.path.join(workdir, "state"),
+                                 ["%s = max_ports:4 lifespan:1h" % TOKEN] + list(tokens))
         # a 5 s heartbeat: on a loaded machine a 1 s one declares busy pods dead
         env = clean_env(os.path.join(workdir, "home"))
         env.update(os.environ.get("SAFETY_ENV") and dict([os.environ["SAFETY_ENV"].split("=")]) or {})
@@ -49,9 +46,6 @@ class Server(ServerHandle):
                          env=env,
                          state_dir=state_dir)
         self.token = TOKEN
-
-    def mark(self):
-        return len(self.proc.stderr())
 
     def log_after(self, mark):
         return self.proc.stderr()[mark:]
