@@ -11,6 +11,7 @@ import random
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -203,14 +204,22 @@ def echo_round_trip(port, payload=b"ping through pipe2me\n", timeout=10.0, host=
 
 class LocalService:
     """A TCP service in this process: handler(sock) runs in a thread per
-    connection. `ends` records how each connection ended ("eof", "reset")."""
+    connection. `ends` records how each connection ended ("eof", "reset").
+    host "::1" listens on IPv6 only; tls=(certfile, keyfile) serves TLS."""
 
-    def __init__(self, handler, port=0, backlog=512):
+    def __init__(self, handler, port=0, backlog=512, host="127.0.0.1", tls=None):
         self.handler = handler
         self.ends = []
-        self.sock = socket.socket()
+        self.context = None
+        if tls:
+            self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.context.load_cert_chain(*tls)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
+        if family == socket.AF_INET6:
+            self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        self.sock.bind((host, port))
         self.sock.listen(backlog)
         self.port = self.sock.getsockname()[1]
         self.acceptor = threading.Thread(target=self.accept_loop, daemon=True)
@@ -228,7 +237,11 @@ class LocalService:
         with conn:
             conn.settimeout(60)
             try:
-                self.handler(conn)
+                if self.context:
+                    with self.context.wrap_socket(conn, server_side=True) as tls:
+                        self.handler(tls)
+                else:
+                    self.handler(conn)
                 self.ends.append("eof")
             except (ConnectionResetError, BrokenPipeError):
                 self.ends.append("reset")
@@ -320,11 +333,12 @@ def write_tokens(state_dir, lines):
 
 @pytest.fixture
 def services():
-    """LocalServices started by a test, stopped after it: services(handler, port=0)."""
+    """LocalServices started by a test, stopped after it:
+    services(handler, port=0, host=..., tls=...)."""
     started = []
 
-    def start(handler, port=0):
-        service = LocalService(handler, port)
+    def start(handler, port=0, **options):
+        service = LocalService(handler, port, **options)
         started.append(service)
         return service
     yield start

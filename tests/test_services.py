@@ -26,7 +26,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 
 import pytest
 
@@ -38,53 +37,6 @@ BASE = "/work/base"  # the original code (commit df6c451), for compatibility tes
 
 
 # ---- helpers ---------------------------------------------------------------
-
-class ThreadedService:
-    """A TCP service on one address in this process; handler(conn) per connection."""
-
-    def __init__(self, host, handler, tls=None, port=0):
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        self.sock.bind((host, port))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.handler, self.context = handler, None
-        if tls:
-            self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            self.context.load_cert_chain(*tls)
-        self.thread = threading.Thread(target=self.accept_loop, daemon=True)
-        self.thread.start()
-
-    def accept_loop(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
-
-    def serve(self, conn):
-        try:
-            conn.settimeout(10)
-            if self.context:
-                conn = self.context.wrap_socket(conn, server_side=True)
-            self.handler(conn)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def stop(self):
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        self.thread.join(5)
-
 
 def http_answer(text):
     """A handler answering one HTTP request with `text`."""
@@ -148,19 +100,6 @@ def tls_banner(port, fqdn, cafile, host="127.0.0.1"):
 
 
 @pytest.fixture
-def threaded():
-    started = []
-
-    def start(*args, **kwargs):
-        service = ThreadedService(*args, **kwargs)
-        started.append(service)
-        return service
-    yield start
-    for service in started:
-        service.stop()
-
-
-@pytest.fixture
 def procs():
     started = []
     yield started
@@ -185,15 +124,15 @@ def test_services_local_target_forms(pod_mod):
 
 
 @pytest.mark.parametrize("form", ["PORT", "[::1]:PORT", "localhost:PORT"])
-def test_services_ipv6_only_service_three_ways(server, workdir, threaded, procs, form):
+def test_services_ipv6_only_service_three_ways(server, workdir, services, procs, form):
     """Services on ::1 only (Node.js's `localhost`), named as `form`: the
     per-port URLs, the HTTP front and the SNI front all reach them."""
     pod_dir = os.path.join(workdir, "pod")
-    web = threaded("::1", http_answer("http on ::1\n"))
+    web = services(http_answer("http on ::1\n"), host="::1")
     tls_port = free_port()
     targets = [form.replace("PORT", str(port)) for port in (web.port, tls_port)]
     fqdn = setup_pod(server, pod_dir, "http,https", targets)
-    threaded("::1", banner("https on ::1\n"), tls=pod_cert(pod_dir), port=tls_port)
+    services(banner("https on ::1\n"), port=tls_port, host="::1", tls=pod_cert(pod_dir))
     assert pod_env(pod_dir)["PIPE2ME_LOCAL_PORTS"] == ",".join(targets)
     procs.append(start_pod(workdir, pod_dir))
     http_port, https_port = public_ports(pod_dir)
