@@ -5414,9 +5414,10 @@ class HttpFrontConnection:
     # -- responses --------------------------------------------------------
     def on_response_bytes(self, data):
         """Relay response bytes in order; each complete response lets the
-        next request go."""
+        next request go. Bytes past a response whose next request went to
+        another tunnel are dropped with their stream: they answer nothing."""
         up = self.up
-        while len(data) and not self.closed:
+        while len(data) and not self.closed and self.up is up:
             if self.raw:
                 self.out += data
                 return

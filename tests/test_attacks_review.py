@@ -1,0 +1,90 @@
+"""Attacks on the integrated server by a stranger and by a tenant: each test
+is one way a tenant could reach another tenant's traffic or the server's
+state, and shows it no longer works.
+
+Real parts on 127.0.0.0/8: the server and pods as processes, services in
+this process behind the pods."""
+
+import os
+import socket
+import time
+
+import pytest
+
+from conftest import LocalService, ServerHandle, connect, public_ports, setup_pod, start_pod
+
+
+def read_head(conn):
+    """The bytes of one request head from a service's connection, b"" at EOF."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = conn.recv(4096)
+        if not data:
+            return b""
+        head += data
+    return head
+
+
+def two_responses_for_one(conn):
+    """A hostile service: for each request, its answer and then a second,
+    forged response, in one write."""
+    while read_head(conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nA1"
+                     b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged")
+
+
+def honest(conn):
+    """A keep-alive service answering "honest" to each request."""
+    while read_head(conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nhonest")
+
+
+def read_until(sock, marker, timeout=15.0):
+    """What the socket sends until `marker` has come, EOF or the timeout."""
+    deadline, data = time.monotonic() + timeout, b""
+    while marker not in data and time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(65536)
+        except (socket.timeout, ConnectionResetError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.fixture(scope="module")
+def tenants(tmp_path_factory):
+    """One server with two http tunnels: "evil" before a hostile service,
+    "victim" before an honest one, both pods running."""
+    workdir = str(tmp_path_factory.mktemp("attacks"))
+    server = ServerHandle(workdir)
+    services, pods, names = [], [], {}
+    try:
+        for name, handler in (("evil", two_responses_for_one), ("victim", honest)):
+            service = LocalService(handler)
+            services.append(service)
+            pod_dir = os.path.join(workdir, "pod-" + name)
+            names[name] = setup_pod(server, pod_dir, "http", [service.port])
+            pods.append(start_pod(workdir, pod_dir, name="pod-" + name))
+        server.names = names
+        yield server
+    finally:
+        for proc in pods:
+            proc.stop()
+        for service in services:
+            service.stop()
+        assert server.stop() == 0
+
+
+def test_attack_pod_response_spilling_into_the_next_tenants_request(tenants):
+    """A pod that answers one request with two responses must not answer a
+    request pipelined behind it for another tunnel."""
+    evil, victim = tenants.names["evil"], tenants.names["victim"]
+    with connect(tenants.http) as sock:
+        sock.sendall(b"GET /1 HTTP/1.1\r\nHost: %s\r\n\r\nGET /2 HTTP/1.1\r\nHost: %s\r\n\r\n"
+                     % (evil.encode(), victim.encode()))
+        answers = read_until(sock, b"honest")
+    assert b"forged" not in answers, answers
+    assert answers.endswith(b"honest"), answers
