@@ -5220,13 +5220,15 @@ class HttpFrontConnection:
 
     # -- events -----------------------------------------------------------
     def update_interest(self):
-        """Watch each socket for what its buffers allow (reads stop when full)."""
+        """Watch each socket for what its buffers allow: reads stop when
+        full, the consumer's also while answers to it wait unread."""
         if self.closed:
             return
         up_full = self.up is not None and len(self.up.out) >= FRONT_BUFFER_BYTES
         events = EVENT_WRITE if self.out else 0
+        out_full = len(self.out) >= FRONT_BUFFER_BYTES  # answers the consumer does not read
         if not self.read_closed and (self.finishing or (
-                len(self.inbuf) < FRONT_SNIFF_BYTES and not up_full)):
+                len(self.inbuf) < FRONT_SNIFF_BYTES and not up_full and not out_full)):
             events |= EVENT_READ
         self.loop.watch(self.sock, events, self.on_event)
         up = self.up

@@ -6,6 +6,7 @@ Real parts on 127.0.0.0/8: the server and pods as processes, services in
 this process behind the pods."""
 
 import os
+import select
 import socket
 import time
 
@@ -88,3 +89,26 @@ def test_attack_pod_response_spilling_into_the_next_tenants_request(tenants):
         answers = read_until(sock, b"honest")
     assert b"forged" not in answers, answers
     assert answers.endswith(b"honest"), answers
+
+
+def server_rss_bytes(server):
+    with open("/proc/%d/status" % server.proc.popen.pid) as f:
+        return 1024 * int(next(l for l in f if l.startswith("VmRSS:")).split()[1])
+
+
+def test_attack_stranger_pipelining_front_answers_without_reading(tenants):
+    """A stranger pipelines requests the front answers itself (404 for an
+    unknown name) and never reads: the answers must not pile up in the
+    server's memory; the front stops reading instead."""
+    request = b"GET /x HTTP/1.1\r\nHost: nobody.pipe2.localhost\r\n\r\n" * 64
+    before = server_rss_bytes(tenants)
+    with connect(tenants.http) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        sent, deadline = 0, time.monotonic() + 60
+        while sent < 64 * 1024 * 1024 and time.monotonic() < deadline:
+            if not select.select([], [sock], [], 2)[1]:
+                break  # not writable for 2 s: the server stopped reading
+            sent += sock.send(request)
+        grown = server_rss_bytes(tenants) - before
+    assert grown < 32 * 1024 * 1024, (sent, grown)
