@@ -5107,9 +5107,11 @@ class BodyReader:
 def forwarding_fields(request, peer, trusted, proto="http"):
     """The request's header lines with X-Forwarded-For/-Proto/-Host and
     Forwarded (RFC 7239) naming the peer: what the consumer sent is dropped,
-    unless the peer is a trusted proxy, whose values are extended."""
+    unless the peer is a trusted proxy, whose values are extended. Names
+    spelt with "_" count too (CGI and WSGI read them as the same field)."""
     kept, prior = [], collections.defaultdict(list)
     for key, name, value in request.fields:
+        key = key.replace(b"_", b"-")
         if key in FORWARDING_FIELDS:
             prior[key].append(value.decode("latin-1"))
         else:

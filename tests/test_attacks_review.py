@@ -34,9 +34,16 @@ def two_responses_for_one(conn):
                      b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged")
 
 
+SEEN = []  # the request heads the honest service got
+
+
 def honest(conn):
     """A keep-alive service answering "honest" to each request."""
-    while read_head(conn):
+    while True:
+        head = read_head(conn)
+        if not head:
+            return
+        SEEN.append(head)
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nhonest")
 
 
@@ -112,3 +119,16 @@ def test_attack_stranger_pipelining_front_answers_without_reading(tenants):
             sent += sock.send(request)
         grown = server_rss_bytes(tenants) - before
     assert grown < 32 * 1024 * 1024, (sent, grown)
+
+
+def test_attack_consumer_forging_forwarding_fields_with_underscores(tenants):
+    """X_Forwarded_For is X-Forwarded-For to CGI, PHP and WSGI services
+    (HTTP_X_FORWARDED_FOR): a consumer must not get its own value through."""
+    victim = tenants.names["victim"].encode()
+    spoof = b"X_Forwarded_For: 6.6.6.6\r\nx-forwarded_proto: https\r\nX_Forwarded_Host: evil\r\n"
+    with connect(tenants.http) as sock:
+        sock.sendall(b"GET /u HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (victim, spoof))
+        assert read_until(sock, b"honest").endswith(b"honest")
+    head = next(h for h in reversed(SEEN) if h.startswith(b"GET /u "))
+    assert b"6.6.6.6" not in head and b"evil" not in head, head
+    assert b"\r\nX-Forwarded-For: 127.0.0.1\r\n" in head, head
