@@ -121,6 +121,20 @@ KEY_ARGS = {
 }
 
 
+def curl(*args, timeout=30):
+    """Run the real curl (never through a proxy, no stdin, at most 20 s);
+    the CompletedProcess, output in bytes."""
+    return subprocess.run(["curl", "-sS", "--noproxy", "*", "--max-time", "20"] + list(args),
+                          capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def curl_ok(*args):
+    """curl's stdout (bytes); the test fails with curl's message if curl failed."""
+    done = curl(*args)
+    assert done.returncode == 0, done.stderr.decode()
+    return done.stdout
+
+
 def openssl(*args, input_bytes=None, cwd=None):
     """Run openssl; its stdout, or the test fails with its stderr."""
     done = subprocess.run(["openssl"] + [str(a) for a in args], input=input_bytes, cwd=cwd,

@@ -25,8 +25,8 @@ import pytest
 
 from conftest import (clean_env, CONFIG_KEY_NAMES, POD, SERVER, Proc, ServerHandle, ephemeral_ports, free_port_range,
                       wait_until)
-from helpers import (DOMAIN, cert_fields, cert_sha256, create_tunnel, make_csr, make_key, openssl,
-                     request_json)
+from helpers import (DOMAIN, cert_fields, cert_sha256, create_tunnel, curl_ok, make_csr, make_key,
+                     openssl, request_json)
 
 FQDN_RE = re.compile(r"^[a-z]+-[a-z]+-[a-z]+(-\d+)?\.pipe2\.localhost$")
 POD_FILE_NAMES = {"pipe2me.info.inc", "pipe2me.local.inc", "pipe2me.openssl.priv",
@@ -146,17 +146,10 @@ def create(server, token, protocols=("http", "https")):
     return create_tunnel(server, token, protocols)
 
 
-def curl(*args):
-    done = subprocess.run(["curl", "-sS", "--noproxy", "*", "--max-time", "20"] + list(args),
-                          capture_output=True, timeout=40)
-    assert done.returncode == 0, done.stderr.decode()
-    return done.stdout
-
-
 def curl_get(url, *extra):
     """(status, content type, body) of a GET with the real curl."""
     marker = b"\n--curl-meta--"
-    out = curl(*extra, "-w", (marker + b"%{http_code} %{content_type}").decode(), url)
+    out = curl_ok(*extra, "-w", (marker + b"%{http_code} %{content_type}").decode(), url)
     body, _, meta = out.rpartition(marker)
     status, _, ctype = meta.decode().partition(" ")
     return int(status), ctype, body

@@ -17,7 +17,6 @@ import shutil
 import signal
 import socket
 import ssl
-import subprocess
 import threading
 import time
 
@@ -25,6 +24,7 @@ import pytest
 
 from conftest import (LocalService, Proc, ServerHandle, connect, free_port, public_ports,
                       setup_pod, start_pod, wait_until)
+from helpers import curl
 
 DOMAIN = "pipe2.localhost"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -99,11 +99,6 @@ def upgrade_then_echo(conn):
         if not rest:
             break
     conn.shutdown(socket.SHUT_WR)
-
-
-def curl(*args, timeout=30):
-    return subprocess.run(["curl", "-sS", "--noproxy", "*", "--max-time", "20"] + list(args),
-                          capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 LEFTOVER = {}  # socket -> bytes read past the last response

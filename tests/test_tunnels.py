@@ -27,7 +27,7 @@ import pytest
 
 from conftest import (copy_pod_dir, echo_handler, connect, recv_to_eof, echo_round_trip, MiB, POD, SERVER, Proc, ServerHandle, free_port, public_ports, run_pod,
                       setup_pod, start_pod, wait_until)
-from helpers import api, cert_sha256
+from helpers import api, cert_sha256, curl_ok
 
 BIG_BYTES = 100 * MiB
 HEARTBEAT_S = 1                       # conftest starts every server with --heartbeat-interval 1
@@ -36,18 +36,6 @@ SHORT_LIFESPAN_S = 4                  # setup, start and one echo fit in it on a
 
 
 # ---- clients -------------------------------------------------------------------------------
-
-def curl(*args):
-    """Run the real curl (never through a proxy); returns the CompletedProcess (bytes)."""
-    return subprocess.run(["curl", "-sS", "--noproxy", "*", "--max-time", "15"] + list(args),
-                          capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
-
-
-def curl_ok(*args):
-    done = curl(*args)
-    assert done.returncode == 0, done.stderr.decode()
-    return done.stdout
-
 
 def closed_within(port, seconds):
     """Connect and wait for the server to close (EOF or reset); returns the time it took.
