@@ -1560,6 +1560,38 @@ def sysv_verbs(name, stop_wait_s, more_verbs, usage):
     (case branches, each ending in `;;`) before status; `usage` lists them all."""
     return (SYSV_VERBS_TEMPLATE.replace("@MORE_VERBS@", more_verbs).replace("@NAME@", name)
             .replace("@STOP_WAIT_S@", str(stop_wait_s)).replace("@USAGE@", usage))
+
+
+def lock_pid_file(path, mode):
+    """Hold an exclusive lock on `path` (created with `mode`) for the life of
+    the process, with our PID written in it: the open descriptor, or None
+    when another process holds it (lock_holder_pid() names it). OSError if
+    the file cannot be opened."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, mode)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, b"%d\n" % os.getpid())
+    return fd
+
+
+def lock_holder_pid(path):
+    """The PID in `path` of the process that holds its lock, or None."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None  # nobody holds it
+    except OSError:
+        text = os.read(fd, 32).decode("ascii", "replace").strip()
+        return int(text) if text.isdigit() else None
+    finally:
+        os.close(fd)
 # ---- END SHARED process ----
 
 
@@ -3292,36 +3324,18 @@ def lock_pod_dir(directory):
     directory. UsageError naming the PID of the `start` that holds it."""
     path = os.path.join(directory, LOCK_FILE)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = lock_pid_file(path, 0o644)
     except OSError as exc:
         raise UsageError("cannot open %s: %s" % (path, error_text(exc)))
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = lock_holder(directory) or "unknown"
-        os.close(fd)
+    if fd is None:
         raise UsageError("another `start` runs for %s (pid %s): one start per pod directory"
-                         % (directory, holder))
-    os.ftruncate(fd, 0)
-    os.write(fd, b"%d\n" % os.getpid())
+                         % (directory, lock_holder(directory) or "unknown"))
     return fd
 
 
 def lock_holder(directory):
     """The PID of the `start` that holds DIR's lock, or None."""
-    path = os.path.join(directory, LOCK_FILE)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return None  # nobody holds it
-    except OSError:
-        text = os.read(fd, 32).decode("ascii", "replace").strip()
-        return int(text) if text.isdigit() else None
-    finally:
-        os.close(fd)
+    return lock_holder_pid(os.path.join(directory, LOCK_FILE))
 
 
 def is_local_address(ip):

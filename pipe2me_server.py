@@ -1954,6 +1954,38 @@ def sysv_verbs(name, stop_wait_s, more_verbs, usage):
     (case branches, each ending in `;;`) before status; `usage` lists them all."""
     return (SYSV_VERBS_TEMPLATE.replace("@MORE_VERBS@", more_verbs).replace("@NAME@", name)
             .replace("@STOP_WAIT_S@", str(stop_wait_s)).replace("@USAGE@", usage))
+
+
+def lock_pid_file(path, mode):
+    """Hold an exclusive lock on `path` (created with `mode`) for the life of
+    the process, with our PID written in it: the open descriptor, or None
+    when another process holds it (lock_holder_pid() names it). OSError if
+    the file cannot be opened."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, mode)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, b"%d\n" % os.getpid())
+    return fd
+
+
+def lock_holder_pid(path):
+    """The PID in `path` of the process that holds its lock, or None."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None  # nobody holds it
+    except OSError:
+        text = os.read(fd, 32).decode("ascii", "replace").strip()
+        return int(text) if text.isdigit() else None
+    finally:
+        os.close(fd)
 # ---- END SHARED process ----
 
 # =====================================================================
@@ -2599,33 +2631,15 @@ class Presence:
 
 def lock_state_dir(state_dir):
     """Hold STATE_DIR/server.lock for the life of the process, or refuse (exit 3)."""
-    path = os.path.join(state_dir, "server.lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise Unavailable("another pipe2me server is running on %s" % state_dir) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, b"%d\n" % os.getpid())
+    fd = lock_pid_file(os.path.join(state_dir, "server.lock"), 0o600)
+    if fd is None:
+        raise Unavailable("another pipe2me server is running on %s" % state_dir)
     return fd
 
 
 def running_server_pid(state_dir):
     """PID of the server holding the lock on state_dir, or None."""
-    path = os.path.join(state_dir, "server.lock")
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return None  # nobody holds it
-    except OSError:
-        text = os.read(fd, 32).decode().strip()
-        return int(text) if text.isdigit() else None
-    finally:
-        os.close(fd)
+    return lock_holder_pid(os.path.join(state_dir, "server.lock"))
 
 
 # =====================================================================
