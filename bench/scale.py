@@ -34,6 +34,7 @@ import socket
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -86,12 +87,19 @@ class BenchServer:
     def url(self, path):
         return "http://127.0.0.1:%d%s" % (self.http_port, path)
 
-    def create_tunnel(self):
+    def create_tunnel(self, attempts=20):
+        """POST /tunnels; a 503 or 429 (a busy shared machine) is tried again."""
         body = json.dumps({"token": TOKEN, "protocols": ["tcp"]}).encode()
-        request = urllib.request.Request(self.url("/tunnels"), data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as answer:
-            return json.loads(answer.read())
+        for attempt in range(attempts):
+            request = urllib.request.Request(self.url("/tunnels"), data=body, method="POST",
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as answer:
+                    return json.loads(answer.read())
+            except urllib.error.HTTPError as exc:
+                if exc.code not in (429, 503) or attempt == attempts - 1:
+                    raise peers.BenchError("POST /tunnels: %s %s" % (exc.code, exc.read()[:200]))
+                time.sleep(0.2)
 
     def metrics(self):
         with urllib.request.urlopen(self.url("/metrics"), timeout=60) as answer:
