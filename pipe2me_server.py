@@ -4217,10 +4217,10 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         return 200, self.server.reachability(record, self.client_address[0], body)
 
 
-def answer_and_close(sock, status, reason, headers=(), body=""):
+def answer_and_close(sock, status, reason, headers=(), body="", ctype="text/plain"):
     """A tiny HTTP/1.0 answer from the front itself, then close (429, 431)."""
     payload = body.encode()
-    lines = ["HTTP/1.0 %d %s" % (status, reason), "Content-Type: text/plain",
+    lines = ["HTTP/1.0 %d %s" % (status, reason), "Content-Type: " + ctype,
              "Content-Length: %d" % len(payload), "Connection: close"] + list(headers)
     try:
         sock.setblocking(True)
@@ -4250,7 +4250,11 @@ class ApiServer:
         if not self.slots.take(sock, source_prefix(address[0], 32, 64)):
             log.warning("api connection cap reached, closing from=%s:%d cap=%d",
                         address[0], address[1], API_MAX_CONNECTIONS)
-            return answer_and_close(sock, 429, "Too Many Requests", body="server busy\n")
+            return answer_and_close(
+                sock, 429, "Too Many Requests", headers=("Retry-After: 1",),
+                body=json.dumps({"error": "too many API requests at once from this address; "
+                                          "retry in a second", "retry_after_s": 1}) + "\n",
+                ctype="application/json")
         with self.lock:
             self.deadlines[sock] = time.monotonic() + self.api.settings.api_request_deadline
         threading.Thread(target=self.handle, args=(sock, address, tls),

@@ -39,16 +39,21 @@ def info(pod_dir):
     return values["PIPE2ME_ID"], values["PIPE2ME_FQDN"], values["PIPE2ME_SECRET"]
 
 
+def api_busy(answer):
+    """The API's answer to a source over its share of API workers (not the signing limit)."""
+    return answer.status == 429 and b"too many API requests at once" in answer.body
+
+
 def post_csr(server, pod_dir, csr):
     """POST /tunnels/<id>/cert with the pod's secret: (status, JSON body, Retry-After).
-    While the API turns this source away ("server busy": its share of API workers is
+    While the API turns this source away (busy: its share of API workers is
     still taken by a flood's connections), wait for a worker, up to 30 s."""
     tunnel_id, _fqdn, secret = info(pod_dir)
 
     def answered():
         answer = api(server, "POST", "/tunnels/%s/cert" % tunnel_id, {"csr": csr},
                      secret=secret, timeout=60)
-        return None if answer.body == b"server busy\n" else answer
+        return None if api_busy(answer) else answer
     answer = wait_until(answered, timeout=30, interval=0.2, what="an API worker")
     return answer.status, answer.json(), answer.headers.get("Retry-After")
 
@@ -61,7 +66,7 @@ def flood_csr(server, pod_dir, csr):
                      secret=info(pod_dir)[2], timeout=60)
     except (ConnectionError, http.client.HTTPException):
         return None, None, None
-    if answer.body == b"server busy\n":
+    if api_busy(answer):
         return None, None, None
     return answer.status, answer.json(), answer.headers.get("Retry-After")
 

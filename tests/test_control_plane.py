@@ -555,8 +555,10 @@ def test_cert_every_issued_cert_names_only_its_tunnel(srv, workdir):
 
 # ---- 7. concurrency and crashes ------------------------------------------------------------------
 
-def burst_create(url, token, count, protocols=("http", "https")):
-    """`count` POST /tunnels at once from threads; their (status, body) in order."""
+def burst_create(url, token, count, protocols=("http", "https"), sources=10):
+    """`count` POST /tunnels at once from threads, spread over `sources` loopback
+    addresses (the API serves only a few requests per address at once); their
+    (status, body) in order."""
     barrier = threading.Barrier(count)
     results = [None] * count
 
@@ -564,7 +566,8 @@ def burst_create(url, token, count, protocols=("http", "https")):
         barrier.wait(timeout=20)
         try:
             results[index] = request_json(url + "/tunnels", "POST",
-                                       {"token": token, "protocols": list(protocols)}, timeout=30)
+                                          {"token": token, "protocols": list(protocols)},
+                                          source="127.0.0.%d" % (2 + index % sources), timeout=30)
         except (OSError, ValueError) as exc:
             results[index] = (None, repr(exc))
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
