@@ -5156,11 +5156,17 @@ def local_answer(status, text, accept="", headers=(), close=False):
         ctype = "text/html; charset=utf-8"
     else:
         body, ctype = ("%s: %s\n" % (title, text)).encode(), "text/plain; charset=utf-8"
+    return front_answer_head(title, ctype, len(body), headers, close) + body
+
+
+def front_answer_head(title, ctype, length, headers=(), close=False):
+    """The head of an answer from the front itself ("200 OK", a local error
+    page): no version in Server, never cached."""
     lines = ["HTTP/1.1 %s" % title, "Server: pipe2me", "Content-Type: " + ctype,
-             "Content-Length: %d" % len(body), "Cache-Control: no-store"] + list(headers)
+             "Content-Length: %d" % length, "Cache-Control: no-store"] + list(headers)
     if close:
         lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 def reset_answer(reason):
@@ -5592,11 +5598,8 @@ def http_head_host(head):
 
 def acme_answer(body, head_only, close):
     """The 200 answer to an HTTP-01 challenge request (RFC 8555 §8.3)."""
-    lines = ["HTTP/1.1 200 OK", "Server: pipe2me", "Content-Type: application/octet-stream",
-             "Content-Length: %d" % len(body), "Cache-Control: no-store"]
-    if close:
-        lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (b"" if head_only else body)
+    head = front_answer_head("200 OK", "application/octet-stream", len(body), close=close)
+    return head + (b"" if head_only else body)
 
 
 class Fronts:
