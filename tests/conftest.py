@@ -258,6 +258,17 @@ class LocalService:
         assert not self.acceptor.is_alive()
 
 
+def read_head(conn):
+    """The bytes of one request head from a service's connection, b"" at EOF."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = conn.recv(4096)
+        if not data:
+            return b""
+        head += data
+    return head
+
+
 def echo_handler(conn):
     while True:
         data = conn.recv(256 * 1024)

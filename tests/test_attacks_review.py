@@ -12,18 +12,8 @@ import time
 
 import pytest
 
-from conftest import LocalService, ServerHandle, connect, public_ports, setup_pod, start_pod
-
-
-def read_head(conn):
-    """The bytes of one request head from a service's connection, b"" at EOF."""
-    head = b""
-    while b"\r\n\r\n" not in head:
-        data = conn.recv(4096)
-        if not data:
-            return b""
-        head += data
-    return head
+from conftest import (LocalService, ServerHandle, connect, public_ports, read_head, setup_pod,
+                      start_pod)
 
 
 def two_responses_for_one(conn):

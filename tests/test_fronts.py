@@ -23,7 +23,7 @@ import time
 import pytest
 
 from conftest import (LocalService, Proc, ServerHandle, connect, free_port, public_ports,
-                      setup_pod, start_pod, wait_until)
+                      read_head, setup_pod, start_pod, wait_until)
 from helpers import curl
 
 DOMAIN = "pipe2.localhost"
@@ -84,12 +84,9 @@ class NamedService:
 
 def upgrade_then_echo(conn):
     """A service that switches every connection to raw echo (101) after its first head."""
-    head = b""
-    while b"\r\n\r\n" not in head:
-        data = conn.recv(4096)
-        if not data:
-            return
-        head += data
+    head = read_head(conn)
+    if not head:
+        return
     conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")
     rest = head.partition(b"\r\n\r\n")[2]
     while True:

@@ -30,7 +30,7 @@ import sys
 import pytest
 
 from conftest import (POD, Proc, ServerHandle, clean_env, echo_round_trip, free_port,
-                      free_port_range, pod_env, public_ports, run_pod, setup_pod, start_pod,
+                      free_port_range, pod_env, public_ports, read_head, run_pod, setup_pod, start_pod,
                       wait_until)
 
 BASE = "/work/base"  # the original code (commit df6c451), for compatibility tests
@@ -41,12 +41,8 @@ BASE = "/work/base"  # the original code (commit df6c451), for compatibility tes
 def http_answer(text):
     """A handler answering one HTTP request with `text`."""
     def handler(conn):
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = conn.recv(4096)
-            if not chunk:
-                return
-            head += chunk
+        if not read_head(conn):
+            return
         body = text.encode()
         conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
                      % (len(body), body))
