@@ -30,8 +30,9 @@ import sys
 import pytest
 
 from conftest import (POD, Proc, ServerHandle, clean_env, echo_round_trip, free_port,
-                      free_port_range, pod_env, public_ports, read_head, run_pod, setup_pod, start_pod,
-                      wait_until)
+                      free_port_range, pod_env, public_ports, read_head, run_pod, setup_pod,
+                      start_pod, wait_until)
+from helpers import curl_ok
 
 BASE = "/work/base"  # the original code (commit df6c451), for compatibility tests
 
@@ -53,13 +54,6 @@ def banner(text):
     def handler(conn):
         conn.sendall(text.encode())
     return handler
-
-
-def curl(*args, timeout=20):
-    done = subprocess.run(["curl", "-sS", "--noproxy", "*", "--max-time", "10"] + list(args),
-                          capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 def read_banner(port, host="127.0.0.1"):
@@ -132,8 +126,8 @@ def test_services_ipv6_only_service_three_ways(server, workdir, services, procs,
     assert pod_env(pod_dir)["PIPE2ME_LOCAL_PORTS"] == ",".join(targets)
     procs.append(start_pod(workdir, pod_dir))
     http_port, https_port = public_ports(pod_dir)
-    assert curl("http://127.0.0.1:%d/" % http_port) == "http on ::1\n"
-    assert curl("-H", "Host: " + fqdn, "http://127.0.0.1:%d/" % server.http) == "http on ::1\n"
+    assert curl_ok("http://127.0.0.1:%d/" % http_port) == b"http on ::1\n"
+    assert curl_ok("-H", "Host: " + fqdn, "http://127.0.0.1:%d/" % server.http) == b"http on ::1\n"
     cafile = os.path.join(pod_dir, "pipe2me.cacert")
     assert tls_banner(https_port, fqdn, cafile) == "https on ::1\n"
     assert tls_banner(server.https, fqdn, cafile) == "https on ::1\n"
@@ -304,7 +298,7 @@ class V6Server(ServerHandle):
 
 def curl_from(url, *extra):
     """(body, 'consumer_ip consumer_port') of one request, curl's own end."""
-    out = curl("-w", "%{local_ip} %{local_port}", *extra, url)
+    out = curl_ok("-w", "%{local_ip} %{local_port}", *extra, url).decode()
     body, _, local = out.rpartition("\n")
     return body, local
 
