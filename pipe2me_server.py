@@ -6624,6 +6624,7 @@ class DnsimpleClient:
 
     @staticmethod
     def decode(data, path):
+        """The JSON of an answer body, None for an empty one; DnsProviderError if it is not JSON."""
         if not data:
             return None
         try:
@@ -6632,6 +6633,7 @@ class DnsimpleClient:
             raise DnsProviderError("dnsimple answered %s with something else than JSON" % path) from None
 
     def refusal(self, method, path, status, data):
+        """The DnsProviderError for a refused request, with dnsimple's message and, on 429, the reset time."""
         try:
             message = str(json.loads(data.decode("utf-8")).get("message"))[:300]
         except (UnicodeDecodeError, ValueError, AttributeError):
@@ -6641,6 +6643,7 @@ class DnsimpleClient:
                                 retry_at)
 
     def note_rate_limit(self, headers):
+        """Remember the quota left and its reset time from an answer's X-RateLimit headers."""
         with contextlib.suppress(TypeError, ValueError):
             self.rate_remaining = int(headers.get("X-RateLimit-Remaining"))
             self.rate_reset = int(headers.get("X-RateLimit-Reset"))
@@ -6653,6 +6656,7 @@ class DnsimpleClient:
                 self.rate_reset)
 
     def data(self, method, path, body=None, query=None):
+        """The decoded answer of a request, which must hold "data" (None on 204)."""
         status, answer = self.call(method, path, body, query)
         if status == 204:
             return None
@@ -6672,6 +6676,7 @@ class DnsimpleClient:
         return self.account
 
     def zone_exists(self, name):
+        """Whether the account has the zone `name`."""
         status, _ = self.call("GET", "/%s/zones/%s" % (self.account_id(), name), answers=(404,))
         return status == 200
 
@@ -6688,14 +6693,17 @@ class DnsimpleClient:
         raise DnsProviderError("dnsimple zone %s has more than %d pages of records" % (zone, page - 1))
 
     def create(self, zone, name, rtype, content):
+        """Create one record in the zone with DNS_TTL_S; returns it as dnsimple has it."""
         return self.data("POST", "/%s/zones/%s/records" % (self.account_id(), zone), {
             "name": name, "type": rtype, "content": content, "ttl": DNS_TTL_S})["data"]
 
     def update(self, zone, record_id, content):
+        """Set one record's content (and DNS_TTL_S); returns it as dnsimple has it."""
         return self.data("PATCH", "/%s/zones/%s/records/%s" % (self.account_id(), zone, record_id),
                          {"content": content, "ttl": DNS_TTL_S})["data"]
 
     def delete(self, zone, record_id):
+        """Delete one record of the zone."""
         self.data("DELETE", "/%s/zones/%s/records/%s" % (self.account_id(), zone, record_id))
 
 
@@ -6751,6 +6759,7 @@ class DnsimpleProvider:
         return changes
 
     def find_zone(self):
+        """The dnsimple zone that holds TUNNEL_DOMAIN (the nearest parent), found once."""
         if self.zone is None:
             labels = self.domain.split(".")
             for start in range(0, max(1, len(labels) - 1)):
@@ -6772,6 +6781,7 @@ class DnsimpleProvider:
             raise DnsProviderError("cannot read %s: %s" % (self.owned_path, exc)) from None
 
     def save_owned(self, owned):
+        """Write the ids of the records pipe2me created to DNS_OWNED_FILE."""
         write_json(self.owned_path, {"version": STATE_VERSION, "zone": self.zone,
                                      "records": owned}, 0o600)
 
@@ -6844,16 +6854,20 @@ class DnsReconciler:
         self.thread = threading.Thread(target=self.run, name="dns-reconcile", daemon=True)
 
     def start(self):
+        """Start the reconciliation thread."""
         self.thread.start()
 
     def trigger(self, _tunnel_id=None):
+        """Ask for a reconciliation soon (a store change)."""
         self.wake.set()
 
     def stop(self):
+        """Make the thread end at its next wake-up."""
         self.stopping = True
         self.wake.set()
 
     def run(self):
+        """The thread: reconcile when due or triggered, holding off while backing off."""
         due = time.monotonic()
         while not self.stopping:
             woke = self.wake.wait(max(0.0, due - time.monotonic()))
@@ -6880,6 +6894,7 @@ class DnsReconciler:
         return self.interval_s
 
     def failed(self, exc, retry_at):
+        """Count and log a failed attempt; returns the seconds until the next one."""
         self.failures += 1
         delay = min(self.interval_s, DNS_RETRY_FIRST_S * 2 ** (self.failures - 1))
         if retry_at:  # the rate limit's reset, in whole seconds: one more to be past it

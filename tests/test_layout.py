@@ -38,7 +38,7 @@ BUDGETS = {
         "FRONTS":              985,
         "REACHABILITY":        140,
         "DNS":                 695,
-        "DNSIMPLE":            350,
+        "DNSIMPLE":            365,
         "WIRING":              475,
         "CLI":                 425,
     },
@@ -68,7 +68,7 @@ BUDGETS = {
 # Sections still being rewritten to it are listed here; take a section out
 # when it follows the dialect.
 DIALECT_PENDING = {
-    "pipe2me_server.py": {"CERTIFICATES", "DNS", "DNSIMPLE"},
+    "pipe2me_server.py": {"CERTIFICATES", "DNS"},
     "pipe2me_pod.py": set(),
 }
 
