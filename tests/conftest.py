@@ -4,6 +4,7 @@ runner that waits for a log line with a deadline, a running server and pods.
 Every process started here is stopped by its PID at teardown; SIGTERM must
 make it exit 0 without a traceback."""
 
+import contextlib
 import errno
 import importlib.util
 import os
@@ -420,3 +421,26 @@ def public_ports(pod_dir):
     env = pod_env(pod_dir)
     return [int(env["PIPE2ME_URLS_%d" % i].rsplit(":", 1)[1])
             for i in range(10) if "PIPE2ME_URLS_%d" % i in env]
+
+
+@contextlib.contextmanager
+def http_pods(server, workdir, starters):
+    """For each name of {name: starter}: the service starter() returns, an
+    http tunnel before it and its pod running (directory workdir/pod-<name>).
+    Yields {name: (fqdn, pod_dir, service)}; then stops the pods, the
+    services and the server (which must exit 0)."""
+    pods, services, tunnels = [], [], {}
+    try:
+        for name, starter in starters.items():
+            service = starter()
+            services.append(service)
+            pod_dir = os.path.join(workdir, "pod-" + name)
+            tunnels[name] = (setup_pod(server, pod_dir, "http", [service.port]), pod_dir, service)
+            pods.append(start_pod(workdir, pod_dir, name="pod-" + name))
+        yield tunnels
+    finally:
+        for proc in pods:
+            proc.stop()
+        for service in services:
+            service.stop()
+        assert server.stop() == 0

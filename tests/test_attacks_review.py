@@ -5,15 +5,13 @@ state, and shows it no longer works.
 Real parts on 127.0.0.0/8: the server and pods as processes, services in
 this process behind the pods."""
 
-import os
 import select
 import socket
 import time
 
 import pytest
 
-from conftest import (LocalService, ServerHandle, connect, public_ports, read_head, setup_pod,
-                      start_pod)
+from conftest import LocalService, ServerHandle, connect, http_pods, read_head
 
 
 def two_responses_for_one(conn):
@@ -58,22 +56,10 @@ def tenants(tmp_path_factory):
     "victim" before an honest one, both pods running."""
     workdir = str(tmp_path_factory.mktemp("attacks"))
     server = ServerHandle(workdir)
-    services, pods, names = [], [], {}
-    try:
-        for name, handler in (("evil", two_responses_for_one), ("victim", honest)):
-            service = LocalService(handler)
-            services.append(service)
-            pod_dir = os.path.join(workdir, "pod-" + name)
-            names[name] = setup_pod(server, pod_dir, "http", [service.port])
-            pods.append(start_pod(workdir, pod_dir, name="pod-" + name))
-        server.names = names
+    with http_pods(server, workdir, {"evil": lambda: LocalService(two_responses_for_one),
+                                     "victim": lambda: LocalService(honest)}) as tunnels:
+        server.names = {name: fqdn for name, (fqdn, _, _) in tunnels.items()}
         yield server
-    finally:
-        for proc in pods:
-            proc.stop()
-        for service in services:
-            service.stop()
-        assert server.stop() == 0
 
 
 def test_attack_pod_response_spilling_into_the_next_tenants_request(tenants):

@@ -22,8 +22,8 @@ import time
 
 import pytest
 
-from conftest import (LocalService, Proc, ServerHandle, connect, free_port, public_ports,
-                      read_head, setup_pod, start_pod, wait_until)
+from conftest import (LocalService, Proc, ServerHandle, connect, free_port, http_pods,
+                      public_ports, read_head, setup_pod, start_pod, wait_until)
 from helpers import curl
 
 DOMAIN = "pipe2.localhost"
@@ -152,26 +152,16 @@ def front(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("fronts"))
     server = ServerHandle(workdir, extra=["--trusted-proxies", "127.0.0.7/32",
                                           "--max-pending-front", "100"])
-    services, pods, tunnels = [], [], {}
-    try:
-        for name in ("A", "B", "U"):
-            service = NamedService(name) if name != "U" else LocalService(upgrade_then_echo)
-            services.append(service)
-            pod_dir = os.path.join(workdir, "pod-" + name)
-            fqdn = setup_pod(server, pod_dir, "http", [service.port])
-            tunnels[name] = (fqdn, public_ports(pod_dir)[0], service)
-            pods.append(start_pod(workdir, pod_dir, name="pod-" + name))
+    starters = {"A": lambda: NamedService("A"), "B": lambda: NamedService("B"),
+                "U": lambda: LocalService(upgrade_then_echo)}
+    with http_pods(server, workdir, starters) as running:
+        tunnels = {name: (fqdn, public_ports(pod_dir)[0], service)
+                   for name, (fqdn, pod_dir, service) in running.items()}
         offline_dir = os.path.join(workdir, "pod-offline")
         tunnels["offline"] = (setup_pod(server, offline_dir, "http", [free_port()]), None, None)
         server.workdir_ = workdir
         server.tunnels = tunnels
         yield server
-    finally:
-        for proc in pods:
-            proc.stop()
-        for service in services:
-            service.stop()
-        assert server.stop() == 0
 
 
 def fqdn(front, name):
