@@ -5239,7 +5239,7 @@ class HttpFrontConnection:
         self.response_close = False         # the response being relayed ends the connection
         self.refusal = None                 # (status, text) due after the earlier answers
         self.read_closed = self.finishing = self.lingering = self.closed = False
-        self.idle_since = time.monotonic()
+        self.idle_since = self.heard = time.monotonic()  # heard: the consumer's last bytes
         sock.setblocking(False)
         self.loop.call_later(fronts.settings.front_head_deadline, self.on_deadline)
         self.update_interest()
@@ -5275,6 +5275,7 @@ class HttpFrontConnection:
             if data == b"":
                 self.on_consumer_eof()
             elif data and not self.finishing:  # a finishing connection drops what comes
+                self.heard = time.monotonic()
                 self.inbuf += data
                 self.advance()
         self.after_io()
@@ -5560,12 +5561,16 @@ class HttpFrontConnection:
         self.loop.call_later(FRONT_LINGER_S, self.destroy)
 
     def on_deadline(self):
-        """A connection waiting for a request head for FRONT_HEAD_DEADLINE is closed."""
+        """A connection waiting for a request head, or for more of a request
+        body, for FRONT_HEAD_DEADLINE is closed."""
         if self.closed:
             return
         limit = self.fronts.settings.front_head_deadline
         idle = not self.raw and not self.waiting and self.body is None and not self.finishing
-        left = self.idle_since + limit - time.monotonic() if idle else limit
+        stalled = (not self.raw and self.body is not None and not self.finishing
+                   and (self.up is None or not self.up.out))  # the consumer's, not the pod's
+        since = self.idle_since if idle else self.heard if stalled else None
+        left = since + limit - time.monotonic() if since is not None else limit
         if left <= 0:
             log.debug("http front head deadline from=%s", shown_address(self.address))
             return self.destroy()

@@ -108,3 +108,16 @@ def test_attack_consumer_forging_forwarding_fields_with_underscores(tenants):
     head = next(h for h in reversed(SEEN) if h.startswith(b"GET /u "))
     assert b"6.6.6.6" not in head and b"evil" not in head, head
     assert b"\r\nX-Forwarded-For: 127.0.0.1\r\n" in head, head
+
+
+def test_attack_stranger_holding_streams_with_bodies_never_sent(tenants):
+    """A request head promising a body that never comes holds one of the
+    tunnel's streams: the front closes it after FRONT_HEAD_DEADLINE (10 s)
+    without a byte, as it does a head that never ends."""
+    victim = tenants.names["victim"].encode()
+    with connect(tenants.http) as sock:
+        sock.sendall(b"POST /slow HTTP/1.1\r\nHost: %s\r\nContent-Length: 100\r\n\r\nx" % victim)
+        started = time.monotonic()
+        read_until(sock, b"never sent", timeout=40)
+        waited = time.monotonic() - started
+    assert waited < 30, waited
