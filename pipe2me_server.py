@@ -90,7 +90,6 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Sequence
 
 log = logging.getLogger("pipe2me.server")
 
@@ -2673,7 +2672,7 @@ ACCEPTED_KEY_ALGORITHMS = {
 # status line is the only signal; anything else counts as a failure.
 VERIFY_OK_LINES = ("Certificate request self-signature verify OK", "verify OK")
 
-_PEM_PUBLIC_KEY_RE = re.compile(r"-----BEGIN PUBLIC KEY-----([A-Za-z0-9+/=\s]+)-----END PUBLIC KEY-----")
+PEM_PUBLIC_KEY_RE = re.compile(r"-----BEGIN PUBLIC KEY-----([A-Za-z0-9+/=\s]+)-----END PUBLIC KEY-----")
 
 
 class SigningLimited(Unavailable):
@@ -2681,7 +2680,7 @@ class SigningLimited(Unavailable):
 
     http_status = 429
 
-    def __init__(self, retry_after_s: int) -> None:
+    def __init__(self, retry_after_s):
         super().__init__("this tunnel had its certificates signed too often (MAX_CERTS_PER_HOUR); "
                          "retry in %d s" % retry_after_s)
         self.retry_after_s = retry_after_s
@@ -2695,19 +2694,19 @@ class Leaf(collections.namedtuple("Leaf", "pem serial not_after")):
 
 # ---- names --------------------------------------------------------------
 
-def _shown(value: str, limit: int = 80) -> str:
+def shown(value, limit=80):
     """value made safe for a one-line reason: escaped and shortened."""
     text = ascii(value)[1:-1]
     return text if len(text) <= limit else text[:limit] + "..."
 
 
 # ---- CSR checks -------------------------------------------------------------
-# Whatever a CSR asks for, `openssl ca` as _issue() calls it writes only the
+# Whatever a CSR asks for, `openssl ca` as issue() calls it writes only the
 # subject, extensions and dates given here, with the CSR's public key. So the
 # server checks just the two things openssl does not: that the CSR is signed by
 # its own key, and that the key is one we accept.
 
-def check_csr(csr_pem: str, work: str) -> str:
+def check_csr(csr_pem, work):
     """Check one PEM CSR in directory work; return its key's kind ("EC P-256", "RSA", ...).
 
     Writes req.pem (the CSR as given) into work. Refuses (CertRefused, one
@@ -2733,12 +2732,12 @@ def check_csr(csr_pem: str, work: str) -> str:
     if not any(line.strip() in VERIFY_OK_LINES for line in status.decode("utf-8", "replace").splitlines()):
         raise CertRefused("CSR signature does not verify: it was not signed by its own key")
     with open(os.path.join(work, "key.txt"), "r", encoding="ascii") as handle:
-        return _accepted_key(handle.read())
+        return accepted_key(handle.read())
 
 
-def _accepted_key(key_text: str) -> str:
+def accepted_key(key_text):
     """The kind of the public key `req -pubkey -modulus` printed, or CertRefused."""
-    match = _PEM_PUBLIC_KEY_RE.search(key_text)
+    match = PEM_PUBLIC_KEY_RE.search(key_text)
     spki = base64.b64decode("".join(match.group(1).split())) if match else b""
     header = 2 + (spki[1] & 0x7F if len(spki) > 1 and spki[1] & 0x80 else 0)
     kind = next((name for algorithm, name in ACCEPTED_KEY_ALGORITHMS.items()
@@ -2757,7 +2756,7 @@ def _accepted_key(key_text: str) -> str:
 
 # ---- certificates read back -------------------------------------------------------
 
-def ca_validity(ca_pem: str) -> tuple[int, int]:
+def ca_validity(ca_pem):
     """(not_before, not_after) in epoch seconds of a PEM CA certificate, as the ssl
     module reads it; UsageError if it is not a CA certificate (ssl lists only those)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -2776,14 +2775,14 @@ def pem_certificates(text):
                       text)
 
 
-def openssl_time(epoch: int) -> str:
+def openssl_time(epoch):
     """epoch as the YYYYMMDDHHMMSSZ form that `openssl ca -startdate/-enddate` takes."""
     return time.strftime("%Y%m%d%H%M%SZ", time.gmtime(epoch))
 
 
 # ---- files --------------------------------------------------------------------
 
-def _read_text(path: str, what: str) -> str:
+def read_text(path, what):
     """The ASCII text of path, or UsageError naming what it was meant to be."""
     try:
         with open(path, "rb") as handle:
@@ -2792,7 +2791,7 @@ def _read_text(path: str, what: str) -> str:
         raise UsageError("cannot read %s %s: %s" % (what, path, exc)) from None
 
 
-def _leaf_extensions(san: str, key_usage: str, extended_key_usage: str) -> list[str]:
+def leaf_extensions(san, key_usage, extended_key_usage):
     """The openssl config lines of an end-entity certificate; inputs are validated names only."""
     return ["basicConstraints = critical,CA:FALSE",
             "keyUsage = critical," + key_usage,
@@ -2802,7 +2801,7 @@ def _leaf_extensions(san: str, key_usage: str, extended_key_usage: str) -> list[
             "authorityKeyIdentifier = keyid"]
 
 
-def _ca_config(extension_lines: list[str]) -> str:
+def ca_config(extension_lines):
     """A minimal `openssl ca` config: relative paths only (run in a fresh directory), CN-only policy,
     no extension copied from the CSR, and the leaf extensions in section pipe2me_leaf."""
     return "\n".join([
@@ -2825,8 +2824,7 @@ class CertAuthority:
     issue_server_cert() are safe to call from several threads.
     """
 
-    def __init__(self, ca_dir: str, ca_cert_file: str | None = None,
-                 ca_key_file: str | None = None) -> None:
+    def __init__(self, ca_dir, ca_cert_file=None, ca_key_file=None):
         if (ca_cert_file is None) != (ca_key_file is None):
             raise UsageError("an operator CA needs both a certificate file and a key file")
         self.ca_dir = os.path.abspath(ca_dir)
@@ -2834,10 +2832,10 @@ class CertAuthority:
         self.supplied = ca_cert_file is not None
         self.cert_file = os.path.abspath(ca_cert_file or os.path.join(self.ca_dir, "ca.pem"))
         self.key_file = os.path.abspath(ca_key_file or os.path.join(self.ca_dir, "ca.key"))
-        self._chain_pem = ""
-        self._validity = (0, 0)
+        self.chain_pem = ""
+        self.validity = (0, 0)
 
-    def ensure(self, domain: str) -> None:
+    def ensure(self, domain):
         """Make the CA usable: create the root on first use, then load and check the CA.
 
         A root is "pipe2me CA <domain>", EC P-256, valid CA_VALIDITY_DAYS, and
@@ -2848,8 +2846,8 @@ class CertAuthority:
         os.makedirs(self.ca_dir, mode=0o700, exist_ok=True)
         os.makedirs(self.issued_dir, mode=0o700, exist_ok=True)
         if not self.supplied and not os.path.exists(self.cert_file):
-            self._create_root(domain)
-        blocks = pem_certificates(_read_text(self.cert_file, "CA certificate"))
+            self.create_root(domain)
+        blocks = pem_certificates(read_text(self.cert_file, "CA certificate"))
         if not blocks:
             raise UsageError("CA certificate %s holds no PEM certificate" % self.cert_file)
         try:
@@ -2858,11 +2856,11 @@ class CertAuthority:
             raise UsageError("CA certificate %s is unusable: %s" % (self.cert_file, exc)) from None
         if validity[1] <= time.time():
             raise UsageError("CA certificate %s has expired; supply a new CA" % self.cert_file)
-        self._check_key_matches()
-        self._chain_pem = "".join(block.rstrip("\n") + "\n" for block in blocks)
-        self._validity = validity
+        self.check_key_matches()
+        self.chain_pem = "".join(block.rstrip("\n") + "\n" for block in blocks)
+        self.validity = validity
 
-    def _create_root(self, domain: str) -> None:
+    def create_root(self, domain):
         """Make a new self-signed root in ca_dir; nothing is written unless all steps succeed."""
         if not is_hostname(domain):
             raise UsageError("cannot create a CA for %r: not a valid domain name" % domain)
@@ -2878,7 +2876,7 @@ class CertAuthority:
         write_atomic(self.key_file, key, 0o600)
         write_atomic(self.cert_file, cert, 0o644)
 
-    def _check_key_matches(self) -> None:
+    def check_key_matches(self):
         """UsageError unless the CA key exists, is unencrypted and belongs to the CA cert."""
         if not os.path.exists(self.key_file):
             raise UsageError("CA key %s is missing: restore it (pods trust %s)"
@@ -2892,11 +2890,11 @@ class CertAuthority:
             raise UsageError("CA key %s does not belong to CA certificate %s"
                              % (self.key_file, self.cert_file))
 
-    def ca_pem(self) -> str:
+    def ca_pem(self):
         """What GET /cacert serves: the CA certificate followed by its chain, PEM."""
-        return self._chain_pem
+        return self.chain_pem
 
-    def sign(self, csr_pem: str, fqdn: str, not_after_epoch: float) -> Leaf:
+    def sign(self, csr_pem, fqdn, not_after_epoch):
         """Sign a pod's CSR for fqdn and return the Leaf.
 
         The CSR is checked by check_csr() (CertRefused with a one-line reason);
@@ -2906,34 +2904,33 @@ class CertAuthority:
         The leaf is kept in issued/<SERIAL>.pem (CertBook decides for how long).
         """
         if not is_hostname(fqdn):
-            raise CertRefused("cannot certify %s: not a valid host name" % _shown(str(fqdn)))
-        start, end = self._window(not_after_epoch)
+            raise CertRefused("cannot certify %s: not a valid host name" % shown(str(fqdn)))
+        start, end = self.window(not_after_epoch)
         with tempfile.TemporaryDirectory(prefix="pipe2me-ca-") as work:
             kind = check_csr(csr_pem, work)
             key_usage = "digitalSignature,keyEncipherment" if kind == "RSA" else "digitalSignature"
-            extensions = _leaf_extensions("DNS:" + fqdn, key_usage, "serverAuth,clientAuth")
-            leaf = self._issue(work, fqdn, extensions, start, end)
+            extensions = leaf_extensions("DNS:" + fqdn, key_usage, "serverAuth,clientAuth")
+            leaf = self.issue(work, fqdn, extensions, start, end)
         write_atomic(os.path.join(self.issued_dir, leaf.serial + ".pem"), leaf.pem.encode("ascii"))
         return leaf
 
-    def forget(self, serials) -> None:
+    def forget(self, serials):
         """Remove the issued/ files of serials (None entries and missing files are skipped)."""
         for serial in serials:
             if serial and re.fullmatch(r"[0-9A-F]{1,64}", serial):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.issued_dir, serial + ".pem"))
 
-    def _window(self, not_after_epoch: float) -> tuple[int, int]:
+    def window(self, not_after_epoch):
         """(start, end) for a new certificate, inside the CA's own validity."""
         now = int(time.time())
-        start = max(now - LEAF_BACKDATE_S, self._validity[0])
-        end = min(int(not_after_epoch), self._validity[1])
+        start = max(now - LEAF_BACKDATE_S, self.validity[0])
+        end = min(int(not_after_epoch), self.validity[1])
         if end <= now:
             raise CertRefused("the tunnel (or the CA) expires before a certificate could start")
         return start, end
 
-    def _issue(self, work: str, common_name: str, extension_lines: list[str],
-               start: int, end: int) -> Leaf:
+    def issue(self, work, common_name, extension_lines, start, end):
         """Run `openssl ca` for work/req.pem in the fresh directory work; keep the leaf in issued/.
 
         common_name and extension_lines must hold validated names only.
@@ -2941,7 +2938,7 @@ class CertAuthority:
         # 128 bits with the top one set: always 32 hex digits, 127 of them random.
         serial = "%032X" % (secrets.randbits(128) | (1 << 127))
         for name, text in (("index.txt", ""), ("serial", serial + "\n"),
-                           ("ca.cnf", _ca_config(extension_lines))):
+                           ("ca.cnf", ca_config(extension_lines))):
             with open(os.path.join(work, name), "w", encoding="ascii") as handle:
                 handle.write(text)
         os.mkdir(os.path.join(work, "new"))
@@ -2950,13 +2947,12 @@ class CertAuthority:
                      "-subj", "/CN=" + common_name, "-cert", self.cert_file,
                      "-keyfile", self.key_file, "-passin", "pass:",
                      "-startdate", openssl_time(start), "-enddate", openssl_time(end)], cwd=work)
-        leaf = _read_text(os.path.join(work, "leaf.pem"), "new certificate")
+        leaf = read_text(os.path.join(work, "leaf.pem"), "new certificate")
         if "-----BEGIN CERTIFICATE-----" not in leaf:   # openssl ca can exit 0 having written nothing
             raise Unavailable("openssl ca wrote no certificate for %s" % common_name)
         return Leaf(leaf, serial, end)
 
-    def issue_server_cert(self, names: Sequence[str], ips: Sequence[str], key_path: str,
-                          cert_path: str, days: int) -> bool:
+    def issue_server_cert(self, names, ips, key_path, cert_path, days):
         """Give the server a TLS certificate (SAN: DNS names and IP addresses) at key_path/cert_path.
 
         Reuses the existing pair when it was issued by this CA for the same
@@ -2966,8 +2962,8 @@ class CertAuthority:
         `<cert_path>.json` record is written last, so a crash mid-way means
         "issue again".  Raises UsageError for an invalid name or address.
         """
-        record = self._server_record(names, ips)
-        if self._server_cert_reusable(record, key_path, cert_path):
+        record = self.server_record(names, ips)
+        if self.server_cert_reusable(record, key_path, cert_path):
             return False
         if os.path.exists(cert_path + ".json"):
             os.unlink(cert_path + ".json")
@@ -2975,33 +2971,33 @@ class CertAuthority:
         common_name = (record["names"] + record["ips"])[0]
         san = ",".join(["DNS:" + name for name in record["names"]] +
                        ["IP:" + address for address in record["ips"]])
-        extensions = _leaf_extensions(san, "digitalSignature", "serverAuth")
-        start, end = self._window(time.time() + days * 86400)
+        extensions = leaf_extensions(san, "digitalSignature", "serverAuth")
+        start, end = self.window(time.time() + days * 86400)
         with tempfile.TemporaryDirectory(prefix="pipe2me-ca-") as work:
             run_openssl(["req", "-new", "-key", "/dev/stdin", "-config", os.devnull, "-out",
                          "req.pem", "-subj", "/CN=" + common_name], input_bytes=key, cwd=work)
-            leaf = self._issue(work, common_name, extensions, start, end)
+            leaf = self.issue(work, common_name, extensions, start, end)
         write_atomic(key_path, key, 0o600)
         write_atomic(cert_path, leaf.pem.encode("ascii"), 0o644)
         record["not_after"] = leaf.not_after
         write_atomic(cert_path + ".json", json.dumps(record, sort_keys=True).encode("ascii"))
         return True
 
-    def _server_record(self, names: Sequence[str], ips: Sequence[str]) -> dict:
+    def server_record(self, names, ips):
         """The JSON record that identifies a server certificate: its SANs and the CA that signed it."""
         bad = [name for name in names if not is_hostname(name)]
         if bad:
-            raise UsageError("server certificate name %s is not a valid host name" % _shown(str(bad[0])))
+            raise UsageError("server certificate name %s is not a valid host name" % shown(str(bad[0])))
         try:
             addresses = [str(ipaddress.ip_address(address)) for address in ips]
         except ValueError as exc:
             raise UsageError("server certificate address: %s" % exc) from None
         if not names and not addresses:
             raise UsageError("a server certificate needs at least one name or address")
-        ca_id = hashlib.sha256(self._chain_pem.encode("ascii")).hexdigest()
+        ca_id = hashlib.sha256(self.chain_pem.encode("ascii")).hexdigest()
         return {"version": 1, "names": [name.lower() for name in names], "ips": addresses, "ca": ca_id}
 
-    def _server_cert_reusable(self, record: dict, key_path: str, cert_path: str) -> bool:
+    def server_cert_reusable(self, record, key_path, cert_path):
         """True if the certificate at cert_path matches record and has life left,
         as its `.json` record (written when it was issued) says."""
         try:
@@ -3034,13 +3030,13 @@ class CertBook:
     Thread-safe: the API's workers and the pod handshakes call it at once.
     """
 
-    def __init__(self, store, ca: CertAuthority, per_hour: int) -> None:
+    def __init__(self, store, ca, per_hour):
         self.store, self.ca, self.per_hour = store, ca, per_hour
         self.lock = threading.Lock()
-        self.buckets: dict[str, tuple[float, float]] = {}   # tunnel id -> (allowance, stamp)
+        self.buckets = {}   # tunnel id -> (allowance, stamp)
         self.next_prune = 0.0
 
-    def sign(self, record: dict, csr_pem: str) -> Leaf:
+    def sign(self, record, csr_pem):
         """Charge the tunnel's quota (SigningLimited when spent), sign, and list the leaf.
 
         A refused CSR gives its charge back: the quota counts certificates."""
@@ -3053,7 +3049,7 @@ class CertBook:
         fingerprint = sha256_hex(ssl.PEM_cert_to_DER_cert(leaf.pem))
         with self.lock:
             current = self.store.get(record["id"]) or {}
-            listed = _listed_certs(current)
+            listed = listed_certs(current)
             kept = listed[:1] + (listed[1:] + [(fingerprint, leaf.serial)])[1 - CERT_KEEP:]
             try:
                 self.store.update(record["id"], cert_sha256=[fp for fp, _ in kept],
@@ -3067,7 +3063,7 @@ class CertBook:
             self.prune()
         return leaf
 
-    def take(self, tunnel_id: str, count: int = 1) -> None:
+    def take(self, tunnel_id, count=1):
         """Charge count signings to the tunnel (-1 gives one back), or raise
         SigningLimited with the seconds to wait."""
         if not self.per_hour:
@@ -3081,12 +3077,12 @@ class CertBook:
                 raise SigningLimited(math.ceil((count - allowance) / rate))
             self.buckets[tunnel_id] = (min(float(self.per_hour), allowance - count), now)
 
-    def admit(self, record: dict, fingerprint: str) -> bool:
+    def admit(self, record, fingerprint):
         """True if the certificate may open a session for record; its first session
         drops the tunnel's older certificates."""
         with self.lock:
             current = self.store.get(record["id"]) or {}
-            listed = _listed_certs(current)
+            listed = listed_certs(current)
             position = [fp for fp, _ in listed].index(fingerprint) if any(
                 fp == fingerprint for fp, _ in listed) else -1
             if position > 0:
@@ -3098,10 +3094,10 @@ class CertBook:
             log.info("older certificates retired tunnel=%s count=%d", record["id"], position)
         return position >= 0
 
-    def prune(self) -> None:
+    def prune(self):
         """Remove from issued/ every certificate no tunnel lists; buckets that refilled."""
         self.next_prune = time.monotonic() + CERT_PRUNE_INTERVAL_S
-        keep = {serial for record in self.store.all() for _, serial in _listed_certs(record)}
+        keep = {serial for record in self.store.all() for _, serial in listed_certs(record)}
         self.ca.forget(name[:-4] for name in os.listdir(self.ca.issued_dir)
                        if name.endswith(".pem") and name[:-4] not in keep)
         with self.lock:
@@ -3111,7 +3107,7 @@ class CertBook:
                             if allowance + (now - stamp) * self.per_hour / 3600.0 < self.per_hour}
 
 
-def _listed_certs(record: dict) -> list[tuple[str, str | None]]:
+def listed_certs(record):
     """(fingerprint, serial) of the certificates a record lists, oldest first.
     Records written before cert_serials existed list fingerprints only."""
     fingerprints = record.get("cert_sha256", [])
