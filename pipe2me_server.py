@@ -2612,13 +2612,23 @@ class Presence:
             return {"connected": now is not None, "connected_since": now and now["since"],
                     "last_seen": None if now else self.last_seen.get(tunnel_id)}
 
-    def save(self, known=None):
-        """Write the file when something changed (`known`: ids to keep)."""
+    def forget(self, tunnel_id):
+        """The tunnel is gone: drop what is known of it."""
+        with self.lock:
+            gone = (self.connected.pop(tunnel_id, None), self.last_seen.pop(tunnel_id, None))
+            self.dirty = self.dirty or gone != (None, None)
+
+    def keep_only(self, known):
+        """At start and reload: forget tunnels not in `known` (ids to keep)."""
+        with self.lock:
+            self.last_seen = {k: v for k, v in self.last_seen.items() if k in known}
+            self.dirty = True
+
+    def save(self):
+        """Write the file when something changed."""
         with self.lock:
             if not self.dirty:
                 return
-            if known is not None:
-                self.last_seen = {k: v for k, v in self.last_seen.items() if k in known}
             data = {"version": STATE_VERSION, "connected": dict(self.connected),
                     "last_seen": dict(self.last_seen)}
             self.dirty = False
@@ -7001,6 +7011,7 @@ class Server:
         self.api.tokens = load_tokens(self.settings.tokens_file)
         count = self.store.load()
         self.presence.load(server_running=False)
+        self.presence.keep_only({r["id"] for r in self.store.all()})
         self.api.certs.prune()
         log.info("state loaded dir=%s tunnels=%d tokens=%d", self.settings.state_dir,
                  count, len(self.api.tokens))
@@ -7188,6 +7199,10 @@ class Server:
         self.loop.call_soon_threadsafe(lambda: self.hub.sync(tunnel_id))
         if tunnel_id is not None:
             self.loop.call_soon_threadsafe(lambda: self.hub.refresh_session(tunnel_id))
+            if self.store.get(tunnel_id) is None:
+                self.presence.forget(tunnel_id)
+        else:  # a reload: every tunnel may have changed
+            self.presence.keep_only({r["id"] for r in self.store.all()})
         if self.dns is not None:
             self.loop.call_soon_threadsafe(lambda: self.dns.refresh(tunnel_id))
         if self.reconciler is not None:
@@ -7207,7 +7222,7 @@ class Server:
             for session in list(self.hub.sessions.values()):
                 self.hub.save_traffic(session)
         self.expire_idle_streams()
-        self.presence.save({r["id"] for r in self.store.all()} if self.presence.dirty else None)
+        self.presence.save()
         if self.dns is not None:
             self.dns.sweep(now)
         self.loop.call_later(SWEEP_INTERVAL_S, self.sweep)

@@ -96,6 +96,20 @@ def test_states_connected_expired_direct_relayed(server, workdir, services):
     assert later["connected"] is False and later["last_seen"] == view["last_seen"]
     assert run_pod(pod_dir, "verify").returncode == 0  # still not expired
 
+    # a deleted tunnel leaves nothing in the server's record of who was seen
+    assert admin(server, "tunnels", "remove", tunnel_id).returncode == 0
+    wait_until(lambda: tunnel_id not in presence_file(server), 10,
+               what="connected.json to forget the deleted tunnel")
+
+
+def presence_file(server):
+    """connected.json as text ("" until the server has written it)."""
+    try:
+        with open(os.path.join(server.state_dir, "connected.json"), encoding="utf-8") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return ""
+
 
 def test_states_expired(server, workdir):
     added = admin(server, "tokens", "add", "short-lived", "max_ports:1", "lifespan:2")
