@@ -171,6 +171,13 @@ class Home:
     def forwarded(self):
         return set(self.nat.router_forwarded_ports()) & {self.tcp_port, self.https_port}
 
+    def close(self):
+        """Stop the pod (if started) and the server, which must exit 0 with no traceback."""
+        if self.pod is not None:
+            self.pod.stop()
+        assert self.server.stop() == 0
+        assert "Traceback" not in self.server.stderr(), self.server.stderr()[-3000:]
+
 
 @pytest.fixture(params=["natpmp", "upnp"])
 def home(request, tmp_path):
@@ -182,10 +189,7 @@ def home(request, tmp_path):
         try:
             yield place
         finally:
-            if place.pod is not None:
-                place.pod.stop()
-            assert place.server.stop() == 0
-            assert "Traceback" not in place.server.stderr(), place.server.stderr()[-3000:]
+            place.close()
 
 
 def test_nat_shortest_path_sequence(home):
