@@ -457,11 +457,17 @@ def test_fronts_nginx_keepalive_alternating_tunnels_each_served_by_its_pod(front
 
 # ---- 4. honest errors ---------------------------------------------------------------------
 
+def front_answer(port, name):
+    """(status as text, body) of curl's GET / for Host `name` on the HTTP front at `port`."""
+    done = curl("-w", "\n%{http_code}", "-H", "Host: " + name, "http://127.0.0.1:%d/" % port)
+    body, _, code = done.stdout.decode().rpartition("\n")
+    return code, body
+
+
 def test_fronts_502_when_the_pod_is_not_connected(front):
     name = fqdn(front, "offline")
-    done = curl("-w", "\n%{http_code}", "-H", "Host: " + name, "http://127.0.0.1:%d/" % front.http)
-    body, _, code = done.stdout.decode().rpartition("\n")
-    assert code == "502" and name in body and "not connected" in body, done.stdout
+    code, body = front_answer(front.http, name)
+    assert code == "502" and name in body and "not connected" in body, body
     page = curl("-H", "Accept: text/html", "-H", "Host: " + name, "http://127.0.0.1:%d/" % front.http)
     assert b"<html>" in page.stdout and b"502 Bad Gateway" in page.stdout and name.encode() in page.stdout
 
@@ -471,9 +477,8 @@ def test_fronts_503_when_the_local_service_refuses(front, tmp_path):
     name = setup_pod(front, pod_dir, "http", [free_port()])  # nothing listens there
     pod = start_pod(str(tmp_path), pod_dir, name="refusing-pod")
     try:
-        done = curl("-w", "\n%{http_code}", "-H", "Host: " + name, "http://127.0.0.1:%d/" % front.http)
-        body, _, code = done.stdout.decode().rpartition("\n")
-        assert code == "503" and name in body and "refused" in body, done.stdout
+        code, body = front_answer(front.http, name)
+        assert code == "503" and name in body and "refused" in body, body
     finally:
         pod.stop()
 
@@ -488,10 +493,8 @@ def test_fronts_503_when_the_tunnel_is_at_its_stream_cap(tmp_path):
         with connect(server.http) as held:  # a kept-alive connection holds the one stream
             held.sendall(get(name, "/hold"))
             assert read_response(held)[0] == 200
-            done = curl("-w", "\n%{http_code}", "-H", "Host: " + name,
-                        "http://127.0.0.1:%d/" % server.http)
-        body, _, code = done.stdout.decode().rpartition("\n")
-        assert code == "503" and name in body and "cap of 1 open streams" in body, done.stdout
+            code, body = front_answer(server.http, name)
+        assert code == "503" and name in body and "cap of 1 open streams" in body, body
     finally:
         if pod is not None:
             pod.stop()
@@ -513,9 +516,8 @@ def test_fronts_504_when_the_local_connect_times_out(front, tmp_path):
     name = setup_pod(front, pod_dir, "http", [full.getsockname()[1]])
     pod = start_pod(str(tmp_path), pod_dir, name="hanging-pod")
     try:
-        done = curl("-w", "\n%{http_code}", "-H", "Host: " + name, "http://127.0.0.1:%d/" % front.http)
-        body, _, code = done.stdout.decode().rpartition("\n")
-        assert code == "504" and name in body and "in time" in body, done.stdout
+        code, body = front_answer(front.http, name)
+        assert code == "504" and name in body and "in time" in body, body
     finally:
         pod.stop()
         for sock in fillers + [full]:
