@@ -3140,6 +3140,7 @@ ACME_POLL_MAX_S = 10.0
 ACME_RETRY_MAX_S = 6 * 3600        # backoff ceiling after refusals
 ACME_RENEW_FRACTION = 2.0 / 3.0    # without ARI: renew at two thirds of the lifetime
 ACME_RATE_WINDOW_S = 7 * 86400     # Let's Encrypt: new certificates per registered domain per week
+ACME_REKEY_INTERVAL_S = 3600       # a tunnel with a chain orders for a new key at most this often
 ACME_ERROR_PREFIX = "urn:ietf:params:acme:error:"
 ACME_SERVER_KEY = "server"         # the job of the server's own name (HTTPS_PORT)
 # The fixed DER prefix of an EC P-256 SubjectPublicKeyInfo; the point follows.
@@ -3568,10 +3569,24 @@ class AcmeOrders:
             job = self.jobs.get(key)
             job = dict(job or {}, version=1, key=key, fqdn=fqdn, csr=csr_pem, state="pending",
                        reason=None, next_try_at=int(time.time()), attempts=0)
+            self.hold_rekey(job)
             self.jobs[key] = job
             self.save(job)
             self.cond.notify_all()
         log.info("acme order wanted key=%s fqdn=%s", key, fqdn)
+
+    @staticmethod
+    def hold_rekey(job):
+        """A new key for a tunnel that already has a chain waits ACME_REKEY_INTERVAL_S
+        after its last order: CA orders are shared by every tenant of the server
+        (Let's Encrypt: 300 new orders per account per 3 hours), and renewals of
+        the same name are not held by the weekly limit."""
+        if not job.get("chain"):
+            return
+        ready_at = job.get("ordered_at", 0) + ACME_REKEY_INTERVAL_S
+        if ready_at > job["next_try_at"]:
+            job.update(state="queued", next_try_at=int(ready_at),
+                       reason="a new key for this name is ordered at most once an hour")
 
     def status(self, key):
         """What the API, `tunnels show` and the pod see of a job (chain included), or None."""
@@ -3634,6 +3649,7 @@ class AcmeOrders:
                                reason="waiting for the CA's limit of %d new certificates a week"
                                % self.settings.acme_new_certs_per_week)
         log.info("acme order started key=%s fqdn=%s renewal=%s", key, job["fqdn"], renewal)
+        self.finish(job, tell=False, ordered_at=int(time.time()))
         try:
             chain = self.order(job, renewal)
         except Pipe2meError as exc:
@@ -3695,15 +3711,17 @@ class AcmeOrders:
         self.finish(job, state="failed", reason=str(exc)[:400], next_try_at=next_try,
                     attempts=attempts)
 
-    def finish(self, job, **changes):
-        """Store the job's new state (unless it was forgotten or asked anew meanwhile) and tell."""
+    def finish(self, job, tell=True, **changes):
+        """Store the job's new state (unless it was forgotten or asked anew meanwhile)
+        and, with `tell`, say so to the pod or the API."""
         with self.cond:
             current = self.jobs.get(job["key"])
             if current is None or current["csr"] != job["csr"]:
                 return
             current.update(changes)
             self.save(current)
-        self.on_change(job["key"])
+        if tell:
+            self.on_change(job["key"])
 
     # -- the CA's weekly limit on new certificates --------------------------
     def issued_path(self):

@@ -83,3 +83,25 @@ def test_acme_a_new_csr_for_the_same_key_keeps_the_job(server_mod, tmp_path):
     assert orders.jobs["t1"]["state"] == "valid" and orders.jobs["t1"]["csr"] == first
     orders.request("t1", name, make_csr(other, "/CN=" + name, "subjectAltName=DNS:" + name))
     assert orders.jobs["t1"]["state"] == "pending"
+
+
+def test_acme_a_new_key_is_ordered_at_most_once_an_hour(server_mod, tmp_path):
+    """A tenant who re-keys in a loop cannot spend the CA account's orders,
+    which every tenant shares: after an order, a new key waits its turn."""
+    from helpers import make_csr, make_key
+    name = "calm-teal-otter.pipe2.test"
+    csrs = [make_csr(make_key(str(tmp_path / ("k%d.key" % i))), "/CN=" + name,
+                     "subjectAltName=DNS:" + name) for i in range(3)]
+    orders = orders_with(server_mod, None, tmp_path)
+    orders.load()
+    orders.request("t1", name, csrs[0])
+    assert orders.jobs["t1"]["state"] == "pending"   # the first order: at once
+    ordered = int(server_mod.time.time())
+    orders.jobs["t1"].update(state="valid", chain="kept", ordered_at=ordered)
+    orders.request("t1", name, csrs[1])
+    job = orders.jobs["t1"]
+    assert job["state"] == "queued" and "once an hour" in job["reason"], job
+    assert job["next_try_at"] == ordered + server_mod.ACME_REKEY_INTERVAL_S
+    job.update(ordered_at=ordered - server_mod.ACME_REKEY_INTERVAL_S)
+    orders.request("t1", name, csrs[2])              # an hour after the last order: at once
+    assert orders.jobs["t1"]["state"] == "pending"
