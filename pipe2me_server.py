@@ -5998,7 +5998,7 @@ def dns_wanted(records, settings, now):
     for record in records:
         if tunnel_status(record, now) != "online":
             continue
-        ipv4, ipv6, _split = tunnel_answers(record, settings)
+        ipv4, ipv6, _ = tunnel_answers(record, settings)
         for rtype, addresses in (("A", ipv4), ("AAAA", ipv6)):
             if addresses:
                 wanted[(record["fqdn"], rtype)] = sorted(addresses)
@@ -6016,31 +6016,32 @@ DNS_MAX_QUERY_BYTES = 4096         # read of one UDP datagram
 DNS_MAX_TXT_BYTES = 4096           # one TXT value; ACME values are 43 bytes
 DNS_SOA_TIMERS_S = (3600, 600, 604800)   # refresh, retry, expire
 
-_A, _NS, _SOA, _HINFO, _TXT, _AAAA, _OPT, _IXFR, _AXFR, _ANY = 1, 2, 6, 13, 16, 28, 41, 251, 252, 255
-_IN = 1
-_NOERROR, _FORMERR, _SERVFAIL, _NXDOMAIN, _NOTIMP, _REFUSED = 0, 1, 2, 3, 4, 5
-_BADVERS_HIGH = 1                  # BADVERS (16) >> 4, carried in the OPT TTL
-_QR, _AA, _TC, _RD, _OPCODE, _DO = 0x8000, 0x0400, 0x0200, 0x0100, 0x7800, 0x8000
-_ECS_OPTION, _ECS_BITS = 8, {1: 32, 2: 128}
-_HINFO_RFC8482 = b"\x07RFC8482\x00"
-_PLAIN_LABEL_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-_")
-_NO_RECORDS = ([], [], [])
+DNS_A, DNS_NS, DNS_SOA, DNS_HINFO, DNS_TXT, DNS_AAAA, DNS_OPT = 1, 2, 6, 13, 16, 28, 41
+DNS_IXFR, DNS_AXFR, DNS_ANY = 251, 252, 255
+DNS_IN = 1
+DNS_NOERROR, DNS_FORMERR, DNS_SERVFAIL, DNS_NXDOMAIN, DNS_NOTIMP, DNS_REFUSED = 0, 1, 2, 3, 4, 5
+DNS_BADVERS_HIGH = 1                  # BADVERS (16) >> 4, carried in the OPT TTL
+DNS_QR, DNS_AA, DNS_TC, DNS_RD, DNS_OPCODE, DNS_DO = 0x8000, 0x0400, 0x0200, 0x0100, 0x7800, 0x8000
+DNS_ECS_OPTION, DNS_ECS_BITS = 8, {1: 32, 2: 128}
+DNS_HINFO_RFC8482 = b"\x07RFC8482\x00"
+DNS_PLAIN_LABEL_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-_")
+DNS_NO_RECORDS = ([], [], [])
 
 DnsTunnelRecord = collections.namedtuple("DnsTunnelRecord", "ipv4 ipv6 split")
 DnsTunnelRecord.__doc__ = """What `DnsZone.lookup` returns for a tunnel FQDN: ipv4 and
 ipv6 address strings answered for A and AAAA; split None, or a dict mapping a
 client's public IPv4 to the LAN IPv4 addresses answered to it instead."""
 
-_Query = collections.namedtuple("_Query", "qid flags labels qtype qclass edns")
-_Edns = collections.namedtuple("_Edns", "udp_bytes version do ecs")
-_Ecs = collections.namedtuple("_Ecs", "family source address")
+DnsQuery = collections.namedtuple("DnsQuery", "qid flags labels qtype qclass edns")
+DnsEdns = collections.namedtuple("DnsEdns", "udp_bytes version do ecs")
+DnsEcs = collections.namedtuple("DnsEcs", "family source address")
 
 
 class DnsFormatError(ValueError):
     """A query that breaks the wire format; `DnsZone.answer` turns it into FORMERR."""
 
 
-def _read_name(packet, offset):
+def read_name(packet, offset):
     """Return (labels as sent, offset after the name). A compression pointer
     must point below every byte of the name read so far (no loops, nothing
     forward, no counter needed); DnsFormatError for that, a truncated name, a
@@ -6064,8 +6065,8 @@ def _read_name(packet, offset):
         offset += 1 + length
 
 
-def _read_options(rdata):
-    """The _Ecs of an OPT record's options (RFC 7871 section 6), or None;
+def read_options(rdata):
+    """The DnsEcs of an OPT record's options (RFC 7871 section 6), or None;
     other options are ignored. DnsFormatError for a truncated option, a
     second ECS, or one with an unknown family, a prefix too long for it, a
     scope (queries send 0), an address of the wrong length or bits set
@@ -6075,84 +6076,84 @@ def _read_options(rdata):
         # a cut-off option header is padded to a length that fails the check below
         code, length = struct.unpack_from("!HH", rdata.ljust(offset + 4, b"\xff"), offset)
         body, offset = rdata[offset + 4:offset + 4 + length], offset + 4 + length
-        if offset > len(rdata) or code == _ECS_OPTION and (ecs is not None or len(body) < 4):
+        if offset > len(rdata) or code == DNS_ECS_OPTION and (ecs is not None or len(body) < 4):
             raise DnsFormatError("truncated EDNS option, or a second client subnet")
-        if code != _ECS_OPTION:
+        if code != DNS_ECS_OPTION:
             continue
         family, source, scope = struct.unpack_from("!HBB", body)
         address = bytes(body[4:])
-        if source > _ECS_BITS.get(family, -1) or scope or len(address) != (source + 7) // 8 \
+        if source > DNS_ECS_BITS.get(family, -1) or scope or len(address) != (source + 7) // 8 \
                 or source % 8 and address[-1] & (0xFF >> (source % 8)):
             raise DnsFormatError("client subnet family, prefix, scope or address invalid")
-        ecs = _Ecs(family, source, address)
+        ecs = DnsEcs(family, source, address)
     return ecs
 
 
-def _parse_query(packet):
-    """The _Query of a message whose header says QUERY. DnsFormatError unless
+def parse_query(packet):
+    """The DnsQuery of a message whose header says QUERY. DnsFormatError unless
     it holds one complete question (not OPT) and well-formed records after
     it, with at most one OPT, owned by the root (RFC 6891 section 6.1.1);
     bytes after the last record are ignored."""
     qid, flags, qdcount, ancount, nscount, arcount = struct.unpack_from("!6H", packet)
     if qdcount != 1:
         raise DnsFormatError("a query must hold exactly one question")
-    labels, offset = _read_name(packet, DNS_HEADER_BYTES)
+    labels, offset = read_name(packet, DNS_HEADER_BYTES)
     qtype, qclass = struct.unpack_from("!HH", packet.ljust(offset + 4, b"\0"), offset)
-    if offset + 4 > len(packet) or qtype == _OPT:
+    if offset + 4 > len(packet) or qtype == DNS_OPT:
         raise DnsFormatError("question truncated, or of type OPT")
     edns, offset = None, offset + 4
     for index in range(ancount + nscount + arcount):
-        owner, offset = _read_name(packet, offset)
+        owner, offset = read_name(packet, offset)
         rtype, rclass, ttl, rdlength = struct.unpack_from("!HHIH", packet.ljust(offset + 10), offset)
         rdata, offset = packet[offset + 10:offset + 10 + rdlength], offset + 10 + rdlength
         if offset > len(packet):
             raise DnsFormatError("record runs past the end of the message")
-        if rtype == _OPT and index >= ancount + nscount:
+        if rtype == DNS_OPT and index >= ancount + nscount:
             if edns is not None or owner:
                 raise DnsFormatError("second OPT record, or OPT not owned by the root")
-            edns = _Edns(max(rclass, DNS_PLAIN_UDP_BYTES), (ttl >> 16) & 0xFF,
-                         bool(ttl & _DO), _read_options(rdata))
-    return _Query(qid, flags, labels, qtype, qclass, edns)
+            edns = DnsEdns(max(rclass, DNS_PLAIN_UDP_BYTES), (ttl >> 16) & 0xFF,
+                         bool(ttl & DNS_DO), read_options(rdata))
+    return DnsQuery(qid, flags, labels, qtype, qclass, edns)
 
 
-def _name_bytes(labels):
+def name_bytes(labels):
     """A name in wire format, never compressed (our answers are small)."""
     return b"".join(bytes([len(label)]) + label for label in labels) + b"\0"
 
 
-def _rr(owner, rtype, ttl, rdata):
+def resource_record(owner, rtype, ttl, rdata):
     """One IN resource record in wire format."""
-    return _name_bytes(owner) + struct.pack("!HHIH", rtype, _IN, ttl, len(rdata)) + rdata
+    return name_bytes(owner) + struct.pack("!HHIH", rtype, DNS_IN, ttl, len(rdata)) + rdata
 
 
-def _header_only(qid, flags, rcode):
+def header_only(qid, flags, rcode):
     """A response made of a header alone (FORMERR, NOTIMP, SERVFAIL)."""
-    return struct.pack("!6H", qid, _QR | (flags & (_OPCODE | _RD)) | rcode, 0, 0, 0, 0)
+    return struct.pack("!6H", qid, DNS_QR | (flags & (DNS_OPCODE | DNS_RD)) | rcode, 0, 0, 0, 0)
 
 
-def _opt_record(edns, udp_bytes, ext_rcode, scope):
+def opt_record(edns, udp_bytes, ext_rcode, scope):
     """Our OPT answering the query's `edns`: our UDP size, DO copied (RFC
     3225), an honoured Client Subnet echoed with `scope` (RFC 7871 7.2.1)."""
     ecs, options = edns.ecs, b""
     if ecs is not None:
-        options = struct.pack("!HHHBB", _ECS_OPTION, 4 + len(ecs.address), ecs.family,
+        options = struct.pack("!HHHBB", DNS_ECS_OPTION, 4 + len(ecs.address), ecs.family,
                               ecs.source, scope) + ecs.address
-    ttl = ext_rcode << 24 | (_DO if edns.do else 0)
-    return b"\0" + struct.pack("!HHIH", _OPT, udp_bytes, ttl, len(options)) + options
+    ttl = ext_rcode << 24 | (DNS_DO if edns.do else 0)
+    return b"\0" + struct.pack("!HHIH", DNS_OPT, udp_bytes, ttl, len(options)) + options
 
 
-def _build(query, rcode, flags, sections, opt):
+def build_response(query, rcode, flags, sections, opt):
     """The response: header, the question as asked, the three sections
     (lists of records in wire format), then `opt` (b"" for none)."""
     answers, authority, additional = sections
-    flags |= _QR | (query.flags & (_OPCODE | _RD)) | rcode
+    flags |= DNS_QR | (query.flags & (DNS_OPCODE | DNS_RD)) | rcode
     header = struct.pack("!6H", query.qid, flags, 1, len(answers), len(authority),
                          len(additional) + (1 if opt else 0))
-    question = _name_bytes(query.labels) + struct.pack("!HH", query.qtype, query.qclass)
+    question = name_bytes(query.labels) + struct.pack("!HH", query.qtype, query.qclass)
     return header + question + b"".join(answers + authority + additional) + opt
 
 
-def _packed(addresses, family):
+def packed_addresses(addresses, family):
     """A/AAAA record data of address strings; one not of `family` is logged, skipped."""
     found = []
     for text in addresses or ():
@@ -6163,7 +6164,7 @@ def _packed(addresses, family):
     return found
 
 
-def _txt_data(texts):
+def txt_data(texts):
     """TXT record data, one record per text in 255-byte character-strings;
     a text over DNS_MAX_TXT_BYTES is logged and skipped."""
     found = []
@@ -6176,7 +6177,7 @@ def _txt_data(texts):
     return found
 
 
-def _labels_of(name):
+def labels_of(name):
     """The lowercased labels of a dotted name; ValueError unless ASCII with
     labels of 1..63 bytes, 255 in all."""
     text = name.strip().rstrip(".").lower()
@@ -6203,9 +6204,9 @@ class DnsZone:
 
     def __init__(self, domain, server_ipv4=(), server_ipv6=(), ttl_s=60, ns_name=None,
                  lookup=None, txt_lookup=None, serial=1, subnet_resolvers=()):
-        self.domain_labels = _labels_of(domain)
+        self.domain_labels = labels_of(domain)
         self.domain = b".".join(self.domain_labels).decode("ascii")
-        self.ns_labels = _labels_of(ns_name or "ns." + self.domain)
+        self.ns_labels = labels_of(ns_name or "ns." + self.domain)
         self.ns_name = b".".join(self.ns_labels).decode("ascii")
         for text in list(server_ipv4) + list(server_ipv6):
             ipaddress.ip_address(text)  # refuse a bad server address at start
@@ -6224,17 +6225,17 @@ class DnsZone:
         if len(packet) < DNS_HEADER_BYTES or packet[2] & 0x80:
             return None
         qid, flags = struct.unpack_from("!HH", packet)
-        if flags & _OPCODE:
-            return _header_only(qid, flags, _NOTIMP)
+        if flags & DNS_OPCODE:
+            return header_only(qid, flags, DNS_NOTIMP)
         try:
-            query = _parse_query(packet)
+            query = parse_query(packet)
         except DnsFormatError:
-            return _header_only(qid, flags, _FORMERR)
+            return header_only(qid, flags, DNS_FORMERR)
         if slip:
-            return _build(query, _NOERROR, _TC, _NO_RECORDS, b"")
-        return self._respond(query, plain_address(client_ip), max_udp)
+            return build_response(query, DNS_NOERROR, DNS_TC, DNS_NO_RECORDS, b"")
+        return self.respond(query, plain_address(client_ip), max_udp)
 
-    def _respond(self, query, client_ip, max_udp):
+    def respond(self, query, client_ip, max_udp):
         """The response to a parsed query within its size: 65535 bytes over TCP,
         512 over UDP without EDNS0, else the client's size within [512,
         max_udp] (RFC 6891 section 6.2.5); too large: TC and no records."""
@@ -6243,78 +6244,83 @@ class DnsZone:
                 ipaddress.ip_address(client_ip) in net for net in self.subnet_resolvers):
             edns = edns._replace(ecs=None)
         if edns is not None and edns.version != 0:
-            return _build(query, _NOERROR, 0, _NO_RECORDS, _opt_record(edns, udp_bytes, _BADVERS_HIGH, 0))
+            return build_response(query, DNS_NOERROR, 0, DNS_NO_RECORDS,
+                                  opt_record(edns, udp_bytes, DNS_BADVERS_HIGH, 0))
         ecs = edns and edns.ecs
         keys = [socket.inet_ntoa(ecs.address)] if ecs and (ecs.family, ecs.source) == (1, 32) else []
-        rcode, flags, sections, split = self._resolve(query, keys + [client_ip])
-        opt = _opt_record(edns, udp_bytes, 0, 32 if split and ecs and ecs.family == 1 else 0) \
+        rcode, flags, sections, split = self.resolve(query, keys + [client_ip])
+        opt = opt_record(edns, udp_bytes, 0, 32 if split and ecs and ecs.family == 1 else 0) \
             if edns is not None else b""
-        response = _build(query, rcode, flags, sections, opt)
+        response = build_response(query, rcode, flags, sections, opt)
         limit = DNS_MAX_MESSAGE_BYTES if max_udp is None else DNS_PLAIN_UDP_BYTES \
             if edns is None else max(DNS_PLAIN_UDP_BYTES, min(edns.udp_bytes, max_udp))
-        return response if len(response) <= limit else _build(query, rcode, flags | _TC, _NO_RECORDS, opt)
+        if len(response) <= limit:
+            return response
+        return build_response(query, rcode, flags | DNS_TC, DNS_NO_RECORDS, opt)
 
-    def _resolve(self, query, client_keys):
+    def resolve(self, query, client_keys):
         """(rcode, flags, sections, split) of a query; split: the answer
         depends on the client's address. ANY gets A and AAAA, or RFC 8482's
         HINFO when there are none; AXFR, IXFR and other classes: REFUSED."""
-        relative = self._relative(tuple(label.lower() for label in query.labels))
-        if relative is None or query.qclass != _IN or query.qtype in (_AXFR, _IXFR):
-            return _REFUSED, 0, _NO_RECORDS, False
-        node, split = self._node(relative, client_keys)
-        negative = ([], [_rr(self.domain_labels, _SOA, self.ttl_s, self._soa_data())], [])
+        relative = self.relative_labels(tuple(label.lower() for label in query.labels))
+        if relative is None or query.qclass != DNS_IN or query.qtype in (DNS_AXFR, DNS_IXFR):
+            return DNS_REFUSED, 0, DNS_NO_RECORDS, False
+        node, split = self.node_of(relative, client_keys)
+        negative = ([], [resource_record(self.domain_labels, DNS_SOA, self.ttl_s, self.soa_data())], [])
         if node is None:
-            return _NXDOMAIN, _AA, negative, False
-        wanted = [query.qtype] if query.qtype != _ANY else [_A, _AAAA]
-        if query.qtype == _ANY and not (node.get(_A) or node.get(_AAAA)):
-            node, wanted = {_HINFO: [_HINFO_RFC8482]}, [_HINFO]
-        answers = [_rr(query.labels, rtype, self.ttl_s, rdata)
+            return DNS_NXDOMAIN, DNS_AA, negative, False
+        wanted = [query.qtype] if query.qtype != DNS_ANY else [DNS_A, DNS_AAAA]
+        if query.qtype == DNS_ANY and not (node.get(DNS_A) or node.get(DNS_AAAA)):
+            node, wanted = {DNS_HINFO: [DNS_HINFO_RFC8482]}, [DNS_HINFO]
+        answers = [resource_record(query.labels, rtype, self.ttl_s, rdata)
                    for rtype in wanted for rdata in node.get(rtype, [])]
         if not answers:
-            return _NOERROR, _AA, negative, split
-        glue = [_rr(self.ns_labels, rtype, self.ttl_s, rdata) for rtype in (_A, _AAAA)
-                for rdata in self._server_node()[rtype]] \
-            if query.qtype == _NS and self._relative(self.ns_labels) is not None else []
-        return _NOERROR, _AA, (answers, [], glue), split
+            return DNS_NOERROR, DNS_AA, negative, split
+        glue = [resource_record(self.ns_labels, rtype, self.ttl_s, rdata)
+                for rtype in (DNS_A, DNS_AAAA)
+                for rdata in self.server_node()[rtype]] \
+            if query.qtype == DNS_NS and self.relative_labels(self.ns_labels) is not None else []
+        return DNS_NOERROR, DNS_AA, (answers, [], glue), split
 
-    def _relative(self, lowered):
+    def relative_labels(self, lowered):
         """The labels in front of the domain; None outside the domain."""
         cut = len(lowered) - len(self.domain_labels)
         return lowered[:cut] if cut >= 0 and lowered[cut:] == self.domain_labels else None
 
-    def _node(self, relative, client_keys):
+    def node_of(self, relative, client_keys):
         """({rtype: [record data]}, split) of an in-domain name, (None, False)
         if it does not exist: the apex and ns_name answer the server's
         addresses, other names what `lookup` says; TXT from txt_lookup."""
-        if not all(_PLAIN_LABEL_BYTES.issuperset(label) for label in relative):
+        if not all(DNS_PLAIN_LABEL_BYTES.issuperset(label) for label in relative):
             return None, False
         name = b".".join(relative + self.domain_labels).decode("ascii")
         node, split = None, {}
         if not relative or name == self.ns_name:
-            node = self._server_node()
+            node = self.server_node()
             if not relative:
-                node.update({_SOA: [self._soa_data()], _NS: [_name_bytes(self.ns_labels)]})
+                node.update({DNS_SOA: [self.soa_data()], DNS_NS: [name_bytes(self.ns_labels)]})
         else:
             record = self.lookup(name)
             if record is not None:
                 split = record.split or {}
                 ipv4 = next((split[key] for key in client_keys if key in split), record.ipv4)
-                node = {_A: _packed(ipv4, socket.AF_INET),
-                        _AAAA: _packed(record.ipv6, socket.AF_INET6)}
+                node = {DNS_A: packed_addresses(ipv4, socket.AF_INET),
+                        DNS_AAAA: packed_addresses(record.ipv6, socket.AF_INET6)}
         texts = self.txt_lookup(name)
         if texts:
             node = node if node is not None else {}
-            node[_TXT] = _txt_data(texts)
+            node[DNS_TXT] = txt_data(texts)
         return node, bool(split)
 
-    def _server_node(self):
-        return {_A: _packed(self.server_ipv4, socket.AF_INET),
-                _AAAA: _packed(self.server_ipv6, socket.AF_INET6)}
+    def server_node(self):
+        """The records of the apex and ns_name: the server's A and AAAA."""
+        return {DNS_A: packed_addresses(self.server_ipv4, socket.AF_INET),
+                DNS_AAAA: packed_addresses(self.server_ipv6, socket.AF_INET6)}
 
-    def _soa_data(self):
+    def soa_data(self):
         """The apex SOA's data; its minimum (the negative TTL) is ttl_s."""
         timers = struct.pack("!5I", self.serial & 0xFFFFFFFF, *DNS_SOA_TIMERS_S, self.ttl_s)
-        return _name_bytes(self.ns_labels) + _name_bytes((b"hostmaster",) + self.domain_labels) + timers
+        return name_bytes(self.ns_labels) + name_bytes((b"hostmaster",) + self.domain_labels) + timers
 
 
 def servfail(packet):
@@ -6322,7 +6328,7 @@ def servfail(packet):
     it has no header or is itself a response."""
     if len(packet) < DNS_HEADER_BYTES or packet[2] & 0x80:
         return None
-    return _header_only(*struct.unpack_from("!HH", packet), _SERVFAIL)
+    return header_only(*struct.unpack_from("!HH", packet), DNS_SERVFAIL)
 
 
 # ---- the responder: UDP on the loop, TCP in capped threads --------------------
@@ -6533,8 +6539,8 @@ class BuiltinDns:
     def set_txt(self, name, values):
         """Answer TXT `values` (strings) for `name` from now on; [] clears them.
         ValueError for a name outside TUNNEL_DOMAIN."""
-        labels = _labels_of(name)
-        if self.zone._relative(labels) is None:
+        labels = labels_of(name)
+        if self.zone.relative_labels(labels) is None:
             raise ValueError("%s is not in %s" % (name, self.zone.domain))
         name = b".".join(labels).decode("ascii")
         with self.txt_lock:
@@ -6565,10 +6571,12 @@ class BuiltinDns:
             self.zone.serial = max(self.zone.serial + 1, int(now))
 
     def entry(self, record):
+        """The (expires_at, tunnel id, DnsTunnelRecord) that names keeps for an online tunnel."""
         return (record["expires_at"], record["id"],
                 DnsTunnelRecord(*tunnel_answers(record, self.settings)))
 
     def lookup(self, name):
+        """The DnsZone callback: the DnsTunnelRecord of an unexpired tunnel FQDN, else None."""
         entry = self.names.get(name)
         return entry[2] if entry and time.time() < entry[0] else None
 
@@ -6577,6 +6585,7 @@ class BuiltinDns:
         expires arrives through refresh, from the store's expiry order)."""
 
     def close(self):
+        """Stop answering: close the responder's sockets, if it was started."""
         if self.responder is not None:
             self.responder.close()
 

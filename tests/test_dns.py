@@ -378,8 +378,8 @@ def test_dns_compression_loops_and_forward_pointers_formerr():
 def test_dns_pointer_rule_refuses_loops_before_the_length_limit():
     looping = struct.pack("!6H", 9, 0, 1, 0, 0, 0) + b"\x01a\x01b\xc0\x0e"
     with pytest.raises(srv.DnsFormatError, match="loops"):
-        srv._read_name(looping, 12)
-    assert srv._read_name(looping[:-2] + b"\x00", 12) == ([b"a", b"b"], 17)
+        srv.read_name(looping, 12)
+    assert srv.read_name(looping[:-2] + b"\x00", 12) == ([b"a", b"b"], 17)
 
 
 def test_dns_legitimate_compression_in_query_accepted():
