@@ -278,7 +278,8 @@ def test_fronts_redirect_location_never_carries_control_characters(front, tmp_pa
     name = setup_pod(front, pod_dir, "https", [free_port()])
     for target in (b"/a\rSet-Cookie:%20x=1", b"/a\nSet-Cookie: x=1", b"/a%0d%0aSet-Cookie:x"):
         with connect(front.http) as sock:
-            sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: " + name.encode() + b"\r\n\r\n")
+            sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: " + name.encode()
+                         + b"\r\nConnection: close\r\n\r\n")  # EOF ends the answer
             answer = read_all(sock)
         head = answer.partition(b"\r\n\r\n")[0]
         assert re.match(rb"HTTP/1\.1 (400|308) ", answer), answer
@@ -286,7 +287,8 @@ def test_fronts_redirect_location_never_carries_control_characters(front, tmp_pa
             assert b"\r" not in line and b"\n" not in line
             assert not line.lower().startswith(b"set-cookie"), answer
     with connect(front.http) as sock:
-        sock.sendall(b'GET /p?q="<x>"|{y} HTTP/1.1\r\nHost: ' + name.encode() + b"\r\n\r\n")
+        sock.sendall(b'GET /p?q="<x>"|{y} HTTP/1.1\r\nHost: ' + name.encode()
+                     + b"\r\nConnection: close\r\n\r\n")
         location = re.search(rb"\r\nLocation: (\S+)\r\n", read_all(sock)).group(1)
     assert location.endswith(b"/p?q=%22%3Cx%3E%22%7C%7By%7D"), location
 
