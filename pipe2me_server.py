@@ -477,7 +477,7 @@ CONFIG_KEYS = {
     "MAX_PENDING_FRONT_PER_SOURCE": ("32", parse_count, "of those, per source (IPv4 address, IPv6 /64); 0 = no cap"),
     "TRUSTED_PROXIES": ("", parse_networks, "proxies in front of the HTTP front whose X-Forwarded-*/Forwarded are kept (CIDRs)"),
     "MAX_PENDING_HANDSHAKES": ("64", parse_count, "pod connections still authenticating; 0 = no cap"),
-    "MAX_PENDING_HANDSHAKES_PER_SOURCE": ("4", parse_count, "of those, per IPv4 address or IPv6 /64; 0 = no limit"),
+    "MAX_PENDING_HANDSHAKES_PER_SOURCE": ("16", parse_count, "of those, per IPv4 address or IPv6 /64; 0 = no limit"),
     "API_CONNECTIONS_PER_SOURCE": ("8", parse_count, "API requests served at once per IPv4 address or IPv6 /64; 0 = no limit"),
     "FRONT_HEAD_DEADLINE": ("10", parse_positive_duration, "seconds a front connection may take to send its head"),
     "API_REQUEST_DEADLINE": ("20", parse_positive_duration, "seconds an API connection may last (against slowloris)"),
@@ -606,18 +606,19 @@ def source_prefix(address, ipv4_bits, ipv6_bits):
 class SourceShares:
     """Connections served by threads (pod handshakes, API requests): `cap`
     at once, `share` per source (an IPv4 address, an IPv6 /64; 0 = no
-    limit). A newcomer whose source holds its share is refused, or with
-    `rotate` takes the place of that source's oldest connection (for pod
-    handshakes, so that a pod behind an attacker's NAT still gets in; not
+    limit). A newcomer whose source holds its share is refused, or, with
+    `rotate_after_s`, takes the place of that source's oldest connection
+    once that one has waited so long (pod handshakes: a pod behind an
+    attacker's NAT still gets in, while the quick handshakes of many pods
+    behind one NAT, after a server restart, do not cut each other off; not
     for API requests, which would cut each other off); when every slot is
-    taken, one whose source
-    holds fewer than the largest holder takes the place of that holder's
-    oldest. So a flood from one source, or many, leaves room for everybody
-    else. A displaced connection is shut down, which ends its thread.
-    Thread-safe."""
+    taken, one whose source holds fewer than the largest holder takes the
+    place of that holder's oldest. So a flood from one source, or many,
+    leaves room for everybody else. A displaced connection is shut down,
+    which ends its thread. Thread-safe."""
 
-    def __init__(self, cap, share, rotate=False):
-        self.cap, self.share, self.rotate = cap, share, rotate
+    def __init__(self, cap, share, rotate_after_s=None):
+        self.cap, self.share, self.rotate_after_s = cap, share, rotate_after_s
         self.lock = threading.Lock()
         self.holders = {}                     # socket -> (source, taken at)
         self.counts = collections.Counter()   # source -> slots held
@@ -627,17 +628,20 @@ class SourceShares:
         with self.lock:
             held = self.counts[source]
             victim = None
+            now = time.monotonic()
             if self.share and held >= self.share:
-                if not self.rotate:
+                if self.rotate_after_s is None:
                     return False
                 victim = self.oldest(source)
+                if now - self.holders[victim][1] < self.rotate_after_s:
+                    return False
             elif self.cap and len(self.holders) >= self.cap:
                 victim = self.victim(held)
                 if victim is None:
                     return False
             if victim is not None:
                 self.forget(victim)
-            self.holders[sock] = (source, time.monotonic())
+            self.holders[sock] = (source, now)
             self.counts[source] += 1
         if victim is not None:  # its thread sees EOF and ends; closing is its owner's job
             with contextlib.suppress(OSError):
@@ -4434,6 +4438,9 @@ def traffic_left(record):
     return cap - record["bytes_in"] - record["bytes_out"] if cap else None
 
 
+HANDSHAKE_ROTATE_AFTER_S = 1.0   # a source's pending handshake this old may be displaced by its next
+
+
 REPLACED_OR_DELETED = ("certificate belongs to no tunnel here (tunnel deleted, or certificate "
                        "replaced by a newer one that has been used)")
 
@@ -4450,8 +4457,8 @@ class PodGate:
         # strangers share `cap` slots by source. A verified pod leaves them
         # for slots shared by certificate, where no stranger can take its place.
         self.strangers = SourceShares(self.cap, settings.max_pending_handshakes_per_source,
-                                      rotate=True)
-        self.verified = SourceShares(self.cap, 2, rotate=True)
+                                      HANDSHAKE_ROTATE_AFTER_S)
+        self.verified = SourceShares(self.cap, 2, 0.0)
 
     def admit(self, sock, address):
         """A new connection on TUNNEL_PORT: authenticate it in a thread, or close it beyond

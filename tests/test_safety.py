@@ -477,8 +477,13 @@ def test_safety_handshake_flood_never_locks_a_pod_out(bed, server_mod, flood):
     if first == "hello":
         first = client_hello_prefix()
     flood_socks = silent_connections(bed.server.tunnel, sources, per_source, first)
+    flooded_at = time.monotonic()
     try:
         for source in ("127.0.0.1", sources[0]):
+            if source == sources[0]:  # the flood's own address: once its slots may rotate
+                wait_until(lambda: time.monotonic() - flooded_at
+                           >= server_mod.HANDSHAKE_ROTATE_AFTER_S, 5,
+                           what="the flood's handshakes to be old enough to give way")
             started = time.monotonic()
             pod = RawPod(server_mod, bed.server, bed.raw, source=source)
             took = time.monotonic() - started
@@ -490,6 +495,30 @@ def test_safety_handshake_flood_never_locks_a_pod_out(bed, server_mod, flood):
         for sock in flood_socks:
             sock.close()
     bed.server.assert_alive()
+
+
+def test_safety_quick_handshakes_behind_one_address_do_not_cut_each_other_off(server_mod):
+    """Many pods behind one NAT reconnect at once (a server restart): past the
+    source's share a newcomer is refused while the others are still quick,
+    and displaces only a handshake that has waited HANDSHAKE_ROTATE_AFTER_S
+    (a stranger's stalled one), never one in its first moments."""
+    shares = server_mod.SourceShares(64, 4, server_mod.HANDSHAKE_ROTATE_AFTER_S)
+    pairs = [socket.socketpair() for _ in range(6)]
+    try:
+        held = [a for a, _ in pairs[:4]]
+        assert all(shares.take(sock, "192.0.2.1") for sock in held)
+        assert not shares.take(pairs[4][0], "192.0.2.1")      # all four still quick
+        assert shares.take(pairs[5][0], "198.51.100.7")       # another source: room
+        oldest = held[0]
+        source, taken = shares.holders[oldest]
+        shares.holders[oldest] = (source, taken - server_mod.HANDSHAKE_ROTATE_AFTER_S)
+        assert shares.take(pairs[4][0], "192.0.2.1")          # the stalled one gives way
+        assert oldest not in shares.holders
+        assert pairs[0][1].recv(1) == b""                     # ... shut down, its thread ends
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
 
 
 def test_safety_api_bodies_that_never_come_leave_room_for_others(bed):
