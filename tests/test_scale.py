@@ -30,7 +30,8 @@ def test_scale_expiry_closes_listener_then_grace_returns_port_and_name(workdir):
     try:
         status, short = create(server, "short-token")
         assert status == 201, short
-        assert accepts(short["ports"][0])
+        wait_until(lambda: accepts(short["ports"][0]), timeout=10,
+                   what="the new tunnel's listener (opened by the loop after the answer)")
         status, long_lived = create(server, "long-token")
         assert status == 201 and long_lived["ports"][0] > short["ports"][0], long_lived
         wait_until(lambda: not accepts(short["ports"][0]), timeout=10,
@@ -41,7 +42,8 @@ def test_scale_expiry_closes_listener_then_grace_returns_port_and_name(workdir):
                    timeout=10, what="the grace period to end")
         status, again = create(server, "long-token")  # the lowest free port is the freed one
         assert status == 201 and again["ports"] == short["ports"], (again, short)
-        assert accepts(again["ports"][0])
+        wait_until(lambda: accepts(again["ports"][0]), timeout=10,
+                   what="the freed port's listener for the new tunnel")
     finally:
         server.stop()
 
