@@ -711,11 +711,13 @@ def test_safety_refused_connection_lines_are_summarised(workdir, server_mod):
     server = Server(workdir)
     refused = "pod handshake cap reached"
     flood = silent_connections(server.tunnel, [FLOOD_SOURCE], 100)
-    wait_until(lambda: server.proc.stderr().count(refused) >= 20, timeout=20,
-               what="the refused handshakes to be logged")
-    for sock in flood:
-        sock.close()
-    assert server.stop() == 0
+    try:
+        wait_until(lambda: server.proc.stderr().count(refused) >= 20, timeout=20,
+                   what="the refused handshakes to be logged")
+    finally:
+        for sock in flood:
+            sock.close()
+        assert server.stop() == 0
     log = server.proc.stderr()
     limit = server_mod.LOG_REPEAT_LIMIT
     shown = log.count(refused)
