@@ -530,7 +530,8 @@ def test_safety_api_bodies_that_never_come_leave_room_for_others(bed):
             "Content-Length: 1000\r\n\r\n{" % DOMAIN).encode()
     flood = silent_connections(bed.server.http, [FLOOD_SOURCE], 100, head)
     try:
-        time.sleep(0.5)   # every head has reached the API by now (no condition to wait on)
+        bed.server.proc.wait_for(r"api connection cap reached, closing from=%s:"
+                                 % re.escape(FLOOD_SOURCE), timeout=10)  # its share is held
         started = time.monotonic()
         status, _ = api(bed.server, "GET", "/config", source=OTHER_SOURCE, timeout=5)
         took = time.monotonic() - started
