@@ -323,6 +323,8 @@ DEFAULT_PROTOCOLS = ("https",)
 
 API_TIMEOUT_S = 15
 API_MAX_ANSWER_BYTES = 1024 * 1024
+API_BUSY_RETRIES = 5          # a 429 "busy, retry in N s" is tried again this often ...
+API_BUSY_MAX_WAIT_S = 5       # ... when N is at most this (longer waits are the caller's)
 # Renew when the certificate expires within this fraction of its lifetime.
 CERT_RENEW_REMAINING_FRACTION = 2.0 / 3.0
 
@@ -1952,6 +1954,14 @@ def pinned_ssl_context(files):
     return context
 
 
+class Busy(Unavailable):
+    """A 429 that asks to retry within retry_after_s seconds."""
+
+    def __init__(self, message, retry_after_s):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class ApiClient:
     """Calls to the server's JSON API under `base_url`.
 
@@ -1967,7 +1977,25 @@ class ApiClient:
         self.pinned = False  # only changes the hint given on certificate errors
 
     def call(self, method, path, body=None, auth=False, answers=()):
-        """(status, raw bytes) of `method path`; 2xx or a status in `answers`, else raises."""
+        """(status, raw bytes) of `method path`; 2xx or a status in `answers`, else raises.
+
+        A 429 that asks to retry within API_BUSY_MAX_WAIT_S (the server's share
+        of API workers per address is busy, e.g. many pods behind one NAT set up
+        at once) is tried again after that wait plus a random part, up to
+        API_BUSY_RETRIES times."""
+        for attempt in range(API_BUSY_RETRIES + 1):
+            try:
+                return self.call_once(method, path, body, auth, answers)
+            except Busy as exc:
+                if attempt == API_BUSY_RETRIES:
+                    raise
+                wait_s = exc.retry_after_s + random.uniform(0, 1)
+                log.info("server busy, retrying in %.1f s path=%s", wait_s, path)
+                time.sleep(wait_s)
+        raise AssertionError("the loop returns or raises")
+
+    def call_once(self, method, path, body, auth, answers):
+        """One try of `call`; Busy for a 429 worth retrying soon."""
         # Imported here, not at the top: `start` never needs them, and on a
         # router they would cost 3 MB of memory for the life of the tunnel.
         import http.client
@@ -1990,7 +2018,11 @@ class ApiClient:
             data = read_error_body(exc)
             if exc.code in answers:
                 return exc.code, data
-            raise self.http_error(exc.code, data)
+            error = self.http_error(exc.code, data)
+            wait_s = retry_after_seconds(exc.headers.get("Retry-After")) if exc.code == 429 else None
+            if wait_s is not None and wait_s <= API_BUSY_MAX_WAIT_S:
+                raise Busy(str(error), wait_s) from None
+            raise error
         except urllib.error.URLError as exc:
             raise self.connect_error(exc.reason)
         except (OSError, ValueError, http.client.HTTPException) as exc:  # timeouts, resets
@@ -2085,6 +2117,12 @@ class ApiClient:
         if "-----BEGIN CERTIFICATE-----" not in text:
             raise Rejected("bad answer from %s/cacert: no certificate" % self.base_url)
         return text
+
+
+def retry_after_seconds(value):
+    """Whole seconds from a Retry-After header in delta-seconds form; None otherwise."""
+    value = (value or "").strip()
+    return int(value) if value.isdigit() and len(value) <= 6 else None
 
 
 def read_error_body(exc):

@@ -25,7 +25,7 @@ import pytest
 
 from conftest import (clean_env, CONFIG_KEY_NAMES, POD, SERVER, Proc, ServerHandle, ephemeral_ports, free_port_range,
                       wait_until)
-from helpers import (DOMAIN, cert_fields, cert_sha256, create_tunnel, curl_ok, make_csr, make_key,
+from helpers import (DOMAIN, api, cert_fields, cert_sha256, create_tunnel, curl_ok, make_csr, make_key,
                      openssl, request_json)
 
 FQDN_RE = re.compile(r"^[a-z]+-[a-z]+-[a-z]+(-\d+)?\.pipe2\.localhost$")
@@ -106,10 +106,14 @@ def setup_ok(server, pod_dir, token, protocols="http,https", *extra):
     return done.stdout.strip()
 
 
+PROGRESS_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO pipe2me\.pod ")
+
+
 def assert_one_line_failure(done, fragment=None):
+    """The failure is one line (INFO progress lines before it, such as a retry, aside)."""
     assert done.returncode not in (0, 1), (done.returncode, done.stderr)
     assert "Traceback" not in done.stderr, done.stderr
-    lines = done.stderr.splitlines()
+    lines = [line for line in done.stderr.splitlines() if not PROGRESS_LINE.match(line)]
     assert len(lines) == 1, done.stderr
     if fragment:
         assert fragment.lower() in lines[0].lower(), lines[0]
@@ -705,6 +709,28 @@ def test_store_sigkill_during_burst_keeps_completed_tunnels(workdir):
 
 
 # ---- 8. unique tokens --------------------------------------------------------------------------
+
+def test_setup_waits_out_a_busy_api_share_and_succeeds(workdir):
+    """With its address's API share taken (a request whose body never comes),
+    setup is answered 429 "retry in a second", says so, tries again, and
+    succeeds once the share is free."""
+    server = Server(workdir, ["--api-connections-per-source", "1"])
+    holder = socket.create_connection(("127.0.0.1", server.http), timeout=10)
+    try:
+        holder.sendall(("POST /tunnels HTTP/1.1\r\nHost: %s\r\nContent-Length: 100\r\n\r\n{"
+                        % DOMAIN).encode())
+        wait_until(lambda: api(server, "GET", "/config").status == 429, timeout=10)
+        setup = Proc([sys.executable, POD, "--dir", os.path.join(workdir, "pod"), "setup",
+                      "--server", server.url, "--auth", server.token, "--protocols", "tcp"],
+                     workdir, "setup", env=clean_env(os.path.join(workdir, "home")))
+        setup.wait_for(r"INFO pipe2me\.pod server busy, retrying in \d\.\d s", timeout=20)
+        assert setup.popen.poll() is None, setup.stderr()
+    finally:
+        holder.close()
+    assert setup.popen.wait(30) == 0, setup.stderr()
+    assert FQDN_RE.match(setup.stdout().strip()), setup.stdout()
+    server.stop_clean()
+
 
 @pytest.mark.slow
 def test_token_unique_used_by_20_parallel_setups_succeeds_once(srv, workdir):

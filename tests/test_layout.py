@@ -52,7 +52,7 @@ BUDGETS = {
         "SHARED relay":        850,
         "SHARED process":      170,
         "POD FILES":           310,
-        "SERVER API CLIENT":   230,
+        "SERVER API CLIENT":   260,
         "ROUTER PORT MAPPING": 815,
         "TUNNEL CLIENT":       515,
         "ECHO SERVICES":       120,

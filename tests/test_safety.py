@@ -81,6 +81,17 @@ def metric(text, name):
     return int(found.group(1)) if found else None
 
 
+def wait_for_metric(server, name, at_least, timeout=20.0):
+    """The value of /metrics `name` once it is at least `at_least` (fails after `timeout`)."""
+    deadline, value = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        value = metric(api(server, "GET", "/metrics")[1], name)
+        if value is not None and value >= at_least:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("%s stayed at %s, below %d" % (name, value, at_least))
+
+
 class Identity:
     """A pod directory set up against the server: tunnel id, ports, cert."""
 
@@ -405,7 +416,7 @@ def test_safety_stalled_readers_make_room_for_new_consumers(push_bed):
     reset after a few seconds, and a consumer who does read gets the download."""
     b = push_bed
     crowd = lazy_consumers(b.pusher.ports[0], 60, FLOOD_SOURCE)
-    time.sleep(1.0)
+    wait_for_metric(b.server, "pipe2me_buffered_bytes", 6 * MiB)   # the tunnel's 8M is filling
     started = time.monotonic()
     with connect(b.pusher.ports[0]) as sock:
         sock.sendall(b"GET /big HTTP/1.0\r\n\r\n")
@@ -541,7 +552,8 @@ def test_safety_api_bodies_that_never_come_leave_room_for_others(bed):
         own_took = time.monotonic() - started
         flood += silent_connections(bed.server.http, ["127.0.0.%d" % n for n in range(60, 80)],
                                     4, head)
-        time.sleep(0.5)
+        # a request sent after the second flood is answered once the front has read its heads
+        assert api(bed.server, "GET", "/config", source="127.0.0.91", timeout=5)[0] == 200
         started = time.monotonic()
         status2, _ = api(bed.server, "GET", "/config", source="127.0.0.90", timeout=5)
         took2 = time.monotonic() - started
