@@ -260,12 +260,12 @@ def free_port_range(count, low=20000, high=32000, attempts=200):
     seed = (os.getpid() * 7919) % (high - low)
     for attempt in range(attempts):
         base = low + (seed + attempt * 97 * step) % (high - low - step)
-        if all(_port_free(base + i) for i in range(count)):
+        if all(port_free(base + i) for i in range(count)):
             return base
     raise BenchError("no %d consecutive free ports in %d..%d" % (count, low, high))
 
 
-def _port_free(port):
+def port_free(port):
     with socket.socket() as sock:
         try:
             sock.bind(("127.0.0.1", port))

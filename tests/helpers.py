@@ -14,9 +14,11 @@ import hashlib
 import http.client
 import json
 import os
+import socket
 import ssl
 import subprocess
 import tempfile
+import time
 import urllib.parse
 
 DOMAIN = "pipe2.localhost"
@@ -121,6 +123,15 @@ KEY_ARGS = {
 }
 
 
+def accepts(port, host="127.0.0.1", timeout=2):
+    """Whether something accepts TCP connections on host:port now."""
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def curl(*args, timeout=30):
     """Run the real curl (never through a proxy, no stdin, at most 20 s);
     the CompletedProcess, output in bytes."""
@@ -203,3 +214,95 @@ def cert_fields(pem_or_path):
             if "critical" in flag:
                 fields["critical"].add(name)
     return fields
+
+
+class RawPod:
+    """A pod connection made by hand from the test process: TLS to the server's
+    TUNNEL_PORT trusting `cacert`, with a client certificate if given, speaking
+    the frame format of `mod` (the server script loaded as a module). It answers
+    PING while it reads, as a pod does; until then it reads nothing."""
+
+    def __init__(self, mod, tunnel_port, cacert, cert=None, key=None, source=None,
+                 rcvbuf=None, max_tls=None, timeout=10.0):
+        self.mod = mod
+        raw = socket.socket()
+        if rcvbuf:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        raw.bind((source or "127.0.0.1", 0))
+        raw.settimeout(timeout)
+        raw.connect(("127.0.0.1", tunnel_port))
+        self.port = raw.getsockname()[1]
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(cacert)
+        if max_tls:
+            context.maximum_version = max_tls
+        if cert:
+            context.load_cert_chain(cert, key)
+        self.decoder = mod.FrameDecoder(mod.SERVER_SENDS)
+        self.events = []
+        self.closed = False
+        try:
+            self.sock = context.wrap_socket(raw, server_hostname=DOMAIN)
+        except (ssl.SSLError, OSError):
+            self.sock, self.closed = raw, True
+
+    def send(self, data):
+        """Send; False if the server has already closed the connection."""
+        try:
+            self.sock.sendall(data)
+            return True
+        except (ssl.SSLError, OSError):
+            return False
+
+    def hello(self, tunnel_id, version=1, kind="control"):
+        """Send HELLO; the server's first answer (msg, stream, payload), or None at close."""
+        self.send(self.mod.encode_control(self.mod.Msg.HELLO, {
+            "kind": kind, "version": version, "tunnel": tunnel_id}))
+        return self.next_event(5.0)
+
+    def next_event(self, within_s, want=None):
+        """The next (msg, stream, payload) the server sends (of type `want`), or None at close."""
+        end = time.monotonic() + within_s
+        while True:
+            for index, event in enumerate(self.events):
+                if want is None or event[0] == want:
+                    return self.events.pop(index)
+            if self.closed:
+                return None
+            left = end - time.monotonic()
+            assert left > 0, "nothing from the server within %.1f s" % within_s
+            self.receive(left)
+
+    def receive(self, timeout):
+        """Read once (up to `timeout`), keeping the frames as events."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(1 << 20)
+        except socket.timeout:
+            return
+        except (ssl.SSLError, OSError):
+            data = b""
+        if not data:
+            self.closed = True
+            return
+        for msg, stream, payload in self.decoder.frames(data):
+            if msg == self.mod.Msg.PING:  # stay alive like a pod: HEARTBEAT_INTERVAL is 1 s
+                self.send(self.mod.encode_frame(self.mod.Msg.PONG, 0, bytes(payload)))
+            self.events.append((msg, stream, bytes(payload)))
+
+    def closed_within(self, within_s):
+        """Whether the server closes the connection within `within_s` (reading all)."""
+        end = time.monotonic() + within_s
+        while not self.closed and time.monotonic() < end:
+            self.receive(max(0.01, end - time.monotonic()))
+        return self.closed
+
+    def until_closed(self, within_s=5.0):
+        """Every event until the server closes; fails the test if it does not."""
+        assert self.closed_within(within_s), \
+            "the server kept the connection open for %.1f s" % within_s
+        events, self.events = self.events, []
+        return events
+
+    def close(self):
+        self.sock.close()

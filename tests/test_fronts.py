@@ -24,7 +24,7 @@ import pytest
 
 from conftest import (LocalService, Proc, ServerHandle, connect, free_port, http_pods,
                       public_ports, read_head, setup_pod, start_pod, wait_until)
-from helpers import curl
+from helpers import accepts, curl
 
 DOMAIN = "pipe2.localhost"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -377,6 +377,19 @@ class CountingRelay:
         self.sock.close()
 
 
+NGINX_SERVER = """
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://front;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $arg_tunnel;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_bind {source};
+        }}
+    }}"""
+
 NGINX_CONF = """
 daemon off;
 pid {dir}/nginx.pid;
@@ -387,29 +400,7 @@ http {{
     access_log {dir}/access.log;
     client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
     fastcgi_temp_path {dir}/fcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
-    upstream front {{ server 127.0.0.1:{relay}; keepalive 4; }}
-    server {{
-        listen 127.0.0.1:{trusted_port};
-        location / {{
-            proxy_pass http://front;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $arg_tunnel;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_bind 127.0.0.7;
-        }}
-    }}
-    server {{
-        listen 127.0.0.1:{plain_port};
-        location / {{
-            proxy_pass http://front;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $arg_tunnel;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_bind 127.0.0.8;
-        }}
-    }}
+    upstream front {{ server 127.0.0.1:{relay}; keepalive 4; }}{servers}
 }}
 """
 
@@ -419,20 +410,14 @@ def nginx(front, tmp_path):
     relay = CountingRelay(front.http)
     ports = {"trusted_port": free_port(), "plain_port": free_port()}
     conf = tmp_path / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=tmp_path, relay=relay.port, **ports))
+    servers = (NGINX_SERVER.format(port=ports["trusted_port"], source="127.0.0.7")
+               + NGINX_SERVER.format(port=ports["plain_port"], source="127.0.0.8"))
+    conf.write_text(NGINX_CONF.format(dir=tmp_path, relay=relay.port, servers=servers))
     proc = Proc([NGINX, "-p", str(tmp_path), "-c", str(conf)], str(tmp_path), "nginx")
-    wait_until(lambda: all(_listening(p) for p in ports.values()), what="nginx listening")
+    wait_until(lambda: all(accepts(p) for p in ports.values()), what="nginx listening")
     yield relay, ports
     proc.stop()
     relay.stop()
-
-
-def _listening(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("trusted", [True, False])

@@ -29,7 +29,7 @@ import pytest
 
 from conftest import (clean_env, POD, ServerHandle, free_port, setup_pod, start_pod, wait_until,
                       write_tokens)
-from helpers import DOMAIN, api, cert_fields, cert_sha256, create_tunnel, make_csr, make_key, openssl
+from helpers import DOMAIN, RawPod, api, cert_fields, cert_sha256, create_tunnel, make_csr, make_key, openssl
 MAIN_TOKEN = "main-token-hostile"
 UNIQUE_TOKEN = "unique-token-hostile"
 SHORT_TOKEN = "short-token-hostile"
@@ -595,87 +595,16 @@ def test_api_deadlines_default_to_sane_values(server_mod):
 # 9. Tunnel port: every forged or broken pod connection is closed with a logged reason
 # =====================================================================================
 
-class RawPod:
-    """A hand-made pod connection speaking the frame format of the server module."""
-
-    def __init__(self, mod, relay, cert=None, key=None, max_tls=None):
-        self.mod = mod
-        raw = connect(relay.server.tunnel, timeout=5)
-        self.port = raw.getsockname()[1]
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.load_verify_locations(relay.raw.cacert)
-        if max_tls:
-            context.maximum_version = max_tls
-        if cert:
-            context.load_cert_chain(cert, key)
-        self.decoder = mod.FrameDecoder(mod.SERVER_SENDS)
-        self.events = []
-        self.closed = False
-        try:
-            self.sock = context.wrap_socket(raw, server_hostname=DOMAIN)
-        except (ssl.SSLError, OSError):
-            self.sock, self.closed = raw, True
-
-    def send(self, data):
-        """Send; False if the server has already closed the connection."""
-        try:
-            self.sock.sendall(data)
-            return True
-        except (ssl.SSLError, OSError):
-            return False
-
-    def hello(self, tunnel_id, version=1, kind="control"):
-        self.send(self.mod.encode_control(self.mod.Msg.HELLO, {
-            "kind": kind, "version": version, "tunnel": tunnel_id}))
-        return self.next_event(5.0)
-
-    def next_event(self, within_s, want=None):
-        """The next (msg, stream, payload) the server sends (of type `want`), or None at close."""
-        end = time.monotonic() + within_s
-        while True:
-            for index, event in enumerate(self.events):
-                if want is None or event[0] == want:
-                    return self.events.pop(index)
-            if self.closed:
-                return None
-            left = end - time.monotonic()
-            assert left > 0, "nothing from the server within %.1f s" % within_s
-            self.receive(left)
-
-    def receive(self, timeout):
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(1 << 20)
-        except socket.timeout:
-            return
-        except (ssl.SSLError, OSError):
-            data = b""
-        if not data:
-            self.closed = True
-            return
-        for msg, stream, payload in self.decoder.frames(data):
-            if msg == self.mod.Msg.PING:  # stay alive like a pod: HEARTBEAT_INTERVAL is 1 s
-                self.send(self.mod.encode_frame(self.mod.Msg.PONG, 0, bytes(payload)))
-            self.events.append((msg, stream, bytes(payload)))
-
-    def until_closed(self, within_s=5.0):
-        """Every event until the server closes; fails the test if it does not."""
-        end = time.monotonic() + within_s
-        while not self.closed:
-            left = end - time.monotonic()
-            assert left > 0, "the server kept the connection open for %.1f s" % within_s
-            self.receive(left)
-        events, self.events = self.events, []
-        return events
-
-    def close(self):
-        self.sock.close()
+def raw_pod(mod, relay, cert=None, key=None, max_tls=None):
+    """A hand-made pod connection to the relay's server (helpers.RawPod)."""
+    return RawPod(mod, relay.server.tunnel, relay.raw.cacert, cert, key, timeout=5,
+                  max_tls=max_tls)
 
 
 def welcomed(mod, relay):
     """A raw pod session of the `raw` tunnel, attached on the server."""
     mark = relay.server.mark()
-    pod = RawPod(mod, relay, relay.raw.cert, relay.raw.key)
+    pod = raw_pod(mod, relay, relay.raw.cert, relay.raw.key)
     answer = pod.hello(relay.raw.id)
     assert answer and answer[0] == mod.Msg.WELCOME, answer
     relay.server.wait_log(r"pod connected tunnel=%s .* pod=127\.0\.0\.1:%d" % (
@@ -706,7 +635,7 @@ def attack_plain(data):
 def attack_tls(cert_of, tunnel_of=lambda r: r.raw.id, version=1, kind="control", max_tls=None):
     def attack(mod, relay):
         cert, key = cert_of(relay) if cert_of else (None, None)
-        pod = RawPod(mod, relay, cert, key, max_tls)
+        pod = raw_pod(mod, relay, cert, key, max_tls)
         answer = pod.hello(tunnel_of(relay), version, kind)
         events = [answer] if answer else []
         events += pod.until_closed()
@@ -717,7 +646,7 @@ def attack_tls(cert_of, tunnel_of=lambda r: r.raw.id, version=1, kind="control",
 
 def attack_greeting(first_bytes):
     def attack(mod, relay):
-        pod = RawPod(mod, relay, relay.raw.cert, relay.raw.key)
+        pod = raw_pod(mod, relay, relay.raw.cert, relay.raw.key)
         pod.send(first_bytes(mod))
         events = pod.until_closed()
         pod.close()

@@ -12,10 +12,15 @@ from conftest import (echo_handler, echo_round_trip, public_ports, run_pod, setu
                       start_pod, wait_until)
 
 
-def test_lifecycle_one_start_per_directory(server, workdir, services):
-    service = services(echo_handler)
+def echo_pod_dir(server, workdir, services):
+    """A pod directory set up with one tcp tunnel to a fresh echo service."""
     pod_dir = os.path.join(workdir, "pod")
-    setup_pod(server, pod_dir, "tcp", [service.port])
+    setup_pod(server, pod_dir, "tcp", [services(echo_handler).port])
+    return pod_dir
+
+
+def test_lifecycle_one_start_per_directory(server, workdir, services):
+    pod_dir = echo_pod_dir(server, workdir, services)
     first = start_pod(workdir, pod_dir)
     try:
         second = run_pod(pod_dir, "start", timeout=30)
@@ -34,9 +39,7 @@ def test_lifecycle_replaced_pod_backs_off_and_gives_up(server, workdir, services
     """A copied pod directory: the second pod takes the tunnel over; the first
     is told by whom, backs off, and exits 4 after a few rounds, without
     taking the tunnel back; the second stays connected throughout."""
-    service = services(echo_handler)
-    pod_dir = os.path.join(workdir, "pod")
-    setup_pod(server, pod_dir, "tcp", [service.port])
+    pod_dir = echo_pod_dir(server, workdir, services)
     copy = os.path.join(workdir, "copy")
     shutil.copytree(pod_dir, copy)
     first = start_pod(workdir, pod_dir, name="first")
@@ -61,9 +64,7 @@ def test_lifecycle_replaced_pod_backs_off_and_gives_up(server, workdir, services
 
 
 def test_lifecycle_clear_stops_a_running_start(server, workdir, services):
-    service = services(echo_handler)
-    pod_dir = os.path.join(workdir, "pod")
-    setup_pod(server, pod_dir, "tcp", [service.port])
+    pod_dir = echo_pod_dir(server, workdir, services)
     pod = start_pod(workdir, pod_dir)
     try:
         done = run_pod(pod_dir, "clear", "--yes", timeout=60)

@@ -21,6 +21,7 @@ import pytest
 
 from conftest import (MiB, LocalService, ServerHandle, clean_env, connect, echo_handler,
                       echo_round_trip, free_port, setup_pod, start_pod, wait_until, write_tokens)
+from helpers import RawPod
 
 DOMAIN = "pipe2.localhost"
 TOKEN = "safety-main-token"
@@ -109,64 +110,13 @@ class Identity:
         self.cacert = os.path.join(pod_dir, "pipe2me.cacert")
 
 
-class RawPod:
-    """A pod connection made by hand from this process, with the tunnel's
-    real certificate, speaking the frames of the server module."""
-
-    def __init__(self, mod, server, identity, source=None, rcvbuf=None, hello=True):
-        self.mod = mod
-        raw = socket.socket()
-        if rcvbuf:
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        if source:
-            raw.bind((source, 0))
-        raw.settimeout(10)
-        raw.connect(("127.0.0.1", server.tunnel))
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.load_verify_locations(identity.cacert)
-        context.load_cert_chain(identity.cert, identity.key)
-        self.sock = context.wrap_socket(raw, server_hostname=DOMAIN)
-        self.decoder = mod.FrameDecoder(mod.SERVER_SENDS)
-        if hello:
-            self.send(mod.encode_control(mod.Msg.HELLO, {
-                "kind": "control", "version": 1, "tunnel": identity.id}))
-            msg = self.next_frame(5.0)[0]
-            assert msg == mod.Msg.WELCOME, msg
-
-    def send(self, data):
-        """False once the server has closed the connection."""
-        try:
-            self.sock.sendall(data)
-            return True
-        except (ssl.SSLError, OSError):
-            return False
-
-    def next_frame(self, within_s):
-        end = time.monotonic() + within_s
-        while True:
-            self.sock.settimeout(max(0.01, end - time.monotonic()))
-            data = self.sock.recv(1 << 20)
-            assert data, "the server closed the connection"
-            frames = list(self.decoder.frames(data))
-            if frames:
-                return frames[0]
-
-    def closed_within(self, within_s):
-        """Whether the server closes the connection within within_s (reading all)."""
-        end = time.monotonic() + within_s
-        while time.monotonic() < end:
-            self.sock.settimeout(max(0.01, end - time.monotonic()))
-            try:
-                if not self.sock.recv(1 << 20):
-                    return True
-            except socket.timeout:
-                continue
-            except (ssl.SSLError, OSError):
-                return True
-        return False
-
-    def close(self):
-        self.sock.close()
+def welcomed_pod(mod, server, identity, source=None, rcvbuf=None):
+    """A hand-made pod connection with the tunnel's real certificate, past WELCOME."""
+    pod = RawPod(mod, server.tunnel, identity.cacert, identity.cert, identity.key,
+                 source=source, rcvbuf=rcvbuf)
+    event = pod.hello(identity.id)
+    assert event is not None and event[0] == mod.Msg.WELCOME, event
+    return pod
 
 
 class Bed:
@@ -217,7 +167,7 @@ def test_safety_control_frame_that_breaks_the_decoder_closes_only_that_pod(
     one line and counted; the server and the other tunnel go on."""
     mark = bed.server.mark()
     for attempt in range(3):   # three times: the containment holds, not only once
-        pod = RawPod(server_mod, bed.server, bed.raw)
+        pod = welcomed_pod(server_mod, bed.server, bed.raw)
         assert pod.send(server_mod.encode_frame(server_mod.Msg.GOAWAY, 0, DEEP_JSON[shape]))
         assert pod.closed_within(5.0), "the server kept the connection open"
         pod.close()
@@ -251,7 +201,7 @@ def test_safety_metrics_read_while_sessions_change_never_fail(bed, server_mod):
         thread.start()
     try:
         for _ in range(30):
-            pod = RawPod(server_mod, bed.server, bed.raw)
+            pod = welcomed_pod(server_mod, bed.server, bed.raw)
             consumers = [connect(bed.raw.ports[0]) for _ in range(20)]
             for consumer in consumers:
                 consumer.close()
@@ -312,7 +262,7 @@ def test_safety_pod_flooding_control_frames_never_reading_is_bounded(bed, server
     small bound), the pod stays connected, and when it leaves the memory is
     back within a few MiB of idle."""
     idle = settle_rss(bed.server)
-    pod = RawPod(server_mod, bed.server, bed.raw, rcvbuf=4096)
+    pod = welcomed_pod(server_mod, bed.server, bed.raw, rcvbuf=4096)
     consumer = connect(bed.raw.ports[0])    # a stream, for the WINDOW frames
     stream = 1
     frames = FLOODS[flood](server_mod, stream)
@@ -496,7 +446,7 @@ def test_safety_handshake_flood_never_locks_a_pod_out(bed, server_mod, flood):
                            >= server_mod.HANDSHAKE_ROTATE_AFTER_S, 5,
                            what="the flood's handshakes to be old enough to give way")
             started = time.monotonic()
-            pod = RawPod(server_mod, bed.server, bed.raw, source=source)
+            pod = welcomed_pod(server_mod, bed.server, bed.raw, source=source)
             took = time.monotonic() - started
             pod.close()
             print("\n%s: %d connections held, pod from %s welcomed in %.3f s"
@@ -704,7 +654,7 @@ def test_safety_control_characters_from_a_pod_never_start_a_log_line(bed, server
     """A GOAWAY reason with CR, LF, escape sequences or Unicode line breaks
     reaches the log on its one line, escaped."""
     mark = bed.server.mark()
-    pod = RawPod(server_mod, bed.server, bed.raw)
+    pod = welcomed_pod(server_mod, bed.server, bed.raw)
     pod.send(server_mod.encode_control(server_mod.Msg.GOAWAY, {"reason": reason}))
     bed.server.proc.wait_for(r"pod going away tunnel=%s" % bed.raw.id, after=mark)
     pod.close()
@@ -768,7 +718,7 @@ def test_safety_token_guesses_from_many_addresses_get_429(workdir):
 @pytest.mark.parametrize("reason", [None, 12, {"nested": ["a\nb"]}])
 def test_safety_goaway_reason_of_any_type_is_logged_not_a_crash(bed, server_mod, reason):
     mark = bed.server.mark()
-    pod = RawPod(server_mod, bed.server, bed.raw)
+    pod = welcomed_pod(server_mod, bed.server, bed.raw)
     pod.send(server_mod.encode_control(server_mod.Msg.GOAWAY, {"reason": reason}))
     bed.server.proc.wait_for(r"pod going away tunnel=%s" % bed.raw.id, after=mark)
     pod.close()

@@ -3,19 +3,10 @@ used to give: listeners, ports, names and DNS follow each change and each
 expiry, one tunnel at a time. Real server processes on 127.0.0.1; the
 figures themselves come from bench/scale.py, not from here."""
 import os
-import socket
 
 from conftest import ServerHandle, wait_until
-from helpers import api
+from helpers import accepts, api
 from test_state_rules import call, create, extend, write_tokens
-
-
-def accepts(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-        return True
-    except OSError:
-        return False
 
 
 def scale_server(workdir, tokens, *extra):

@@ -19,6 +19,9 @@ import pytest
 
 from conftest import ROOT, SERVER, free_port, free_port_range, wait_until
 
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from peers import port_free  # noqa: E402  (one bind check for tests and benchmarks)
+
 SYSTEM_PYTHON = "/usr/bin/python3"  # readable by `nobody`, unlike a python under /root
 
 
@@ -127,15 +130,6 @@ def test_server_service_sysv_runs_as_nobody_with_one_capability(shared_tmp):
         for pid in (supervisor,):
             if os.path.exists("/proc/%d" % pid):
                 os.kill(pid, 15)
-
-
-def port_free(port):
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def child_of(pid):
