@@ -714,22 +714,26 @@ def test_setup_waits_out_a_busy_api_share_and_succeeds(workdir):
     """With its address's API share taken (a request whose body never comes),
     setup is answered 429 "retry in a second", says so, tries again, and
     succeeds once the share is free."""
-    server = Server(workdir, ["--api-connections-per-source", "1"])
-    holder = socket.create_connection(("127.0.0.1", server.http), timeout=10)
+    server, setup = Server(workdir, ["--api-connections-per-source", "1"]), None
     try:
-        holder.sendall(("POST /tunnels HTTP/1.1\r\nHost: %s\r\nContent-Length: 100\r\n\r\n{"
-                        % DOMAIN).encode())
-        wait_until(lambda: api(server, "GET", "/config").status == 429, timeout=10)
-        setup = Proc([sys.executable, POD, "--dir", os.path.join(workdir, "pod"), "setup",
-                      "--server", server.url, "--auth", server.token, "--protocols", "tcp"],
-                     workdir, "setup", env=clean_env(os.path.join(workdir, "home")))
-        setup.wait_for(r"INFO pipe2me\.pod server busy, retrying in \d\.\d s", timeout=20)
-        assert setup.popen.poll() is None, setup.stderr()
+        holder = socket.create_connection(("127.0.0.1", server.http), timeout=10)
+        try:
+            holder.sendall(("POST /tunnels HTTP/1.1\r\nHost: %s\r\nContent-Length: 100\r\n\r\n{"
+                            % DOMAIN).encode())
+            wait_until(lambda: api(server, "GET", "/config").status == 429, timeout=10)
+            setup = Proc([sys.executable, POD, "--dir", os.path.join(workdir, "pod"), "setup",
+                          "--server", server.url, "--auth", server.token, "--protocols", "tcp"],
+                         workdir, "setup", env=clean_env(os.path.join(workdir, "home")))
+            setup.wait_for(r"INFO pipe2me\.pod server busy, retrying in \d\.\d s", timeout=20)
+            assert setup.popen.poll() is None, setup.stderr()
+        finally:
+            holder.close()
+        assert setup.popen.wait(30) == 0, setup.stderr()
+        assert FQDN_RE.match(setup.stdout().strip()), setup.stdout()
     finally:
-        holder.close()
-    assert setup.popen.wait(30) == 0, setup.stderr()
-    assert FQDN_RE.match(setup.stdout().strip()), setup.stdout()
-    server.stop_clean()
+        if setup is not None:
+            setup.stop()
+        server.stop_clean()
 
 
 @pytest.mark.slow
