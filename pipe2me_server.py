@@ -623,20 +623,21 @@ class SourceShares:
         self.holders = {}                     # socket -> (source, taken at)
         self.counts = collections.Counter()   # source -> slots held
 
-    def take(self, sock, source):
-        """Whether `sock` may be served; the owner calls leave() before closing it."""
+    def take(self, sock, source, displace=True):
+        """Whether `sock` may be served (without `displace`: only in a free
+        slot); the owner calls leave() before closing it."""
         with self.lock:
             held = self.counts[source]
             victim = None
             now = time.monotonic()
             if self.share and held >= self.share:
-                if self.rotate_after_s is None:
+                if self.rotate_after_s is None or not displace:
                     return False
                 victim = self.oldest(source)
                 if now - self.holders[victim][1] < self.rotate_after_s:
                     return False
             elif self.cap and len(self.holders) >= self.cap:
-                victim = self.victim(held)
+                victim = self.victim(held) if displace else None
                 if victim is None:
                     return False
             if victim is not None:
@@ -672,17 +673,18 @@ class SourceShares:
                 self.holders[new] = self.holders.pop(old)
 
     def leave(self, sock):
-        """`sock` gives its slot back; thread-safe."""
+        """`sock` gives its slot back (True if it held one); thread-safe."""
         with self.lock:
-            self.forget(sock)
+            return self.forget(sock)
 
     def forget(self, sock):
-        """Drop `sock` from the counts (the caller holds the lock)."""
+        """Drop `sock` from the counts (the caller holds the lock); True if it held a slot."""
         entry = self.holders.pop(sock, None)
         if entry is not None:
             self.counts[entry[0]] -= 1
             if not self.counts[entry[0]]:
                 del self.counts[entry[0]]
+        return entry is not None
 
     def held(self):
         """How many slots are taken now."""
@@ -4439,6 +4441,8 @@ def traffic_left(record):
 
 
 HANDSHAKE_ROTATE_AFTER_S = 1.0   # a source's pending handshake this old may be displaced by its next
+HANDSHAKE_WAIT_S = 1.0           # past its source's share, a connection waits this long for a slot
+HANDSHAKE_WAITING_MAX = 64       # ... so many at once (a descriptor each, no thread)
 
 
 REPLACED_OR_DELETED = ("certificate belongs to no tunnel here (tunnel deleted, or certificate "
@@ -4459,16 +4463,57 @@ class PodGate:
         self.strangers = SourceShares(self.cap, settings.max_pending_handshakes_per_source,
                                       HANDSHAKE_ROTATE_AFTER_S)
         self.verified = SourceShares(self.cap, 2, 0.0)
+        # Past its share a connection waits (oldest first) for a slot that a
+        # finished handshake gives back: many pods behind one NAT after a
+        # restart queue up instead of being cut off. A waiting one displaces
+        # nobody, and after HANDSHAKE_WAIT_S it is refused as it was on arrival.
+        self.waiting = collections.deque()  # (socket, address, source), in the loop thread
 
     def admit(self, sock, address):
-        """A new connection on TUNNEL_PORT: authenticate it in a thread, or close it beyond
-        MAX_PENDING_HANDSHAKES."""
-        if not self.strangers.take(sock, source_prefix(address[0], 32, 64)):
-            log.warning("pod handshake cap reached, closing pod=%s:%d cap=%d",
-                        address[0], address[1], self.cap)
-            return sock.close()
+        """A new connection on TUNNEL_PORT: authenticate it in a thread, let
+        it wait for a slot, or close it beyond MAX_PENDING_HANDSHAKES."""
+        source = source_prefix(address[0], 32, 64)
+        if self.strangers.take(sock, source):
+            return self.start(sock, address)
+        if len(self.waiting) >= HANDSHAKE_WAITING_MAX:
+            return self.refuse(sock, address)
+        entry = (sock, address, source)
+        self.waiting.append(entry)
+        self.loop.call_later(HANDSHAKE_WAIT_S, lambda: self.stop_waiting(entry))
+
+    def start(self, sock, address):
+        """Authenticate a connection that holds a slot, in its own thread."""
         threading.Thread(target=self.authenticate, args=(sock, address),
                          name="pod-handshake", daemon=True).start()
+
+    def refuse(self, sock, address):
+        """Close a connection that gets no slot."""
+        log.warning("pod handshake cap reached, closing pod=%s:%d cap=%d",
+                    address[0], address[1], self.cap)
+        sock.close()
+
+    def admit_waiting(self):
+        """In the loop, after a handshake gave its slot back: the waiting
+        connections that find a free slot start, oldest first."""
+        full = set()  # sources already without a free slot
+        for entry in list(self.waiting):
+            sock, address, source = entry
+            if source not in full and self.strangers.take(sock, source, displace=False):
+                self.waiting.remove(entry)
+                self.start(sock, address)
+            else:
+                full.add(source)
+
+    def stop_waiting(self, entry):
+        """HANDSHAKE_WAIT_S after it came: a connection still waiting is refused."""
+        if entry in self.waiting:
+            self.waiting.remove(entry)
+            self.refuse(entry[0], entry[1])
+
+    def leave_strangers(self, sock):
+        """Give back `sock`'s stranger slot; a waiting connection may take it (in the loop)."""
+        if self.strangers.leave(sock):
+            self.loop.call_soon_threadsafe(self.admit_waiting)
 
     def authenticate(self, sock, address):
         """In the handshake thread: TLS, HELLO and the verdict; a welcome pod goes to the loop."""
@@ -4479,7 +4524,7 @@ class PodGate:
             tls = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
             self.strangers.rekey(sock, tls)
             tls.do_handshake()
-            self.strangers.leave(tls)
+            self.leave_strangers(tls)
             if not self.verified.take(tls, sha256_hex(tls.getpeercert(binary_form=True) or b"")):
                 raise ProtocolError("this certificate has two connections in their greeting")
             record, welcome, features = self.greet(tls)
@@ -4493,12 +4538,12 @@ class PodGate:
             log.info("pod handshake failed pod=%s reason=%s", peer, exc)
             self.close(tls)
         finally:
-            self.strangers.leave(tls)
+            self.leave_strangers(tls)
             self.verified.leave(tls)
 
     def close(self, sock):
         """Leave the slots first: a displacement never meets a reused descriptor."""
-        self.strangers.leave(sock)
+        self.leave_strangers(sock)
         self.verified.leave(sock)
         sock.close()
 

@@ -220,17 +220,20 @@ class RawPod:
     """A pod connection made by hand from the test process: TLS to the server's
     TUNNEL_PORT trusting `cacert`, with a client certificate if given, speaking
     the frame format of `mod` (the server script loaded as a module). It answers
-    PING while it reads, as a pod does; until then it reads nothing."""
+    PING while it reads, as a pod does; until then it reads nothing. With
+    `connected` (a TCP connection to TUNNEL_PORT made earlier) it greets
+    through that one instead of dialing."""
 
     def __init__(self, mod, tunnel_port, cacert, cert=None, key=None, source=None,
-                 rcvbuf=None, max_tls=None, timeout=10.0):
+                 rcvbuf=None, max_tls=None, timeout=10.0, connected=None):
         self.mod = mod
-        raw = socket.socket()
-        if rcvbuf:
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        raw.bind((source or "127.0.0.1", 0))
-        raw.settimeout(timeout)
-        raw.connect(("127.0.0.1", tunnel_port))
+        raw = connected or socket.socket()
+        if connected is None:
+            if rcvbuf:
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            raw.bind((source or "127.0.0.1", 0))
+            raw.settimeout(timeout)
+            raw.connect(("127.0.0.1", tunnel_port))
         self.port = raw.getsockname()[1]
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.load_verify_locations(cacert)

@@ -34,7 +34,7 @@ BUDGETS = {
         "CERTIFICATES":        495,
         "ACME":                660,
         "API":                 565,
-        "TUNNEL SESSIONS":     495,
+        "TUNNEL SESSIONS":     535,
         "FRONTS":              985,
         "REACHABILITY":        140,
         "DNS":                 695,
