@@ -5,6 +5,8 @@ Usage:
     python3 bench/scale.py                       # 10,000 tunnels, no pods
     python3 bench/scale.py --pods 1000 --streams 5000
     python3 bench/scale.py --tunnels 3000 --server /path/to/other/pipe2me_server.py
+    python3 bench/scale.py --pods 300 --server /work/base/pipe2me_server.py \
+        --pod /work/base/pipe2me_pod.py        # another copy's pair
 
 Phases, each printed as it finishes (and the whole as Markdown at the end):
 1. fill: POST /tunnels (one token, `tcp`, one client, sequential) until
@@ -258,6 +260,8 @@ def fd_hard_limit(pid):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--server", default=peers.SERVER_SCRIPT, help="pipe2me_server.py to run")
+    parser.add_argument("--pod", default=peers.POD_SCRIPT,
+                        help="pipe2me_pod.py to run (default: this tree's, whatever the server)")
     parser.add_argument("--tunnels", type=int, default=10000)
     parser.add_argument("--block", type=int, default=500)
     parser.add_argument("--pods", type=int, default=0)
@@ -266,6 +270,7 @@ def main(argv=None):
     parser.add_argument("--first-port", type=int, default=20500)
     parser.add_argument("--keep-temp", action="store_true")
     args = parser.parse_args(argv)
+    peers.POD_SCRIPT = os.path.abspath(args.pod)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     work_dir = tempfile.mkdtemp(prefix="pipe2me-scale-")
@@ -279,7 +284,8 @@ def main(argv=None):
     try:
         server = BenchServer(group, args.server, work_dir, args.tunnels + args.pods + 50,
                              args.first_port)
-        report("server %s, ready in %.2f s (empty)" % (args.server, server.start()))
+        report("server %s, pod %s, ready in %.2f s (empty)"
+               % (args.server, peers.POD_SCRIPT, server.start()))
         report("| tunnels already there | server CPU per creation | creations/s |")
         report("|---|---|---|")
         fill(server, args.tunnels, args.block, report)
