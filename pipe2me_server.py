@@ -487,6 +487,8 @@ CONFIG_KEYS = {
     "ACME_CHALLENGE": ("", parse_acme_challenge, "dns-01 or http-01; empty = dns-01 when the server manages DNS"),
     "ACME_RETRY": ("60", parse_positive_duration, "first retry after the ACME CA refused; doubles up to 6h"),
     "ACME_NEW_CERTS_PER_WEEK": ("50", parse_count, "new ACME certificates per 7 days before orders queue; 0 = no cap"),
+    "ACME_NEW_CERTS_PER_TOKEN_PER_WEEK": ("10", parse_count, "of those, per token (the tunnels it made); "
+                                          "past it only its orders queue; 0 = no share"),
     "METRICS_ALLOW": ("127.0.0.1,::1", parse_networks, "clients whose /metrics and / name tenants (addresses or CIDR); others see totals"),
     "METRICS_TOKEN": ("", str.strip, "a bearer token that also shows tenant names (Authorization: Bearer ...); empty = none"),
     "MAX_BUFFERED_BYTES": ("256M", parse_budget, "bytes the relay holds for all readers that lag; past it, it stops reading their sources"),
@@ -3516,8 +3518,11 @@ class AcmeOrders:
     Each job lives in STATE_DIR/acme/certs/<key>.json: the CSR, the state
     (pending, queued, valid, failed), the reason and time of the next try,
     and the chain once issued. New certificates (not renewals) are counted
-    in STATE_DIR/acme/issued.json; beyond ACME_NEW_CERTS_PER_WEEK in seven
-    days an order waits (state queued) instead of failing. A refusal is
+    in STATE_DIR/acme/issued.json, also per token (its sha256, as in the
+    tunnel record); beyond ACME_NEW_CERTS_PER_WEEK in seven days an order
+    waits (state queued) instead of failing, and so does one of a token past
+    ACME_NEW_CERTS_PER_TOKEN_PER_WEEK while other tokens' orders go on: no
+    tenant can spend the whole week's certificates. A refusal is
     retried with exponential backoff from ACME_RETRY, or after the CA's
     Retry-After when that is later. `alive(key)` says whether a job is still
     wanted; `on_change(key)` is called (worker thread) whenever a job's
@@ -3562,8 +3567,9 @@ class AcmeOrders:
             self.cond.notify_all()
 
     # -- what other threads call ------------------------------------------
-    def request(self, key, fqdn, csr_pem):
-        """Make sure `key` gets a certificate for fqdn from this CSR; a CSR for
+    def request(self, key, fqdn, csr_pem, token_sha256=None):
+        """Make sure `key` gets a certificate for fqdn from this CSR, counted in the
+        share of the tunnel's token (none for the server's name); a CSR for
         another key orders anew, one for the same key (a renewed server-CA
         certificate) keeps the job and its chain."""
         with self.cond:
@@ -3574,7 +3580,8 @@ class AcmeOrders:
         with self.cond:
             job = self.jobs.get(key)
             job = dict(job or {}, version=1, key=key, fqdn=fqdn, csr=csr_pem, state="pending",
-                       reason=None, next_try_at=int(time.time()), attempts=0)
+                       reason=None, next_try_at=int(time.time()), attempts=0,
+                       token_sha256=token_sha256)
             self.hold_rekey(job)
             self.jobs[key] = job
             self.save(job)
@@ -3608,8 +3615,8 @@ class AcmeOrders:
                     os.unlink(self.job_path(self.settings.state_dir, key))
 
     def save(self, job):
-        """Write the job's file atomically."""
-        write_json(self.job_path(self.settings.state_dir, job["key"]), job)
+        """Write the job's file atomically (mode 0600: it names the token's hash)."""
+        write_json(self.job_path(self.settings.state_dir, job["key"]), job, 0o600)
 
     # -- the worker -------------------------------------------------------
     def run(self):
@@ -3643,17 +3650,16 @@ class AcmeOrders:
         return job.get("next_try_at")
 
     def process(self, job):
-        """One turn of a job: dropped, queued under the weekly limit, or ordered."""
+        """One turn of a job: dropped, queued under the weekly limit or its token's
+        share, or ordered."""
         key = job["key"]
         if not self.alive(key):
             log.info("acme job dropped, tunnel gone key=%s", key)
             return self.forget(key)
         renewal = bool(job.get("chain")) and job.get("chain_fqdn") == job["fqdn"]
-        wait = None if renewal else self.weekly_wait()
-        if wait is not None:
-            return self.finish(job, state="queued", next_try_at=int(time.time() + wait),
-                               reason="waiting for the CA's limit of %d new certificates a week"
-                               % self.settings.acme_new_certs_per_week)
+        hold = None if renewal else self.new_certificate_hold(job.get("token_sha256"))
+        if hold is not None:
+            return self.finish(job, state="queued", next_try_at=hold[0], reason=hold[1])
         log.info("acme order started key=%s fqdn=%s renewal=%s", key, job["fqdn"], renewal)
         self.finish(job, tell=False, ordered_at=int(time.time()))
         try:
@@ -3687,7 +3693,7 @@ class AcmeOrders:
         start, end, serial, aki = leaf_facts(chain)
         renew_at = self.renew_time(start, end, serial, aki)
         if not renewal:
-            self.count_new_certificate()
+            self.count_new_certificate(job.get("token_sha256"))
         log.info("acme certificate issued key=%s fqdn=%s not_after=%d renew_at=%d",
                  job["key"], job["fqdn"], end, renew_at)
         self.finish(job, state="valid", chain=chain, chain_fqdn=job["fqdn"], not_before=start,
@@ -3729,33 +3735,59 @@ class AcmeOrders:
         if tell:
             self.on_change(job["key"])
 
-    # -- the CA's weekly limit on new certificates --------------------------
+    # -- the CA's weekly limit on new certificates, and each token's share --
     def issued_path(self):
-        """The file of the new certificates' times (the weekly limit)."""
+        """The file of the new certificates' times (the weekly limit, the shares)."""
         return os.path.join(self.dir, "issued.json")
 
     def recent_new_certificates(self, now):
-        """Times of the new certificates of the last seven days, oldest first."""
+        """Times of the new certificates of the last seven days, oldest first:
+        (all, {token_sha256: the token's}); a file from before the shares has none."""
         try:
-            times = read_json(self.issued_path()).get("issued", [])
-        except (OSError, ValueError, AttributeError):
-            times = []
-        return sorted(t for t in times if isinstance(t, (int, float)) and t > now - ACME_RATE_WINDOW_S)
+            data = read_json(self.issued_path())
+        except (OSError, ValueError):
+            data = {}
+        data = data if isinstance(data, dict) else {}
+        by_token = data.get("by_token") if isinstance(data.get("by_token"), dict) else {}
+        by_token = {token: recent_times(times, now) for token, times in by_token.items()}
+        return recent_times(data.get("issued"), now), {t: v for t, v in by_token.items() if v}
 
-    def weekly_wait(self):
-        """Seconds until one more new certificate is within the weekly limit, or None."""
+    def new_certificate_hold(self, token_sha256):
+        """(next try, reason) while the weekly limit or the token's share holds one
+        more new certificate back, else None."""
+        now = time.time()
+        issued, by_token = self.recent_new_certificates(now)
         limit = self.settings.acme_new_certs_per_week
-        now = time.time()
-        recent = self.recent_new_certificates(now)
-        if not limit or len(recent) < limit:
+        share = self.settings.acme_new_certs_per_token_per_week
+        mine = by_token.get(token_sha256, []) if token_sha256 else []
+        holds = []
+        if limit and len(issued) >= limit:
+            holds.append((issued[-limit] + ACME_RATE_WINDOW_S, "waiting for the CA's limit of "
+                          "%d new certificates a week" % limit))
+        if share and len(mine) >= share:
+            frees_at = mine[-share] + ACME_RATE_WINDOW_S
+            holds.append((frees_at, "this token has used its share of %d new certificates a week "
+                          "(ACME_NEW_CERTS_PER_TOKEN_PER_WEEK); the next frees up at %s"
+                          % (share, iso_time(frees_at))))
+        if not holds:
             return None
-        return max(1.0, recent[-limit] + ACME_RATE_WINDOW_S - now)
+        frees_at, reason = max(holds)
+        return int(max(now + 1, frees_at)), reason
 
-    def count_new_certificate(self):
-        """Record one new certificate now."""
-        now = time.time()
-        write_json(self.issued_path(), {"version": 1,
-                                        "issued": self.recent_new_certificates(now) + [int(now)]})
+    def count_new_certificate(self, token_sha256):
+        """Record one new certificate now (in the token's share too, if it has one)."""
+        now = int(time.time())
+        issued, by_token = self.recent_new_certificates(now)
+        if token_sha256:
+            by_token[token_sha256] = by_token.get(token_sha256, []) + [now]
+        write_json(self.issued_path(), {"version": 1, "issued": issued + [now],
+                                        "by_token": by_token}, 0o600)
+
+
+def recent_times(times, now):
+    """The epoch times of a stored list within the last seven days, sorted."""
+    times = times if isinstance(times, list) else []
+    return sorted(t for t in times if isinstance(t, (int, float)) and t > now - ACME_RATE_WINDOW_S)
 
 
 def same_public_key(csr_a, csr_b):
@@ -3932,7 +3964,7 @@ class Api:
         log.info("certificate signed tunnel=%s fqdn=%s", record["id"], record["fqdn"])
         answer = {"cert": leaf.pem, "not_after": leaf.not_after}
         if self.acme is not None:
-            self.acme.request(record["id"], record["fqdn"], csr)
+            self.acme.request(record["id"], record["fqdn"], csr, record.get("token_sha256"))
             answer["acme"] = self.acme.status(record["id"])
         return answer
 

@@ -10,6 +10,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import time
 
 import pytest
 
@@ -279,6 +280,72 @@ def test_acme_orders_beyond_the_weekly_limit_are_queued_not_failed(workdir, pebb
         assert not acme_installed(pod_dir)
         assert "acme order started key=%s" % pod_id(pod_dir) not in server.proc.stderr()
         assert pod.stop() == 0
+    finally:
+        assert server.stop() == 0
+
+
+def acme_view(server, pod_dir):
+    """The tunnel's `acme` view from GET /tunnels/ID."""
+    from helpers import request_json
+    status, view = request_json(server.url + "/tunnels/" + pod_id(pod_dir), secret=pod_secret(pod_dir))
+    assert status == 200, view
+    return view["acme"]
+
+
+def acme_queued(server, pod_dir):
+    """The tunnel's `acme` view once it is queued, else None (for wait_until)."""
+    view = acme_view(server, pod_dir)
+    return view if view["state"] == "queued" else None
+
+
+SHARE_REASON = "share of 1 new certificates a week (ACME_NEW_CERTS_PER_TOKEN_PER_WEEK)"
+
+
+def test_acme_a_token_past_its_weekly_share_is_queued_while_other_tokens_get_theirs(
+        workdir, pebble, dns_port, http_port, started):
+    """Who can fill the week's new certificates? No single token: past its
+    share its own orders queue (saying why and until when, across a restart),
+    another token's tunnel still gets its certificate."""
+    from conftest import write_tokens
+    hog, other = "tenant-hog-0001", "tenant-other-0001"
+    write_tokens(os.path.join(workdir, "state"), ["%s = lifespan:1h" % hog, "%s = lifespan:1h" % other])
+    server = acme_server(workdir, pebble, http_port, dns_port, "--acme-new-certs-per-token-per-week", "1")
+    pod_dirs = {name: os.path.join(workdir, name) for name in ("hog-1", "hog-2", "other-1", "hog-3")}
+
+    def new_tunnel(name, token):
+        setup_pod(server, pod_dirs[name], protocols="https", local_ports=[free_port()], token=token)
+        return pod_dirs[name]
+    try:
+        first = new_tunnel("hog-1", hog)
+        server.proc.wait_for(r"acme certificate issued key=%s" % pod_id(first), timeout=60)
+        second = new_tunnel("hog-2", hog)
+        view = wait_until(lambda: acme_queued(server, second), timeout=30, what="the hog's 2nd queued")
+        assert SHARE_REASON in view["reason"] and "frees up at 20" in view["reason"], view
+        assert view["next_try_at"] > time.time() + 6 * 86400, view
+        pod = start_pod(workdir, second, "--echo")
+        started.append(pod)
+        status = wait_until(lambda: (lambda out: out if "ACME=queued" in out else None)(
+            run_pod(second, "status").stdout), timeout=30, what="ACME=queued in the pod's status")
+        assert "ACME_NEW_CERTS_PER_TOKEN_PER_WEEK" in status and "ACME_NEXT_TRY=20" in status, status
+        assert pod.stop() == 0
+        # another tenant's new tunnel is not held by the hog's share
+        theirs = new_tunnel("other-1", other)
+        server.proc.wait_for(r"acme certificate issued key=%s" % pod_id(theirs), timeout=60)
+        assert acme_view(server, theirs)["state"] == "valid"
+        assert "acme order started key=%s" % pod_id(second) not in server.proc.stderr()
+        # the count survives a restart: the hog's next new tunnel waits too
+        assert server.proc.stop() == 0
+        server.name = "server-restarted"
+        server.start(fixed_ports=True)
+        third = new_tunnel("hog-3", hog)
+        view = wait_until(lambda: acme_queued(server, third), timeout=30, what="the hog's 3rd queued")
+        assert SHARE_REASON in view["reason"], view
+        shown = subprocess.run(server.argv()[:2] + ["--state-dir", server.state_dir,
+                                                    "--acme-directory", pebble.directory,
+                                                    "tunnels", "show", pod_id(third)],
+                               capture_output=True, text=True, env=server.env, timeout=30)
+        assert SHARE_REASON in json.loads(shown.stdout)["acme"]["reason"], shown.stdout + shown.stderr
+        assert "acme order started key=%s" % pod_id(third) not in server.proc.stderr()
     finally:
         assert server.stop() == 0
 

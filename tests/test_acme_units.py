@@ -2,6 +2,7 @@
 Debian's pebble has no renewal information, so this is where it is
 checked), times, Retry-After and problem documents."""
 
+import os
 import types
 
 import pytest
@@ -105,3 +106,30 @@ def test_acme_a_new_key_is_ordered_at_most_once_an_hour(server_mod, tmp_path):
     job.update(ordered_at=ordered - server_mod.ACME_REKEY_INTERVAL_S)
     orders.request("t1", name, csrs[2])              # an hour after the last order: at once
     assert orders.jobs["t1"]["state"] == "pending"
+
+
+def test_acme_token_share_counts_per_token_and_loads_files_from_before_it(server_mod, tmp_path):
+    """The week's count as stored before the shares (times only) still holds
+    the weekly limit; each token's share is counted on its own, and kept in
+    the file a restarted server reads."""
+    settings = types.SimpleNamespace(state_dir=str(tmp_path), acme_new_certs_per_week=4,
+                                     acme_new_certs_per_token_per_week=2)
+    orders = server_mod.AcmeOrders(settings, None, None, lambda key: True, lambda key: None)
+    orders.load()
+    now = int(server_mod.time.time())
+    old = now - server_mod.ACME_RATE_WINDOW_S - 10     # out of the window: forgotten
+    server_mod.write_json(orders.issued_path(), {"version": 1, "issued": [old, now - 60]})
+    assert orders.new_certificate_hold("a") is None
+    orders.count_new_certificate("a")
+    orders.count_new_certificate("a")
+    again = server_mod.AcmeOrders(settings, None, None, lambda key: True, lambda key: None)
+    frees_at, reason = again.new_certificate_hold("a")
+    assert "share of 2 new certificates a week" in reason and "ACME_NEW_CERTS_PER_TOKEN_PER_WEEK" in reason
+    assert now + server_mod.ACME_RATE_WINDOW_S <= frees_at <= now + server_mod.ACME_RATE_WINDOW_S + 5
+    assert server_mod.iso_time(frees_at)[:13] in reason
+    assert again.new_certificate_hold("b") is None and again.new_certificate_hold(None) is None
+    again.count_new_certificate(None)                  # the server's own name: no token
+    frees_at, reason = again.new_certificate_hold("b")
+    assert "limit of 4 new certificates a week" in reason
+    assert frees_at == now - 60 + server_mod.ACME_RATE_WINDOW_S
+    assert oct(os.stat(orders.issued_path()).st_mode & 0o777) == "0o600"

@@ -32,7 +32,7 @@ BUDGETS = {
         "TOKENS":              120,
         "STATE STORE":         575,
         "CERTIFICATES":        495,
-        "ACME":                660,
+        "ACME":                690,
         "API":                 565,
         "TUNNEL SESSIONS":     535,
         "FRONTS":              985,
