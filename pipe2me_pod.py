@@ -1655,6 +1655,16 @@ class LocalTarget:
     def __repr__(self):
         return "LocalTarget(%r, %r)" % (self.host, self.port)
 
+    def needs_lookup(self):
+        """Whether addresses() asks the resolver: a name, not a bare PORT or an address."""
+        if self.host is None:
+            return False
+        try:
+            ipaddress.ip_address(self.host)
+            return False
+        except ValueError:
+            return True
+
     def addresses(self):
         """[(family, sockaddr), ...] to try in order; OSError when a name does
         not resolve. `localhost` is both loopbacks even where /etc/hosts
@@ -2964,6 +2974,7 @@ STATUS_INTERVAL_S = 2.0
 STOP_GRACE_S = 10.0                   # default of `start --stop-grace`
 HOOK_TIMEOUT_S = 300                  # `start --on-cert-change CMD` may take this long
 POD_MAX_BUFFERED_BYTES = 32 * 1024 * 1024  # bytes held for local services that read slowly
+MAX_LOOKUPS = 16                      # names of local targets being resolved at once (threads)
 
 
 class PodMux(Mux):
@@ -2976,33 +2987,95 @@ class PodMux(Mux):
         if self.proxy_protocol not in PROXY_PROTOCOLS:
             self.proxy_protocol = None
         self.fallbacks = {}  # stream id -> addresses of its target still to try
+        self.resolving = {}  # stream id -> frames that came while its target's name resolves
         self.draining = False
         super().__init__(runner.loop, sock, SERVER_SENDS, log,
                          float(welcome.get("heartbeat_interval_s") or HEARTBEAT_INTERVAL_S))
 
     def on_open(self, stream_id, port, consumer=None, public=None):
-        """The server opened a stream: connect to the local service of that public port, or
-        RESET."""
+        """The server opened a stream: connect to the local service of that public port
+        (a name is resolved off the loop first), or RESET."""
         service = self.services.get(port)
         if service is None:
             self.send(Msg.RESET, stream_id, b"no service for that port")
+        elif service.target.needs_lookup():
+            self.look_up_then_open(stream_id, service, consumer, public)
+        else:
+            self.open_local(stream_id, service, consumer, public, service.target.addresses())
+
+    def look_up_then_open(self, stream_id, service, consumer, public):
+        """Resolve the target's name in a thread (a slow resolver must not stall
+        the other streams); the stream's frames wait in `resolving` meanwhile."""
+        if len(self.resolving) >= MAX_LOOKUPS:
+            return self.refuse_local(stream_id, service, RESET_CONNECT_FAILED,
+                                     "%d name lookups already running" % MAX_LOOKUPS)
+        self.resolving[stream_id] = []
+
+        def look_up():
+            try:
+                found = service.target.addresses()
+            except OSError as exc:
+                found = "cannot resolve: %s" % (exc.strerror or exc)
+            self.loop.call_soon_threadsafe(
+                lambda: self.looked_up(stream_id, service, consumer, public, found))
+        threading.Thread(target=look_up, name="lookup", daemon=True).start()
+        self.loop.call_later(LOCAL_CONNECT_TIMEOUT_S,
+                             lambda: self.lookup_timed_out(stream_id, service))
+
+    def looked_up(self, stream_id, service, consumer, public, found):
+        """On the loop: the name's addresses (or the error text) are here; open
+        the stream and hand it the frames that came meanwhile."""
+        frames = self.resolving.pop(stream_id, None)
+        if frames is None or self.closed:  # timed out, reset by the peer, or the session ended
             return
-        try:
-            addresses = service.target.addresses()
-        except OSError as exc:
-            addresses, error = [], "cannot resolve: %s" % (exc.strerror or exc)
-        sock, error, rest = dial_first(addresses) if addresses else (None, error, [])
+        if isinstance(found, str):
+            self.refuse_local(stream_id, service, RESET_CONNECT_FAILED, found)
+        elif self.open_local(stream_id, service, consumer, public, found):
+            for msg, payload in frames:
+                self.dispatch(msg, stream_id, payload)
+        self.end_if_drained()
+
+    def lookup_timed_out(self, stream_id, service):
+        """The name did not resolve within LOCAL_CONNECT_TIMEOUT_S: reset the stream."""
+        if self.resolving.pop(stream_id, None) is not None and not self.closed:
+            self.refuse_local(stream_id, service, RESET_CONNECT_TIMED_OUT,
+                              "name lookup took over %d s" % LOCAL_CONNECT_TIMEOUT_S)
+            self.end_if_drained()
+
+    def dispatch(self, msg, stream_id, payload):
+        """Frames of a stream whose target is being looked up wait for it (RESET ends it)."""
+        frames = self.resolving.get(stream_id)
+        if frames is None:
+            return super().dispatch(msg, stream_id, payload)
+        if msg == Msg.RESET:
+            del self.resolving[stream_id]
+            return self.end_if_drained()
+        if msg == Msg.DATA and sum(len(p) for m, p in frames if m == Msg.DATA) + len(
+                payload) > STREAM_WINDOW_BYTES:
+            raise ProtocolError("stream %d: data beyond the window" % stream_id)
+        frames.append((msg, bytes(payload)))
+        return None
+
+    def refuse_local(self, stream_id, service, kind, error):
+        """Log the failed local target and RESET the stream with the reason."""
+        log.warning("local service unavailable stream=%d target=%s error=%s",
+                    stream_id, service.target, error)
+        self.send(Msg.RESET, stream_id, ("%s: %s" % (kind, error)).encode())
+
+    def open_local(self, stream_id, service, consumer, public, addresses):
+        """Connect to the first of `addresses` that takes it; the stream, or None after a
+        RESET."""
+        sock, error, rest = dial_first(addresses)
         if sock is None:
-            log.warning("local service unavailable stream=%d target=%s error=%s",
-                        stream_id, service.target, error)
-            self.send(Msg.RESET, stream_id, ("%s: %s" % (RESET_CONNECT_FAILED, error)).encode())
-            return
+            self.refuse_local(stream_id, service, RESET_CONNECT_FAILED, error)
+            return None
         stream = self.add_stream(stream_id, sock, connecting=error == errno.EINPROGRESS)
         stream.target = str(service.target)
         if rest:
             self.fallbacks[stream_id] = rest
         if self.proxy_protocol and service.protocol != "http":
             stream.send_first(proxy_header(self.proxy_protocol, consumer, public))
+        return stream
 
     def retry_local_connect(self, stream, reason):
         """Try the target's next address after a failed connect."""
@@ -3033,7 +3106,7 @@ class PodMux(Mux):
                 self.runner.final_reason = "server: %s" % str(obj.get("reason"))[:200].translate(
                     CONTROL_ESCAPES)
             self.draining = True
-            if not self.streams:
+            if not self.streams and not self.resolving:
                 self.destroy("server going away")
             return
         raise ProtocolError("unexpected %s after WELCOME" % msg.name)
@@ -3041,7 +3114,11 @@ class PodMux(Mux):
     def on_stream_closed(self, stream):
         """A draining session ends with its last stream."""
         self.fallbacks.pop(stream.id, None)
-        if self.draining and not self.streams:
+        self.end_if_drained()
+
+    def end_if_drained(self):
+        """A draining session ends once no stream is open or being looked up."""
+        if self.draining and not self.streams and not self.resolving and not self.closed:
             self.destroy("drained")
 
     def on_closed(self, reason):

@@ -24,12 +24,15 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
+import threading
 
 import pytest
 
-from conftest import (POD, Proc, ServerHandle, clean_env, echo_round_trip, free_port,
+from conftest import (POD, Proc, ServerHandle, clean_env, connect, echo_handler, echo_round_trip,
+                      free_port, recv_to_eof,
                       free_port_range, pod_env, public_ports, read_head, run_pod, setup_pod,
                       start_pod, wait_until)
 from helpers import curl_ok
@@ -143,6 +146,82 @@ def closed_at_once(port):
         if isinstance(exc, AssertionError):
             raise
         return b""
+
+
+class HeldResolver:
+    """A DNS server on 127.0.0.77:53 that answers `name` A 127.0.0.1 (and an
+    empty AAAA) only once release() is called; `asked` is set by the first
+    query."""
+
+    ADDRESS = ("127.0.0.77", 53)
+
+    def __init__(self, name):
+        self.name, self.asked, self.released = name, threading.Event(), threading.Event()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(self.ADDRESS)
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        for _ in range(100):
+            try:
+                query, peer = self.sock.recvfrom(512)
+            except OSError:
+                return
+            self.asked.set()
+            threading.Thread(target=self.answer, args=(query, peer), daemon=True).start()
+
+    def answer(self, query, peer):
+        if not self.released.wait(30):
+            return
+        end = query.index(b"\0", 12) + 5
+        qtype = struct.unpack("!H", query[end - 4:end - 2])[0]
+        found = qtype == 1 and query[12:end - 5].lower() == b"".join(
+            bytes([len(label)]) + label.encode() for label in self.name.split("."))
+        head = query[:2] + struct.pack("!5H", 0x8180, 1, int(found), 0, 0)
+        record = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 0, 4) + bytes([127, 0, 0, 1])
+        try:
+            self.sock.sendto(head + query[12:end] + (record if found else b""), peer)
+        except OSError:
+            pass
+
+    def release(self):
+        self.released.set()
+
+    def stop(self):
+        self.released.set()
+        self.sock.close()
+        self.thread.join(5)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="binds port 53 and a private /etc/resolv.conf")
+def test_services_slow_name_lookup_stalls_no_other_stream(server, workdir, services, procs):
+    """A NAME:PORT target whose resolver is slow: while its lookup waits, the
+    pod's other service is served, and the bytes the consumer sent meanwhile
+    reach the service once the name resolves. The pod runs in a mount
+    namespace of its own whose /etc/resolv.conf names the held resolver."""
+    resolver = HeldResolver("slow.pipe2me.test")
+    try:
+        resolv = os.path.join(workdir, "resolv.conf")
+        with open(resolv, "w") as fh:
+            fh.write("nameserver %s\noptions timeout:30 attempts:1\n" % resolver.ADDRESS[0])
+        quick, slow = services(echo_handler), services(echo_handler)
+        pod_dir = os.path.join(workdir, "pod")
+        setup_pod(server, pod_dir, "tcp,tcp", [quick.port, "slow.pipe2me.test:%d" % slow.port])
+        pod = Proc(["unshare", "-m", "sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"',
+                    resolv, sys.executable, POD, "--dir", pod_dir, "start"], workdir, "pod")
+        procs.append(pod)
+        pod.wait_for(r"tunnel up")
+        quick_port, slow_port = public_ports(pod_dir)
+        with connect(slow_port) as waiting:
+            waiting.sendall(b"sent while the name resolves\n")
+            waiting.shutdown(socket.SHUT_WR)
+            assert resolver.asked.wait(10), "the pod never asked the resolver"
+            assert echo_round_trip(quick_port, timeout=5) == b"ping through pipe2me\n"
+            resolver.release()
+            assert recv_to_eof(waiting, 10) == b"sent while the name resolves\n"
+    finally:
+        resolver.stop()
 
 
 def test_services_failed_target_is_logged(server, workdir, procs):
