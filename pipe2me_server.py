@@ -3143,7 +3143,8 @@ ACME_HTTP_TIMEOUT_S = 30
 ACME_MAX_RESPONSE_BYTES = 1 << 20
 ACME_BAD_NONCE_RETRIES = 10        # pebble rejects 5% of good nonces by default
 ACME_POLL_ATTEMPTS = 60            # authorization / order status polls per order ...
-ACME_POLL_DEFAULT_S = 1.0          # ... this far apart unless Retry-After says otherwise
+ACME_POLL_FIRST_S = 0.125          # ... the first this far apart, doubling ...
+ACME_POLL_DEFAULT_S = 1.0          # ... up to this, unless Retry-After says otherwise
 ACME_POLL_MAX_S = 10.0
 ACME_RETRY_MAX_S = 6 * 3600        # backoff ceiling after refusals
 ACME_RENEW_FRACTION = 2.0 / 3.0    # without ARI: renew at two thirds of the lifetime
@@ -3442,15 +3443,16 @@ def acme_authorize(client, fqdn, authz_url, challenger):
 
 
 def acme_poll(client, url, wanted, what):
-    """POST-as-GET url until its status is one of `wanted`; AcmeProblem when it went invalid."""
-    for _ in range(ACME_POLL_ATTEMPTS):
+    """POST-as-GET url until its status is one of `wanted` (1/8 s apart, doubling); AcmeProblem if invalid."""
+    for attempt in range(ACME_POLL_ATTEMPTS):
         obj, answer = client.get_json(url)
         status = obj.get("status")
         if status in wanted:
             return obj
         if status not in ("pending", "processing", "ready"):
             raise acme_failure(obj, what)
-        delay = parse_retry_after(answer.getheader("Retry-After")) or ACME_POLL_DEFAULT_S
+        delay = (parse_retry_after(answer.getheader("Retry-After"))
+                 or min(ACME_POLL_DEFAULT_S, ACME_POLL_FIRST_S * 2 ** attempt))
         time.sleep(min(ACME_POLL_MAX_S, delay))
     raise Unavailable("ACME %s still not %s after %d polls" % (what, "/".join(wanted), ACME_POLL_ATTEMPTS))
 

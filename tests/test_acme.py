@@ -194,7 +194,7 @@ def open_tls(fqdn, port, cafile):
 
 
 def test_acme_renewal_replaces_the_chain_while_start_runs_and_runs_the_hook_once(workdir, dns_port, http_port, started):
-    pebble = Pebble(workdir, dns_port, http_port, validity_s=24)
+    pebble = Pebble(workdir, dns_port, http_port, validity_s=9)
     server = acme_server(workdir, pebble, http_port, dns_port)
     pod = None
     try:
@@ -528,7 +528,7 @@ def test_acme_update_fetches_the_chain_for_a_pod_that_was_offline(workdir, pebbl
 
 
 def test_acme_expired_chain_gives_way_to_the_server_certificate(workdir, dns_port, http_port, started):
-    pebble = Pebble(workdir, dns_port, http_port, validity_s=20)
+    pebble = Pebble(workdir, dns_port, http_port, validity_s=6)
     server = acme_server(workdir, pebble, http_port, dns_port)
     try:
         pod_dir, _fqdn = https_pod(workdir, server)
