@@ -655,11 +655,12 @@ class EventLoop:
     their local socket; past `buffer_budget` the Muxes that produce them
     stop reading their peer (see Mux.press())."""
 
-    def __init__(self, log=None, buffer_budget=MAX_BUFFERED_BYTES):
+    def __init__(self, log=None, buffer_budget=MAX_BUFFERED_BYTES, stall_s=BUFFER_STALL_S):
         self.log = log
         self.crashes = 0          # callbacks that raised, for the metrics
         self.buffered = 0
         self.buffer_budget = buffer_budget
+        self.stall_s = stall_s    # under pressure, a reader that took nothing this long is reset
         self.pressed = set()      # Muxes holding their reads back for the budget
         self.holders = set()      # Muxes with bytes in `buffered`
         self.pressure_timer = None
@@ -808,7 +809,7 @@ class EventLoop:
             return
         now = time.monotonic()
         for mux in list(self.holders):
-            mux.reap_stalled(now)
+            mux.reap_stalled(now, self.stall_s)
         self.relieve()
         if self.pressed:
             self.pressure_timer = self.call_later(1.0, self.on_pressure_tick)

@@ -493,6 +493,8 @@ CONFIG_KEYS = {
     "METRICS_TOKEN": ("", str.strip, "a bearer token that also shows tenant names (Authorization: Bearer ...); empty = none"),
     "MAX_BUFFERED_BYTES": ("256M", parse_budget, "bytes the relay holds for all readers that lag; past it, it stops reading their sources"),
     "MAX_BUFFERED_BYTES_PER_TUNNEL": ("32M", parse_budget, "the same budget for the streams of one tunnel"),
+    "BUFFER_STALL": ("5", parse_positive_duration, "seconds a reader may take nothing while a buffer budget is used up "
+                     "before its stream is reset"),
     "METRICS_PER_TUNNEL": ("yes", parse_bool, "/metrics has two series per tunnel; no = totals only"),
 }
 
@@ -1054,11 +1056,12 @@ class EventLoop:
     their local socket; past `buffer_budget` the Muxes that produce them
     stop reading their peer (see Mux.press())."""
 
-    def __init__(self, log=None, buffer_budget=MAX_BUFFERED_BYTES):
+    def __init__(self, log=None, buffer_budget=MAX_BUFFERED_BYTES, stall_s=BUFFER_STALL_S):
         self.log = log
         self.crashes = 0          # callbacks that raised, for the metrics
         self.buffered = 0
         self.buffer_budget = buffer_budget
+        self.stall_s = stall_s    # under pressure, a reader that took nothing this long is reset
         self.pressed = set()      # Muxes holding their reads back for the budget
         self.holders = set()      # Muxes with bytes in `buffered`
         self.pressure_timer = None
@@ -1207,7 +1210,7 @@ class EventLoop:
             return
         now = time.monotonic()
         for mux in list(self.holders):
-            mux.reap_stalled(now)
+            mux.reap_stalled(now, self.stall_s)
         self.relieve()
         if self.pressed:
             self.pressure_timer = self.call_later(1.0, self.on_pressure_tick)
@@ -7097,7 +7100,7 @@ class Server:
 
     def __init__(self, settings):
         self.settings = settings
-        self.loop = EventLoop(log, settings.max_buffered_bytes)
+        self.loop = EventLoop(log, settings.max_buffered_bytes, settings.buffer_stall)
         self.store = Store(settings)
         self.ca = CertAuthority(os.path.join(settings.state_dir, "ca"),
                                 settings.ca_cert or None, settings.ca_key or None)

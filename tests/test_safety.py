@@ -310,9 +310,11 @@ def lazy_consumers(port, count, source=None):
 
 
 @pytest.fixture
-def push_bed(workdir):
+def push_bed(workdir, request):
+    # a test may ask for more flags: @pytest.mark.parametrize("push_bed", [[...]], indirect=True)
+    extra = getattr(request, "param", [])
     server = Server(workdir, ["--max-buffered-bytes", "24M",
-                              "--max-buffered-bytes-per-tunnel", "8M"])
+                              "--max-buffered-bytes-per-tunnel", "8M"] + list(extra))
     b = Bed(server, workdir)
     b.push = LocalService(pushing_handler)
     b.pusher = Identity(server, os.path.join(workdir, "push"), "tcp", [b.push.port])
@@ -362,16 +364,17 @@ def test_safety_consumers_that_never_read_stay_within_the_budgets(push_bed):
     b.server.assert_alive()
 
 
+@pytest.mark.parametrize("push_bed", [["--buffer-stall", "1"]], indirect=True)
 def test_safety_stalled_readers_make_room_for_new_consumers(push_bed):
     """When one tunnel's budget is full of readers that never read, those are
-    reset after a few seconds, and a consumer who does read gets the download."""
+    reset after BUFFER_STALL (1 s here), and a consumer who does read gets the download."""
     b = push_bed
     crowd = lazy_consumers(b.pusher.ports[0], 60, FLOOD_SOURCE)
     wait_for_metric(b.server, "pipe2me_buffered_bytes", 6 * MiB)   # the tunnel's 8M is filling
     started = time.monotonic()
     with connect(b.pusher.ports[0]) as sock:
         sock.sendall(b"GET /big HTTP/1.0\r\n\r\n")
-        # each round of resets takes BUFFER_STALL_S (5 s): slow on a loaded machine
+        # each round of resets takes BUFFER_STALL (1 s here): slow on a loaded machine
         got, deadline = 0, time.monotonic() + 60
         while got < 2 * MiB and time.monotonic() < deadline:
             sock.settimeout(max(0.01, deadline - time.monotonic()))
