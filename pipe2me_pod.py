@@ -854,7 +854,7 @@ class Stream:
         self.uncredited = 0                    # own bytes in `pending`, not the peer's
         self.reset_reason = None               # the peer's RESET text, once it came
         if connecting:
-            mux.loop.call_later(LOCAL_CONNECT_TIMEOUT_S, self.on_connect_timeout)
+            mux.loop.call_later(mux.connect_timeout_s, self.on_connect_timeout)
         self.update_interest()
 
     def update_interest(self):
@@ -929,12 +929,12 @@ class Stream:
             self.update_interest()
 
     def on_connect_timeout(self):
-        """The local service did not answer within LOCAL_CONNECT_TIMEOUT_S: reset the stream."""
+        """The local service did not answer within the Mux's connect_timeout_s: reset the stream."""
         if self.connecting and not self.closed:
             self.mux.log.warning("local service unavailable stream=%d target=%s error=%s",
                                  self.id, self.target or "?",
-                                 "no answer within %d s" % LOCAL_CONNECT_TIMEOUT_S)
-            self.abort("%s after %d s" % (RESET_CONNECT_TIMED_OUT, LOCAL_CONNECT_TIMEOUT_S))
+                                 "no answer within %g s" % self.mux.connect_timeout_s)
+            self.abort("%s after %g s" % (RESET_CONNECT_TIMED_OUT, self.mux.connect_timeout_s))
 
     def local_connect_failed(self, reason):
         """The local connect failed: the owner may try another address
@@ -1120,6 +1120,7 @@ class Mux:
         self.rate_hold = self.pressure_hold = False
         self.buffered = 0              # bytes in this Mux's Streams waiting for local sockets
         self.buffer_budget = loop.buffer_budget  # the owner may set a smaller one
+        self.connect_timeout_s = LOCAL_CONNECT_TIMEOUT_S  # ... and another connect timeout
         self.pongs_dropped = 0
         self.scratch, self.scratch_view = loop.scratch, loop.scratch_view  # shared, see EventLoop
         self.inbox, self.inbox_view = loop.inbox, loop.inbox_view
@@ -2992,6 +2993,7 @@ class PodMux(Mux):
         self.draining = False
         super().__init__(runner.loop, sock, SERVER_SENDS, log,
                          float(welcome.get("heartbeat_interval_s") or HEARTBEAT_INTERVAL_S))
+        self.connect_timeout_s = runner.connect_timeout_s
 
     def on_open(self, stream_id, port, consumer=None, public=None):
         """The server opened a stream: connect to the local service of that public port
@@ -3020,8 +3022,7 @@ class PodMux(Mux):
             self.loop.call_soon_threadsafe(
                 lambda: self.looked_up(stream_id, service, consumer, public, found))
         threading.Thread(target=look_up, name="lookup", daemon=True).start()
-        self.loop.call_later(LOCAL_CONNECT_TIMEOUT_S,
-                             lambda: self.lookup_timed_out(stream_id, service))
+        self.loop.call_later(self.connect_timeout_s, lambda: self.lookup_timed_out(stream_id, service))
 
     def looked_up(self, stream_id, service, consumer, public, found):
         """On the loop: the name's addresses (or the error text) are here; open
@@ -3037,10 +3038,10 @@ class PodMux(Mux):
         self.end_if_drained()
 
     def lookup_timed_out(self, stream_id, service):
-        """The name did not resolve within LOCAL_CONNECT_TIMEOUT_S: reset the stream."""
+        """The name did not resolve within connect_timeout_s: reset the stream."""
         if self.resolving.pop(stream_id, None) is not None and not self.closed:
             self.refuse_local(stream_id, service, RESET_CONNECT_TIMED_OUT,
-                              "name lookup took over %d s" % LOCAL_CONNECT_TIMEOUT_S)
+                              "name lookup took over %g s" % self.connect_timeout_s)
             self.end_if_drained()
 
     def dispatch(self, msg, stream_id, payload):
@@ -3165,9 +3166,10 @@ def proxy_header(version, consumer, public):
 class PodRunner:
     """Runs `start`: one session at a time, forever, until stopped or rejected."""
 
-    def __init__(self, files, setup, stop_grace_s=STOP_GRACE_S, on_cert_change=None):
+    def __init__(self, files, setup, stop_grace_s=STOP_GRACE_S, on_cert_change=None,
+                 connect_timeout_s=LOCAL_CONNECT_TIMEOUT_S):
         self.files, self.setup = files, setup
-        self.stop_grace_s = stop_grace_s
+        self.stop_grace_s, self.connect_timeout_s = stop_grace_s, connect_timeout_s
         self.on_cert_change = on_cert_change  # shell command run after the cert file changed
         self.acme = None  # the last ACME state from the server (CERT frame), chain left out
         self.status_path = os.path.join(files.dir, STATUS_FILE)
@@ -4042,7 +4044,8 @@ def cmd_start(args):
     run_from_compiled_code(hand_over_arguments(args))
     lock_pod_dir(files.dir)  # after the re-exec: the lock's descriptor does not survive exec
     raise_open_file_limit()
-    runner = PodRunner(files, setup, args.stop_grace, getattr(args, "on_cert_change", None))
+    runner = PodRunner(files, setup, args.stop_grace, getattr(args, "on_cert_change", None),
+                       args.connect_timeout)
     check_no_loop(setup, runner.endpoint())
     servers = start_echo_services(files, setup) if args.echo else []
     keeper = start_port_keeper(files.dir, runner.loop)
@@ -4262,6 +4265,9 @@ def build_parser():
     start.add_argument("--echo", action="store_true", help="also run echo services on the local ports")
     start.add_argument("--stop-grace", type=positive_seconds, default=STOP_GRACE_S, metavar="S",
                        help="how long SIGTERM lets running streams finish (default %(default)s)")
+    start.add_argument("--connect-timeout", type=positive_seconds, default=LOCAL_CONNECT_TIMEOUT_S,
+                       metavar="S", help="how long a local service may take to accept a connection "
+                       "(and its name to resolve) before the stream is reset (default %(default)s)")
     start.add_argument("--on-cert-change", metavar="CMD",
                        help="run CMD (through /bin/sh) each time a new publicly trusted certificate is written")
     command("status", cmd_status, "whether start runs and is connected (exit 0 only then)")

@@ -1255,7 +1255,7 @@ class Stream:
         self.uncredited = 0                    # own bytes in `pending`, not the peer's
         self.reset_reason = None               # the peer's RESET text, once it came
         if connecting:
-            mux.loop.call_later(LOCAL_CONNECT_TIMEOUT_S, self.on_connect_timeout)
+            mux.loop.call_later(mux.connect_timeout_s, self.on_connect_timeout)
         self.update_interest()
 
     def update_interest(self):
@@ -1330,12 +1330,12 @@ class Stream:
             self.update_interest()
 
     def on_connect_timeout(self):
-        """The local service did not answer within LOCAL_CONNECT_TIMEOUT_S: reset the stream."""
+        """The local service did not answer within the Mux's connect_timeout_s: reset the stream."""
         if self.connecting and not self.closed:
             self.mux.log.warning("local service unavailable stream=%d target=%s error=%s",
                                  self.id, self.target or "?",
-                                 "no answer within %d s" % LOCAL_CONNECT_TIMEOUT_S)
-            self.abort("%s after %d s" % (RESET_CONNECT_TIMED_OUT, LOCAL_CONNECT_TIMEOUT_S))
+                                 "no answer within %g s" % self.mux.connect_timeout_s)
+            self.abort("%s after %g s" % (RESET_CONNECT_TIMED_OUT, self.mux.connect_timeout_s))
 
     def local_connect_failed(self, reason):
         """The local connect failed: the owner may try another address
@@ -1521,6 +1521,7 @@ class Mux:
         self.rate_hold = self.pressure_hold = False
         self.buffered = 0              # bytes in this Mux's Streams waiting for local sockets
         self.buffer_budget = loop.buffer_budget  # the owner may set a smaller one
+        self.connect_timeout_s = LOCAL_CONNECT_TIMEOUT_S  # ... and another connect timeout
         self.pongs_dropped = 0
         self.scratch, self.scratch_view = loop.scratch, loop.scratch_view  # shared, see EventLoop
         self.inbox, self.inbox_view = loop.inbox, loop.inbox_view

@@ -501,10 +501,11 @@ def test_fronts_504_when_the_local_connect_times_out(front, tmp_path):
         fillers.append(filler)
     pod_dir = str(tmp_path / "hanging")
     name = setup_pod(front, pod_dir, "http", [full.getsockname()[1]])
-    pod = start_pod(str(tmp_path), pod_dir, name="hanging-pod")
+    pod = start_pod(str(tmp_path), pod_dir, "--connect-timeout", "1", name="hanging-pod")
     try:
         code, body = front_answer(front.http, name)
         assert code == "504" and name in body and "in time" in body, body
+        assert "after 1 s" in body, body  # the pod's --connect-timeout, not the default 10 s
     finally:
         pod.stop()
         for sock in fillers + [full]:
