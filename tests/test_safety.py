@@ -679,16 +679,32 @@ LOG_INJECTIONS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def log_server(tmp_path_factory):
+    """One server for the GOAWAY log tests below: each makes its own tunnel
+    (raw_identity) and reads the log from its own mark, so none needs another."""
+    server = Server(str(tmp_path_factory.mktemp("goaway")))
+    yield server
+    assert server.stop() == 0
+
+
+@pytest.fixture
+def raw_identity(log_server, tmp_path):
+    """A tunnel of its own on log_server for a hand-made pod."""
+    return Identity(log_server, str(tmp_path / "raw"), "tcp")
+
+
 @pytest.mark.parametrize("reason", LOG_INJECTIONS)
-def test_safety_control_characters_from_a_pod_never_start_a_log_line(bed, server_mod, reason):
+def test_safety_control_characters_from_a_pod_never_start_a_log_line(log_server, raw_identity,
+                                                                     server_mod, reason):
     """A GOAWAY reason with CR, LF, escape sequences or Unicode line breaks
     reaches the log on its one line, escaped."""
-    mark = bed.server.mark()
-    pod = welcomed_pod(server_mod, bed.server, bed.raw)
+    mark = log_server.mark()
+    pod = welcomed_pod(server_mod, log_server, raw_identity)
     pod.send(server_mod.encode_control(server_mod.Msg.GOAWAY, {"reason": reason}))
-    bed.server.proc.wait_for(r"pod going away tunnel=%s" % bed.raw.id, after=mark)
+    log_server.proc.wait_for(r"pod going away tunnel=%s" % raw_identity.id, after=mark)
     pod.close()
-    log = bed.server.log_after(mark)
+    log = log_server.log_after(mark)
     assert "forged" in log
     for line in log.splitlines():
         assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ pipe2me\.server ", line), line
@@ -748,11 +764,13 @@ def test_safety_token_guesses_from_many_addresses_get_429(workdir):
 
 
 @pytest.mark.parametrize("reason", [None, 12, {"nested": ["a\nb"]}])
-def test_safety_goaway_reason_of_any_type_is_logged_not_a_crash(bed, server_mod, reason):
-    mark = bed.server.mark()
-    pod = welcomed_pod(server_mod, bed.server, bed.raw)
+def test_safety_goaway_reason_of_any_type_is_logged_not_a_crash(log_server, raw_identity,
+                                                                server_mod, reason):
+    mark = log_server.mark()
+    pod = welcomed_pod(server_mod, log_server, raw_identity)
     pod.send(server_mod.encode_control(server_mod.Msg.GOAWAY, {"reason": reason}))
-    bed.server.proc.wait_for(r"pod going away tunnel=%s" % bed.raw.id, after=mark)
+    log_server.proc.wait_for(r"pod going away tunnel=%s" % raw_identity.id, after=mark)
     pod.close()
-    bed.server.proc.wait_for(r"pod disconnected tunnel=%s" % bed.raw.id, after=mark)
-    assert "internal error" not in bed.server.log_after(mark)
+    log_server.proc.wait_for(r"pod disconnected tunnel=%s" % raw_identity.id, after=mark)
+    assert "internal error" not in log_server.log_after(mark)
+    log_server.assert_alive()
