@@ -160,11 +160,12 @@ def test_dnsimple_outage_logged_and_retried_never_fatal(standin, workdir, tmp_pa
 
 
 def test_dnsimple_rate_limit_waits_for_the_reset(standin, workdir, tmp_path):
-    standin.rate_limited_until = time.time() + 6
     server = start_server(workdir, standin)
     try:
+        standin.rate_limited_until = time.time() + 3  # the new tunnel's record meets the limit
         fqdn = setup_pod(server, str(tmp_path / "pod"), "tcp")
-        server.proc.wait_for(r"dns update failed .*429 quota exceeded")
+        failed = server.proc.wait_for(r"dns update failed attempt=\d+ retry_in=(\d+)s .*429 quota exceeded")
+        assert int(failed.group(1)) <= 4, failed.group(0)  # the reset's, not the 5 s backoff's
         wait_for_record(standin, fqdn, timeout=30)
         assert time.time() >= standin.rate_limited_until
         assert standin.faulted <= 2, standin.faulted   # no hammering while limited
