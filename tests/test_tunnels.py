@@ -616,11 +616,11 @@ def test_tunnel_local_service_down_then_back(hub, workdir, pods, services):
 
 # ---- 8. expired tunnel ----------------------------------------------------------------------
 
-def setup_short_lived_pod(server, pod_dir):
-    """A one-port tcp tunnel from a token of SHORT_LIFESPAN_S; returns its FQDN."""
+def setup_short_lived_pod(server, pod_dir, lifespan_s=SHORT_LIFESPAN_S):
+    """A one-port tcp tunnel from a token of lifespan_s; returns its FQDN."""
     seen = len(server.proc.stderr())
     added = server_admin(server, "tokens", "add", "short-lived-token",
-                         "lifespan:%d" % SHORT_LIFESPAN_S, "max_ports:1")
+                         "lifespan:%d" % lifespan_s, "max_ports:1")
     assert added.returncode == 0, added.stderr
     server.proc.wait_for(r"reloaded tokens=", after=seen)
     return setup_pod(server, pod_dir, "tcp", [free_port()], token="short-lived-token")
@@ -652,13 +652,13 @@ def test_tunnel_expired_certificate_of_extended_tunnel_refused_until_update(serv
     """The server judges certificate expiry itself (after HELLO, to give a reason):
     an extended tunnel whose pod kept its old certificate is refused, not let in."""
     pod_dir = os.path.join(workdir, "pod")
-    fqdn = setup_short_lived_pod(server, pod_dir)
+    fqdn = setup_short_lived_pod(server, pod_dir, lifespan_s=2)  # extended at once: no start to fit in
     info = pod_info(pod_dir)
     extended = api(server, "POST", "/tunnels/%s/extend" % info["PIPE2ME_ID"],
                    {"token": server.token}, secret=info["PIPE2ME_SECRET"])
     assert extended.json()["status"] == "online", extended.body
     cert_end = int(info["PIPE2ME_EXPIRES_AT"])
-    wait_until(lambda: time.time() > cert_end + 1, timeout=SHORT_LIFESPAN_S + 4, interval=0.1,
+    wait_until(lambda: time.time() > cert_end + 1, timeout=6, interval=0.1,
                what="the first certificate to expire")
     stale = run_pod(pod_dir, "start", "--echo", timeout=30)
     assert stale.returncode == 4, stale.stderr
