@@ -1058,6 +1058,7 @@ class EventLoop:
 
     def __init__(self, log=None, buffer_budget=MAX_BUFFERED_BYTES, stall_s=BUFFER_STALL_S):
         self.log = log
+        printable("")  # loads its codec now: out of descriptors, contain() can still log
         self.crashes = 0          # callbacks that raised, for the metrics
         self.buffered = 0
         self.buffer_budget = buffer_budget
@@ -1162,11 +1163,12 @@ class EventLoop:
                 except Exception as exc:  # noqa: BLE001
                     self.contain(handle.callback, exc)
 
-    def contain(self, callback, exc):
+    def contain(self, callback, exc, crash=None):
         """A callback raised: a bug, or input nobody foresaw. As socketserver
-        does, end only the connection it belongs to (its owner's crash(), if
-        the callback is a method of one), log one line (the traceback at
-        debug level), count it, and serve on."""
+        does, end only the connection it belongs to (`crash`, by default its
+        owner's crash() if the callback is a method of one), log one line (the
+        traceback at debug level), count it, and serve on. Never raises, also
+        in a process out of descriptors."""
         if self.log is None:
             raise exc
         self.crashes += 1
@@ -1174,9 +1176,13 @@ class EventLoop:
         self.log.warning("internal error contained in=%s error=%s",
                          type(owner or callback).__name__,
                          printable("%s: %s" % (type(exc).__name__, exc)))
-        import traceback  # here: the pod on a router pays for the module only after a bug
-        self.log.debug("%s", "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-        crash = getattr(owner, "crash", None)
+        try:  # here: the pod on a router pays for the module only after a bug
+            import traceback
+            self.log.debug("%s", "".join(traceback.format_exception(type(exc), exc,
+                                                                    exc.__traceback__)))
+        except Exception:  # noqa: BLE001 - no descriptor left for the import: no traceback
+            pass
+        crash = crash or getattr(owner, "crash", None)
         if crash is not None:
             try:
                 crash(exc)
@@ -1761,7 +1767,25 @@ class Mux:
             raise ProtocolError("bad OPEN for stream %d" % stream_id)
         port, consumer, public = decode_open(payload)
         self.highest_stream = stream_id
-        self.on_open(stream_id, port, consumer, public)
+        self.open_contained(stream_id, self.on_open, port, consumer, public)
+
+    def open_contained(self, stream_id, opener, *args):
+        """opener(stream_id, *args) opens the stream: anything it raises but
+        ProtocolError (a bug; no descriptor left for the local socket) ends
+        that stream alone (EventLoop.contain), not the connection."""
+        try:
+            return opener(stream_id, *args)
+        except ProtocolError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one stream's failure ends only that stream
+            return self.loop.contain(opener, exc, lambda _exc: self.reset_opened(stream_id))
+
+    def reset_opened(self, stream_id):
+        """End a stream whose opening failed, made or not yet."""
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            return stream.abort("internal error")
+        return self.send(Msg.RESET, stream_id, b"internal error")
 
     # -- streams -------------------------------------------------------
     def add_stream(self, stream_id, sock, connecting=False):

@@ -43,7 +43,7 @@ BUDGETS = {
         "CLI":                 425,
     },
     "pipe2me_pod.py": {
-        "FILE":                4360,
+        "FILE":                4380,
         "PREAMBLE":            90,
         "SHARED base":         180,
         "SETTINGS":            75,

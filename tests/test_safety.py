@@ -14,12 +14,13 @@ import os
 import re
 import socket
 import ssl
+import sys
 import threading
 import time
 
 import pytest
 
-from conftest import (MiB, LocalService, ServerHandle, clean_env, connect, echo_handler,
+from conftest import (POD, MiB, LocalService, Proc, ServerHandle, clean_env, connect, echo_handler,
                       echo_round_trip, free_port, setup_pod, start_pod, wait_until, write_tokens)
 from helpers import RawPod
 
@@ -213,6 +214,69 @@ def test_safety_metrics_read_while_sessions_change_never_fail(bed, server_mod):
             thread.join(30)
     assert not failures, failures[:5]
     bed.server.assert_alive()
+
+
+def limited_pod(workdir, pod_dir, max_fds):
+    """`start` of `pod_dir` in a process that may hold at most `max_fds` descriptors."""
+    limit = ("import os,resource,sys;resource.setrlimit(resource.RLIMIT_NOFILE,(%d,%d));"
+             "os.execv(sys.executable,[sys.executable]+sys.argv[1:])" % (max_fds, max_fds))
+    proc = Proc([sys.executable, "-c", limit, POD, "--dir", pod_dir, "start"], workdir,
+                "limited-pod")
+    proc.wait_for(r"tunnel up")
+    return proc
+
+
+def echoes(sock, payload):
+    """Whether `payload` sent on `sock` comes back whole."""
+    try:
+        sock.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            chunk = sock.recv(len(payload) - len(got))
+            if not chunk:
+                return False
+            got += chunk
+        return got == payload
+    except OSError:
+        return False
+
+
+def test_safety_pod_stream_that_cannot_open_ends_alone(bed, workdir):
+    """A pod out of descriptors (a local socket cannot even be made) for a
+    crowd of new consumers: each of those streams is reset, the failure is
+    logged on one line each; the session and the streams already open go on."""
+    identity = Identity(bed.server, os.path.join(workdir, "limited"), "tcp", [bed.echo.port])
+    pod = limited_pod(workdir, identity.dir, 48)
+    kept, crowd = [], []
+    try:
+        kept = [connect(identity.ports[0]) for _ in range(4)]
+        for sock in kept:
+            assert echoes(sock, b"before the crowd\n")
+        crowd = [connect(identity.ports[0]) for _ in range(120)]
+        for sock in crowd:
+            sock.sendall(b"x")
+        pod.wait_for(r"internal error contained in=\w+ error=OSError: \[Errno 24\]", timeout=20)
+        ended = 0
+        for sock in crowd:   # the server closes those the pod reset
+            sock.settimeout(10)
+            try:
+                ended += sock.recv(1) != b"x"
+            except OSError:
+                ended += 1
+        assert ended, "no consumer of the crowd was refused: the limit was not reached"
+        for sock in crowd:
+            sock.close()
+        crowd = []
+        for sock in kept:
+            assert echoes(sock, b"after the crowd\n"), pod.stderr()[-3000:]
+        assert pod.alive(), pod.stderr()[-3000:]
+        assert "tunnel down" not in pod.stderr(), pod.stderr()[-3000:]
+        assert "Traceback" not in pod.stderr()
+        assert echo_round_trip(identity.ports[0], b"a new stream\n") == b"a new stream\n"
+    finally:
+        for sock in kept + crowd:
+            sock.close()
+        assert pod.stop() == 0
 
 
 # =====================================================================================
