@@ -3057,8 +3057,11 @@ class PodMux(Mux):
         if isinstance(found, str):
             self.refuse_local(stream_id, service, RESET_CONNECT_FAILED, found)
         elif self.open_contained(stream_id, self.open_local, service, consumer, public, found):
-            for msg, payload in frames:
-                self.dispatch(msg, stream_id, payload)
+            try:
+                for msg, payload in frames:
+                    self.dispatch(msg, stream_id, payload)
+            except ProtocolError as exc:  # as if it had come now: the session ends
+                return self.fail(str(exc))
         self.end_if_drained()
 
     def lookup_timed_out(self, stream_id, service):
@@ -3196,6 +3199,7 @@ class PodRunner:
         self.stop_grace_s, self.connect_timeout_s = stop_grace_s, connect_timeout_s
         self.on_cert_change = on_cert_change  # shell command run after the cert file changed
         self.acme = None  # the last ACME state from the server (CERT frame), chain left out
+        self.chain_end = None  # not_after of the ACME chain in use, watched by a timer
         self.status_path = os.path.join(files.dir, STATUS_FILE)
         self.status_written = None  # the file's content, to write only changes
         self.loop = EventLoop(log, POD_MAX_BUFFERED_BYTES)
@@ -3390,12 +3394,34 @@ class PodRunner:
             changed = False
         if changed:
             log.info("acme certificate installed not_after=%s", obj.get("not_after"))
-            if self.on_cert_change:
-                threading.Thread(target=run_hook, args=(self.on_cert_change,), daemon=True).start()
+            self.run_cert_hook()
         elif self.acme["state"] != "valid":
             log.info("acme certificate not issued state=%s reason=%s",
                      self.acme["state"], str(self.acme["reason"])[:300])
+        if obj.get("chain"):
+            self.watch_chain_end(obj.get("not_after"))
         self.write_status()
+
+    def run_cert_hook(self):
+        """`start --on-cert-change CMD`, in a thread, after pipe2me.openssl.cert changed."""
+        if self.on_cert_change:
+            threading.Thread(target=run_hook, args=(self.on_cert_change,), daemon=True).start()
+
+    def watch_chain_end(self, not_after):
+        """At the end of the chain in use, give the services the server-CA
+        certificate back, even while the server cannot be reached to say so."""
+        self.chain_end = not_after
+        if isinstance(not_after, int):
+            self.loop.call_later(max(0.0, not_after - time.time()) + 1.0,
+                                 lambda: self.on_chain_end(not_after))
+
+    def on_chain_end(self, not_after):
+        """The timer of watch_chain_end(), unless a later chain came since."""
+        if self.chain_end == not_after and restore_tunnel_cert(self.files, not_after):
+            self.acme = dict(self.acme or {}, state="expired",
+                             reason="the certificate expired before a renewal came")
+            self.run_cert_hook()
+            self.write_status()
 
     # -- status for `pipe2me_pod.py status` -----------------------------
     def status_tick(self):

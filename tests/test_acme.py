@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -540,8 +541,39 @@ def test_acme_expired_chain_gives_way_to_the_server_certificate(workdir, dns_por
                              for name in ("pipe2me.openssl.cert", "pipe2me.tunnel.cert"))
         wait_until(lambda: open(cert).read() == open(tunnel_cert).read(), timeout=90,
                    what="the server-CA certificate back after the chain expired")
-        assert "ACME=failed" in run_pod(pod_dir, "status").stdout
+        # the pod's own timer may restore first ("expired"); the server's failed renewal follows
+        wait_until(lambda: "ACME=failed" in run_pod(pod_dir, "status").stdout, timeout=60,
+                   what="status to say the renewal failed")
     finally:
+        assert server.stop() == 0
+        pebble.stop()
+
+
+def test_acme_chain_end_gives_way_even_while_the_server_is_unreachable(
+        workdir, dns_port, http_port, started):
+    """The pod watches the end of the chain itself: with the server frozen
+    (SIGSTOP) before the chain expires, the server-CA certificate is back in
+    use at the chain's end and `status` says the certificate expired."""
+    pebble = Pebble(workdir, dns_port, http_port, validity_s=6)
+    server = acme_server(workdir, pebble, http_port, dns_port)
+    frozen = False
+    try:
+        pod_dir, _fqdn = https_pod(workdir, server)
+        pod = start_pod(workdir, pod_dir, "--echo")
+        started.append(pod)
+        wait_until(lambda: acme_installed(pod_dir), timeout=60, what="the ACME certificate")
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        frozen = True
+        cert, tunnel_cert = (os.path.join(pod_dir, name)
+                             for name in ("pipe2me.openssl.cert", "pipe2me.tunnel.cert"))
+        wait_until(lambda: open(cert).read() == open(tunnel_cert).read(), timeout=30,
+                   what="the server-CA certificate back while the server is frozen")
+        pod.wait_for(r"acme certificate expired, server-CA certificate back in use")
+        wait_until(lambda: "ACME=expired" in run_pod(pod_dir, "status").stdout, timeout=10,
+                   what="status to say the certificate expired")
+    finally:
+        if frozen:
+            os.kill(server.proc.pid, signal.SIGCONT)
         assert server.stop() == 0
         pebble.stop()
 
