@@ -2158,7 +2158,7 @@ class ApiClient:
 def retry_after_seconds(value):
     """Whole seconds from a Retry-After header in delta-seconds form; None otherwise."""
     value = (value or "").strip()
-    return int(value) if value.isdigit() and len(value) <= 6 else None
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 6 else None
 
 
 def read_error_body(exc):
@@ -3001,6 +3001,8 @@ STOP_GRACE_S = 10.0                   # default of `start --stop-grace`
 HOOK_TIMEOUT_S = 300                  # `start --on-cert-change CMD` may take this long
 POD_MAX_BUFFERED_BYTES = 32 * 1024 * 1024  # bytes held for local services that read slowly
 MAX_LOOKUPS = 16                      # names of local targets being resolved at once (threads)
+LOOKUP_SLOTS = threading.BoundedSemaphore(MAX_LOOKUPS)  # held by each running lookup thread
+LOOKUP_HELD_BYTES = 4 * 1024 * 1024   # consumer bytes held, all lookups of a session together
 
 
 class PodMux(Mux):
@@ -3032,34 +3034,43 @@ class PodMux(Mux):
 
     def look_up_then_open(self, stream_id, service, consumer, public):
         """Resolve the target's name in a thread (a slow resolver must not stall
-        the other streams); the stream's frames wait in `resolving` meanwhile."""
-        if len(self.resolving) >= MAX_LOOKUPS:
+        the other streams); what the consumer sends meanwhile waits in `resolving`."""
+        if not LOOKUP_SLOTS.acquire(blocking=False):
             return self.refuse_local(stream_id, service, RESET_CONNECT_FAILED,
                                      "%d name lookups already running" % MAX_LOOKUPS)
-        self.resolving[stream_id] = []
 
         def look_up():
             try:
                 found = service.target.addresses()
-            except OSError as exc:
-                found = "cannot resolve: %s" % (exc.strerror or exc)
+            except Exception as exc:  # noqa: BLE001 - OSError, or a codec's error for a bad name
+                found = "cannot resolve: %s" % (getattr(exc, "strerror", None) or exc)
+            finally:
+                LOOKUP_SLOTS.release()
             self.loop.call_soon_threadsafe(
                 lambda: self.looked_up(stream_id, service, consumer, public, found))
-        threading.Thread(target=look_up, name="lookup", daemon=True).start()
+        try:
+            threading.Thread(target=look_up, name="lookup", daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had
+            LOOKUP_SLOTS.release()
+            return self.refuse_local(stream_id, service, RESET_CONNECT_FAILED, str(exc))
+        self.resolving[stream_id] = HeldFrames()
         self.loop.call_later(self.connect_timeout_s, lambda: self.lookup_timed_out(stream_id, service))
+        return None
 
     def looked_up(self, stream_id, service, consumer, public, found):
         """On the loop: the name's addresses (or the error text) are here; open
-        the stream and hand it the frames that came meanwhile."""
-        frames = self.resolving.pop(stream_id, None)
-        if frames is None or self.closed:  # timed out, reset by the peer, or the session ended
+        the stream and hand it what the consumer sent meanwhile."""
+        held = self.resolving.pop(stream_id, None)
+        if held is None or self.closed:  # timed out, reset by the peer, or the session ended
             return
         if isinstance(found, str):
             self.refuse_local(stream_id, service, RESET_CONNECT_FAILED, found)
         elif self.open_contained(stream_id, self.open_local, service, consumer, public, found):
             try:
-                for msg, payload in frames:
-                    self.dispatch(msg, stream_id, payload)
+                if held.data:
+                    self.dispatch(Msg.DATA, stream_id, memoryview(bytes(held.data)))
+                if held.eof:
+                    self.dispatch(Msg.EOF, stream_id, b"")
             except ProtocolError as exc:  # as if it had come now: the session ends
                 return self.fail(str(exc))
         self.end_if_drained()
@@ -3072,17 +3083,26 @@ class PodMux(Mux):
             self.end_if_drained()
 
     def dispatch(self, msg, stream_id, payload):
-        """Frames of a stream whose target is being looked up wait for it (RESET ends it)."""
-        frames = self.resolving.get(stream_id)
-        if frames is None:
+        """Frames of a stream whose target is being looked up wait for it: DATA
+        and EOF (the pod has sent nothing, so nothing else is due); RESET ends it."""
+        held = self.resolving.get(stream_id)
+        if held is None:
             return super().dispatch(msg, stream_id, payload)
         if msg == Msg.RESET:
             del self.resolving[stream_id]
             return self.end_if_drained()
-        if msg == Msg.DATA and sum(len(p) for m, p in frames if m == Msg.DATA) + len(
-                payload) > STREAM_WINDOW_BYTES:
+        if msg not in (Msg.DATA, Msg.EOF) or held.eof:
+            raise ProtocolError("stream %d: %s before the local service connected"
+                                % (stream_id, msg.name if not held.eof else "data after EOF"))
+        if msg == Msg.EOF:
+            held.eof = True
+        elif len(held.data) + len(payload) > STREAM_WINDOW_BYTES:
             raise ProtocolError("stream %d: data beyond the window" % stream_id)
-        frames.append((msg, bytes(payload)))
+        elif sum(len(h.data) for h in self.resolving.values()) + len(payload) > LOOKUP_HELD_BYTES:
+            del self.resolving[stream_id]
+            self.send(Msg.RESET, stream_id, b"too much data before the local service connected")
+        else:
+            held.data += payload
         return None
 
     def refuse_local(self, stream_id, service, kind, error):
@@ -3153,6 +3173,14 @@ class PodMux(Mux):
     def on_closed(self, reason):
         """Tell the runner, which reconnects."""
         self.runner.on_session_closed(reason)
+
+
+class HeldFrames:
+    """What the server sent for a stream whose target's name is being looked up."""
+
+    def __init__(self):
+        self.data = bytearray()
+        self.eof = False
 
 
 def dial_first(addresses):
@@ -3408,24 +3436,26 @@ class PodRunner:
             threading.Thread(target=run_hook, args=(self.on_cert_change,), daemon=True).start()
 
     def watch_chain_end(self, not_after):
-        """At the end of the chain in use, give the services the server-CA
-        certificate back, even while the server cannot be reached to say so."""
-        self.chain_end = not_after
-        if isinstance(not_after, int):
-            self.loop.call_later(max(0.0, not_after - time.time()) + 1.0,
-                                 lambda: self.on_chain_end(not_after))
+        """Remember the end of the chain in use: status_tick() gives the services
+        the server-CA certificate back then, even while the server cannot be
+        reached to say so (the wall clock decides, as for the certificate)."""
+        self.chain_end = not_after if isinstance(not_after, int) else None
 
-    def on_chain_end(self, not_after):
-        """The timer of watch_chain_end(), unless a later chain came since."""
-        if self.chain_end == not_after and restore_tunnel_cert(self.files, not_after):
+    def check_chain_end(self):
+        """From status_tick(): once the chain in use has ended, the server-CA certificate."""
+        not_after = self.chain_end
+        if not_after is None or time.time() < not_after:
+            return
+        self.chain_end = None
+        if restore_tunnel_cert(self.files, not_after):
             self.acme = dict(self.acme or {}, state="expired",
                              reason="the certificate expired before a renewal came")
             self.run_cert_hook()
-            self.write_status()
 
     # -- status for `pipe2me_pod.py status` -----------------------------
     def status_tick(self):
-        """Write the status file every STATUS_INTERVAL_S."""
+        """Write the status file every STATUS_INTERVAL_S (and see whether the ACME chain ended)."""
+        self.check_chain_end()
         self.write_status()
         self.loop.call_later(STATUS_INTERVAL_S, self.status_tick)
 

@@ -157,6 +157,7 @@ class HeldResolver:
 
     def __init__(self, name):
         self.name, self.asked, self.released = name, threading.Event(), threading.Event()
+        self.askers = set()   # (address, port) of each asking socket: one per lookup
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(self.ADDRESS)
         self.thread = threading.Thread(target=self.serve, daemon=True)
@@ -168,6 +169,7 @@ class HeldResolver:
                 query, peer = self.sock.recvfrom(512)
             except OSError:
                 return
+            self.askers.add(peer)
             self.asked.set()
             threading.Thread(target=self.answer, args=(query, peer), daemon=True).start()
 
@@ -218,6 +220,16 @@ def test_services_slow_name_lookup_stalls_no_other_stream(server, workdir, servi
             waiting.shutdown(socket.SHUT_WR)
             assert resolver.asked.wait(10), "the pod never asked the resolver"
             assert echo_round_trip(quick_port, timeout=5) == b"ping through pipe2me\n"
+            # consumers that abort at once: their lookups still hold the 16 lookup threads
+            for _ in range(15):
+                aborted = connect(slow_port)
+                aborted.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                aborted.close()
+            wait_until(lambda: len(resolver.askers) >= 16, timeout=10, what="16 lookups running")
+            with connect(slow_port) as refused:
+                pod.wait_for(r"target=slow\.pipe2me\.test:%d error=16 name lookups already "
+                             r"running" % slow.port, timeout=10)
+                assert recv_to_eof(refused, 10) == b""
             resolver.release()
             assert recv_to_eof(waiting, 10) == b"sent while the name resolves\n"
     finally:
