@@ -841,6 +841,10 @@ class Stream:
     most STREAM_WINDOW_BYTES wait in `pending`; destroy() is idempotent and
     closes the socket and forgets the stream."""
 
+    __slots__ = ("mux", "id", "sock", "connecting", "credit", "unacked", "delivered", "pending",
+                 "pending_bytes", "read_closed", "peer_eof", "write_closed", "last_active",
+                 "paused", "drained_at", "closed", "target", "uncredited", "reset_reason")
+
     def __init__(self, mux, stream_id, sock, connecting=False):
         self.mux, self.id, self.sock = mux, stream_id, sock
         self.connecting = connecting
