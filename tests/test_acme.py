@@ -144,6 +144,15 @@ def https_pod(workdir, server, name="pod"):
     return pod_dir, fqdn
 
 
+def acme_pod(workdir, server, started):
+    """(pod, pod_dir, fqdn): an https pod started with --echo, once its ACME certificate is in."""
+    pod_dir, fqdn = https_pod(workdir, server)
+    pod = start_pod(workdir, pod_dir, "--echo")
+    started.append(pod)
+    wait_until(lambda: acme_installed(pod_dir), timeout=60, what="the ACME certificate on the pod")
+    return pod, pod_dir, fqdn
+
+
 def test_acme_dns01_builtin_pod_reached_with_full_verification(workdir, pebble, dns_port, http_port, started):
     server = acme_server(workdir, pebble, http_port, dns_port)
     try:
@@ -356,10 +365,7 @@ def test_acme_http01_answered_on_the_http_front(workdir, pebble, dns_port, http_
                          "--http-port", str(http_port))
     try:
         assert server.http == http_port
-        pod_dir, fqdn = https_pod(workdir, server)
-        pod = start_pod(workdir, pod_dir, "--echo")
-        started.append(pod)
-        wait_until(lambda: acme_installed(pod_dir), timeout=60, what="pebble's certificate by HTTP-01")
+        pod, pod_dir, fqdn = acme_pod(workdir, server, started)
         assert "challenge=http-01" in server.proc.stderr()
         root = pebble.root()
         port = public_ports(pod_dir)[0]
@@ -435,10 +441,7 @@ def test_acme_dns01_through_dnsimple(workdir, http_port, started):
             "--acme-directory", pebble.directory, "--acme-ca-bundle", pebble.cert,
             "--acme-retry", "1"])
         try:
-            pod_dir, fqdn = https_pod(workdir, server)
-            pod = start_pod(workdir, pod_dir, "--echo")
-            started.append(pod)
-            wait_until(lambda: acme_installed(pod_dir), timeout=60, what="pebble's certificate via dnsimple")
+            pod, pod_dir, fqdn = acme_pod(workdir, server, started)
             assert "challenge=dns-01" in server.proc.stderr()
             created = [path for method, path in api.requests if method == "POST"]
             assert any("/records" in path for path in created)
@@ -485,10 +488,7 @@ def test_acme_chromium_trusts_the_pod_certificate(workdir, pebble, dns_port, htt
     server = acme_server(workdir, pebble, http_port, dns_port)
     pod = None
     try:
-        pod_dir, fqdn = https_pod(workdir, server)
-        pod = start_pod(workdir, pod_dir, "--echo")
-        started.append(pod)
-        wait_until(lambda: acme_installed(pod_dir), timeout=60, what="pebble's certificate on the pod")
+        pod, pod_dir, fqdn = acme_pod(workdir, server, started)
         home = os.path.join(workdir, "chromium-home")
         nssdb = os.path.join(home, ".pki", "nssdb")
         os.makedirs(nssdb)
@@ -532,10 +532,7 @@ def test_acme_expired_chain_gives_way_to_the_server_certificate(workdir, dns_por
     pebble = Pebble(workdir, dns_port, http_port, validity_s=6)
     server = acme_server(workdir, pebble, http_port, dns_port)
     try:
-        pod_dir, _fqdn = https_pod(workdir, server)
-        pod = start_pod(workdir, pod_dir, "--echo")
-        started.append(pod)
-        wait_until(lambda: acme_installed(pod_dir), timeout=60, what="the ACME certificate")
+        pod, pod_dir, _fqdn = acme_pod(workdir, server, started)
         pebble.stop()  # no renewal can come
         cert, tunnel_cert = (os.path.join(pod_dir, name)
                              for name in ("pipe2me.openssl.cert", "pipe2me.tunnel.cert"))
@@ -558,10 +555,7 @@ def test_acme_chain_end_gives_way_even_while_the_server_is_unreachable(
     server = acme_server(workdir, pebble, http_port, dns_port)
     frozen = False
     try:
-        pod_dir, _fqdn = https_pod(workdir, server)
-        pod = start_pod(workdir, pod_dir, "--echo")
-        started.append(pod)
-        wait_until(lambda: acme_installed(pod_dir), timeout=60, what="the ACME certificate")
+        pod, pod_dir, _fqdn = acme_pod(workdir, server, started)
         os.kill(server.proc.pid, signal.SIGSTOP)
         frozen = True
         cert, tunnel_cert = (os.path.join(pod_dir, name)
