@@ -4508,7 +4508,8 @@ def traffic_left(record):
 
 HANDSHAKE_ROTATE_AFTER_S = 1.0   # a source's pending handshake this old may be displaced by its next
 HANDSHAKE_WAIT_S = 1.0           # past its source's share, a connection waits this long for a slot
-HANDSHAKE_WAITING_MAX = 64       # ... so many at once (a descriptor each, no thread)
+HANDSHAKE_WAITING_MAX = 64       # ... so many at once (a descriptor each, no thread) ...
+HANDSHAKE_WAITING_PER_SOURCE = 16  # ... of them from one source, so a flood leaves room
 
 
 REPLACED_OR_DELETED = ("certificate belongs to no tunnel here (tunnel deleted, or certificate "
@@ -4541,7 +4542,8 @@ class PodGate:
         source = source_prefix(address[0], 32, 64)
         if self.strangers.take(sock, source):
             return self.start(sock, address)
-        if len(self.waiting) >= HANDSHAKE_WAITING_MAX:
+        if (len(self.waiting) >= HANDSHAKE_WAITING_MAX or sum(
+                entry[2] == source for entry in self.waiting) >= HANDSHAKE_WAITING_PER_SOURCE):
             return self.refuse(sock, address)
         entry = (sock, address, source)
         self.waiting.append(entry)

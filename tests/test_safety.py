@@ -589,6 +589,32 @@ def test_safety_handshakes_past_the_share_wait_for_a_slot(workdir, server_mod):
     assert "pod handshake cap reached" not in server.proc.stderr()
 
 
+def test_safety_handshake_waiting_room_leaves_room_for_other_sources(workdir, server_mod):
+    """One address floods past its share (70 more silent connections, share
+    one): it may hold only its part of the waiting room, so a pod from another
+    address that comes while that address's one slot is taken still waits,
+    and is WELCOMEd once the slot is given back."""
+    server = Server(workdir, settings={"MAX_PENDING_HANDSHAKES_PER_SOURCE": "1"})
+    identity = Identity(server, os.path.join(workdir, "raw"), "tcp")
+    mark = server.mark()
+    flood = silent_connections(server.tunnel, [FLOOD_SOURCE], 71)
+    held, waiting = silent_connections(server.tunnel, [OTHER_SOURCE], 2)
+    try:
+        server.proc.wait_for(r"pod handshake cap reached, closing pod=%s:"
+                             % re.escape(FLOOD_SOURCE), after=mark)  # past its part: refused
+        held.close()  # the other address's slot is given back: the waiting one takes it
+        pod = RawPod(server_mod, server.tunnel, identity.cacert, identity.cert, identity.key,
+                     connected=waiting)
+        event = pod.hello(identity.id)
+        assert event is not None and event[0] == server_mod.Msg.WELCOME, event
+        pod.close()
+    finally:
+        for sock in flood + [held, waiting]:
+            sock.close()
+        assert server.stop() == 0
+    assert "closing pod=%s:" % OTHER_SOURCE not in server.log_after(mark)
+
+
 def test_safety_api_bodies_that_never_come_leave_room_for_others(bed):
     """Requests that announce a body and never send it, 100 from one address
     and then 4 each from twenty more: a client from yet another address gets
