@@ -2209,15 +2209,11 @@ def api_for_setup(setup):
 # back to UPnP.
 
 class PortMapError(Unavailable):
-    """The router did not map (or unmap) a port. One-line message.
+    """The router did not map (or unmap) a port, in one line; `code` is the
+    router's NAT-PMP result code or UPnP error code, if it gave one."""
 
-    `method` is "natpmp" or "upnp" (None when both were tried); `code` is
-    the router's NAT-PMP result code or UPnP error code, if it gave one.
-    """
-
-    def __init__(self, message, method=None, code=None):
+    def __init__(self, message, code=None):
         super().__init__(message)
-        self.method = method
         self.code = code
 
 
@@ -2272,39 +2268,29 @@ PortMapResult = collections.namedtuple(
 # ---- network facts ------------------------------------------------------
 
 def default_gateway(route_file="/proc/net/route"):
-    """Return the IPv4 default gateway as a dotted string, or None.
-
-    Reads the kernel routing table of the calling process's network
-    namespace; picks the default route with the lowest metric. Never
-    raises for a missing or unreadable file (None then).
-    """
-    best = None
+    """The IPv4 default gateway of this network namespace (of the default
+    routes, the one of lowest metric) as a dotted string, or None."""
     try:
         with open(route_file) as f:
             lines = f.read().splitlines()[1:]
     except OSError:
         return None
-    for line in lines:
-        fields = line.split()
+    best = None
+    for fields in (line.split() for line in lines):
         if len(fields) < 8 or fields[1] != "00000000" or fields[7] != "00000000":
             continue
         try:
             flags, gateway, metric = int(fields[3], 16), int(fields[2], 16), int(fields[6])
         except ValueError:
             continue
-        if flags & 0x3 != 0x3:     # RTF_UP | RTF_GATEWAY
-            continue
-        if best is None or metric < best[0]:
+        if flags & 0x3 == 0x3 and (best is None or metric < best[0]):  # RTF_UP | RTF_GATEWAY
             best = (metric, socket.inet_ntoa(struct.pack("<L", gateway)))
     return best[1] if best else None
 
 
 def local_address_toward(gateway):
-    """Return the pod's own IPv4 address on the route to `gateway`.
-
-    Connecting a UDP socket only asks the kernel for a route: no packet
-    is sent. Raises PortMapError when there is no route.
-    """
+    """The pod's own IPv4 address on the route to `gateway`, or PortMapError.
+    Connecting a UDP socket only asks the kernel for a route: nothing is sent."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         try:
             sock.connect((gateway, 9))
@@ -2313,23 +2299,35 @@ def local_address_toward(gateway):
             raise PortMapError("no route to the router %s: %s" % (gateway, e)) from None
 
 
-def check_port(port, allow_zero=False):
-    """port if it is a TCP port number (0 too with allow_zero), else ValueError."""
-    if not isinstance(port, int) or not (0 if allow_zero else 1) <= port <= 65535:
+def check_port(port):
+    """port if it is a TCP port number, else ValueError."""
+    if not isinstance(port, int) or not 1 <= port <= 65535:
         raise ValueError("bad TCP port %r" % (port,))
     return port
+
+
+def receive_first(sock, timeout_s, parse):
+    """The first parse(datagram, sender address) that is not None within
+    `timeout_s`, or None; what it refuses is stray (or forged) and ignored."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        try:
+            data, sender = sock.recvfrom(4096)
+        except socket.timeout:
+            return None
+        found = parse(data, sender[0])
+        if found is not None:
+            return found
+    return None
 
 
 # ---- NAT-PMP (RFC 6886) -------------------------------------------------
 
 def natpmp_schedule(timeout_s):
-    """Return the waits (seconds) after each NAT-PMP request.
-
-    RFC 6886 §3.1: 250 ms after the first request, doubling after each
-    retransmission, at most 9 requests. The total is cut to `timeout_s`
-    (the last wait is shortened), so tests and impatient callers can
-    bound it; at least one request is always sent.
-    """
+    """The waits after each NAT-PMP request: RFC 6886 §3.1's 250 ms, doubling,
+    at most 9 requests, the last wait cut so that all fit in `timeout_s`
+    (which bounds tests and impatient callers); always one request at least."""
     waits, wait, left = [], NATPMP_FIRST_WAIT_S, max(float(timeout_s), 0.001)
     while left > 1e-6 and len(waits) < NATPMP_MAX_REQUESTS:
         waits.append(min(wait, left))
@@ -2339,12 +2337,9 @@ def natpmp_schedule(timeout_s):
 
 
 def natpmp_answer(data, request):
-    """Return (result_code, data) if `data` answers `request`, else None.
-
-    An answer carries version 0 and the request's opcode + 128; a success
-    must be full length and, for a mapping, name the same internal port.
-    Anything else is ignored (a stray or forged datagram).
-    """
+    """(result_code, data) if `data` answers `request`, else None: version 0,
+    the request's opcode + 128, and a success full length that names, for a
+    mapping, the same internal port."""
     if len(data) < 4 or data[0] != 0 or not data[1] & 0x80:
         return None
     result = struct.unpack("!H", data[2:4])[0]
@@ -2357,57 +2352,34 @@ def natpmp_answer(data, request):
     return (0, data) if len(data) >= 16 and data[8:10] == request[4:6] else None
 
 
-def natpmp_receive(sock, request, wait_s):
-    """Wait up to `wait_s` for an answer to `request`; return it or None."""
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        sock.settimeout(max(deadline - time.monotonic(), 0.001))
-        try:
-            data = sock.recv(64)
-        except socket.timeout:
-            return None
-        answer = natpmp_answer(data, request)
-        if answer is not None:
-            return answer
-    return None
-
-
 def natpmp_exchange(gateway, request, timeout_s, port):
-    """Send `request` with RFC retransmissions; return the answer bytes.
-
-    Only datagrams from gateway:port are seen (connected socket). Raises
-    PortMapError on silence, on ICMP errors (port closed, unreachable), or
-    when the router answers with a non-zero result code.
-    """
-    where = "%s:%d" % (gateway, port)
+    """The answer's bytes to `request`, sent with the RFC's retransmissions
+    from a socket connected to gateway:port (no other sender is seen);
+    PortMapError on silence, an ICMP error or a non-zero result code."""
+    where, answer = "%s:%d" % (gateway, port), None
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         try:
             sock.connect((gateway, port))
             for wait_s in natpmp_schedule(timeout_s):
                 sock.send(request)
-                answer = natpmp_receive(sock, request, wait_s)
+                answer = receive_first(sock, wait_s, lambda data, _: natpmp_answer(data, request))
                 if answer is not None:
                     break
-            else:
-                answer = None
         except ConnectionRefusedError:
-            raise PortMapError("no NAT-PMP service at %s (port closed)" % where, "natpmp") from None
+            raise PortMapError("no NAT-PMP service at %s (port closed)" % where) from None
         except OSError as e:
-            raise PortMapError("NAT-PMP to %s failed: %s" % (where, e), "natpmp") from None
+            raise PortMapError("NAT-PMP to %s failed: %s" % (where, e)) from None
     if answer is None:
-        raise PortMapError("no NAT-PMP answer from %s within %.1f s" % (where, timeout_s), "natpmp")
+        raise PortMapError("no NAT-PMP answer from %s within %.1f s" % (where, timeout_s))
     if answer[0] != 0:
         reason = NATPMP_RESULTS.get(answer[0], "unknown result")
         raise PortMapError("NAT-PMP router %s refused: %s (result %d)"
-                           % (where, reason, answer[0]), "natpmp", answer[0])
+                           % (where, reason, answer[0]), answer[0])
     return answer[1]
 
 
 def natpmp_external_address(gateway, timeout_s=PORTMAP_TIMEOUT_S, port=NATPMP_PORT):
-    """Return the router's external IPv4 address as told by NAT-PMP.
-
-    Raises PortMapError (no answer, or refused).
-    """
+    """The router's external IPv4 address as NAT-PMP tells it; PortMapError."""
     data = natpmp_exchange(gateway, struct.pack("!BB", 0, NATPMP_OP_EXTERNAL_ADDRESS),
                             timeout_s, port)
     return socket.inet_ntoa(data[8:12])
@@ -2415,21 +2387,14 @@ def natpmp_external_address(gateway, timeout_s=PORTMAP_TIMEOUT_S, port=NATPMP_PO
 
 def natpmp_map(gateway, internal_port, external_port, lifetime_s,
                timeout_s=PORTMAP_TIMEOUT_S, port=NATPMP_PORT):
-    """Ask for a TCP mapping; return (external_port, lifetime_s) granted.
-
-    The router may grant another external port or a shorter lifetime:
-    the caller decides whether that is good enough. `lifetime_s` 0
-    deletes the mapping of `internal_port` (RFC 6886 §3.4: the suggested
-    external port is then sent as 0); the answer is then (0, 0).
-    Raises PortMapError.
-    """
-    check_port(internal_port)
-    external_port = 0 if lifetime_s == 0 else check_port(external_port, allow_zero=True)
-    request = struct.pack("!BBHHHI", 0, NATPMP_OP_MAP_TCP, 0, internal_port,
+    """Ask for a TCP mapping; the (external_port, lifetime_s) granted, which
+    the caller judges (a router may grant others). Lifetime 0 deletes the
+    mapping of `internal_port` (RFC 6886 §3.4: external port 0 then). PortMapError."""
+    external_port = 0 if lifetime_s == 0 else check_port(external_port)
+    request = struct.pack("!BBHHHI", 0, NATPMP_OP_MAP_TCP, 0, check_port(internal_port),
                           external_port, int(lifetime_s))
     data = natpmp_exchange(gateway, request, timeout_s, port)
-    got_external, got_lifetime = struct.unpack("!HI", data[10:16])
-    return got_external, got_lifetime
+    return struct.unpack("!HI", data[10:16])
 
 
 def natpmp_unmap(gateway, internal_port, timeout_s=PORTMAP_TIMEOUT_S, port=NATPMP_PORT):
@@ -2461,27 +2426,9 @@ def ssdp_location(data, sender):
     return None
 
 
-def ssdp_receive(sock, timeout_s):
-    """Return the first IGD LOCATION answered within `timeout_s`, or None."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        sock.settimeout(max(deadline - time.monotonic(), 0.001))
-        try:
-            data, sender = sock.recvfrom(4096)
-        except socket.timeout:
-            return None
-        location = ssdp_location(data, sender[0])
-        if location:
-            return location
-    return None
-
-
 def ssdp_discover(local_address=None, timeout_s=PORTMAP_TIMEOUT_S):
-    """Multicast an SSDP M-SEARCH for an IGD; return the first LOCATION URL.
-
-    Waits at most `timeout_s`; `local_address` picks the interface the
-    search leaves from. Raises PortMapError when no IGD answers.
-    """
+    """The LOCATION URL of the first IGD that answers an SSDP M-SEARCH, sent
+    from the interface of `local_address`, within `timeout_s`; PortMapError."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP) as sock:
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 2)
         if local_address:
@@ -2491,12 +2438,12 @@ def ssdp_discover(local_address=None, timeout_s=PORTMAP_TIMEOUT_S):
         try:
             for target in SSDP_SEARCH_TARGETS:
                 sock.sendto(ssdp_request(target, mx_s), SSDP_ADDRESS)
-            location = ssdp_receive(sock, timeout_s)
+            location = receive_first(sock, timeout_s, ssdp_location)
         except OSError as e:
-            raise PortMapError("UPnP SSDP search failed: %s" % e, "upnp") from None
+            raise PortMapError("UPnP SSDP search failed: %s" % e) from None
     if location:
         return location
-    raise PortMapError("no UPnP IGD answered SSDP within %.1f s" % timeout_s, "upnp")
+    raise PortMapError("no UPnP IGD answered SSDP within %.1f s" % timeout_s)
 
 
 def upnp_modules():
@@ -2509,53 +2456,52 @@ def upnp_modules():
     return urllib.request, urllib.error, ElementTree
 
 
-def http_open(request, timeout_s):
-    """Open a URL on the LAN: no *_proxy environment settings, no redirects
-    (a router has no reason to redirect: a 3xx becomes an HTTPError)."""
-    request_module = upnp_modules()[0]
+def local_name(tag):
+    """An XML tag without its namespace."""
+    return tag.rsplit("}", 1)[-1]
+
+
+def xml_fields(elements):
+    """{tag without namespace: stripped text} of `elements` (an element: its children)."""
+    return {local_name(element.tag): (element.text or "").strip() for element in elements}
+
+
+def upnp_fetch(request, timeout_s, what, action=None):
+    """The root element of the router's XML answer to `request` (a URL, or the
+    SOAP `action`'s Request), bounded; PortMapError naming `what`. No
+    *_proxy settings, no redirects (a router has no reason to redirect: a 3xx
+    becomes an HTTPError)."""
+    request_module, error_module, ElementTree = upnp_modules()
 
     class NoRedirect(request_module.HTTPRedirectHandler):
         def redirect_request(self, *args, **kwargs):
             return None
 
     opener = request_module.build_opener(request_module.ProxyHandler({}), NoRedirect())
-    return opener.open(request, timeout=timeout_s)
-
-
-def local_name(tag):
-    """An XML tag without its namespace."""
-    return tag.rsplit("}", 1)[-1]
-
-
-def parse_xml(data, what):
-    """The root element of UPnP XML, or PortMapError."""
-    ElementTree = upnp_modules()[2]
     try:
-        return ElementTree.fromstring(data)
+        with opener.open(request, timeout=timeout_s) as response:
+            return ElementTree.fromstring(response.read(UPNP_MAX_BODY_BYTES))
+    except error_module.HTTPError as e:
+        if action:
+            raise soap_fault(e.read(UPNP_MAX_BODY_BYTES), action) from None
+        raise PortMapError("UPnP %s failed: %s" % (what, e)) from None
+    except OSError as e:  # urllib's URLError included
+        raise PortMapError("UPnP %s failed: %s" % (what, e)) from None
     except ElementTree.ParseError as e:
-        raise PortMapError("UPnP %s is not XML: %s" % (what, e), "upnp") from None
+        raise PortMapError("UPnP %s is not XML: %s" % (what, e)) from None
 
 
 def upnp_find_service(location, timeout_s=PORTMAP_TIMEOUT_S):
-    """Fetch the IGD description at `location`; return its UpnpService.
-
-    Prefers WANIPConnection:2, then :1, then WANPPPConnection:1. Raises
-    PortMapError when the description is unreachable or has none.
-    """
-    try:
-        with http_open(location, timeout_s) as response:
-            data = response.read(UPNP_MAX_BODY_BYTES)
-    except OSError as e:  # urllib's URLError included
-        raise PortMapError("UPnP description %s unreachable: %s" % (location, e), "upnp") from None
-    root = parse_xml(data, "description " + location)
-    base = location
-    found = {}
+    """The UpnpService of the IGD described at `location`: WANIPConnection:2,
+    else :1, else WANPPPConnection:1, controlled on the describing host; PortMapError."""
+    root = upnp_fetch(location, timeout_s, "description " + location)
+    base, found = location, {}
     for element in root.iter():
         name = local_name(element.tag)
         if name == "URLBase" and (element.text or "").strip():
             base = element.text.strip()
         elif name == "service":
-            fields = {local_name(c.tag): (c.text or "").strip() for c in element}
+            fields = xml_fields(element)
             found.setdefault(fields.get("serviceType"), fields.get("controlURL"))
     host = urllib.parse.urlsplit(location).hostname
     for service_type in UPNP_SERVICE_TYPES:
@@ -2563,9 +2509,9 @@ def upnp_find_service(location, timeout_s=PORTMAP_TIMEOUT_S):
             control_url = urllib.parse.urljoin(base, found[service_type])
             if urllib.parse.urlsplit(control_url).hostname != host:
                 raise PortMapError("UPnP device %s points its control URL elsewhere (%s)"
-                                   % (location, control_url), "upnp")
+                                   % (location, control_url))
             return UpnpService(control_url, service_type, location)
-    raise PortMapError("UPnP device %s offers no WAN connection service" % location, "upnp")
+    raise PortMapError("UPnP device %s offers no WAN connection service" % location)
 
 
 def upnp_discover(local_address=None, timeout_s=PORTMAP_TIMEOUT_S):
@@ -2589,55 +2535,35 @@ def soap_envelope(service_type, action, args):
 
 def soap_fault(data, action):
     """Return a PortMapError for a SOAP fault body (UPnPError inside)."""
-    fields, ElementTree = {}, upnp_modules()[2]
+    ElementTree = upnp_modules()[2]
     try:
-        fields = {local_name(e.tag): (e.text or "").strip()
-                  for e in ElementTree.fromstring(data).iter()}
+        fields = xml_fields(ElementTree.fromstring(data).iter())
     except ElementTree.ParseError:
-        pass
-    try:
-        code = int(fields.get("errorCode", ""))
-    except ValueError:
-        code = None
+        fields = {}
+    code = int_or_none(fields.get("errorCode"))
     reason = UPNP_ERRORS.get(code) or fields.get("errorDescription") or "unknown error"
     return PortMapError("UPnP %s refused by the router: %s (error %s)" % (action, reason, code),
-                        "upnp", code)
+                        code)
 
 
 def upnp_call(service, action, args=(), timeout_s=PORTMAP_TIMEOUT_S):
-    """Call a SOAP action; return the response's fields as {name: text}.
-
-    `args` is a sequence of (name, value) in the order the UPnP
-    specification lists them. Raises PortMapError for a SOAP fault (with
-    its UPnP error code) or a transport failure.
-    """
-    request_module, error_module, _ = upnp_modules()
-    request = request_module.Request(
+    """The answer's fields of a SOAP action whose (name, value) `args` are in the
+    order the UPnP specification lists them; PortMapError (a fault's with its code)."""
+    request = upnp_modules()[0].Request(
         service.control_url, data=soap_envelope(service.service_type, action, args),
         headers={"Content-Type": 'text/xml; charset="utf-8"',
                  "SOAPAction": '"%s#%s"' % (service.service_type, action)})
-    try:
-        with http_open(request, timeout_s) as response:
-            data = response.read(UPNP_MAX_BODY_BYTES)
-    except error_module.HTTPError as e:
-        raise soap_fault(e.read(UPNP_MAX_BODY_BYTES), action) from None
-    except OSError as e:  # urllib's URLError included
-        raise PortMapError("UPnP %s at %s failed: %s" % (action, service.control_url, e),
-                           "upnp") from None
-    root = parse_xml(data, action + " answer")
+    root = upnp_fetch(request, timeout_s, "%s at %s" % (action, service.control_url), action)
     for element in root.iter():
         if local_name(element.tag) == action + "Response":
-            return {local_name(c.tag): (c.text or "").strip() for c in element}
-    raise PortMapError("UPnP %s answer lacks %sResponse" % (action, action), "upnp")
+            return xml_fields(element)
+    raise PortMapError("UPnP %s answer lacks %sResponse" % (action, action))
 
 
 def upnp_external_address(service, timeout_s=PORTMAP_TIMEOUT_S):
-    """Return the router's external IPv4 address (GetExternalIPAddress).
-
-    A private address is accepted (the router may sit behind another NAT,
-    which `check` will find out); the connection status is not required
-    to be "Connected". Raises PortMapError for an empty or bad address.
-    """
+    """The router's external IPv4 address (GetExternalIPAddress); PortMapError
+    when empty or bad. A private one is taken (a NAT behind a NAT, which
+    `check` finds out), and the connection need not be "Connected"."""
     address = upnp_call(service, "GetExternalIPAddress", (), timeout_s).get(
         "NewExternalIPAddress", "")
     try:
@@ -2645,44 +2571,39 @@ def upnp_external_address(service, timeout_s=PORTMAP_TIMEOUT_S):
     except OSError:
         address = ""
     if not address or address == "0.0.0.0":
-        raise PortMapError("UPnP router has no external address (%r)" % address, "upnp")
+        raise PortMapError("UPnP router has no external address (%r)" % address)
     return address
+
+
+def upnp_mapping_args(external_port):
+    """The arguments that name a TCP mapping, first in Add- and DeletePortMapping."""
+    return (("NewRemoteHost", ""), ("NewExternalPort", check_port(external_port)),
+            ("NewProtocol", "TCP"))
 
 
 def upnp_map(service, internal_client, internal_port, external_port, lifetime_s,
              description, timeout_s=PORTMAP_TIMEOUT_S):
-    """AddPortMapping for TCP external_port -> internal_client:internal_port.
-
-    Returns the lease granted in seconds: `lifetime_s`, or 0 (permanent)
-    when the router only takes permanent leases (error 725). Raises
-    PortMapError (e.g. code 718 when another host holds the port).
-    """
-    def add(lease_s):
-        upnp_call(service, "AddPortMapping", (
-            ("NewRemoteHost", ""), ("NewExternalPort", check_port(external_port)),
-            ("NewProtocol", "TCP"), ("NewInternalPort", check_port(internal_port)),
-            ("NewInternalClient", internal_client), ("NewEnabled", 1),
-            ("NewPortMappingDescription", description), ("NewLeaseDuration", int(lease_s)),
-        ), timeout_s)
-    try:
-        add(lifetime_s)
-        return int(lifetime_s)
-    except PortMapError as e:
-        if e.code != 725 or lifetime_s == 0:
-            raise
-    add(0)
-    return 0
+    """AddPortMapping TCP external_port -> internal_client:internal_port; the
+    lease granted: `lifetime_s`, or 0 (permanent) from a router that takes
+    only those (error 725). PortMapError (718: another host holds the port)."""
+    for lease_s in (int(lifetime_s), 0):
+        try:
+            upnp_call(service, "AddPortMapping", upnp_mapping_args(external_port) + (
+                ("NewInternalPort", check_port(internal_port)),
+                ("NewInternalClient", internal_client), ("NewEnabled", 1),
+                ("NewPortMappingDescription", description), ("NewLeaseDuration", lease_s),
+            ), timeout_s)
+            return lease_s
+        except PortMapError as e:
+            if e.code != 725 or lease_s == 0:
+                raise
+    raise AssertionError("the loop returns or raises")
 
 
 def upnp_unmap(service, external_port, timeout_s=PORTMAP_TIMEOUT_S):
-    """DeletePortMapping for TCP `external_port`; a missing one is fine.
-
-    Raises PortMapError for any other refusal or a transport failure.
-    """
+    """DeletePortMapping TCP `external_port`; one already gone is fine. PortMapError."""
     try:
-        upnp_call(service, "DeletePortMapping", (
-            ("NewRemoteHost", ""), ("NewExternalPort", check_port(external_port)),
-            ("NewProtocol", "TCP")), timeout_s)
+        upnp_call(service, "DeletePortMapping", upnp_mapping_args(external_port), timeout_s)
     except PortMapError as e:
         if e.code != 714:
             raise
@@ -2690,18 +2611,22 @@ def upnp_unmap(service, external_port, timeout_s=PORTMAP_TIMEOUT_S):
 
 # ---- the pod's view -----------------------------------------------------
 
-class PortMapper:
-    """Keeps a tunnel's public ports open on the pod's router.
+def result_of_state(state):
+    """The PortMapResult in a saved state; KeyError, TypeError or ValueError if damaged."""
+    return PortMapResult(state["used"], state["external_address"], float(state["lease_end"]),
+                         [tuple(pair) for pair in state["mappings"]])
 
-    `map_all` maps every (internal_port, external_port) pair with one
-    method, all or nothing: a partial success is undone before the next
-    method is tried or the error is raised. A router that grants another
-    external port counts as a failure, since the tunnel's public port is
-    what DNS will point at. Call `map_all` again when `renew_due` says so
-    (half the lease, as RFC 6886 §3.3 advises); `unmap_all` removes what
-    this mapper made. Blocking; not thread-safe; settings are class
-    attributes and may be overridden per instance.
-    """
+
+class PortMapper:
+    """Keeps a tunnel's public ports open on the pod's router. Blocking, not
+    thread-safe; the settings are class attributes an instance may override.
+
+    map_all() maps every (internal_port, external_port) pair with one method,
+    all or nothing: a partial success is undone before the next method is
+    tried. A router that grants another external port fails it, since the
+    tunnel's public port is what DNS points at. Call map_all() again when
+    renew_due() (half the lease, as RFC 6886 §3.3 advises); unmap_all()
+    removes what this mapper made."""
 
     timeout_s = PORTMAP_TIMEOUT_S
     natpmp_port = NATPMP_PORT
@@ -2709,15 +2634,12 @@ class PortMapper:
     def __init__(self, fqdn, gateway=None, method="auto", timeout_s=None, clock=time.time):
         if method not in PORTMAP_METHODS:
             raise ValueError("method must be one of %s" % ", ".join(PORTMAP_METHODS))
-        self.fqdn = fqdn
-        self.gateway = gateway
-        self.method = method
+        self.fqdn, self.gateway, self.method, self.clock = fqdn, gateway, method, clock
         if timeout_s is not None:
             self.timeout_s = timeout_s
-        self.clock = clock
         self.result = None          # PortMapResult of the last success
-        self._renew_at = None
-        self._upnp = None           # UpnpService once discovered
+        self.renew_at = None
+        self.upnp = None            # UpnpService once discovered
 
     def find_gateway(self):
         """The IPv4 default gateway (found once), or PortMapError."""
@@ -2727,6 +2649,12 @@ class PortMapper:
             raise PortMapError("no IPv4 default gateway: is this pod behind a router?")
         return self.gateway
 
+    def upnp_service(self):
+        """The router's UPnP IGD service, discovered once."""
+        if self.upnp is None:
+            self.upnp = upnp_discover(local_address_toward(self.find_gateway()), self.timeout_s)
+        return self.upnp
+
     def methods(self):
         """The methods to try, the last one that worked first."""
         if self.method != "auto":
@@ -2735,13 +2663,10 @@ class PortMapper:
         return [first] + [m for m in ("natpmp", "upnp") if m != first]
 
     def map_all(self, mappings, lifetime_s=PORTMAP_LIFETIME_S):
-        """Map all pairs; return a PortMapResult(method, external_address,
-        lease_end, mappings). `lease_end` is epoch seconds of the shortest
-        lease granted (a permanent UPnP lease counts as `lifetime_s`).
-        Calling it again renews; pairs of the previous call missing from
-        this one are then removed. Raises PortMapError naming every
-        method's failure on one line; the previous mappings stay then.
-        """
+        """Map all pairs (again: renew, and remove the last call's pairs missing
+        now); the PortMapResult, whose lease_end is that of the shortest lease
+        (a permanent UPnP lease counts as `lifetime_s`). PortMapError naming
+        each method's failure on one line; the last mappings stay then."""
         mappings = [(check_port(i), check_port(e)) for i, e in mappings]
         self.find_gateway()
         failures = []
@@ -2752,71 +2677,71 @@ class PortMapper:
                 log.info("port mapping failed method=%s error=%s", method, e)
                 failures.append("%s: %s" % ("NAT-PMP" if method == "natpmp" else "UPnP", e))
                 if method == "upnp":
-                    self._upnp = None   # the router may have moved its control URL: rediscover
+                    self.upnp = None   # the router may have moved its control URL: rediscover
                 continue
             if self.result:
-                stale = [m for m in self.result.mappings if m not in mappings]
-                self.unmap_quietly(self.result.method, stale)
+                self.unmap_quietly(self.result.method,
+                                   [m for m in self.result.mappings if m not in mappings])
             self.result = result
-            self._renew_at = self.clock() + (result.lease_end - self.clock()) / 2
+            self.renew_at = self.clock() + (result.lease_end - self.clock()) / 2
             return result
         raise PortMapError("router port mapping failed: " + "; ".join(failures))
 
     def map_with(self, method, mappings, lifetime_s):
-        """Map every (internal, external) pair with one method; the result with its leases."""
-        gateway, now, done, leases = self.find_gateway(), self.clock(), [], []
+        """Map every pair with one method, all or nothing; the PortMapResult."""
+        now, done, leases = self.clock(), [], []
         try:
             if method == "natpmp":
-                address = natpmp_external_address(gateway, self.timeout_s, self.natpmp_port)
+                address = natpmp_external_address(self.gateway, self.timeout_s, self.natpmp_port)
             else:
-                address = upnp_external_address(self.upnp_service(gateway), self.timeout_s)
+                address = upnp_external_address(self.upnp_service(), self.timeout_s)
             for internal, external in mappings:
-                leases.append(self.map_one(method, gateway, internal, external, lifetime_s, done))
+                got, lease_s = self.map_one(method, internal, external, lifetime_s)
+                done.append((internal, got))
+                if got != external:
+                    raise PortMapError("router mapped internal port %d to external port %d, not %d"
+                                       " (port taken on the router?)" % (internal, got, external))
+                leases.append(lease_s or lifetime_s)
                 log.info("port mapped method=%s port=%d internal_port=%d lease_s=%d",
-                         method, external, internal, leases[-1])
+                         method, external, internal, lease_s)
         except PortMapError:
             self.unmap_quietly(method, done)
             raise
-        lease_s = min([s if s > 0 else lifetime_s for s in leases] or [lifetime_s])
-        return PortMapResult(method, address, now + lease_s, list(mappings))
+        return PortMapResult(method, address, now + min(leases or [lifetime_s]), list(mappings))
 
-    def map_one(self, method, gateway, internal, external, lifetime_s, done):
-        """Map one pair, append it to `done`; return the lease granted."""
-        if method == "upnp":
-            client = local_address_toward(gateway)
-            lease = upnp_map(self.upnp_service(gateway), client, internal, external,
-                             lifetime_s, "pipe2me %s" % self.fqdn, self.timeout_s)
-            done.append((internal, external))
-            return lease
-        got_external, lease = natpmp_map(gateway, internal, external, lifetime_s,
-                                         self.timeout_s, self.natpmp_port)
-        done.append((internal, got_external))
-        if got_external != external:
-            raise PortMapError("router mapped internal port %d to external port %d, not %d"
-                               " (port taken on the router?)" % (internal, got_external, external),
-                               "natpmp")
-        return lease
-
-    def upnp_service(self, gateway):
-        """The router's UPnP IGD service, discovered once."""
-        if self._upnp is None:
-            self._upnp = upnp_discover(local_address_toward(gateway), self.timeout_s)
-        return self._upnp
-
-    def unmap_one(self, method, internal, external):
-        """Remove one mapping with the method that made it."""
+    def map_one(self, method, internal, external, lifetime_s):
+        """Map one pair; the (external port, lease in seconds) granted."""
         if method == "natpmp":
-            natpmp_unmap(self.find_gateway(), internal, self.timeout_s, self.natpmp_port)
-        else:
-            upnp_unmap(self.upnp_service(self.find_gateway()), external, self.timeout_s)
+            return natpmp_map(self.gateway, internal, external, lifetime_s, self.timeout_s,
+                              self.natpmp_port)
+        return external, upnp_map(self.upnp_service(), local_address_toward(self.gateway),
+                                  internal, external, lifetime_s, "pipe2me %s" % self.fqdn,
+                                  self.timeout_s)
 
     def unmap_quietly(self, method, mappings):
-        """Undo mappings; log failures instead of raising (best effort)."""
+        """Remove mappings with the method that made them, each tried; the
+        router's refusals are logged (the leases end by themselves anyway)."""
         for internal, external in mappings:
             try:
-                self.unmap_one(method, internal, external)
+                if method == "natpmp":
+                    natpmp_unmap(self.find_gateway(), internal, self.timeout_s, self.natpmp_port)
+                else:
+                    upnp_unmap(self.upnp_service(), external, self.timeout_s)
+                log.info("port unmapped method=%s port=%d", method, external)
             except PortMapError as e:
                 log.warning("port unmapping failed method=%s port=%d error=%s", method, external, e)
+
+    def unmap_all(self):
+        """Remove every mapping of the last map_all(); idempotent."""
+        result, self.result, self.renew_at = self.result, None, None
+        if result is not None:
+            self.unmap_quietly(result.method, result.mappings)
+
+    def renew_due(self, now=None):
+        """True when a mapping exists and half its lease has passed."""
+        if self.renew_at is None:
+            return False
+        return (self.clock() if now is None else now) >= self.renew_at
 
     def state(self):
         """The last result as JSON-ready data (what pipe2me.portmap.json holds)."""
@@ -2826,7 +2751,7 @@ class PortMapper:
                 "external_address": result.external_address,
                 "lease_end": int(result.lease_end),
                 "mappings": [list(pair) for pair in result.mappings],
-                "upnp": list(self._upnp) if self._upnp and result.method == "upnp" else None}
+                "upnp": list(self.upnp) if self.upnp and result.method == "upnp" else None}
 
     @classmethod
     def from_state(cls, state, same_gateway=True, **kwargs):
@@ -2834,39 +2759,11 @@ class PortMapper:
         them, map_all renews them. same_gateway=False finds the gateway again."""
         mapper = cls(state["fqdn"], state["gateway"] if same_gateway else None,
                      state.get("method", "auto"), **kwargs)
-        mapper.result = PortMapResult(state["used"], state["external_address"],
-                                      float(state["lease_end"]),
-                                      [tuple(pair) for pair in state["mappings"]])
-        mapper._renew_at = mapper.clock() + (mapper.result.lease_end - mapper.clock()) / 2
+        mapper.result = result_of_state(state)
+        mapper.renew_at = mapper.clock() + (mapper.result.lease_end - mapper.clock()) / 2
         if state.get("upnp"):
-            mapper._upnp = UpnpService(*state["upnp"])
+            mapper.upnp = UpnpService(*state["upnp"])
         return mapper
-
-    def renew_due(self, now=None):
-        """True when a mapping exists and half its lease has passed."""
-        if self._renew_at is None:
-            return False
-        return (self.clock() if now is None else now) >= self._renew_at
-
-    def unmap_all(self):
-        """Remove every mapping of the last `map_all`; idempotent.
-
-        Raises PortMapError if the router refused to remove one (the
-        others are still tried); the lease expires by itself anyway.
-        """
-        result, self.result, self._renew_at = self.result, None, None
-        if result is None:
-            return
-        failures = []
-        for internal, external in result.mappings:
-            try:
-                self.unmap_one(result.method, internal, external)
-                log.info("port unmapped method=%s port=%d", result.method, external)
-            except PortMapError as e:
-                failures.append("port %d: %s" % (external, e))
-        if failures:
-            raise PortMapError("router port unmapping failed: " + "; ".join(failures),
-                               result.method)
 
 
 # ---- the pod's mappings on disk and while `start` runs ----------------------
@@ -2892,8 +2789,7 @@ def load_portmap(directory):
     try:
         with open(portmap_path(directory), encoding="utf-8") as fh:
             state = json.loads(fh.read())
-        PortMapResult(state["used"], state["external_address"], float(state["lease_end"]),
-                      [tuple(pair) for pair in state["mappings"]])
+        result_of_state(state)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -2914,13 +2810,9 @@ def map_pod_ports(directory, setup, method, lifetime_s):
 def unmap_pod_ports(directory):
     """`clear`: remove the saved mappings at the router (best effort) and the file."""
     state = load_portmap(directory)
-    if state is None:
-        return
-    try:
+    if state is not None:
         PortMapper.from_state(state).unmap_all()
-    except PortMapError as exc:
-        log.warning("port mappings not removed, they expire with their lease: %s", exc)
-    remove_file(portmap_path(directory))
+        remove_file(portmap_path(directory))
 
 
 class PortMapKeeper:
@@ -2953,8 +2845,7 @@ class PortMapKeeper:
         self.thread.start()
 
     def renew_in_thread(self):
-        """Renew the mappings, save them, and schedule the next renewal (sooner after a
-        failure)."""
+        """Renew and save the mappings; schedule the next renewal (sooner after a failure)."""
         pairs = [tuple(pair) for pair in self.state["mappings"]]
         try:
             result = self.mapper.map_all(pairs, self.lifetime_s)
@@ -2974,13 +2865,8 @@ class PortMapKeeper:
             self.timer.cancel()
         if self.thread is not None:
             self.thread.join(PORTMAP_JOIN_S)
-        if not unmap or self.mapper.result is None:
-            return
-        try:
+        if unmap:
             self.mapper.unmap_all()
-        except PortMapError as exc:
-            log.warning("port mappings not removed, they expire with their lease: %s", exc)
-
 
 # =====================================================================
 # TUNNEL CLIENT — `start`: keeps the tunnel connection to the server up,

@@ -53,7 +53,7 @@ BUDGETS = {
         "SHARED process":      170,
         "POD FILES":           310,
         "SERVER API CLIENT":   260,
-        "ROUTER PORT MAPPING": 815,
+        "ROUTER PORT MAPPING": 690,
         "TUNNEL CLIENT":       610,
         "ECHO SERVICES":       120,
         "COMMANDS":            585,
