@@ -250,6 +250,19 @@ def test_services_failed_target_is_logged(server, workdir, procs):
                  r"error=cannot resolve" % dead)
 
 
+# `python3 -m http.server` looks its address up (socket.getfqdn) before it
+# listens: 10 s of resolver timeouts in a namespace without DNS.
+HTTP_SERVER_SCRIPT = """
+import functools, http.server, socketserver, sys
+class Server(http.server.ThreadingHTTPServer):
+    def server_bind(self):
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[3])
+Server((sys.argv[1], int(sys.argv[2])), handler).serve_forever()
+"""
+
+
 def test_services_lan_host_behind_the_pod(tmp_path):
     """The pod in "lan", its services on another host of its LAN (the router's
     LAN side), consumers in "wan": per-port URL, HTTP front, SNI front."""
@@ -267,8 +280,8 @@ def test_services_lan_host_behind_the_pod(tmp_path):
             nat.start_banner_server("router", "lan-tcp", port=tcp_port, max_s=120)
             nat.start_banner_server("router", "lan-tls", port=tls_port, max_s=120,
                                     tls=pod_cert(home.pod_dir))
-            nat.run_in("router", [sys.executable, "-m", "http.server", "--bind", lan_host,
-                                  str(http_port), "--directory", str(tmp_path)],
+            nat.run_in("router", [sys.executable, "-c", HTTP_SERVER_SCRIPT, lan_host,
+                                  str(http_port), str(tmp_path)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             with open(os.path.join(str(tmp_path), "hello.txt"), "w") as fh:
                 fh.write("lan-http\n")
