@@ -6340,8 +6340,8 @@ class DnsZone:
         """The response to query `packet` from `client_ip`, or None to send nothing
         (shorter than a header, or a response). max_udp: our UDP payload size,
         None over TCP; slip: a bare truncated answer (the rate limiter's).
-        Never raises for a packet: a malformed one gets FORMERR, an opcode
-        other than QUERY NOTIMP, as a bare header. Callback errors propagate."""
+        Never raises: a malformed query gets FORMERR, an opcode other than
+        QUERY NOTIMP, a failure in answering (a failing callback) SERVFAIL."""
         if len(packet) < DNS_HEADER_BYTES or packet[2] & 0x80:
             return None
         qid, flags = struct.unpack_from("!HH", packet)
@@ -6349,11 +6349,14 @@ class DnsZone:
             return header_only(qid, flags, DNS_NOTIMP)
         try:
             query = parse_query(packet)
+            if slip:
+                return build_response(query, DNS_NOERROR, DNS_TC, DNS_NO_RECORDS, b"")
+            return self.respond(query, plain_address(client_ip), max_udp)
         except DnsFormatError:
             return header_only(qid, flags, DNS_FORMERR)
-        if slip:
-            return build_response(query, DNS_NOERROR, DNS_TC, DNS_NO_RECORDS, b"")
-        return self.respond(query, plain_address(client_ip), max_udp)
+        except Exception:  # per-query boundary: one bad query must not stop DNS
+            log.exception("dns answer failed peer=%s", client_ip)
+            return header_only(qid, flags, DNS_SERVFAIL)
 
     def respond(self, query, client_ip, max_udp):
         """The response to a parsed query within its size: 65535 bytes over TCP,
@@ -6441,14 +6444,6 @@ class DnsZone:
         """The apex SOA's data; its minimum (the negative TTL) is ttl_s."""
         timers = struct.pack("!5I", self.serial & 0xFFFFFFFF, *DNS_SOA_TIMERS_S, self.ttl_s)
         return name_bytes(self.ns_labels) + name_bytes((b"hostmaster",) + self.domain_labels) + timers
-
-
-def servfail(packet):
-    """A bare SERVFAIL for query `packet` (answering it failed), or None when
-    it has no header or is itself a response."""
-    if len(packet) < DNS_HEADER_BYTES or packet[2] & 0x80:
-        return None
-    return header_only(*struct.unpack_from("!HH", packet), DNS_SERVFAIL)
 
 
 # ---- the responder: UDP on the loop, TCP in capped threads --------------------
@@ -6558,7 +6553,7 @@ class DnsResponder:
             try:
                 packet, peer = self.udp.recvfrom(DNS_MAX_QUERY_BYTES)
                 verdict = self.limiter.judge(peer[0], time.monotonic())
-                response = None if verdict == RateLimiter.DROP else self.answer(
+                response = None if verdict == RateLimiter.DROP else self.zone.answer(
                     packet, peer[0], DNS_EDNS_UDP_BYTES, verdict == RateLimiter.SLIP)
                 if response is not None:
                     self.udp.sendto(response, peer)
@@ -6566,15 +6561,6 @@ class DnsResponder:
                 return
             except OSError as exc:
                 log.debug("dns udp failed error=%s", exc)
-
-    def answer(self, packet, peer, max_udp, slip=False):
-        """The zone's response; a failure in it (a bug, a failing callback) is
-        logged and the client gets SERVFAIL."""
-        try:
-            return self.zone.answer(packet, peer, max_udp, slip)
-        except Exception:  # per-query boundary: one bad query must not stop DNS
-            log.exception("dns answer failed peer=%s", peer)
-            return servfail(packet)
 
     def on_tcp_accept(self, sock, address):
         """Listener callback: a thread for the connection if `shares` gives it
@@ -6596,7 +6582,7 @@ class DnsResponder:
                 (length,) = struct.unpack("!H", recv_exactly(sock, 2, deadline))
                 if length < DNS_HEADER_BYTES:
                     raise ProtocolError("a %d-byte frame is shorter than a header" % length)
-                response = self.answer(recv_exactly(sock, length, deadline), peer, None)
+                response = self.zone.answer(recv_exactly(sock, length, deadline), peer, None)
                 if response is not None:
                     sock.settimeout(max(0.001, deadline - time.monotonic()))
                     sock.sendall(struct.pack("!H", len(response)) + response)
