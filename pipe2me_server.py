@@ -6046,7 +6046,7 @@ def recheck_direct(settings, store, record, now):
 # | name                    | records                                        |
 # |-------------------------|------------------------------------------------|
 # | the domain (apex)       | SOA, NS, A/AAAA of the server, TXT (txt_lookup)|
-# | ns_name (if below)      | A/AAAA of the server, TXT                      |
+# | ns.<domain>             | A/AAAA of the server, TXT                      |
 # | a tunnel FQDN           | A/AAAA from lookup (split horizon), TXT        |
 # | a name with TXT only    | TXT (ACME DNS-01 `_acme-challenge.<fqdn>`)     |
 # | any other name below    | NXDOMAIN, SOA in authority                     |
@@ -6273,15 +6273,16 @@ def build_response(query, rcode, flags, sections, opt):
     return header + question + b"".join(answers + authority + additional) + opt
 
 
-def packed_addresses(addresses, family):
-    """A/AAAA record data of address strings; one not of `family` is logged, skipped."""
-    found = []
-    for text in addresses or ():
-        try:
-            found.append(socket.inet_pton(family, text))
-        except (OSError, TypeError):
-            log.warning("dns skips bad address address=%r", text)
-    return found
+def address_records(ipv4, ipv6):
+    """{DNS_A: [record data], DNS_AAAA: [...]} of address strings; a bad one is logged, skipped."""
+    node = {DNS_A: [], DNS_AAAA: []}
+    for rtype, family, texts in ((DNS_A, socket.AF_INET, ipv4), (DNS_AAAA, socket.AF_INET6, ipv6)):
+        for text in texts or ():
+            try:
+                node[rtype].append(socket.inet_pton(family, text))
+            except (OSError, TypeError):
+                log.warning("dns skips bad address address=%r", text)
+    return node
 
 
 def txt_data(texts):
@@ -6313,7 +6314,7 @@ class DnsZone:
     """The authoritative data for one domain, answering query bytes.
 
     `lookup(name)` gets a lowercased FQDN strictly below the domain, other
-    than ns_name, and returns a DnsTunnelRecord (or None: no such tunnel);
+    than ns.<domain>, and returns a DnsTunnelRecord (or None: no such tunnel);
     `txt_lookup(name)` gets any lowercased name in the domain and returns
     its TXT strings. Both must not block, may run in several threads at once
     and see only names of letters, digits, '-' and '_'. A Client Subnet
@@ -6322,12 +6323,11 @@ class DnsZone:
     `serial` (bump it when records change), `ttl_s`, `server_ipv4` and
     `server_ipv6` may be changed between calls."""
 
-    def __init__(self, domain, server_ipv4=(), server_ipv6=(), ttl_s=60, ns_name=None,
+    def __init__(self, domain, server_ipv4=(), server_ipv6=(), ttl_s=60,
                  lookup=None, txt_lookup=None, serial=1, subnet_resolvers=()):
         self.domain_labels = labels_of(domain)
         self.domain = b".".join(self.domain_labels).decode("ascii")
-        self.ns_labels = labels_of(ns_name or "ns." + self.domain)
-        self.ns_name = b".".join(self.ns_labels).decode("ascii")
+        self.ns_labels = (b"ns",) + self.domain_labels
         for text in list(server_ipv4) + list(server_ipv6):
             ipaddress.ip_address(text)  # refuse a bad server address at start
         self.server_ipv4, self.server_ipv6 = list(server_ipv4), list(server_ipv6)
@@ -6392,17 +6392,16 @@ class DnsZone:
         negative = ([], [resource_record(self.domain_labels, DNS_SOA, self.ttl_s, self.soa_data())], [])
         if node is None:
             return DNS_NXDOMAIN, DNS_AA, negative, False
-        wanted = [query.qtype] if query.qtype != DNS_ANY else [DNS_A, DNS_AAAA]
-        if query.qtype == DNS_ANY and not (node.get(DNS_A) or node.get(DNS_AAAA)):
-            node, wanted = {DNS_HINFO: [DNS_HINFO_RFC8482]}, [DNS_HINFO]
+        wanted = [DNS_A, DNS_AAAA] if query.qtype == DNS_ANY else [query.qtype]
         answers = [resource_record(query.labels, rtype, self.ttl_s, rdata)
                    for rtype in wanted for rdata in node.get(rtype, [])]
+        if query.qtype == DNS_ANY and not answers:
+            answers = [resource_record(query.labels, DNS_HINFO, self.ttl_s, DNS_HINFO_RFC8482)]
         if not answers:
             return DNS_NOERROR, DNS_AA, negative, split
         glue = [resource_record(self.ns_labels, rtype, self.ttl_s, rdata)
-                for rtype in (DNS_A, DNS_AAAA)
-                for rdata in self.server_node()[rtype]] \
-            if query.qtype == DNS_NS and self.relative_labels(self.ns_labels) is not None else []
+                for rtype, records in self.server_records().items() for rdata in records] \
+            if query.qtype == DNS_NS else []
         return DNS_NOERROR, DNS_AA, (answers, [], glue), split
 
     def relative_labels(self, lowered):
@@ -6412,14 +6411,14 @@ class DnsZone:
 
     def node_of(self, relative, client_keys):
         """({rtype: [record data]}, split) of an in-domain name, (None, False)
-        if it does not exist: the apex and ns_name answer the server's
+        if it does not exist: the apex and ns.<domain> answer the server's
         addresses, other names what `lookup` says; TXT from txt_lookup."""
         if not all(DNS_PLAIN_LABEL_BYTES.issuperset(label) for label in relative):
             return None, False
         name = b".".join(relative + self.domain_labels).decode("ascii")
         node, split = None, {}
-        if not relative or name == self.ns_name:
-            node = self.server_node()
+        if relative in ((), (b"ns",)):
+            node = self.server_records()
             if not relative:
                 node.update({DNS_SOA: [self.soa_data()], DNS_NS: [name_bytes(self.ns_labels)]})
         else:
@@ -6427,18 +6426,16 @@ class DnsZone:
             if record is not None:
                 split = record.split or {}
                 ipv4 = next((split[key] for key in client_keys if key in split), record.ipv4)
-                node = {DNS_A: packed_addresses(ipv4, socket.AF_INET),
-                        DNS_AAAA: packed_addresses(record.ipv6, socket.AF_INET6)}
+                node = address_records(ipv4, record.ipv6)
         texts = self.txt_lookup(name)
         if texts:
             node = node if node is not None else {}
             node[DNS_TXT] = txt_data(texts)
         return node, bool(split)
 
-    def server_node(self):
-        """The records of the apex and ns_name: the server's A and AAAA."""
-        return {DNS_A: packed_addresses(self.server_ipv4, socket.AF_INET),
-                DNS_AAAA: packed_addresses(self.server_ipv6, socket.AF_INET6)}
+    def server_records(self):
+        """The records of the apex and ns.<domain>: the server's A and AAAA."""
+        return address_records(self.server_ipv4, self.server_ipv6)
 
     def soa_data(self):
         """The apex SOA's data; its minimum (the negative TTL) is ttl_s."""
