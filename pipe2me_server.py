@@ -6609,20 +6609,14 @@ class DnsResponder:
 
 class BuiltinDns:
     """The DnsZone of TUNNEL_DOMAIN and its DnsResponder on DNS_PORT,
-    answering every online tunnel from the store.
-
-    refresh(tunnel_id) (loop thread, after that tunnel's change) updates its
-    name, one dict operation at a time (each is atomic, and answering threads
-    read with one get), and bumps the SOA serial when an answer changed.
-    set_txt(name, values) (any thread) publishes TXT strings for a name in
-    the domain, e.g. ACME DNS-01's `_acme-challenge.<fqdn>`; an empty list
-    clears them."""
+    answering every online tunnel from the store. Its tables change one dict
+    operation at a time (each is atomic), and answering threads read them
+    with one get each: no lock."""
 
     def __init__(self, settings, store):
         self.settings, self.store = settings, store
         ipv4, ipv6 = by_family(server_addresses(settings))
-        self.txt = {}               # name -> [strings]; replaced, never changed in place
-        self.txt_lock = threading.Lock()
+        self.txt = {}               # name -> [strings]
         self.names = {}             # fqdn -> (expires_at, tunnel id, DnsTunnelRecord)
         self.fqdns = {}             # tunnel id -> fqdn in names
         self.zone = DnsZone(settings.tunnel_domain, ipv4, ipv6, ttl_s=DNS_TTL_S,
@@ -6640,21 +6634,20 @@ class BuiltinDns:
         return self.responder.port
 
     def set_txt(self, name, values):
-        """Answer TXT `values` (strings) for `name` from now on; [] clears them.
-        ValueError for a name outside TUNNEL_DOMAIN."""
+        """Any thread: answer TXT `values` (strings) for `name` from now on
+        (ACME DNS-01); [] clears them. ValueError for a name outside TUNNEL_DOMAIN."""
         labels = labels_of(name)
         if self.zone.relative_labels(labels) is None:
             raise ValueError("%s is not in %s" % (name, self.zone.domain))
         name = b".".join(labels).decode("ascii")
-        with self.txt_lock:
-            txt = {key: texts for key, texts in self.txt.items() if key != name}
-            if values:
-                txt[name] = [str(value) for value in values]
-            self.txt = txt
+        if values:
+            self.txt[name] = [str(value) for value in values]
+        else:
+            self.txt.pop(name, None)
 
     def refresh(self, tunnel_id=None):
-        """Follow the store: one tunnel's name after its change, or all names;
-        the SOA serial moves when an answer changed."""
+        """Loop thread: follow the store, one tunnel's name after its change
+        (or all names); the SOA serial moves when an answer changed."""
         now = time.time()
         if tunnel_id is None:
             names = {r["fqdn"]: self.entry(r) for r in self.store.all()
@@ -6682,10 +6675,6 @@ class BuiltinDns:
         """The DnsZone callback: the DnsTunnelRecord of an unexpired tunnel FQDN, else None."""
         entry = self.names.get(name)
         return entry[2] if entry and time.time() < entry[0] else None
-
-    def sweep(self, now):
-        """Once a second from the server's sweep: nothing to do (a tunnel that
-        expires arrives through refresh, from the store's expiry order)."""
 
     def close(self):
         """Stop answering: close the responder's sockets, if it was started."""
@@ -7340,7 +7329,7 @@ class Server:
 
     # -- running --------------------------------------------------------
     def sweep(self):
-        """Once a second: API deadlines, expiry, traffic saves, idle streams, traffic caps, DNS."""
+        """Once a second: API deadlines, expiry, traffic saves, idle streams, traffic caps."""
         now = time.time()
         self.repeats.flush(time.monotonic())
         self.api_server.expire(time.monotonic())
@@ -7353,8 +7342,6 @@ class Server:
                 self.hub.save_traffic(session)
         self.expire_idle_streams()
         self.presence.save()
-        if self.dns is not None:
-            self.dns.sweep(now)
         self.loop.call_later(SWEEP_INTERVAL_S, self.sweep)
 
     def expire_idle_streams(self):
