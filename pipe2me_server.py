@@ -1902,6 +1902,18 @@ CODE_LOADER = ("import marshal,os,sys;"
 MALLOC_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
+def script_code(path):
+    """The code this process runs as its script, as compiled at start (found
+    on the stack), else `path` compiled anew (70 ms more for the server)."""
+    frame = sys._getframe()
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and frame.f_globals is globals():
+            return frame.f_code
+        frame = frame.f_back
+    with open(path, "rb") as fh:
+        return compile(fh.read(), path, "exec", dont_inherit=True)
+
+
 def run_from_compiled_code(environment=None):
     """Re-execute this script from its compiled code (see above), with the
     `environment` variables added. Returns only when that is done already,
@@ -1914,8 +1926,7 @@ def run_from_compiled_code(environment=None):
             or not sys.executable or not hasattr(os, "memfd_create")):
         return
     try:
-        with open(path, "rb") as fh:
-            code = compile(fh.read(), path, "exec", dont_inherit=True)
+        code = script_code(path)
         fd = os.memfd_create("pipe2me-code", 0)
     except (OSError, SyntaxError, ValueError):
         return

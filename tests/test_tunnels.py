@@ -270,6 +270,17 @@ def test_tunnel_run_from_compiled_code_does_nothing_when_imported(server_mod, po
         assert "PIPE2ME_TEST_VARIABLE" not in os.environ
 
 
+def test_tunnel_script_code_is_the_code_compiled_at_start(server_mod, pod_mod):
+    """The re-exec hands over the code the interpreter compiled for the
+    script (its <module> frame on the stack) instead of compiling the file
+    again; called from anywhere else it compiles the file."""
+    for module, path in ((server_mod, SERVER), (pod_mod, POD)):
+        namespace = vars(module)
+        exec(compile("found = script_code(%r)" % path, "<started script>", "exec"), namespace)
+        assert namespace.pop("found").co_filename == "<started script>"
+        assert module.script_code(path).co_filename == path
+
+
 def test_tunnel_https_front_shows_the_pods_own_certificate(hub, echo_pod):
     pod_dir, fqdn, _ports, _proc = echo_pod
     done = subprocess.run(["openssl", "s_client", "-servername", fqdn,
