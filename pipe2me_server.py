@@ -2753,14 +2753,6 @@ class Leaf(collections.namedtuple("Leaf", "pem serial not_after")):
     __slots__ = ()
 
 
-# ---- names --------------------------------------------------------------
-
-def shown(value, limit=80):
-    """value made safe for a one-line reason: escaped and shortened."""
-    text = ascii(value)[1:-1]
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 # ---- CSR checks -------------------------------------------------------------
 # Whatever a CSR asks for, `openssl ca` as issue() calls it writes only the
 # subject, extensions and dates given here, with the CSR's public key. So the
@@ -2768,13 +2760,8 @@ def shown(value, limit=80):
 # its own key, and that the key is one we accept.
 
 def check_csr(csr_pem, work):
-    """Check one PEM CSR in directory work; return its key's kind ("EC P-256", "RSA", ...).
-
-    Writes req.pem (the CSR as given) into work. Refuses (CertRefused, one
-    line) non-text, non-ASCII or oversized input, anything but exactly one
-    CERTIFICATE REQUEST block, a CSR openssl cannot read, a bad self-signature
-    and a key outside ACCEPTED_KEY_ALGORITHMS or RSA_MIN_BITS..RSA_MAX_BITS.
-    """
+    """Write a PEM CSR to work/req.pem and return its key's kind ("EC P-256", "RSA", ...);
+    CertRefused (one line) unless it is one readable, self-signed request with an accepted key."""
     if not isinstance(csr_pem, str):
         raise CertRefused("CSR must be PEM text")
     if len(csr_pem) > CSR_MAX_BYTES:
@@ -2817,17 +2804,26 @@ def accepted_key(key_text):
 
 # ---- certificates read back -------------------------------------------------------
 
-def ca_validity(ca_pem):
-    """(not_before, not_after) in epoch seconds of a PEM CA certificate, as the ssl
-    module reads it; UsageError if it is not a CA certificate (ssl lists only those)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+def cert_facts(pem):
+    """(not_before, not_after, serial hex, authority key id hex or "", whether it is a CA) of
+    the first certificate in pem, as `openssl x509` reads it; UsageError if it reads none."""
     try:
-        context.load_verify_locations(cadata=ca_pem)
-        (dates,) = context.get_ca_certs()
-        return (ssl.cert_time_to_seconds(dates["notBefore"]),
-                ssl.cert_time_to_seconds(dates["notAfter"]))
-    except (ssl.SSLError, ValueError, KeyError) as exc:
-        raise UsageError("not a readable CA certificate (%s)" % (str(exc)[:80] or "no CA")) from None
+        out = run_openssl(["x509", "-noout", "-startdate", "-enddate", "-serial", "-ext",
+                           "basicConstraints,authorityKeyIdentifier"],
+                          input_bytes=pem.encode("ascii"))
+    except OpensslFailed as exc:
+        raise UsageError("not a readable certificate (%s)" % exc) from None
+    text = out.decode("ascii", "replace")
+    fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    try:
+        start, end = (ssl.cert_time_to_seconds(fields[name].strip())
+                      for name in ("notBefore", "notAfter"))
+    except (KeyError, ValueError):
+        raise UsageError("openssl printed no dates for the certificate") from None
+    # keyid is the one colon-separated hex run (OpenSSL 1.1 prefixes "keyid:", 3.x not)
+    aki = re.search(r"(?:[0-9A-Fa-f]{2}:){7,}[0-9A-Fa-f]{2}", text.split("Authority Key", 1)[-1])
+    return (start, end, fields.get("serial", "").strip(),
+            aki.group(0).replace(":", "") if aki else "", "CA:TRUE" in text)
 
 
 def pem_certificates(text):
@@ -2852,38 +2848,29 @@ def read_text(path, what):
         raise UsageError("cannot read %s %s: %s" % (what, path, exc)) from None
 
 
-def leaf_extensions(san, key_usage, extended_key_usage):
-    """The openssl config lines of an end-entity certificate; inputs are validated names only."""
-    return ["basicConstraints = critical,CA:FALSE",
-            "keyUsage = critical," + key_usage,
-            "extendedKeyUsage = " + extended_key_usage,
-            "subjectAltName = " + san,
-            "subjectKeyIdentifier = hash",
-            "authorityKeyIdentifier = keyid"]
-
-
-def ca_config(extension_lines):
-    """A minimal `openssl ca` config: relative paths only (run in a fresh directory), CN-only policy,
-    no extension copied from the CSR, and the leaf extensions in section pipe2me_leaf."""
+def ca_config(san, key_usage, extended_key_usage):
+    """A minimal `openssl ca` config for one end-entity certificate (inputs: validated names
+    only): relative paths (run in a fresh directory), CN-only policy, no extension copied
+    from the CSR, and the leaf's extensions in section pipe2me_leaf."""
     return "\n".join([
         "[ca]", "default_ca = pipe2me_ca",
         "[pipe2me_ca]", "database = index.txt", "serial = serial", "new_certs_dir = new",
         "default_md = default", "policy = pipe2me_policy", "copy_extensions = none",
         "unique_subject = no", "email_in_dn = no",
         "[pipe2me_policy]", "commonName = supplied",
-        "[pipe2me_leaf]"] + extension_lines) + "\n"
+        "[pipe2me_leaf]", "basicConstraints = critical,CA:FALSE",
+        "keyUsage = critical," + key_usage, "extendedKeyUsage = " + extended_key_usage,
+        "subjectAltName = " + san, "subjectKeyIdentifier = hash",
+        "authorityKeyIdentifier = keyid"]) + "\n"
 
 
 # ---- the CA ---------------------------------------------------------------------
 
 class CertAuthority:
     """The server's CA, owning ca_dir: ca.key (0600), ca.pem and issued/<SERIAL>.pem (pods' leaves).
-
-    With ca_cert_file and ca_key_file (an intermediate CA; the cert file may
-    be followed by its chain) those are used and no root is ever created.
-    Call ensure() once before anything else; after that sign() and
-    issue_server_cert() are safe to call from several threads.
-    """
+    An operator's CA (ca_cert_file, maybe followed by its chain, and ca_key_file) takes the
+    place of the root, which is then never created. Call ensure() first; then sign() and
+    issue_server_cert() are thread-safe."""
 
     def __init__(self, ca_dir, ca_cert_file=None, ca_key_file=None):
         if (ca_cert_file is None) != (ca_key_file is None):
@@ -2897,29 +2884,24 @@ class CertAuthority:
         self.validity = (0, 0)
 
     def ensure(self, domain):
-        """Make the CA usable: create the root on first use, then load and check the CA.
-
-        A root is "pipe2me CA <domain>", EC P-256, valid CA_VALIDITY_DAYS, and
-        is written atomically (key first, cert last) so a crash leaves no half
-        CA.  An existing root is kept even if domain changed: pods pinned it.
-        Raises UsageError if the CA files are unusable, Unavailable if openssl is.
-        """
+        """Create the root on first use, then load and check the CA (UsageError if its files
+        are unusable). An existing root is kept even if domain changed: pods pinned it."""
         os.makedirs(self.ca_dir, mode=0o700, exist_ok=True)
         os.makedirs(self.issued_dir, mode=0o700, exist_ok=True)
         if not self.supplied and not os.path.exists(self.cert_file):
             self.create_root(domain)
         blocks = pem_certificates(read_text(self.cert_file, "CA certificate"))
-        if not blocks:
-            raise UsageError("CA certificate %s holds no PEM certificate" % self.cert_file)
         try:
-            validity = ca_validity(blocks[0])
+            start, end, _serial, _aki, is_ca = cert_facts(blocks[0] if blocks else "")
         except UsageError as exc:
             raise UsageError("CA certificate %s is unusable: %s" % (self.cert_file, exc)) from None
-        if validity[1] <= time.time():
+        if not is_ca:
+            raise UsageError("CA certificate %s is unusable: it is no CA" % self.cert_file)
+        if end <= time.time():
             raise UsageError("CA certificate %s has expired; supply a new CA" % self.cert_file)
         self.check_key_matches()
         self.chain_pem = "".join(block.rstrip("\n") + "\n" for block in blocks)
-        self.validity = validity
+        self.validity = (start, end)
 
     def create_root(self, domain):
         """Make a new self-signed root in ca_dir; nothing is written unless all steps succeed."""
@@ -2956,22 +2938,17 @@ class CertAuthority:
         return self.chain_pem
 
     def sign(self, csr_pem, fqdn, not_after_epoch):
-        """Sign a pod's CSR for fqdn and return the Leaf.
-
-        The CSR is checked by check_csr() (CertRefused with a one-line reason);
-        whatever else it asks, the certificate gets subject CN=fqdn and SAN
-        DNS:fqdn, is no CA, has EKU serverAuth+clientAuth, carries the CSR's
-        public key and ends no later than not_after_epoch or the CA itself.
-        The leaf is kept in issued/<SERIAL>.pem (CertBook decides for how long).
-        """
+        """Sign a pod's CSR (check_csr()) for fqdn; the Leaf, kept in issued/. Whatever the CSR
+        asks, it gets CN=fqdn and SAN DNS:fqdn, CA:FALSE, EKU serverAuth+clientAuth, the CSR's
+        key, and ends by not_after_epoch and by the CA's own end."""
         if not is_hostname(fqdn):
-            raise CertRefused("cannot certify %s: not a valid host name" % shown(str(fqdn)))
+            raise CertRefused("cannot certify %s: not a valid host name" % printable(fqdn, 80))
         start, end = self.window(not_after_epoch)
         with tempfile.TemporaryDirectory(prefix="pipe2me-ca-") as work:
             kind = check_csr(csr_pem, work)
             key_usage = "digitalSignature,keyEncipherment" if kind == "RSA" else "digitalSignature"
-            extensions = leaf_extensions("DNS:" + fqdn, key_usage, "serverAuth,clientAuth")
-            leaf = self.issue(work, fqdn, extensions, start, end)
+            config = ca_config("DNS:" + fqdn, key_usage, "serverAuth,clientAuth")
+            leaf = self.issue(work, fqdn, config, start, end)
         write_atomic(os.path.join(self.issued_dir, leaf.serial + ".pem"), leaf.pem.encode("ascii"))
         return leaf
 
@@ -2991,15 +2968,13 @@ class CertAuthority:
             raise CertRefused("the tunnel (or the CA) expires before a certificate could start")
         return start, end
 
-    def issue(self, work, common_name, extension_lines, start, end):
-        """Run `openssl ca` for work/req.pem in the fresh directory work; keep the leaf in issued/.
-
-        common_name and extension_lines must hold validated names only.
-        """
+    def issue(self, work, common_name, config, start, end):
+        """The Leaf `openssl ca` makes of work/req.pem (work: a fresh directory) with ca_config()
+        `config`, subject CN=common_name (a validated name) and dates start..end."""
         # 128 bits with the top one set: always 32 hex digits, 127 of them random.
         serial = "%032X" % (secrets.randbits(128) | (1 << 127))
         for name, text in (("index.txt", ""), ("serial", serial + "\n"),
-                           ("ca.cnf", ca_config(extension_lines))):
+                           ("ca.cnf", config)):
             with open(os.path.join(work, name), "w", encoding="ascii") as handle:
                 handle.write(text)
         os.mkdir(os.path.join(work, "new"))
@@ -3014,15 +2989,10 @@ class CertAuthority:
         return Leaf(leaf, serial, end)
 
     def issue_server_cert(self, names, ips, key_path, cert_path, days):
-        """Give the server a TLS certificate (SAN: DNS names and IP addresses) at key_path/cert_path.
-
-        Reuses the existing pair when it was issued by this CA for the same
-        names, and stays valid for more than SERVER_CERT_RENEW_BEFORE_S;
-        otherwise makes a new EC P-256 key and certificate valid `days` (capped
-        by the CA).  Returns True if a new certificate was issued.  The
-        `<cert_path>.json` record is written last, so a crash mid-way means
-        "issue again".  Raises UsageError for an invalid name or address.
-        """
+        """Give the server a new key and TLS certificate (SAN: DNS names and IP addresses), valid
+        `days` (capped by the CA), at key_path/cert_path; False if the pair there, from this CA
+        for the same names, has more than SERVER_CERT_RENEW_BEFORE_S left. The record
+        `<cert_path>.json` is written last, so a crash mid-way means "issue again"."""
         record = self.server_record(names, ips)
         if self.server_cert_reusable(record, key_path, cert_path):
             return False
@@ -3032,12 +3002,12 @@ class CertAuthority:
         common_name = (record["names"] + record["ips"])[0]
         san = ",".join(["DNS:" + name for name in record["names"]] +
                        ["IP:" + address for address in record["ips"]])
-        extensions = leaf_extensions(san, "digitalSignature", "serverAuth")
+        config = ca_config(san, "digitalSignature", "serverAuth")
         start, end = self.window(time.time() + days * 86400)
         with tempfile.TemporaryDirectory(prefix="pipe2me-ca-") as work:
             run_openssl(["req", "-new", "-key", "/dev/stdin", "-config", os.devnull, "-out",
                          "req.pem", "-subj", "/CN=" + common_name], input_bytes=key, cwd=work)
-            leaf = self.issue(work, common_name, extensions, start, end)
+            leaf = self.issue(work, common_name, config, start, end)
         write_atomic(key_path, key, 0o600)
         write_atomic(cert_path, leaf.pem.encode("ascii"), 0o644)
         record["not_after"] = leaf.not_after
@@ -3048,7 +3018,8 @@ class CertAuthority:
         """The JSON record that identifies a server certificate: its SANs and the CA that signed it."""
         bad = [name for name in names if not is_hostname(name)]
         if bad:
-            raise UsageError("server certificate name %s is not a valid host name" % shown(str(bad[0])))
+            raise UsageError("server certificate name %s is not a valid host name"
+                             % printable(bad[0], 80))
         try:
             addresses = [str(ipaddress.ip_address(address)) for address in ips]
         except ValueError as exc:
@@ -3075,21 +3046,14 @@ class CertAuthority:
 # ---- the certificates of each tunnel ----------------------------------------------
 
 class CertBook:
-    """Which certificates of a tunnel may open a session, and how often it may get one.
-
-    A tunnel's record lists its certificates, oldest first, in cert_sha256
-    (fingerprints) and cert_serials (their files in issued/): the newest one
-    that has opened a session (or the first one), then those signed after it,
-    at most CERT_KEEP of them. A certificate opens a session only while it is
-    listed, and its first session drops every older one, whose files leave
-    issued/ at once: a certificate replaced by a successor that has been used
-    never connects again, while a pod that renewed and crashed before writing
-    its new certificate still connects with the old one. issued/ thus holds
-    only what may still open a session (files of deleted tunnels go at the
-    next prune(): at start and at most hourly while signing).
-    Signing is limited per tunnel by a token bucket of MAX_CERTS_PER_HOUR.
-    Thread-safe: the API's workers and the pod handshakes call it at once.
-    """
+    """Which certificates of a tunnel may open a session, and how often it may get one (a token
+    bucket of MAX_CERTS_PER_HOUR). A record lists, oldest first, cert_sha256 (fingerprints) and
+    cert_serials (their files in issued/): the newest certificate that has opened a session (or
+    the first one), then those signed after it, CERT_KEEP in all. Only a listed certificate
+    opens a session, and its first session drops every older one and its file: a certificate
+    whose successor has been used never connects again, while a pod that renewed and crashed
+    before writing its new certificate still connects with the old one. Files of deleted
+    tunnels go at the next prune() (at start, at most hourly while signing). Thread-safe."""
 
     def __init__(self, store, ca, per_hour):
         self.store, self.ca, self.per_hour = store, ca, per_hour
@@ -3261,23 +3225,6 @@ def parse_rfc3339(text):
         sign = 1 if zone[0] == "+" else -1
         epoch -= sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
     return epoch
-
-
-def leaf_facts(chain_pem):
-    """(not_before, not_after, serial hex, authority key id hex) of a chain's first certificate."""
-    out = run_openssl(["x509", "-noout", "-startdate", "-enddate", "-serial",
-                       "-ext", "authorityKeyIdentifier"], input_bytes=chain_pem.encode("ascii"))
-    text = out.decode("ascii", "replace")
-    dates = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-    try:
-        start = ssl.cert_time_to_seconds(dates["notBefore"].strip())
-        end = ssl.cert_time_to_seconds(dates["notAfter"].strip())
-        serial = dates["serial"].strip()
-    except (KeyError, ValueError):
-        raise Unavailable("cannot read the dates of the ACME certificate") from None
-    # keyid is the one colon-separated hex run (OpenSSL 1.1 prefixes "keyid:", 3.x not)
-    aki = re.search(r"(?:[0-9A-Fa-f]{2}:){7,}[0-9A-Fa-f]{2}", text.split("Authority Key", 1)[-1])
-    return start, end, serial, aki.group(0).replace(":", "") if aki else ""
 
 
 def ari_cert_id(serial_hex, aki_hex):
@@ -3708,10 +3655,9 @@ class AcmeOrders:
         log.info("acme order started key=%s fqdn=%s renewal=%s", key, job["fqdn"], renewal)
         self.finish(job, tell=False, ordered_at=int(time.time()))
         try:
-            chain = self.order(job, renewal)
+            self.succeeded(job, self.order(job, renewal), renewal)
         except Pipe2meError as exc:
-            return self.failed(job, exc)
-        self.succeeded(job, chain, renewal)
+            self.failed(job, exc)
 
     def order(self, job, renewal):
         """The new chain for a job; Pipe2meError (AcmeProblem from the CA) otherwise."""
@@ -3735,7 +3681,7 @@ class AcmeOrders:
 
     def succeeded(self, job, chain, renewal):
         """Keep the new chain and schedule its renewal."""
-        start, end, serial, aki = leaf_facts(chain)
+        start, end, serial, aki, _ca = cert_facts(chain)
         renew_at = self.renew_time(start, end, serial, aki)
         if not renewal:
             self.count_new_certificate(job.get("token_sha256"))

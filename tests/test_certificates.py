@@ -634,14 +634,20 @@ def test_openssl_returns_stdout_and_feeds_stdin():
 
 # ---- certificate dates ----------------------------------------------------------------
 
-def test_ca_validity_matches_openssl(ca, tmp_path):
+def test_cert_facts_match_openssl(ca, tmp_path):
     fields = cert_fields(ca.ca_pem())
-    assert cs.ca_validity(ca.ca_pem()) == (iso_epoch(fields["notBefore"]),
-                                           iso_epoch(fields["notAfter"]))
+    start, end, _serial, _aki, is_ca = cs.cert_facts(ca.ca_pem())
+    assert (start, end, is_ca) == (iso_epoch(fields["notBefore"]), iso_epoch(fields["notAfter"]), True)
     leaf = ca.sign(csr_for(make_key(tmp_path / "k.pem")), FQDN, time.time() + HOUR_S)
-    for not_a_ca in ("not a certificate\n", leaf.pem):
-        with pytest.raises(cs.UsageError):
-            cs.ca_validity(not_a_ca)
+    ski = cs.run_openssl(["x509", "-noout", "-ext", "subjectKeyIdentifier"],
+                         input_bytes=ca.ca_pem().encode()).decode().split("\n")[1].strip()
+    fields = cert_fields(leaf.pem)
+    assert cs.cert_facts(leaf.pem + ca.ca_pem()) == (
+        iso_epoch(fields["notBefore"]), iso_epoch(fields["notAfter"]), leaf.serial,
+        ski.replace(":", ""), False)
+    assert fields["serial"] == leaf.serial and leaf.not_after == iso_epoch(fields["notAfter"])
+    with pytest.raises(cs.UsageError):
+        cs.cert_facts("not a certificate\n")
 
 
 def test_ca_supplied_leaf_instead_of_a_ca_refused(ca, tmp_path):

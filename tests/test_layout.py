@@ -31,7 +31,7 @@ BUDGETS = {
         "SHARED process":      175,
         "TOKENS":              120,
         "STATE STORE":         575,
-        "CERTIFICATES":        495,
+        "CERTIFICATES":        445,
         "ACME":                690,
         "API":                 565,
         "TUNNEL SESSIONS":     535,
