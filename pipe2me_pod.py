@@ -1653,16 +1653,11 @@ class PodFiles:
 
     def __init__(self, directory):
         self.dir = os.path.abspath(directory)
-        self.info = os.path.join(self.dir, INFO_FILE)
-        self.local = os.path.join(self.dir, LOCAL_FILE)
-        self.key = os.path.join(self.dir, KEY_FILE)
-        self.cert = os.path.join(self.dir, CERT_FILE)
-        self.tunnel_cert = os.path.join(self.dir, TUNNEL_CERT_FILE)
-        self.cacert = os.path.join(self.dir, CACERT_FILE)
+        self.info, self.local, self.key, self.cert, self.tunnel_cert, self.cacert = self.all()
 
     def all(self):
-        """The paths of the five files, in POD_FILES order."""
-        return [self.info, self.local, self.key, self.cert, self.tunnel_cert, self.cacert]
+        """The paths of the six files, in POD_FILES order."""
+        return [os.path.join(self.dir, name) for name in POD_FILES]
 
     def tunnel_cert_in_use(self):
         """The server-CA certificate the tunnel connection authenticates with."""
@@ -1689,12 +1684,6 @@ class LocalTarget:
         if self.host is None:
             return str(self.port)
         return "%s:%d" % ("[%s]" % self.host if ":" in self.host else self.host, self.port)
-
-    def __eq__(self, other):
-        return isinstance(other, LocalTarget) and (self.host, self.port) == (other.host, other.port)
-
-    def __repr__(self):
-        return "LocalTarget(%r, %r)" % (self.host, self.port)
 
     def needs_lookup(self):
         """Whether addresses() asks the resolver: a name, not a bare PORT or an address."""
@@ -1728,13 +1717,8 @@ class Service:
     """One published service: protocol, public port on the server, local target."""
 
     def __init__(self, protocol, public_port, target):
-        self.protocol = protocol
-        self.public_port = public_port
-        self.target = target
+        self.protocol, self.public_port, self.target = protocol, public_port, target
         self.local_port = target.port
-
-    def __repr__(self):
-        return "Service(%r, %r, %r)" % (self.protocol, self.public_port, self.target)
 
 
 class PodSetup:
@@ -1755,11 +1739,8 @@ class PodSetup:
 
     def services(self):
         """Services from the URLs (`<protocol>://<fqdn>:<port>`) and local ports, in order."""
-        result = []
-        for url, local_port in zip(self.urls, self.local_ports):
-            parts = urllib.parse.urlsplit(url)
-            result.append(Service(parts.scheme, parts.port, local_port))
-        return result
+        urls = [urllib.parse.urlsplit(url) for url in self.urls]
+        return [Service(url.scheme, url.port, target) for url, target in zip(urls, self.local_ports)]
 
 
 def numbered(values, prefix):
@@ -1839,8 +1820,7 @@ def tunnel_endpoint(server_url, tunnel_port):
 def write_info(files, server_url, tunnel, secret):
     """Write pipe2me.info.inc (mode 0600: it holds the secret) from a tunnel object."""
     values = {"PIPE2ME_ID": tunnel["id"], "PIPE2ME_FQDN": tunnel["fqdn"]}
-    for index, url in enumerate(tunnel["urls"]):
-        values["PIPE2ME_URLS_%d" % index] = url
+    values.update(("PIPE2ME_URLS_%d" % index, url) for index, url in enumerate(tunnel["urls"]))
     values["PIPE2ME_TUNNEL"] = tunnel_endpoint(server_url, tunnel["tunnel_port"])
     values["PIPE2ME_TUNNEL_DOMAIN"] = tunnel.get("tunnel_domain", "")
     values["PIPE2ME_EXPIRES_AT"] = tunnel["expires_at"]
@@ -2014,26 +1994,22 @@ class Busy(Unavailable):
 
 
 class ApiClient:
-    """Calls to the server's JSON API under `base_url`.
+    """Calls to the server's JSON API under `base_url`. Every failure is a
+    Pipe2meError: Unavailable when the server cannot be reached or answers
+    5xx, Rejected with the server's message on 4xx. `pinned` (the CA of the
+    setup is trusted) only changes the hint given on certificate errors."""
 
-    Every failure is a Pipe2meError: Unavailable when the server cannot be
-    reached or answers 5xx, Rejected with the server's message on 4xx.
-    """
-
-    def __init__(self, base_url, ssl_context=None, secret=None, timeout_s=API_TIMEOUT_S):
+    def __init__(self, base_url, ssl_context=None, secret=None, pinned=False):
         self.base_url = base_url
         self.ssl_context = ssl_context if base_url.startswith("https:") else None
-        self.secret = secret
-        self.timeout_s = timeout_s
-        self.pinned = False  # only changes the hint given on certificate errors
+        self.secret, self.pinned = secret, pinned
+        self.timeout_s = API_TIMEOUT_S
 
     def call(self, method, path, body=None, auth=False, answers=()):
-        """(status, raw bytes) of `method path`; 2xx or a status in `answers`, else raises.
-
-        A 429 that asks to retry within API_BUSY_MAX_WAIT_S (the server's share
-        of API workers per address is busy, e.g. many pods behind one NAT set up
-        at once) is tried again after that wait plus a random part, up to
-        API_BUSY_RETRIES times."""
+        """(status, raw bytes) of `method path`; 2xx or a status in `answers`, else
+        raises. A 429 asking to retry within API_BUSY_MAX_WAIT_S (the server's
+        share of API workers per address is busy, e.g. many pods behind one NAT
+        set up at once) is tried again after that wait plus a random part."""
         for attempt in range(API_BUSY_RETRIES + 1):
             try:
                 return self.call_once(method, path, body, auth, answers)
@@ -2126,14 +2102,17 @@ class ApiClient:
         answer = self.call_json("POST", "/tunnels", body)[1]
         return check_tunnel(answer, need_secret=True)
 
+    def tunnel_call(self, method, path, body=None):
+        """The tunnel object, checked, that `method /tunnels/<path>` answers with the secret."""
+        return check_tunnel(self.call_json(method, "/tunnels/" + path, body, auth=True)[1])
+
     def change(self, tunnel_id, **settings):
         """Change a tunnel's settings (PATCH /tunnels/ID); the tunnel."""
-        return check_tunnel(self.call_json("PATCH", "/tunnels/" + tunnel_id, settings,
-                                           auth=True)[1])
+        return self.tunnel_call("PATCH", tunnel_id, settings)
 
     def get_tunnel(self, tunnel_id):
         """GET /tunnels/<id>, checked."""
-        return check_tunnel(self.call_json("GET", "/tunnels/" + tunnel_id, auth=True)[1])
+        return self.tunnel_call("GET", tunnel_id)
 
     def verify(self, tunnel_id):
         """(status, answer) with status 200 online, 410 expired, 404 unknown."""
@@ -2150,9 +2129,7 @@ class ApiClient:
 
     def extend(self, tunnel_id, token):
         """POST /tunnels/<id>/extend with an extending token: the tunnel, checked."""
-        answer = self.call_json("POST", "/tunnels/%s/extend" % tunnel_id,
-                                {"token": token}, auth=True)[1]
-        return check_tunnel(answer)
+        return self.tunnel_call("POST", tunnel_id + "/extend", {"token": token})
 
     def delete(self, tunnel_id):
         """The HTTP status: 200 deleted, 404 unknown, 410 expired."""
@@ -2198,9 +2175,7 @@ def error_message(data):
 def api_for_setup(setup):
     """An ApiClient for an existing setup: the pinned CA and the tunnel's secret."""
     context = pinned_ssl_context(setup.files) if setup.server.startswith("https:") else None
-    api = ApiClient(setup.server, context, secret=setup.secret)
-    api.pinned = True
-    return api
+    return ApiClient(setup.server, context, secret=setup.secret, pinned=True)
 
 
 # =====================================================================
@@ -3741,9 +3716,7 @@ def check_pin(api, cacert):
     except ssl.SSLError as exc:
         raise Rejected("bad CA certificate from %s/cacert: %s" % (api.base_url, exc))
     context.load_default_certs()  # as pinned_ssl_context: the API's name may have an ACME certificate
-    pinned = ApiClient(api.base_url, context)
-    pinned.pinned = True
-    pinned.get_config()
+    ApiClient(api.base_url, context, pinned=True).get_config()
 
 
 def undo_setup(files, api, tunnel):
