@@ -169,6 +169,8 @@ class HeldResolver:
                 query, peer = self.sock.recvfrom(512)
             except OSError:
                 return
+            if peer is None:  # stop() shut the socket down
+                return
             self.askers.add(peer)
             self.asked.set()
             threading.Thread(target=self.answer, args=(query, peer), daemon=True).start()
@@ -192,8 +194,13 @@ class HeldResolver:
 
     def stop(self):
         self.released.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked recvfrom (Linux), then ENOTCONN
+        except OSError:
+            pass
         self.sock.close()
         self.thread.join(5)
+        assert not self.thread.is_alive()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="binds port 53 and a private /etc/resolv.conf")
