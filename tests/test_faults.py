@@ -999,7 +999,7 @@ def test_faults_1000_streams_random_sizes_and_half_closes_byte_exact(server, wor
 
 # ---- 7. SIGTERM with live streams: stop accepting, let streams finish, exit 0 ----------------
 
-SERVER_GRACE_S = 5
+SERVER_GRACE_S = 3                 # --shutdown-grace of the server below (default 10)
 POD_GRACE_S = 3                    # `start --stop-grace` of the pod below (default 10)
 EXIT_SLACK_S = 1.5
 PACED_CHUNK = 16 * KiB
