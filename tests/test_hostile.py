@@ -1251,7 +1251,10 @@ def test_brake_idle_stream_closed_after_the_timeout(brakes):
         closed.append((read_until_closed(idle, 10.0), time.monotonic() - start))
     waiter = threading.Thread(target=idle_waits)
     waiter.start()
-    while time.monotonic() - start < 4.5:  # the busy one talks every half second
+    # the busy one talks every half second until the idle one is closed and a sweep (1 s)
+    # has passed the 2 s since both opened
+    while not closed or time.monotonic() - start < 3.0:
+        assert time.monotonic() - start < 10.0, "the idle stream was never closed"
         busy.sendall(b"tick")
         assert busy.recv(16) == b"tick"
         time.sleep(0.5)  # the busy stream's pace: it stays active while the idle one times out
