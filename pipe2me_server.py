@@ -2163,23 +2163,17 @@ STATE_VERSION = 1
 TUNNEL_ID = re.compile(r"[0-9a-f]{16}")
 
 
-def ephemeral_port_range(path="/proc/sys/net/ipv4/ip_local_port_range"):
-    """The kernel's range for outgoing connections' local ports, or None."""
-    try:
-        with open(path) as f:
-            first, last = (int(v) for v in f.read().split())
-    except (OSError, ValueError):
-        return None
-    return range(first, last + 1)
-
-
 def warn_if_ports_meet_ephemeral_range(ports):
     """Log a warning when TUNNEL_PORTS overlaps the kernel's ephemeral port range."""
-    ephemeral = ephemeral_port_range()
-    if ephemeral and ports[0] <= ephemeral[-1] and ephemeral[0] <= ports[-1]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            first, last = (int(v) for v in f.read().split())
+    except (OSError, ValueError):
+        return
+    if ports[0] <= last and first <= ports[-1]:
         log.warning("TUNNEL_PORTS %d..%d meets the kernel's ephemeral ports %d..%d: an outgoing "
                     "connection can hold a public port for a while (net.ipv4.ip_local_port_range)",
-                    ports[0], ports[-1], ephemeral[0], ephemeral[-1])
+                    ports[0], ports[-1], first, last)
 
 
 class PortPool:
@@ -2332,17 +2326,15 @@ class Store:
             self.reset(tunnels, used)
             self.used_saved = saved
             if used != saved:
-                self.recover_used_tokens()
+                try:
+                    self.mark_token_used()
+                except OSError as exc:  # read-only: delete() writes it before a tunnel file goes
+                    log.warning("used tokens not written file=%s error=%s", self.used_path,
+                                exc.strerror)
+                else:
+                    log.info("single-use tokens recovered from tunnel files file=%s",
+                             self.used_path)
         return len(tunnels)
-
-    def recover_used_tokens(self):
-        """Write the used single-use tokens found in tunnel files; a read-only disk is logged."""
-        try:
-            self.write_used_tokens(self.used_tokens)
-        except OSError as exc:  # read-only: delete() writes it before a tunnel file goes
-            log.warning("used tokens not written file=%s error=%s", self.used_path, exc.strerror)
-        else:
-            log.info("single-use tokens recovered from tunnel files file=%s", self.used_path)
 
     # -- queries -----------------------------------------------------
     def get(self, tunnel_id):
@@ -2350,12 +2342,6 @@ class Store:
         with self.lock:
             record = self.tunnels.get(tunnel_id)
             return json.loads(json.dumps(record)) if record else None
-
-    def is_online(self, tunnel_id, now=None):
-        """Whether the tunnel exists and has not expired at `now`."""
-        with self.lock:
-            record = self.tunnels.get(tunnel_id)
-            return record is not None and tunnel_status(record, now) == "online"
 
     def all(self):
         """Copies of every record."""
@@ -2410,44 +2396,39 @@ class Store:
         """Reserve a name and ports and write the record (with the `extra`
         settings, e.g. proxy_protocol); returns (record, secret)."""
         now = int(now or time.time())
-        token_hash = sha256_hex(token_name)
+        token_hash, secret = sha256_hex(token_name), secrets.token_urlsafe(24)
         with self.lock:
             self.check_token_use(token_hash, options, now)
-            ports = self.pool.pick(len(protocols), self.port_usable)
+            # one bind per port handed out: no other socket on this machine may hold it (a
+            # listener of another program, or an outgoing connection's local port when the
+            # range meets the kernel's ephemeral range)
+            ports = self.pool.pick(len(protocols), functools.partial(
+                port_can_listen, self.settings.listen_address))
+            tunnel_id = self.new_id()
             try:
-                record, secret = self.new_record(token_hash, options, protocols, ports, now)
+                record = {
+                    "version": STATE_VERSION, "id": tunnel_id,
+                    "fqdn": self.new_fqdn(), "protocols": list(protocols),
+                    "ports": ports, "token_sha256": token_hash,
+                    "secret_sha256": sha256_hex(secret), "created_at": now,
+                    "expires_at": now + options["lifespan"], "cert_sha256": [],
+                    "bytes_in": 0, "bytes_out": 0,
+                    "max_traffic": options["max_traffic"], "rate": options["rate"],
+                    "token_unique": options["unique"],
+                }
                 record.update(extra or {})
                 self.save(record)  # first: a unique token's use is also read from here
                 if options["unique"]:
-                    self.mark_token_used_or_undo(token_hash, record)
+                    self.mark_token_used(token_hash)
             except BaseException:
                 for port in ports:
                     self.pool.release(port)
+                with contextlib.suppress(OSError):  # no tunnel whose token's use is unwritten
+                    os.unlink(os.path.join(self.settings.tunnel_dir, tunnel_id + ".json"))
                 raise
             self.put(record)
-        self.on_change(record["id"])
+        self.on_change(tunnel_id)
         return dict(record), secret
-
-    def new_record(self, token_hash, options, protocols, ports, now):
-        """A new tunnel record and its secret (not yet saved)."""
-        secret = secrets.token_urlsafe(24)
-        record = {
-            "version": STATE_VERSION, "id": self.new_id(),
-            "fqdn": self.new_fqdn(), "protocols": list(protocols),
-            "ports": ports, "token_sha256": token_hash,
-            "secret_sha256": sha256_hex(secret), "created_at": now,
-            "expires_at": now + options["lifespan"], "cert_sha256": [],
-            "bytes_in": 0, "bytes_out": 0,
-            "max_traffic": options["max_traffic"], "rate": options["rate"],
-            "token_unique": options["unique"],
-        }
-        return record, secret
-
-    def port_usable(self, port):
-        """No other socket on this machine has bound the port (a listener of
-        another program, or an outgoing connection's local port when the range
-        meets the kernel's ephemeral range): one bind per port handed out."""
-        return port_can_listen(self.settings.listen_address, port)
 
     def check_token_use(self, token_hash, options, now):
         """Rejected if a used single-use token or a token at MAX_TUNNELS_PER_TOKEN."""
@@ -2458,22 +2439,9 @@ class Store:
             log.warning("tunnel cap reached token_sha256=%s cap=%d", token_hash[:12], cap)
             raise Rejected("this token already has %d live tunnels (MAX_TUNNELS_PER_TOKEN)" % cap)
 
-    def mark_token_used_or_undo(self, token_hash, record):
-        """Record the token as used; if that cannot be written, remove the new tunnel's file
-        and raise."""
-        try:
-            self.mark_token_used(token_hash)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(self.settings.tunnel_dir, record["id"] + ".json"))
-            raise
-
-    def mark_token_used(self, token_hash):
-        """Add the token's hash to the used-tokens file."""
-        self.write_used_tokens(self.used_tokens | {token_hash})
-
-    def write_used_tokens(self, used):
-        """Write the set of used single-use token hashes."""
+    def mark_token_used(self, *token_hashes):
+        """Write used_tokens.json: the used single-use tokens and `token_hashes`."""
+        used = self.used_tokens | set(token_hashes)
         write_json(self.used_path, {"version": STATE_VERSION, "used": sorted(used)}, 0o600)
         self.used_tokens = self.used_saved = used
 

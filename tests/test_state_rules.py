@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import SERVER, ServerHandle, clean_env
+from conftest import SERVER, ServerHandle, clean_env, free_port_range
 from helpers import api, create_tunnel
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -132,6 +132,26 @@ def test_state_unique_token_spent_when_killed_right_after_creation(workdir):
 
 
 # ---- tunnels per token -------------------------------------------------------------------------
+
+def test_state_unique_token_use_not_written_leaves_no_tunnel(tmp_path, server_mod):
+    """A single-use token whose use cannot be written to used_tokens.json
+    creates nothing: no tunnel file, its ports free again, the token unspent."""
+    ports = free_port_range(2)
+    settings = server_mod.load_settings(flags={
+        "STATE_DIR": str(tmp_path / "state"), "LISTEN_ADDRESS": "127.0.0.1",
+        "TUNNEL_PORTS": "%d..%d" % (ports[0], ports[-1])}, environ={})
+    store = server_mod.Store(settings)
+    store.load()
+    os.makedirs(store.used_path)  # a directory in its place: the atomic write fails
+    options = {"lifespan": 3600, "unique": True, "max_traffic": 0, "rate": 0}
+    with pytest.raises(OSError):
+        store.create("single-use-token", options, ["tcp"])
+    assert os.listdir(settings.tunnel_dir) == [] and store.count() == 0
+    os.rmdir(store.used_path)
+    record, _secret = store.create("single-use-token", options, ["tcp"])
+    assert record["ports"] == [ports[0]]
+    assert os.listdir(settings.tunnel_dir) == [record["id"] + ".json"]
+
 
 def test_state_default_cap_on_tunnels_per_token(workdir, server_mod):
     state = os.path.join(workdir, "state")
