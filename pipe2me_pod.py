@@ -3577,6 +3577,15 @@ def echo_bytes(conn):
 # COMMANDS — one function per command, each takes the parsed arguments
 # =====================================================================
 
+YES_NO = {True: "yes", False: "no"}
+
+
+def print_fields(*fields):
+    """Print `KEY=value` lines for the (KEY, value) pairs, leaving out those of value None."""
+    for key, value in fields:
+        if value is not None:
+            print("%s=%s" % (key, value))
+
 
 def parse_protocols(text):
     """A comma list of protocols as a list; UsageError on unknown ones."""
@@ -3614,7 +3623,8 @@ def cmd_setup(args):
                              local_ports, proxy)
     except BaseException:
         if created:
-            remove_empty_dir(files.dir)
+            with contextlib.suppress(OSError):  # not empty, or gone: leave it
+                os.rmdir(files.dir)
         raise
     print(fqdn)
     return 0
@@ -3638,18 +3648,15 @@ def warn_if_proxy_ignored(tunnel, wanted):
 
 
 def create_tunnel(files, api, token, protocols, local_ports, proxy_protocol=None):
-    """Create the tunnel on the server and install it in `files`; its FQDN.
-
-    After the tunnel exists, any failure deletes it again (best effort) and
-    removes the files written so far.
-    """
+    """Create the tunnel on the server and install it in `files`; its FQDN. Once
+    the tunnel exists, a failure deletes it (best effort) and the files written."""
     config = check_server_config(api, protocols)
     tunnel = api.create_tunnel(token, protocols, proxy_protocol)
     warn_if_proxy_ignored(tunnel, proxy_protocol)
     log.info("tunnel created tunnel=%s fqdn=%s", tunnel["id"], tunnel["fqdn"])
     log_public_urls(tunnel["fqdn"], tunnel["urls"], config)
     try:
-        install_tunnel(files, api, api.base_url, tunnel, local_ports or tunnel["ports"])
+        install_tunnel(files, api, tunnel, local_ports or tunnel["ports"])
     except BaseException:
         undo_setup(files, api, tunnel)
         raise
@@ -3657,10 +3664,8 @@ def create_tunnel(files, api, token, protocols, local_ports, proxy_protocol=None
 
 
 def make_pod_dir(directory):
-    """Create the pod directory (mode 0700) if needed; True when it was created.
-
-    UsageError unless the directory is writable.
-    """
+    """Create the pod directory (mode 0700) if needed; True when it was created,
+    UsageError unless it is writable."""
     created = not os.path.isdir(directory)
     try:
         os.makedirs(directory, mode=POD_DIR_MODE, exist_ok=True)
@@ -3669,14 +3674,6 @@ def make_pod_dir(directory):
     if not os.access(directory, os.W_OK | os.X_OK):
         raise UsageError("cannot write to %s: permission denied" % directory)
     return created
-
-
-def remove_empty_dir(directory):
-    """Remove a directory if it is empty; leave it otherwise."""
-    try:
-        os.rmdir(directory)
-    except OSError:
-        pass  # not empty or already gone: leave it
 
 
 def check_server_config(api, protocols):
@@ -3694,7 +3691,7 @@ def check_server_config(api, protocols):
     return config
 
 
-def install_tunnel(files, api, server, tunnel, local_ports):
+def install_tunnel(files, api, tunnel, local_ports):
     """Make the key and CSR, get the certificate and CA, write the files of the setup."""
     api.secret = tunnel["secret"]
     write_file_atomic(files.key, make_key(), SECRET_FILE_MODE)
@@ -3703,8 +3700,8 @@ def install_tunnel(files, api, server, tunnel, local_ports):
     check_pin(api, cacert)
     write_file_atomic(files.cert, cert, PUBLIC_FILE_MODE)
     write_file_atomic(files.cacert, cacert, PUBLIC_FILE_MODE)
-    write_local(files, server, local_ports)
-    write_info(files, server, tunnel, tunnel["secret"])
+    write_local(files, api.base_url, local_ports)
+    write_info(files, api.base_url, tunnel, tunnel["secret"])
 
 
 def check_pin(api, cacert):
@@ -3734,8 +3731,7 @@ def cmd_env(args):
     """Print the settings as KEY='value' lines for `eval`; never the secret."""
     setup = read_setup(PodFiles(args.dir))
     values = {"PIPE2ME_SERVER": setup.server, "PIPE2ME_ID": setup.id, "PIPE2ME_FQDN": setup.fqdn}
-    for index, url in enumerate(setup.urls):
-        values["PIPE2ME_URLS_%d" % index] = url
+    values.update(("PIPE2ME_URLS_%d" % index, url) for index, url in enumerate(setup.urls))
     values["PIPE2ME_TUNNEL"] = setup.tunnel
     values["PIPE2ME_LOCAL_PORTS"] = ",".join(str(port) for port in setup.local_ports)
     values["PIPE2ME_PROXY_PROTOCOL"] = setup.proxy_protocol
@@ -3758,20 +3754,19 @@ def cmd_verify(args):
 def cmd_update(args):
     """Extend (with --auth), refresh the settings, renew the certificate when due."""
     setup = read_setup(PodFiles(args.dir))
-    api = api_for_setup(setup)
+    files, api = setup.files, api_for_setup(setup)
     if args.auth:
         api.extend(setup.id, args.auth)
         log.info("tunnel extended tunnel=%s", setup.id)
-    proxy = parse_proxy_protocol(getattr(args, "proxy_protocol", None))
+    proxy = parse_proxy_protocol(args.proxy_protocol)
     if proxy:
         warn_if_proxy_ignored(api.change(setup.id, proxy_protocol=proxy), proxy)
         log.info("proxy protocol set tunnel=%s proxy_protocol=%s", setup.id, proxy)
     tunnel = api.get_tunnel(setup.id)
     changed = tunnel["expires_at"] != setup.expires_at
     if tunnel.get("status") == "expired":
-        write_info(setup.files, setup.server, tunnel, setup.secret)
+        write_info(files, setup.server, tunnel, setup.secret)
         raise Rejected("tunnel %s expired: extend it with `update --auth TOKEN`" % setup.fqdn)
-    files = setup.files
     tunnel_cert = files.tunnel_cert_in_use()
     if changed or cert_needs_renewal(tunnel_cert):
         before = read_text(tunnel_cert)
@@ -3787,7 +3782,7 @@ def cmd_update(args):
         elif acme.get("state") != "valid":
             log.info("acme certificate not issued state=%s reason=%s next_try=%s",
                      acme.get("state"), acme.get("reason"), iso_time(acme.get("next_try_at")))
-    write_info(setup.files, setup.server, tunnel, setup.secret)
+    write_info(files, setup.server, tunnel, setup.secret)
     log.info("tunnel updated tunnel=%s expires_at=%d", setup.id, tunnel["expires_at"])
     return 0
 
@@ -3998,8 +3993,7 @@ def cmd_start(args):
     run_from_compiled_code(hand_over_arguments(args))
     lock_pod_dir(files.dir)  # after the re-exec: the lock's descriptor does not survive exec
     raise_open_file_limit()
-    runner = PodRunner(files, setup, args.stop_grace, getattr(args, "on_cert_change", None),
-                       args.connect_timeout)
+    runner = PodRunner(files, setup, args.stop_grace, args.on_cert_change, args.connect_timeout)
     check_no_loop(setup, runner.endpoint())
     servers = start_echo_services(files, setup) if args.echo else []
     keeper = start_port_keeper(files.dir, runner.loop)
@@ -4022,41 +4016,32 @@ def cmd_start(args):
 
 def cmd_status(args):
     """`status`: whether the tunnel connection is up, from the status file `start` writes."""
-    files = PodFiles(args.dir)
-    setup = read_setup(files)
+    setup = read_setup(PodFiles(args.dir))
     try:
-        with open(os.path.join(files.dir, STATUS_FILE), encoding="utf-8") as fh:
+        with open(os.path.join(setup.files.dir, STATUS_FILE), encoding="utf-8") as fh:
             status = json.loads(fh.read())
     except (OSError, ValueError):
         status = {}
     running = bool(status.get("pid")) and pid_alive(status["pid"]) and status.get("up") is not None
-    connected = running and status.get("up")
-    print("FQDN=%s" % setup.fqdn)
-    print("RUNNING=%s" % ("yes" if running else "no"))
-    print("CONNECTED=%s" % ("yes" if connected else "no"))
-    if connected and status.get("since"):
-        print("SINCE=%s" % iso_time(status["since"]))
-    print("LOCAL_PORTS=%s" % ",".join(str(target) for target in setup.local_ports))
-    print("STREAMS=%d" % (status.get("streams", 0) if running else 0))
-    print("BYTES_IN=%d" % status.get("bytes_in", 0))
-    print("BYTES_OUT=%d" % status.get("bytes_out", 0))
-    if status.get("last_error") and not status.get("up"):
-        print("LAST_ERROR=%s" % shlex.quote(status["last_error"]))
-    print_acme_status(status.get("acme"))
+    connected = running and bool(status.get("up"))
+    last_error = status.get("last_error") if not status.get("up") else None
+    print_fields(
+        ("FQDN", setup.fqdn), ("RUNNING", YES_NO[running]), ("CONNECTED", YES_NO[connected]),
+        ("SINCE", iso_time(status["since"]) if connected and status.get("since") else None),
+        ("LOCAL_PORTS", ",".join(str(target) for target in setup.local_ports)),
+        ("STREAMS", "%d" % (status.get("streams", 0) if running else 0)),
+        ("BYTES_IN", "%d" % status.get("bytes_in", 0)),
+        ("BYTES_OUT", "%d" % status.get("bytes_out", 0)),
+        ("LAST_ERROR", shlex.quote(last_error) if last_error else None))
+    acme = status.get("acme")
+    if isinstance(acme, dict):  # the server uses ACME: the publicly trusted certificate's state
+        print_fields(
+            ("ACME", shlex.quote(str(acme.get("state")))),
+            ("ACME_NOT_AFTER", iso_time(acme["not_after"]) if acme.get("not_after") else None),
+            ("ACME_REASON", shlex.quote(str(acme.get("reason") or ""))
+             if acme.get("state") != "valid" or acme.get("reason") else None),
+            ("ACME_NEXT_TRY", iso_time(acme["next_try_at"]) if acme.get("next_try_at") else None))
     return 0 if connected else 3
-
-
-def print_acme_status(acme):
-    """The publicly trusted certificate's state as `status` lines (only when the server uses ACME)."""
-    if not isinstance(acme, dict):
-        return
-    print("ACME=%s" % shlex.quote(str(acme.get("state"))))
-    if acme.get("not_after"):
-        print("ACME_NOT_AFTER=%s" % iso_time(acme["not_after"]))
-    if acme.get("state") != "valid" or acme.get("reason"):
-        print("ACME_REASON=%s" % shlex.quote(str(acme.get("reason") or "")))
-    if acme.get("next_try_at"):
-        print("ACME_NEXT_TRY=%s" % iso_time(acme["next_try_at"]))
 
 
 def pid_alive(pid):
@@ -4086,16 +4071,13 @@ def cmd_check(args):
     """Ask the server to probe this pod's public address on every port;
     print REACH=direct or relayed (STATUS=online or offline, the original's
     spelling of the same), ADDRESS, TIME."""
-    files = PodFiles(args.dir)
-    setup = read_setup(files)
-    answer = api_for_setup(setup).check(setup.id, check_facts(files.dir, setup, args.router))
+    setup = read_setup(PodFiles(args.dir))
+    answer = api_for_setup(setup).check(setup.id, check_facts(setup.files.dir, setup, args.router))
     direct = answer.get("status") == "direct"
-    print("STATUS=%s" % ("online" if direct else "offline"))
-    print("ADDRESS=%s" % answer.get("address", ""))
-    print("TIME=%s" % iso_time(answer.get("checked_at")))
-    print("REACH=%s" % ("direct" if direct else "relayed"))
-    if answer.get("cgnat"):
-        print("CGNAT=yes")
+    print_fields(("STATUS", "online" if direct else "offline"),
+                 ("ADDRESS", answer.get("address", "")), ("TIME", iso_time(answer.get("checked_at"))),
+                 ("REACH", "direct" if direct else "relayed"),
+                 ("CGNAT", "yes" if answer.get("cgnat") else None))
     if not direct:
         log.info("not directly reachable, consumers go through the server: %s",
                  answer.get("reason"))
@@ -4126,10 +4108,9 @@ def cmd_map_ports(args):
     external port = public port, internal = local port; saved for `start`."""
     files = PodFiles(args.dir)
     result = map_pod_ports(files.dir, read_setup(files), args.method, args.lifetime)
-    print("METHOD=%s" % result.method)
-    print("EXTERNAL_ADDRESS=%s" % result.external_address)
-    print("LEASE_END=%s" % iso_time(result.lease_end))
-    print("PORTS=%s" % ",".join(str(external) for _, external in result.mappings))
+    print_fields(("METHOD", result.method), ("EXTERNAL_ADDRESS", result.external_address),
+                 ("LEASE_END", iso_time(result.lease_end)),
+                 ("PORTS", ",".join(str(external) for _, external in result.mappings)))
     return 0
 
 

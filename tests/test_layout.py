@@ -56,7 +56,7 @@ BUDGETS = {
         "ROUTER PORT MAPPING": 690,
         "TUNNEL CLIENT":       610,
         "ECHO SERVICES":       120,
-        "COMMANDS":            585,
+        "COMMANDS":            555,
         "CLI":                 170,
     },
 }
