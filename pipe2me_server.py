@@ -5981,26 +5981,19 @@ def recheck_direct(settings, store, record, now):
 # - ANY gets the A and AAAA records of the name; a name without addresses
 #   gets the synthesized `HINFO "RFC8482" ""` of RFC 8482 section 4.2.
 #   AXFR and IXFR are REFUSED: there is no zone transfer.
-# - Split horizon keys are the query's source, or a full /32 IPv4 Client
-#   Subnet address from a resolver listed in DNS_CLIENT_SUBNET_FROM (from
-#   anyone else the option is ignored and not echoed); AAAA answers are
-#   never split. An honoured option is echoed with scope /32 for such
-#   names, /0 otherwise.
+# - Split horizon keys are the query's source, or a full /32 IPv4 EDNS
+#   Client Subnet (ECS) address from a resolver listed in
+#   DNS_CLIENT_SUBNET_FROM (from anyone else the option is ignored and not
+#   echoed, as a server without ECS would); AAAA answers are never split.
+#   An honoured option is echoed with scope /32 for such names, /0 otherwise.
 # - Size: UDP answers fit 512 bytes without EDNS0, else min(client's size,
 #   our 1232); a larger one is sent with TC set and its records dropped, so
 #   the client retries over TCP. TCP answers fit 65535. Names in answers
 #   are not compressed (the answers are small).
-# - Abuse: UDP answers are rate limited per source prefix (DNS_RATE_LIMIT,
-#   DNS_RATE_SLIP: RateLimiter); UDP work is bounded per loop turn so tunnel
-#   traffic keeps its turns; TCP connections get capped threads, a small
-#   share per source and a deadline per whole query (DnsResponder).
+# - Abuse: UDP answers rate limited per source prefix (DNS_RATE_LIMIT,
+#   DNS_RATE_SLIP: RateLimiter), UDP reads and TCP threads capped (DnsResponder).
 # - Unknown names are decided by the callbacks alone: an empty non-terminal
 #   gets NXDOMAIN.
-#
-# Glossary: *apex* the domain itself; *NODATA* NOERROR with no answers;
-# *ECS* the EDNS Client Subnet option; *split* LAN addresses per client;
-# *direct* / *relayed* the outcome of a reachability check; *slip* a
-# truncated answer instead of a dropped one (RRL).
 
 DNS_TTL_S = 60                     # of every tunnel record, both providers
 
@@ -6112,10 +6105,8 @@ def read_name(packet, offset):
 
 def read_options(rdata):
     """The DnsEcs of an OPT record's options (RFC 7871 section 6), or None;
-    other options are ignored. DnsFormatError for a truncated option, a
-    second ECS, or one with an unknown family, a prefix too long for it, a
-    scope (queries send 0), an address of the wrong length or bits set
-    beyond its prefix."""
+    other options are ignored. DnsFormatError for a truncated option or a
+    second ECS, or an ECS that breaks RFC 7871 (a query's scope is 0)."""
     ecs, offset = None, 0
     while offset < len(rdata):
         # a cut-off option header is padded to a length that fails the check below
@@ -6237,16 +6228,13 @@ def labels_of(name):
 
 class DnsZone:
     """The authoritative data for one domain, answering query bytes.
-
     `lookup(name)` gets a lowercased FQDN strictly below the domain, other
     than ns.<domain>, and returns a DnsTunnelRecord (or None: no such tunnel);
     `txt_lookup(name)` gets any lowercased name in the domain and returns
     its TXT strings. Both must not block, may run in several threads at once
-    and see only names of letters, digits, '-' and '_'. A Client Subnet
-    option counts only from a source inside `subnet_resolvers` (networks);
-    from anyone else it is ignored, as a server without ECS would.
-    `serial` (bump it when records change), `ttl_s`, `server_ipv4` and
-    `server_ipv6` may be changed between calls."""
+    and see only names of letters, digits, '-' and '_'. ECS counts only from
+    `subnet_resolvers` (networks). `serial` (bump it when records change)
+    and the other attributes may be changed between calls."""
 
     def __init__(self, domain, server_ipv4=(), server_ipv6=(), ttl_s=60,
                  lookup=None, txt_lookup=None, serial=1, subnet_resolvers=()):
@@ -6284,9 +6272,7 @@ class DnsZone:
             return header_only(qid, flags, DNS_SERVFAIL)
 
     def respond(self, query, client_ip, max_udp):
-        """The response to a parsed query within its size: 65535 bytes over TCP,
-        512 over UDP without EDNS0, else the client's size within [512,
-        max_udp] (RFC 6891 section 6.2.5); too large: TC and no records."""
+        """The response to a parsed query, within its size (RFC 6891 section 6.2.5)."""
         edns, udp_bytes = query.edns, max_udp or DNS_EDNS_UDP_BYTES
         if edns is not None and edns.ecs is not None and not any(
                 ipaddress.ip_address(client_ip) in net for net in self.subnet_resolvers):
@@ -6308,8 +6294,7 @@ class DnsZone:
 
     def resolve(self, query, client_keys):
         """(rcode, flags, sections, split) of a query; split: the answer
-        depends on the client's address. ANY gets A and AAAA, or RFC 8482's
-        HINFO when there are none; AXFR, IXFR and other classes: REFUSED."""
+        depends on the client's address."""
         relative = self.relative_labels(tuple(label.lower() for label in query.labels))
         if relative is None or query.qclass != DNS_IN or query.qtype in (DNS_AXFR, DNS_IXFR):
             return DNS_REFUSED, 0, DNS_NO_RECORDS, False
@@ -6336,8 +6321,7 @@ class DnsZone:
 
     def node_of(self, relative, client_keys):
         """({rtype: [record data]}, split) of an in-domain name, (None, False)
-        if it does not exist: the apex and ns.<domain> answer the server's
-        addresses, other names what `lookup` says; TXT from txt_lookup."""
+        if it does not exist."""
         if not all(DNS_PLAIN_LABEL_BYTES.issuperset(label) for label in relative):
             return None, False
         name = b".".join(relative + self.domain_labels).decode("ascii")
@@ -6370,24 +6354,14 @@ class DnsZone:
 
 # ---- the responder: UDP on the loop, TCP in capped threads --------------------
 
-DNS_UDP_PER_TURN = 4               # datagrams answered per loop turn: tunnels keep theirs
-DNS_UDP_PER_S = 10000              # datagrams read per second in all; more wait in the kernel
-DNS_UDP_SLICE_S = 0.01             # ... counted in slices this long
-DNS_TCP_MAX_CLIENTS = 64
-DNS_TCP_PER_SOURCE = 4             # of those, per IPv4 address or IPv6 /64
-DNS_TCP_QUERY_DEADLINE_S = 5.0     # to receive one whole query and send its answer
-DNS_RRL_TABLE_SIZE = 10000         # source prefixes the rate limiter remembers
-
-
 class RateLimiter:
     """Response rate limiting per source prefix (IPv4 /24, IPv6 /56, as BIND's
     RRL): `rate` answers per second (and a burst of as many) to a prefix;
     past that every `slip`th query gets a bare answer with TC set, so a real
     resolver retries over TCP (a forged source cannot), the others nothing.
-    slip 0: nothing at all; rate 0: no limit. The TABLE_SIZE most recently
-    seen prefixes are remembered. Used by the loop thread only."""
+    slip 0: nothing at all; rate 0: no limit. Used by the loop thread only."""
 
-    TABLE_SIZE = DNS_RRL_TABLE_SIZE
+    TABLE_SIZE = 10000             # source prefixes remembered, the most recent
     ANSWER, SLIP, DROP = "answer", "slip", "drop"
 
     def __init__(self, rate, slip):
@@ -6415,25 +6389,19 @@ class RateLimiter:
 class DnsResponder:
     """Serves a DnsZone on UDP and TCP at (address, port) (0: a free port for
     both, in `.port`) through the server's EventLoop; built and closed in the
-    loop thread; never raises for network or packet trouble.
+    loop thread; never raises for network or packet trouble. UDP is read in
+    bounded turns and slices, so a flood waits or overflows in the kernel
+    while tunnels keep their turns and the CPU; TCP connections get threads
+    from SourceShares (a source's newest connection ends its oldest) and a
+    deadline per whole query however slowly bytes trickle. The limits are
+    class attributes (per instance too)."""
 
-    UDP: a loop turn answers at most UDP_PER_TURN datagrams, and the loop
-    reads at most UDP_PER_S a second (the socket is unwatched for the rest of
-    a slice past that), so a flood waits or overflows in the kernel while
-    tunnels keep their turns and the CPU; `limiter` says per source whether
-    a query gets its answer, a truncated one or none.
-    TCP: a Listener hands each connection to a thread, at most
-    TCP_MAX_CLIENTS and TCP_PER_SOURCE per IPv4 address or IPv6 /64, shared
-    as SourceShares does (a source's newest connection ends its oldest);
-    each whole query must arrive, and its answer leave,
-    within TCP_QUERY_DEADLINE_S however slowly bytes trickle; a length below
-    a header closes it. Settings are class attributes (per instance too)."""
-
-    UDP_PER_TURN = DNS_UDP_PER_TURN
-    UDP_PER_S = DNS_UDP_PER_S
-    TCP_MAX_CLIENTS = DNS_TCP_MAX_CLIENTS
-    TCP_PER_SOURCE = DNS_TCP_PER_SOURCE
-    TCP_QUERY_DEADLINE_S = DNS_TCP_QUERY_DEADLINE_S
+    UDP_PER_TURN = 4               # datagrams answered per loop turn: tunnels keep theirs
+    UDP_PER_S = 10000              # datagrams read per second in all; more wait in the kernel
+    UDP_SLICE_S = 0.01             # ... counted in slices this long
+    TCP_MAX_CLIENTS = 64
+    TCP_PER_SOURCE = 4             # of those, per IPv4 address or IPv6 /64
+    TCP_QUERY_DEADLINE_S = 5.0     # to receive one whole query and send its answer
 
     def __init__(self, zone, loop, address="0.0.0.0", port=53, limiter=None):
         self.zone, self.loop, self.limiter = zone, loop, limiter or RateLimiter(0, 0)
@@ -6463,8 +6431,8 @@ class DnsResponder:
         if self.closed:
             return
         if now >= self.slice_end:
-            self.slice_end = now + DNS_UDP_SLICE_S
-            self.slice_left = max(1, int(self.UDP_PER_S * DNS_UDP_SLICE_S))
+            self.slice_end = now + self.UDP_SLICE_S
+            self.slice_left = max(1, int(self.UDP_PER_S * self.UDP_SLICE_S))
             self.loop.watch(self.udp, EVENT_READ, self.on_udp)
         elif self.slice_left <= 0:
             self.loop.watch(self.udp, 0)
