@@ -6603,28 +6603,25 @@ class DnsProviderError(Unavailable):
         self.retry_at = retry_at
 
 
-def dnsimple_credentials(service):
-    """(token, account id or None) of DYNAMIC_DNS_SERVICE=dnsimple:TOKEN[:ACCOUNT]."""
-    parts = service.split(":")
-    return parts[1], (parts[2] if len(parts) > 2 and parts[2] else None)
-
-
 class DnsimpleClient:
     """Calls to the dnsimple v2 API under base_url (DNSIMPLE_API_URL): bearer
     token, JSON in and out, pagination, rate-limit headers. Every failure is a
     DnsProviderError with dnsimple's `message`; the token never reaches a log."""
 
-    def __init__(self, base_url, token, account=None, timeout_s=DNSIMPLE_TIMEOUT_S):
+    def __init__(self, base_url, token, account=None):
         self.base_url, self.token, self.account = base_url.rstrip("/"), token, account
-        self.timeout_s = timeout_s
         self.rate_remaining = self.rate_reset = None
 
-    def call(self, method, path, body=None, query=None, answers=()):
-        """(status, decoded JSON or None) of one request; 2xx or a status in answers."""
+    def call(self, method, path, body=None, query=None, missing_ok=False):
+        """The JSON answer of one request, which holds "data"; None for 204 (and
+        404 if missing_ok). None sent while the hour's quota is used up."""
         import urllib.error  # here, not at the top: only dnsimple users need them (server RSS)
         import urllib.request
+        if self.rate_remaining == 0 and self.rate_reset and time.time() < self.rate_reset:
+            raise DnsProviderError("dnsimple rate limit used up until %s; %s %s not sent" % (
+                time.strftime("%H:%M:%S", time.localtime(self.rate_reset)), method, path),
+                self.rate_reset)
         url = "%s/v2%s%s" % (self.base_url, path, "?" + urllib.parse.urlencode(query) if query else "")
-        self.check_rate_limit(method, path)
         request = urllib.request.Request(url, method=method, headers={
             "Authorization": "Bearer " + self.token, "Accept": "application/json",
             "User-Agent": "pipe2me-server"})
@@ -6632,102 +6629,76 @@ class DnsimpleClient:
             request.data = json.dumps(body).encode()
             request.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as answer:
-                self.note_rate_limit(answer.headers)
-                return answer.status, self.decode(answer.read(DNSIMPLE_MAX_ANSWER_BYTES), path)
+            with urllib.request.urlopen(request, timeout=DNSIMPLE_TIMEOUT_S) as answer:
+                status, headers = answer.status, answer.headers
+                data = answer.read(DNSIMPLE_MAX_ANSWER_BYTES)
         except urllib.error.HTTPError as exc:
-            self.note_rate_limit(exc.headers)
-            data = exc.read(DNSIMPLE_MAX_ANSWER_BYTES)
-            if exc.code in answers:
-                return exc.code, None
-            raise self.refusal(method, path, exc.code, data) from None
+            status, headers, data = exc.code, exc.headers, exc.read(DNSIMPLE_MAX_ANSWER_BYTES)
         except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", None) or exc
             raise DnsProviderError("dnsimple unreachable at %s: %s" % (self.base_url, reason)) from None
-
-    @staticmethod
-    def decode(data, path):
-        """The JSON of an answer body, None for an empty one; DnsProviderError if it is not JSON."""
-        if not data:
-            return None
-        try:
-            return json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise DnsProviderError("dnsimple answered %s with something else than JSON" % path) from None
-
-    def refusal(self, method, path, status, data):
-        """The DnsProviderError for a refused request, with dnsimple's message and, on 429, the reset time."""
-        try:
-            message = str(json.loads(data.decode("utf-8")).get("message"))[:300]
-        except (UnicodeDecodeError, ValueError, AttributeError):
-            message = "HTTP %d" % status
-        retry_at = self.rate_reset if status == 429 else None
-        return DnsProviderError("dnsimple refused %s %s: %d %s" % (method, path, status, message),
-                                retry_at)
-
-    def note_rate_limit(self, headers):
-        """Remember the quota left and its reset time from an answer's X-RateLimit headers."""
         with contextlib.suppress(TypeError, ValueError):
             self.rate_remaining = int(headers.get("X-RateLimit-Remaining"))
             self.rate_reset = int(headers.get("X-RateLimit-Reset"))
-
-    def check_rate_limit(self, method, path):
-        """No request while the last answer said the hour's quota is used up."""
-        if self.rate_remaining == 0 and self.rate_reset and time.time() < self.rate_reset:
-            raise DnsProviderError("dnsimple rate limit used up until %s; %s %s not sent" % (
-                time.strftime("%H:%M:%S", time.localtime(self.rate_reset)), method, path),
-                self.rate_reset)
-
-    def data(self, method, path, body=None, query=None):
-        """The decoded answer of a request, which must hold "data" (None on 204)."""
-        status, answer = self.call(method, path, body, query)
-        if status == 204:
+        if status == 204 or status == 404 and missing_ok:
             return None
+        try:
+            answer = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            answer = None
+        if status >= 300:  # urllib raised HTTPError for it
+            message = str(answer.get("message"))[:300] if isinstance(answer, dict) else None
+            raise DnsProviderError("dnsimple refused %s %s: %d %s" % (
+                method, path, status, message or "HTTP %d" % status),
+                self.rate_reset if status == 429 else None)
         if not isinstance(answer, dict) or "data" not in answer:
-            raise DnsProviderError("dnsimple answered %s %s without data" % (method, path))
+            raise DnsProviderError("dnsimple answered %s %s without data in JSON" % (method, path))
         return answer
 
     # -- the endpoints --------------------------------------------------
     def account_id(self):
         """The account of DYNAMIC_DNS_SERVICE, or the token's (GET /whoami)."""
         if self.account is None:
-            account = (self.data("GET", "/whoami")["data"] or {}).get("account")
+            account = (self.call("GET", "/whoami")["data"] or {}).get("account")
             if not isinstance(account, dict) or "id" not in account:
                 raise DnsProviderError("this dnsimple token is a user token: give the account"
                                        " as DYNAMIC_DNS_SERVICE=dnsimple:TOKEN:ACCOUNT_ID")
             self.account = str(account["id"])
         return self.account
 
+    def zone_path(self, zone, tail=""):
+        """The path of `zone` in the account, then `tail`."""
+        return "/%s/zones/%s%s" % (self.account_id(), zone, tail)
+
     def zone_exists(self, name):
         """Whether the account has the zone `name`."""
-        status, _ = self.call("GET", "/%s/zones/%s" % (self.account_id(), name), answers=(404,))
-        return status == 200
+        return self.call("GET", self.zone_path(name), missing_ok=True) is not None
 
     def records(self, zone):
         """Every record of the zone, through all pages."""
-        found, page = [], 1
-        while page <= DNSIMPLE_MAX_PAGES:
-            answer = self.data("GET", "/%s/zones/%s/records" % (self.account_id(), zone),
+        found = []
+        for page in range(1, DNSIMPLE_MAX_PAGES + 1):
+            answer = self.call("GET", self.zone_path(zone, "/records"),
                                query={"page": page, "per_page": DNSIMPLE_PER_PAGE})
             found += [r for r in answer["data"] if isinstance(r, dict)]
             if page >= int((answer.get("pagination") or {}).get("total_pages") or 1):
                 return found
-            page += 1
-        raise DnsProviderError("dnsimple zone %s has more than %d pages of records" % (zone, page - 1))
+        raise DnsProviderError("dnsimple zone %s has more than %d pages of records"
+                               % (zone, DNSIMPLE_MAX_PAGES))
 
     def create(self, zone, name, rtype, content):
         """Create one record in the zone with DNS_TTL_S; returns it as dnsimple has it."""
-        return self.data("POST", "/%s/zones/%s/records" % (self.account_id(), zone), {
+        return self.call("POST", self.zone_path(zone, "/records"), {
             "name": name, "type": rtype, "content": content, "ttl": DNS_TTL_S})["data"]
 
     def update(self, zone, record_id, content):
         """Set one record's content (and DNS_TTL_S); returns it as dnsimple has it."""
-        return self.data("PATCH", "/%s/zones/%s/records/%s" % (self.account_id(), zone, record_id),
+        return self.call("PATCH", self.zone_path(zone, "/records/%s" % record_id),
                          {"content": content, "ttl": DNS_TTL_S})["data"]
 
     def delete(self, zone, record_id):
         """Delete one record of the zone."""
-        self.data("DELETE", "/%s/zones/%s/records/%s" % (self.account_id(), zone, record_id))
+        self.call("DELETE", self.zone_path(zone, "/records/%s" % record_id))
 
 
 @contextlib.contextmanager
@@ -6749,9 +6720,9 @@ class DnsimpleProvider:
     is TUNNEL_DOMAIN or the nearest parent dnsimple has. Blocking: run it off
     the loop thread."""
 
-    def __init__(self, settings, client=None):
-        token, account = dnsimple_credentials(settings.dynamic_dns_service)
-        self.client = client or DnsimpleClient(settings.dnsimple_api_url, token, account)
+    def __init__(self, settings):
+        token, account = (settings.dynamic_dns_service.split(":") + [""])[1:3]  # TOKEN[:ACCOUNT]
+        self.client = DnsimpleClient(settings.dnsimple_api_url, token, account or None)
         self.domain, self.state_dir = settings.tunnel_domain, settings.state_dir
         self.owned_path = os.path.join(settings.state_dir, DNS_OWNED_FILE)
         self.zone = None
