@@ -6587,7 +6587,6 @@ DNS_RETRY_MAX_S = 3600.0           # longest wait a rate limit can impose
 DNS_OWNED_FILE = "dns_records.json"
 DNS_LOCK_FILE = "dns.lock"
 
-
 DNSIMPLE_TIMEOUT_S = 15
 DNSIMPLE_PER_PAGE = 100            # the API's maximum
 DNSIMPLE_MAX_PAGES = 1000
@@ -6787,11 +6786,10 @@ class DnsimpleProvider:
             if str(record.get("id")) in owned and record.get("type") in ("A", "AAAA", "TXT"):
                 fqdn = "%s.%s" % (record["name"], zone) if record.get("name") else zone
                 mine.setdefault((fqdn, record["type"]), []).append(record)
-        present = {str(r["id"]) for records in mine.values() for r in records}
-        if set(owned) - present:
-            log.warning("dns records gone from dnsimple, forgotten ids=%s",
-                        ",".join(sorted(set(owned) - present)))
-            for record_id in set(owned) - present:
+        gone = set(owned) - {str(r["id"]) for records in mine.values() for r in records}
+        if gone:
+            log.warning("dns records gone from dnsimple, forgotten ids=%s", ",".join(sorted(gone)))
+            for record_id in gone:
                 del owned[record_id]
             self.save_owned(owned)
         return mine
@@ -6810,25 +6808,23 @@ class DnsimpleProvider:
                 self.client.update(zone, record["id"], content)
                 changes.append("updated %s %s %s ttl=%d" % (rtype, fqdn, content, DNS_TTL_S))
         for content in [c for c in contents if c not in keep]:
-            changes.append(self.put(zone, fqdn, rtype, content, spare, owned))
+            if spare:  # a spare record of ours is pointed at it
+                record = spare.pop(0)
+                self.client.update(zone, record["id"], content)
+                changes.append("updated %s %s %s (was %s)" % (rtype, fqdn, content,
+                                                              record.get("content")))
+                continue
+            created = self.client.create(zone, fqdn[:-len(zone) - 1] if fqdn != zone else "",
+                                         rtype, content)
+            owned[str(created["id"])] = {"fqdn": fqdn, "type": rtype}
+            self.save_owned(owned)
+            changes.append("created %s %s %s" % (rtype, fqdn, content))
         for record in spare:
             self.client.delete(zone, record["id"])
             del owned[str(record["id"])]
             self.save_owned(owned)
             changes.append("deleted %s %s %s" % (rtype, fqdn, record.get("content")))
         return changes
-
-    def put(self, zone, fqdn, rtype, content, spare, owned):
-        """Point one of our spare records at content, or create one."""
-        if spare:
-            record = spare.pop(0)
-            self.client.update(zone, record["id"], content)
-            return "updated %s %s %s (was %s)" % (rtype, fqdn, content, record.get("content"))
-        name = fqdn[:-len(zone) - 1] if fqdn != zone else ""
-        created = self.client.create(zone, name, rtype, content)
-        owned[str(created["id"])] = {"fqdn": fqdn, "type": rtype}
-        self.save_owned(owned)
-        return "created %s %s %s" % (rtype, fqdn, content)
 
 
 # ---- reconciliation off the loop thread --------------------------------------
@@ -6839,8 +6835,8 @@ class DnsReconciler:
     is logged and retried after DNS_RETRY_FIRST_S, doubling up to the
     interval, or when a rate limit says; it never stops the server."""
 
-    def __init__(self, provider, wanted, interval_s=DNS_RECONCILE_INTERVAL_S):
-        self.provider, self.wanted, self.interval_s = provider, wanted, interval_s
+    def __init__(self, provider, wanted):
+        self.provider, self.wanted = provider, wanted
         self.wake = threading.Event()
         self.stopping = False
         self.failures = 0
@@ -6851,7 +6847,7 @@ class DnsReconciler:
         """Start the reconciliation thread."""
         self.thread.start()
 
-    def trigger(self, _tunnel_id=None):
+    def trigger(self):
         """Ask for a reconciliation soon (a store change)."""
         self.wake.set()
 
@@ -6871,31 +6867,26 @@ class DnsReconciler:
             if woke and time.monotonic() < self.hold_until:
                 due = self.hold_until  # a change while backing off: run when the wait is over
                 continue
-            delay = self.attempt()
-            due = time.monotonic() + delay
+            due = time.monotonic() + self.attempt()
             self.hold_until = due if self.failures else 0.0
 
     def attempt(self):
         """One reconciliation; returns the seconds until the next one."""
         try:
             self.provider.reconcile(self.wanted())
-        except DnsProviderError as exc:
-            return self.failed(exc, exc.retry_at)
+            self.failures = 0
+            return DNS_RECONCILE_INTERVAL_S
         except Exception as exc:  # thread boundary: a bug is logged, DNS goes on later
-            log.exception("dns update failed with a bug")
-            return self.failed(exc, None)
-        self.failures = 0
-        return self.interval_s
-
-    def failed(self, exc, retry_at):
-        """Count and log a failed attempt; returns the seconds until the next one."""
-        self.failures += 1
-        delay = min(self.interval_s, DNS_RETRY_FIRST_S * 2 ** (self.failures - 1))
-        if retry_at:  # the rate limit's reset, in whole seconds: one more to be past it
-            delay = min(max(retry_at + 1.0 - time.time(), 1.0), DNS_RETRY_MAX_S)
-        log.warning("dns update failed attempt=%d retry_in=%.0fs error=%s",
-                    self.failures, delay, exc)
-        return delay
+            if not isinstance(exc, DnsProviderError):
+                log.exception("dns update failed with a bug")
+            self.failures += 1
+            delay = min(DNS_RECONCILE_INTERVAL_S, DNS_RETRY_FIRST_S * 2 ** (self.failures - 1))
+            if isinstance(exc, DnsProviderError) and exc.retry_at:
+                # the rate limit's reset, in whole seconds: one more to be past it
+                delay = min(max(exc.retry_at + 1.0 - time.time(), 1.0), DNS_RETRY_MAX_S)
+            log.warning("dns update failed attempt=%d retry_in=%.0fs error=%s",
+                        self.failures, delay, exc)
+            return delay
 
 # =====================================================================
 # WIRING — the Server object: builds the parts above, binds the fixed
