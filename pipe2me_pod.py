@@ -4232,52 +4232,32 @@ def add_router_arguments(check, map_ports):
                            help="lease to ask for, renewed by `start` at half (default %(default)s)")
 
 
-def configure_logging(args):
-    """Send the pod's logs to stderr at the level the flags ask for."""
-    if args.silent:
-        log.level = LOG_LEVELS["SILENT"]
-    elif args.quiet:
-        log.level = LOG_LEVELS["WARNING"]
-    elif args.verbose:
-        log.level = LOG_LEVELS["DEBUG"]
-    else:
-        log.level = LOG_LEVELS["INFO"]
-
-
-HANDED_OVER_COMMANDS = {"start": cmd_start}  # the commands that call run_from_compiled_code()
-
-
 def handed_over_arguments():
-    """The arguments hand_over_arguments() passed to this process, or None."""
+    """The arguments hand_over_arguments() passed to this process (only `start`
+    re-executes itself), or None."""
     text = os.environ.pop(ARGS_VARIABLE, None)
     if text is None:
         return None
-    args = types.SimpleNamespace(**json.loads(text))
-    args.func = HANDED_OVER_COMMANDS[args.command]
-    return args
+    return types.SimpleNamespace(func=cmd_start, **json.loads(text))
 
 
 def main(argv=None):
     """Run one command; return the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = handed_over_arguments()
+    silent = "--silent" in argv
     try:
-        args = args or build_parser().parse_args(argv)
-    except UsageError as exc:
-        if "--silent" not in argv:
-            sys.stderr.write("pipe2me: %s\n" % exc)
-        return exc.exit_code
-    configure_logging(args)
-    try:
+        args = handed_over_arguments() or build_parser().parse_args(argv)
+        silent = args.silent
+        log.level = LOG_LEVELS["SILENT" if args.silent else "WARNING" if args.quiet
+                               else "DEBUG" if args.verbose else "INFO"]
         return args.func(args)
     except Pipe2meError as exc:
-        if not args.silent:
-            sys.stderr.write("pipe2me: %s\n" % exc)
-        return exc.exit_code
+        code, message = exc.exit_code, str(exc)
     except KeyboardInterrupt:
-        if not args.silent:
-            sys.stderr.write("pipe2me: interrupted\n")
-        return EXIT_INTERRUPTED
+        code, message = EXIT_INTERRUPTED, "interrupted"
+    if not silent:
+        sys.stderr.write("pipe2me: %s\n" % message)
+    return code
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ BUDGETS = {
         "TUNNEL CLIENT":       610,
         "ECHO SERVICES":       120,
         "COMMANDS":            555,
-        "CLI":                 170,
+        "CLI":                 155,
     },
 }
 
