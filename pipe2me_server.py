@@ -2190,10 +2190,6 @@ class PortPool:
         self.held = set()
         self.aside = collections.deque()  # (monotonic retry time, port)
 
-    def take(self, port):
-        """`port` is held by a tunnel."""
-        self.held.add(port)
-
     def release(self, port):
         """`port` is free again (if it is still in TUNNEL_PORTS)."""
         if port in self.held:
@@ -2204,7 +2200,9 @@ class PortPool:
     def pick(self, count, usable):
         """The `count` lowest free ports for which usable(port) is true, now
         held; Unavailable if the range has no more."""
-        self.offer_again(time.monotonic())
+        now = time.monotonic()
+        while self.aside and (self.aside[0][0] <= now or not self.free):  # set aside, now due
+            heapq.heappush(self.free, self.aside.popleft()[1])
         picked = []
         while len(picked) < count and self.free:
             port = heapq.heappop(self.free)
@@ -2213,19 +2211,13 @@ class PortPool:
             if usable(port):
                 picked.append(port)
             else:
-                self.aside.append((time.monotonic() + PORT_RETRY_S, port))
+                self.aside.append((now + PORT_RETRY_S, port))
         if len(picked) < count:
             for port in picked:
                 heapq.heappush(self.free, port)
             raise Unavailable("no free public ports left in TUNNEL_PORTS")
         self.held.update(picked)
         return picked
-
-    def offer_again(self, now):
-        """Put the ports set aside back among the free ones once their time has come (or none
-        are free)."""
-        while self.aside and (self.aside[0][0] <= now or not self.free):
-            heapq.heappush(self.free, self.aside.popleft()[1])
 
 
 class Store:
@@ -2266,8 +2258,7 @@ class Store:
         entries are there already)."""
         tunnel_id = record["id"]
         if holds:
-            for port in record["ports"]:
-                self.pool.take(port)
+            self.pool.held.update(record["ports"])
         self.names[record["fqdn"]] = tunnel_id
         self.certs.update((fp, tunnel_id) for fp in record.get("cert_sha256", []))
         if time.time() < record["expires_at"]:  # live tunnels only: what the cap counts
@@ -2381,11 +2372,6 @@ class Store:
         """Whether the record still holds its ports and name (until PORT_GRACE after expiry)."""
         return now < record["expires_at"] + self.settings.port_grace
 
-    def live_count_for_token(self, token_hash, now):
-        """How many unexpired tunnels the token (by hash) has made."""
-        ids = self.by_token.get(token_hash, ())
-        return sum(1 for i in ids if now < self.tunnels[i]["expires_at"])
-
     # -- changes -----------------------------------------------------
     def save(self, record):
         """Write the record's file (mode 0600, atomically)."""
@@ -2435,7 +2421,8 @@ class Store:
         if options["unique"] and token_hash in self.used_tokens:
             raise Rejected("this token was for one use and has been used")
         cap = self.settings.max_tunnels_per_token
-        if cap and self.live_count_for_token(token_hash, now) >= cap:
+        if cap and sum(now < self.tunnels[i]["expires_at"]
+                       for i in self.by_token.get(token_hash, ())) >= cap:
             log.warning("tunnel cap reached token_sha256=%s cap=%d", token_hash[:12], cap)
             raise Rejected("this token already has %d live tunnels (MAX_TUNNELS_PER_TOKEN)" % cap)
 
@@ -2472,7 +2459,7 @@ class Store:
         tries)."""
         domain = self.settings.tunnel_domain
         for attempt in range(200):
-            words = three_words()
+            words = "-".join(secrets.choice(w) for w in (MOODS, COLORS, ANIMALS))
             name = "%s.%s" % (words if attempt < 20 else "%s-%d" % (words, attempt), domain)
             if name not in self.names:
                 return name

@@ -30,7 +30,7 @@ BUDGETS = {
         "SHARED relay":        855,
         "SHARED process":      175,
         "TOKENS":              120,
-        "STATE STORE":         530,
+        "STATE STORE":         512,
         "CERTIFICATES":        445,
         "ACME":                690,
         "API":                 565,
