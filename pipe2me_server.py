@@ -589,9 +589,7 @@ def shell_format(obj, prefix=""):
         if isinstance(value, (list, tuple)):
             lines += ["%s%s_%d=%s" % (prefix, key, i, shlex.quote(str(v)))
                       for i, v in enumerate(value)]
-        elif isinstance(value, dict):
-            continue
-        else:
+        elif not isinstance(value, dict):
             text = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
             lines.append("%s%s=%s" % (prefix, key, shlex.quote(text)))
     return "\n".join(lines) + "\n"
@@ -659,16 +657,12 @@ class SourceShares:
         if top <= held:
             return None
         return self.oldest(min((s for s, n in self.counts.items() if n == top),
-                               key=self.oldest_time))
+                               key=lambda s: self.holders[self.oldest(s)][1]))
 
     def oldest(self, source):
         """The socket that `source` has held longest."""
         return min((sock for sock, (owner, _) in self.holders.items() if owner == source),
                    key=lambda sock: self.holders[sock][1])
-
-    def oldest_time(self, source):
-        """When `source`'s oldest socket took its slot."""
-        return self.holders[self.oldest(source)][1]
 
     def rekey(self, old, new):
         """The connection is now served through `new` (a TLS socket wrapping `old`)."""
@@ -707,8 +701,7 @@ def sha256_hex(data):
 
 
 def bind_listener(address, port, kind=socket.SOCK_STREAM, listen=True):
-    """A bound (and for TCP, unless told not to, listening) socket;
-    Unavailable naming the port if taken."""
+    """A bound socket, listening if TCP and `listen`; Unavailable naming a taken port."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, kind)
     try:
@@ -799,12 +792,6 @@ def plain_address(address):
     """The address as a string, an IPv4-mapped IPv6 address as its IPv4."""
     ip = ipaddress.ip_address(address)
     return str(getattr(ip, "ipv4_mapped", None) or ip)
-
-
-def three_words():
-    """A fresh `<mood>-<color>-<animal>` tunnel name."""
-    pick = secrets.choice
-    return "%s-%s-%s" % (pick(MOODS), pick(COLORS), pick(ANIMALS))
 
 # ---- BEGIN SHARED protocol (identical in pipe2me_server.py and pipe2me_pod.py) ----
 # The tunnel connection: the pod dials TUNNEL_PORT, both sides authenticate with
