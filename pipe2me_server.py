@@ -358,22 +358,6 @@ def parse_duration(value):
     return int(match.group(1)) * unit
 
 
-def parse_positive_duration(value):
-    """A duration (parse_duration) of more than 0 seconds."""
-    seconds = parse_duration(value)
-    if seconds <= 0:
-        raise ValueError("must be more than 0 seconds")
-    return seconds
-
-
-def parse_count(value):
-    """A whole number of at least 0."""
-    count = int(value)
-    if count < 0:
-        raise ValueError("must not be negative")
-    return count
-
-
 def parse_bytes(value):
     """A byte count, optionally with a K, M or G suffix (powers of 1024)."""
     match = re.fullmatch(r"(\d+)([KMG]?)", value.strip().upper())
@@ -382,12 +366,19 @@ def parse_bytes(value):
     return int(match.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[match.group(2)]
 
 
-def parse_budget(value):
-    """A byte count (parse_bytes) of at least 1 MiB."""
-    size = parse_bytes(value)
-    if size < 1 << 20:
-        raise ValueError("at least 1M")
-    return size
+def at_least(parse, minimum, why):
+    """The parser `parse`, refusing a result below `minimum` with `why`."""
+    def parse_at_least(value):
+        result = parse(value)
+        if result < minimum:
+            raise ValueError(why)
+        return result
+    return parse_at_least
+
+
+parse_positive_duration = at_least(parse_duration, 1, "must be more than 0 seconds")
+parse_count = at_least(int, 0, "must not be negative")          # a whole number
+parse_budget = at_least(parse_bytes, 1 << 20, "at least 1M")    # a byte count
 
 
 def parse_networks(value):
@@ -401,12 +392,10 @@ def parse_networks(value):
 
 def parse_bool(value):
     """true/yes/1/on or false/no/0/off."""
-    value = value.strip()
-    if value.lower() in ("true", "yes", "1", "on"):
-        return True
-    if value.lower() in ("false", "no", "0", "off"):
-        return False
-    raise ValueError("not a boolean: %r" % value)
+    word = value.strip().lower()
+    if word not in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+        raise ValueError("not a boolean: %r" % value.strip())
+    return word in ("true", "yes", "1", "on")
 
 
 def parse_dns_service(value):
@@ -534,15 +523,11 @@ def read_config_file(path):
             raise UsageError("%s: expected KEY=value" % where)
         if key not in CONFIG_KEYS:
             raise UsageError("%s: unknown key %s" % (where, key))
-        entries[key] = (unquote(value.strip()), where)
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]  # one pair of matching quotes
+        entries[key] = (value, where)
     return entries
-
-
-def unquote(value):
-    """value without one pair of matching surrounding quotes."""
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        return value[1:-1]
-    return value
 
 
 def load_settings(config_path=None, flags=None, environ=None):
