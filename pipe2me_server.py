@@ -2014,22 +2014,6 @@ def lock_holder_pid(path):
 # TOKENS — tokens.conf in the original format; read by the store and the CLI
 # =====================================================================
 
-TOKEN_OPTIONS = {
-    # option: (default, parser)
-    "max_ports": (1, lambda v: parse_port_count(v)),
-    "lifespan": (30 * 86400, parse_positive_duration),
-    "extend": (False, lambda v: parse_bool(v)),
-    "unique": (False, lambda v: parse_bool(v)),
-    "max_traffic": (0, lambda v: parse_bytes(v)),
-    "rate": (0, lambda v: parse_bytes(v)),
-}
-TOKEN_NAME = re.compile(r"[^\s=#]{4,200}")
-# The first token and `tokens add` without max_ports allow this many ports, so
-# the README's walkthrough (http,https) works with either; a line of
-# tokens.conf without max_ports allows 1, as in the original.
-ADDED_TOKEN_MAX_PORTS = 4
-
-
 def parse_port_count(value):
     """A number of ports, 1 or more."""
     if not re.fullmatch(r"[0-9]{1,5}", value) or int(value) < 1:
@@ -2037,6 +2021,20 @@ def parse_port_count(value):
     return int(value)
 
 
+TOKEN_OPTIONS = {
+    # option: (default, parser)
+    "max_ports": (1, parse_port_count),
+    "lifespan": (30 * 86400, parse_positive_duration),
+    "extend": (False, parse_bool),
+    "unique": (False, parse_bool),
+    "max_traffic": (0, parse_bytes),
+    "rate": (0, parse_bytes),
+}
+TOKEN_NAME = re.compile(r"[^\s=#]{4,200}")
+# The first token and `tokens add` without max_ports allow this many ports, so
+# the README's walkthrough (http,https) works with either; a line of
+# tokens.conf without max_ports allows 1, as in the original.
+ADDED_TOKEN_MAX_PORTS = 4
 
 
 def parse_token_line(line):
@@ -2072,14 +2070,16 @@ def load_tokens(path, problems=None):
     """Return {name: options}. A bad line (and every line of a name given
     twice) is skipped; its "file:line: reason" goes to `problems` if given,
     else to the log."""
-    tokens, seen, found = {}, {}, []
+    tokens, seen = {}, {}
+    report = problems.append if problems is not None else (
+        lambda problem: log.warning("bad token line skipped at %s", problem))
     try:
         with open(path, encoding="utf-8") as fh:
             lines = fh.read().splitlines()
     except FileNotFoundError:
         return tokens
     except (OSError, UnicodeDecodeError) as exc:
-        found.append("cannot read tokens file %s: %s" % (path, exc))
+        report("cannot read tokens file %s: %s" % (path, exc))
         lines = []
     for number, line in enumerate(lines, 1):
         line = line.strip()
@@ -2088,20 +2088,15 @@ def load_tokens(path, problems=None):
         try:
             name, options = parse_token_line(line)
         except ValueError as exc:
-            found.append("%s:%d: %s" % (path, number, exc))
+            report("%s:%d: %s" % (path, number, exc))
             continue
         if name in seen:
-            found.append("%s:%d: token %s is also on line %d; neither line is used"
-                         % (path, number, mask_secret(name), seen[name]))
+            report("%s:%d: token %s is also on line %d; neither line is used"
+                   % (path, number, mask_secret(name), seen[name]))
             tokens.pop(name, None)
             continue
         seen[name] = number
         tokens[name] = options
-    for problem in found:
-        if problems is None:
-            log.warning("bad token line skipped at %s", problem)
-        else:
-            problems.append(problem)
     return tokens
 
 
@@ -2115,8 +2110,7 @@ def ensure_tokens_file(path):
     if os.path.exists(path):
         return None
     name = new_token_name()
-    options = {key: default for key, (default, _) in TOKEN_OPTIONS.items()}
-    options.update(max_ports=ADDED_TOKEN_MAX_PORTS, extend=True)
+    options = parse_token_line("%s = max_ports:%d extend:true" % (name, ADDED_TOKEN_MAX_PORTS))[1]
     text = ("# pipe2me tokens: name = option:value ...\n"
             "# options: max_ports lifespan(s/m/h/d) extend unique max_traffic(K/M/G) rate\n"
             + format_token_line(name, options) + "\n")

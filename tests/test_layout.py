@@ -29,7 +29,7 @@ BUDGETS = {
         "SHARED protocol":     215,
         "SHARED relay":        855,
         "SHARED process":      175,
-        "TOKENS":              120,
+        "TOKENS":              112,
         "STATE STORE":         512,
         "CERTIFICATES":        445,
         "ACME":                690,
