@@ -55,10 +55,10 @@ from __future__ import annotations
 
 import argparse
 import base64
-import calendar
 import collections
 import concurrent.futures
 import contextlib
+import datetime
 import email.utils
 import enum
 import errno
@@ -3093,6 +3093,16 @@ class AcmeProblem(Unavailable):
         self.kind, self.retry_after_s = kind, retry_after_s
 
 
+def acme_problem(doc, where, retry_after_s=None):
+    """The AcmeProblem, one line, of a problem document (RFC 7807) met `where`."""
+    doc = doc if isinstance(doc, dict) else {}
+    kind = str(doc.get("type", ""))
+    kind = kind[len(ACME_ERROR_PREFIX):] if kind.startswith(ACME_ERROR_PREFIX) else kind
+    detail = re.sub(r"[\x00-\x1f\x7f]+", " ", str(doc.get("detail", "")))[:300]
+    return AcmeProblem("ACME %s (%s): %s" % (kind or "error", where, detail or "no detail"),
+                       kind, retry_after_s)
+
+
 def b64url(data):
     """Base64url without padding (RFC 8555 §6.1)."""
     if isinstance(data, str):
@@ -3135,17 +3145,8 @@ def parse_retry_after(value, now=None):
 
 def parse_rfc3339(text):
     """Epoch seconds of an RFC 3339 time such as ARI's suggestedWindow; ValueError if bad."""
-    match = re.fullmatch(r"(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(\.\d+)?([Zz]|[+-]\d\d:\d\d)",
-                         str(text).strip())
-    if not match:
-        raise ValueError("not an RFC 3339 time: %r" % str(text)[:40])
-    fields = [int(match.group(i)) for i in range(1, 7)]
-    epoch = calendar.timegm(tuple(fields) + (0, 0, 0))
-    zone = match.group(8)
-    if zone not in ("Z", "z"):
-        sign = 1 if zone[0] == "+" else -1
-        epoch -= sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
-    return epoch
+    text = re.sub(r"(:\d\d)\.\d+", r"\1", str(text).strip().upper())  # Go's 9 digits: %f takes 6
+    return int(datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S%z").timestamp())
 
 
 def ari_cert_id(serial_hex, aki_hex):
@@ -3157,21 +3158,13 @@ def ari_cert_id(serial_hex, aki_hex):
 
 
 class AcmeClient:
-    """One ACME account at one directory, driven by blocking HTTPS calls.
-
-    The account key is EC P-256 in key_path (made on first use, mode 0600);
-    every JWS is signed ES256 by `openssl dgst`. post() retries badNonce with
-    the nonce of the error answer; any other problem document becomes an
-    AcmeProblem. Not thread-safe: AcmeOrders uses it from its one thread.
-    """
+    """One ACME account at one directory, driven by blocking HTTPS calls from one thread; its
+    EC P-256 key is made in key_path on first use and signs every JWS (ES256, `openssl dgst`)."""
 
     def __init__(self, directory_url, key_path, email="", ca_bundle=""):
         self.directory_url, self.key_path, self.email = directory_url, key_path, email
         self.context = ssl.create_default_context(cafile=ca_bundle or None)
-        self.urls = None
-        self.nonce = None
-        self.kid = None
-        self.jwk = None
+        self.urls = self.nonce = self.kid = self.jwk = None
 
     def reset(self):
         """Forget the directory, nonce and account URL (after a failure: the CA may have changed)."""
@@ -3189,21 +3182,14 @@ class AcmeClient:
         point = spki[len(P256_SPKI_PREFIX) + 1:]
         self.jwk = {"crv": "P-256", "kty": "EC", "x": b64url(point[:32]), "y": b64url(point[32:])}
 
-    def thumbprint(self):
-        """The JWK thumbprint (RFC 7638) that key authorizations end with."""
-        return b64url(hashlib.sha256(acme_json(self.jwk)).digest())
-
     def key_authorization(self, token):
-        """RFC 8555 §8.1: the token and the account key's thumbprint."""
-        return "%s.%s" % (token, self.thumbprint())
+        """RFC 8555 §8.1: the token and the account key's JWK thumbprint (RFC 7638)."""
+        return "%s.%s" % (token, b64url(hashlib.sha256(acme_json(self.jwk)).digest()))
 
     def jws(self, url, payload):
         """The flattened JWS (ES256) of payload for url: kid once registered, jwk before."""
-        protected = {"alg": "ES256", "nonce": self.nonce, "url": url}
-        if self.kid:
-            protected["kid"] = self.kid
-        else:
-            protected["jwk"] = self.jwk
+        protected = dict({"kid": self.kid} if self.kid else {"jwk": self.jwk},
+                         alg="ES256", nonce=self.nonce, url=url)
         body64 = "" if payload is None else b64url(acme_json(payload))
         signing_input = "%s.%s" % (b64url(acme_json(protected)), body64)
         der = run_openssl(["dgst", "-sha256", "-sign", self.key_path],
@@ -3266,12 +3252,8 @@ class AcmeClient:
             doc = json.loads(data)
         except ValueError:
             doc = {}
-        doc = doc if isinstance(doc, dict) else {}
-        kind = str(doc.get("type", ""))
-        kind = kind[len(ACME_ERROR_PREFIX):] if kind.startswith(ACME_ERROR_PREFIX) else kind
-        detail = re.sub(r"[\x00-\x1f\x7f]+", " ", str(doc.get("detail", "")))[:300]
-        return AcmeProblem("ACME %s (HTTP %d): %s" % (kind or "error", status, detail or "no detail"),
-                           kind, parse_retry_after(answer.getheader("Retry-After")))
+        return acme_problem(doc, "HTTP %d" % status,
+                            parse_retry_after(answer.getheader("Retry-After")))
 
     def get_json(self, url):
         """POST-as-GET url; (JSON object, answer)."""
@@ -3312,10 +3294,7 @@ class AcmeClient:
 
 def acme_order(client, fqdn, csr_der, challenger, replaces=None):
     """Order, validate and download a certificate for fqdn; the chain PEM (leaf first).
-
-    `challenger` answers challenges: .kind ("dns-01" or "http-01"),
-    .publish(fqdn, token, key_authorization) and .withdraw(fqdn, token).
-    """
+    `challenger` is a DnsTxtChallenger or an HttpTokenChallenger."""
     client.ensure_account()
     payload = {"identifiers": [{"type": "dns", "value": fqdn}]}
     if replaces:
@@ -3372,12 +3351,8 @@ def acme_failure(obj, what):
     """An AcmeProblem from an invalid order or authorization (the challenge's error if any)."""
     errors = [obj.get("error")] + [c.get("error") for c in obj.get("challenges", [])
                                    if isinstance(c, dict)]
-    error = next((e for e in errors if isinstance(e, dict)), {})
-    kind = str(error.get("type", ""))
-    kind = kind[len(ACME_ERROR_PREFIX):] if kind.startswith(ACME_ERROR_PREFIX) else kind
-    detail = re.sub(r"[\x00-\x1f\x7f]+", " ", str(error.get("detail", "")))[:300]
-    return AcmeProblem("ACME %s %s: %s %s" % (what, obj.get("status"), kind or "error",
-                                             detail or "no detail"), kind)
+    return acme_problem(next((e for e in errors if isinstance(e, dict)), {}),
+                        "%s %s" % (what, obj.get("status")))
 
 
 class DnsTxtChallenger:
@@ -3424,23 +3399,15 @@ class HttpTokenChallenger:
 
 
 class AcmeOrders:
-    """The ACME jobs of this server, one per tunnel (key: tunnel id) and one
-    for the server's own name (key ACME_SERVER_KEY), run by one worker
-    thread so no order ever blocks the loop.
-
-    Each job lives in STATE_DIR/acme/certs/<key>.json: the CSR, the state
-    (pending, queued, valid, failed), the reason and time of the next try,
-    and the chain once issued. New certificates (not renewals) are counted
-    in STATE_DIR/acme/issued.json, also per token (its sha256, as in the
-    tunnel record); beyond ACME_NEW_CERTS_PER_WEEK in seven days an order
-    waits (state queued) instead of failing, and so does one of a token past
-    ACME_NEW_CERTS_PER_TOKEN_PER_WEEK while other tokens' orders go on: no
-    tenant can spend the whole week's certificates. A refusal is
-    retried with exponential backoff from ACME_RETRY, or after the CA's
-    Retry-After when that is later. `alive(key)` says whether a job is still
-    wanted; `on_change(key)` is called (worker thread) whenever a job's
-    state changes. request(), status() and forget() are thread-safe.
-    """
+    """The ACME jobs, one per tunnel (key: its id) and one for the server's name (ACME_SERVER_KEY),
+    each in STATE_DIR/acme/certs/<key>.json (CSR, state pending/queued/valid/failed, reason,
+    next try, chain), run one at a time by a worker thread so no order blocks the loop.
+    New certificates (not renewals) are counted in STATE_DIR/acme/issued.json, per token too:
+    past ACME_NEW_CERTS_PER_WEEK, or a token's ACME_NEW_CERTS_PER_TOKEN_PER_WEEK, an order
+    waits (queued) while other tokens' orders go on, so no tenant spends the week's
+    certificates. A refusal is retried after exponential backoff from ACME_RETRY, or the CA's
+    Retry-After if later. alive(key): is the job still wanted; on_change(key) (worker thread)
+    after each change. request(), status() and forget() are thread-safe."""
 
     def __init__(self, settings, client, challenger, alive, on_change):
         self.settings, self.client, self.challenger = settings, client, challenger
@@ -3481,10 +3448,9 @@ class AcmeOrders:
 
     # -- what other threads call ------------------------------------------
     def request(self, key, fqdn, csr_pem, token_sha256=None):
-        """Make sure `key` gets a certificate for fqdn from this CSR, counted in the
-        share of the tunnel's token (none for the server's name); a CSR for
-        another key orders anew, one for the same key (a renewed server-CA
-        certificate) keeps the job and its chain."""
+        """Make sure `key` gets a certificate for fqdn from this CSR, counted in the share of
+        the tunnel's token (none for the server's name); a CSR for the same key (a renewed
+        server-CA certificate) keeps the job and its chain."""
         with self.cond:
             job = self.jobs.get(key)
             known = job["csr"] if job is not None and job["fqdn"] == fqdn else None
@@ -3503,10 +3469,9 @@ class AcmeOrders:
 
     @staticmethod
     def hold_rekey(job):
-        """A new key for a tunnel that already has a chain waits ACME_REKEY_INTERVAL_S
-        after its last order: CA orders are shared by every tenant of the server
-        (Let's Encrypt: 300 new orders per account per 3 hours), and renewals of
-        the same name are not held by the weekly limit."""
+        """A new key for a name with a chain waits ACME_REKEY_INTERVAL_S after its last order:
+        every tenant shares the CA account's orders (Let's Encrypt: 300 per 3 hours), and
+        renewals of the same name are not held by the weekly limit."""
         if not job.get("chain"):
             return
         ready_at = job.get("ordered_at", 0) + ACME_REKEY_INTERVAL_S
@@ -3537,22 +3502,19 @@ class AcmeOrders:
         while True:
             with self.cond:
                 job = self.next_due()
-                if self.stopping:
-                    return
-                if job is None:
-                    continue
-                job = dict(job)
+            if job is None:
+                return
             self.process(job)
 
     def next_due(self):
-        """The job due now, or None after waiting (at most a minute) for one to become due."""
-        now = time.time()
-        due = [j for j in self.jobs.values() if self.due_at(j) is not None]
-        job = min(due, key=self.due_at, default=None)
-        if job is not None and self.due_at(job) <= now:
-            return job
-        wait = 60.0 if job is None else min(60.0, self.due_at(job) - now)
-        self.cond.wait(max(0.05, wait))
+        """A copy of the next job once it is due (the caller holds cond), or None after stop()."""
+        while not self.stopping:
+            now = time.time()
+            due = [j for j in self.jobs.values() if self.due_at(j) is not None]
+            job = min(due, key=self.due_at, default=None)
+            if job is not None and self.due_at(job) <= now:
+                return dict(job)
+            self.cond.wait(max(0.05, 60.0 if job is None else min(60.0, self.due_at(job) - now)))
         return None
 
     @staticmethod
@@ -3563,8 +3525,7 @@ class AcmeOrders:
         return job.get("next_try_at")
 
     def process(self, job):
-        """One turn of a job: dropped, queued under the weekly limit or its token's
-        share, or ordered."""
+        """One turn of a job: dropped, queued (weekly limit, token's share), or ordered."""
         key = job["key"]
         if not self.alive(key):
             log.info("acme job dropped, tunnel gone key=%s", key)
@@ -3582,8 +3543,7 @@ class AcmeOrders:
 
     def order(self, job, renewal):
         """The new chain for a job; Pipe2meError (AcmeProblem from the CA) otherwise."""
-        csr_pem = job["csr"].encode("ascii")
-        csr_der = run_openssl(["req", "-outform", "DER"], input_bytes=csr_pem)
+        csr_der = run_openssl(["req", "-outform", "DER"], input_bytes=job["csr"].encode("ascii"))
         replaces = None
         if renewal and job.get("serial") and job.get("aki") and "renewalInfo" in self.client.directory():
             replaces = ari_cert_id(job["serial"], job["aki"])
@@ -3592,12 +3552,8 @@ class AcmeOrders:
         except (ValueError, KeyError, TypeError) as exc:
             raise Unavailable("ACME server answered unexpectedly: %s" % exc) from None
         certs = pem_certificates(chain)
-        if not certs:
-            raise Unavailable("ACME server sent no certificate")
-        leaf_key = run_openssl(["x509", "-noout", "-pubkey"], input_bytes=certs[0].encode("ascii"))
-        csr_key = run_openssl(["req", "-noout", "-pubkey"], input_bytes=csr_pem)
-        if leaf_key.strip() != csr_key.strip():
-            raise Unavailable("ACME certificate is not for the CSR's key")
+        if not certs or not same_public_key(job["csr"], certs[0], "x509"):
+            raise Unavailable("ACME server sent no certificate for the CSR's key")
         return "".join(c if c.endswith("\n") else c + "\n" for c in certs)
 
     def succeeded(self, job, chain, renewal):
@@ -3629,15 +3585,16 @@ class AcmeOrders:
         attempts = job.get("attempts", 0) + 1
         backoff = min(ACME_RETRY_MAX_S, self.settings.acme_retry * 2 ** min(attempts - 1, 20))
         backoff = max(backoff, getattr(exc, "retry_after_s", None) or 0)
-        next_try = int(time.time() + backoff * (1 + random_jitter()))
+        jitter = (secrets.randbelow(2000) - 1000) / 10000.0   # +-10 %: retries spread out
+        next_try = int(time.time() + backoff * (1 + jitter))
         log.warning("acme order failed key=%s fqdn=%s attempt=%d retry_in=%ds reason=%s",
                     job["key"], job["fqdn"], attempts, next_try - int(time.time()), exc)
         self.finish(job, state="failed", reason=str(exc)[:400], next_try_at=next_try,
                     attempts=attempts)
 
     def finish(self, job, tell=True, **changes):
-        """Store the job's new state (unless it was forgotten or asked anew meanwhile)
-        and, with `tell`, say so to the pod or the API."""
+        """Store the job's new state, unless it was forgotten or asked anew meanwhile;
+        with `tell`, say so to the pod or the API."""
         with self.cond:
             current = self.jobs.get(job["key"])
             if current is None or current["csr"] != job["csr"]:
@@ -3702,19 +3659,15 @@ def recent_times(times, now):
     return sorted(t for t in times if isinstance(t, (int, float)) and t > now - ACME_RATE_WINDOW_S)
 
 
-def same_public_key(csr_a, csr_b):
-    """True when two CSRs (PEM) carry the same public key."""
+def same_public_key(csr_pem, other_pem, other_kind="req"):
+    """True when a CSR and another CSR (or, with other_kind "x509", a certificate), PEM,
+    carry the same public key."""
     try:
-        keys = [run_openssl(["req", "-noout", "-pubkey"], input_bytes=csr.encode("ascii"))
-                for csr in (csr_a, csr_b)]
+        keys = [run_openssl([kind, "-noout", "-pubkey"], input_bytes=pem.encode("ascii")).strip()
+                for kind, pem in (("req", csr_pem), (other_kind, other_pem))]
     except (Pipe2meError, UnicodeEncodeError):
         return False
-    return keys[0].strip() == keys[1].strip()
-
-
-def random_jitter():
-    """A factor in [-0.1, 0.1): retries of many jobs spread out."""
-    return (secrets.randbelow(2000) - 1000) / 10000.0
+    return keys[0] == keys[1]
 
 
 def acme_view(job):

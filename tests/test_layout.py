@@ -32,7 +32,7 @@ BUDGETS = {
         "TOKENS":              112,
         "STATE STORE":         512,
         "CERTIFICATES":        445,
-        "ACME":                690,
+        "ACME":                632,
         "API":                 565,
         "TUNNEL SESSIONS":     535,
         "FRONTS":              985,
