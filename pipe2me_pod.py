@@ -3098,9 +3098,10 @@ class PodRunner:
     """Runs `start`: one session at a time, forever, until stopped or rejected."""
 
     def __init__(self, files, setup, stop_grace_s=STOP_GRACE_S, on_cert_change=None,
-                 connect_timeout_s=LOCAL_CONNECT_TIMEOUT_S):
+                 connect_timeout_s=LOCAL_CONNECT_TIMEOUT_S, hello_timeout_s=HELLO_TIMEOUT_S):
         self.files, self.setup = files, setup
         self.stop_grace_s, self.connect_timeout_s = stop_grace_s, connect_timeout_s
+        self.hello_timeout_s = hello_timeout_s  # for the server's TLS handshake, and for WELCOME
         self.on_cert_change = on_cert_change  # shell command run after the cert file changed
         self.acme = None  # the last ACME state from the server (CERT frame), chain left out
         self.chain_end = None  # not_after of the ACME chain in use, watched by a timer
@@ -3131,7 +3132,7 @@ class PodRunner:
     def connect(self):
         """Dial, authenticate and greet; returns (tls socket, WELCOME, leftover)."""
         host, port = split_host_port(self.endpoint())
-        raw = socket.create_connection((host, port), timeout=HELLO_TIMEOUT_S)
+        raw = socket.create_connection((host, port), timeout=self.hello_timeout_s)
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             tls = self.tls_context().wrap_socket(raw, server_hostname=self.server_name())
@@ -3153,12 +3154,11 @@ class PodRunner:
         """The name the server's certificate must carry: the tunnel domain."""
         return self.setup.tunnel_domain or self.setup.fqdn.split(".", 1)[1]
 
-    @staticmethod
-    def read_answer(tls):
+    def read_answer(self, tls):
         """WELCOME's object; Rejected for a final REJECT, Unavailable otherwise."""
         try:
             msg, _stream, payload = read_frame_blocking(
-                tls, SERVER_SENDS, time.monotonic() + HELLO_TIMEOUT_S)
+                tls, SERVER_SENDS, time.monotonic() + self.hello_timeout_s)
             obj = decode_control(payload)
         except ProtocolError as exc:
             raise Unavailable("greeting failed: %s" % exc) from None
@@ -3267,7 +3267,7 @@ class PodRunner:
     def on_stop_signal(self, *_):
         """SIGTERM/SIGINT handler (main thread, between bytecodes). A session
         drains through the loop; while dialing there is nothing to drain and
-        the connect could block for HELLO_TIMEOUT_S, so it ends right here."""
+        the connect could block for hello_timeout_s, so it ends right here."""
         if self.connecting:
             self.connecting = False
             raise StopSignal()
@@ -3993,7 +3993,8 @@ def cmd_start(args):
     run_from_compiled_code(hand_over_arguments(args))
     lock_pod_dir(files.dir)  # after the re-exec: the lock's descriptor does not survive exec
     raise_open_file_limit()
-    runner = PodRunner(files, setup, args.stop_grace, args.on_cert_change, args.connect_timeout)
+    runner = PodRunner(files, setup, args.stop_grace, args.on_cert_change, args.connect_timeout,
+                       args.hello_timeout)
     check_no_loop(setup, runner.endpoint())
     servers = start_echo_services(files, setup) if args.echo else []
     keeper = start_port_keeper(files.dir, runner.loop)
@@ -4203,6 +4204,8 @@ def build_parser():
     start.add_argument("--connect-timeout", type=positive_seconds, default=LOCAL_CONNECT_TIMEOUT_S,
                        metavar="S", help="how long a local service may take to accept a connection "
                        "(and its name to resolve) before the stream is reset (default %(default)s)")
+    start.add_argument("--hello-timeout", type=positive_seconds, default=HELLO_TIMEOUT_S, metavar="S",
+                       help="how long the server may take to greet before a new dial (default %(default)s)")
     start.add_argument("--on-cert-change", metavar="CMD",
                        help="run CMD (through /bin/sh) each time a new publicly trusted certificate is written")
     command("status", cmd_status, "whether start runs and is connected (exit 0 only then)")

@@ -12,6 +12,7 @@ consumers on 127.0.0.1 (or inside network namespaces this file creates).
 Every process is stopped by its PID; every wait is for a condition with a
 deadline. Figures measured on the way are printed (run with -s to see them)."""
 
+import datetime
 import errno
 import hashlib
 import json
@@ -1150,3 +1151,25 @@ def test_faults_pod_sigterm_while_connecting_exits_0_at_once(server, workdir):
     print("\npod SIGTERM during a hanging handshake: exit %d after %.2f s" % (code, took))
     assert code == 0 and took < EXIT_SLACK_S
     assert "Traceback" not in pod.stderr()
+
+
+def test_faults_pod_gives_up_on_a_silent_server_after_its_hello_timeout(server, workdir):
+    """A server that takes the connection and never answers: the pod gives up
+    after `start --hello-timeout` seconds (here 1, default 10), to dial again."""
+    pod_dir = os.path.join(workdir, "pod")
+    setup_pod(server, pod_dir, "tcp", [free_port()])
+    with socket.socket() as silent:                 # listens, never accepts, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        env = dict(os.environ, PIPE2ME_TUNNEL="127.0.0.1:%d" % silent.getsockname()[1])
+        pod = Proc([sys.executable, POD, "--dir", pod_dir, "start", "--hello-timeout", "1"],
+                   workdir, "pod", env=env)
+        try:
+            failed = pod.wait_for(r"(\S+ \S+) WARNING pipe2me.pod tunnel connect failed attempt=1 "
+                                  r"retry_in=\S+ error=.*timed out", timeout=8)
+        finally:
+            assert stop_checked(pod) == 0
+    ready = re.search(r"^(\S+ \S+) INFO pipe2me.pod pod ready", pod.stderr(), re.M)
+    stamps = [datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f") for m in (ready, failed)]
+    took = (stamps[1] - stamps[0]).total_seconds()
+    assert 1.0 <= took <= 3.0, took
