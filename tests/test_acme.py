@@ -144,10 +144,10 @@ def https_pod(workdir, server, name="pod"):
     return pod_dir, fqdn
 
 
-def acme_pod(workdir, server, started):
+def acme_pod(workdir, server, started, *extra):
     """(pod, pod_dir, fqdn): an https pod started with --echo, once its ACME certificate is in."""
     pod_dir, fqdn = https_pod(workdir, server)
-    pod = start_pod(workdir, pod_dir, "--echo")
+    pod = start_pod(workdir, pod_dir, "--echo", *extra)
     started.append(pod)
     wait_until(lambda: acme_installed(pod_dir), timeout=60, what="the ACME certificate on the pod")
     return pod, pod_dir, fqdn
@@ -550,12 +550,13 @@ def test_acme_chain_end_gives_way_even_while_the_server_is_unreachable(
         workdir, dns_port, http_port, started):
     """The pod watches the end of the chain itself: with the server frozen
     (SIGSTOP) before the chain expires, the server-CA certificate is back in
-    use at the chain's end and `status` says the certificate expired."""
+    use at the chain's end and `status` says the certificate expired. The
+    pod's dials to the frozen server give up after 2 s, not 10 s."""
     pebble = Pebble(workdir, dns_port, http_port, validity_s=6)
     server = acme_server(workdir, pebble, http_port, dns_port)
     frozen = False
     try:
-        pod, pod_dir, _fqdn = acme_pod(workdir, server, started)
+        pod, pod_dir, _fqdn = acme_pod(workdir, server, started, "--hello-timeout", "2")
         os.kill(server.proc.pid, signal.SIGSTOP)
         frozen = True
         cert, tunnel_cert = (os.path.join(pod_dir, name)
