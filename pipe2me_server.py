@@ -6121,13 +6121,12 @@ def txt_data(texts):
 
 
 def labels_of(name):
-    """The lowercased labels of a dotted name; ValueError unless ASCII with
-    labels of 1..63 bytes, 255 in all."""
+    """The lowercased labels of a dotted name; ValueError unless a host name
+    (labels may hold '_', as `_acme-challenge` does)."""
     text = name.strip().rstrip(".").lower()
-    labels = tuple(text.encode("ascii").split(b"."))
-    if not text or not all(0 < len(label) <= 63 for label in labels) or len(text) > 253:
+    if not is_hostname(text, underscores=True):
         raise ValueError("not a valid DNS name: %r" % name)
-    return labels
+    return tuple(text.encode("ascii").split(b"."))
 
 
 # ---- the zone: what a query gets ---------------------------------------------
