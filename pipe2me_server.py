@@ -5741,17 +5741,16 @@ class Fronts:
 #     reach = {status: direct|relayed, address, lan_address, cgnat,
 #              ports: {port: ok}, checked_at, reason}
 # The check probes the address the request came from; the pod may add the
-# router's external address (carrier-grade NAT shows as a mismatch) and its
-# own LAN address (for DNS's split horizon).
+# router's external_address as NAT-PMP/UPnP told it (carrier-grade NAT shows
+# as a mismatch) and its own lan_address (for DNS's split horizon).
 
 PROBE_TIMEOUT_S = 3.0              # per port: TCP connect, then the TLS handshake
 PROBE_MAX_PARALLEL = 8
 
 
 def is_own_address(address, settings):
-    """True when probing `address` would reach this host (and so the server's
-    own listeners): loopback, unspecified, PUBLIC_ADDRESS, or any address a
-    socket here can bind."""
+    """True when probing `address` would reach this host's own listeners:
+    loopback, unspecified, PUBLIC_ADDRESS, or any address a socket here can bind."""
     ip = ipaddress.ip_address(address)
     if ip.is_loopback or ip.is_unspecified or address in settings.public_address:
         return True
@@ -5764,11 +5763,11 @@ def is_own_address(address, settings):
     return True
 
 
-def probe_port(address, port, protocol, fqdn, fingerprints, timeout_s=PROBE_TIMEOUT_S):
+def probe_port(address, port, protocol, fqdn, fingerprints):
     """Connect to address:port (and for https complete a TLS handshake whose
     certificate is one of `fingerprints`); None when reachable, else why not."""
     try:
-        sock = socket.create_connection((address, port), timeout=timeout_s)
+        sock = socket.create_connection((address, port), timeout=PROBE_TIMEOUT_S)
     except OSError as exc:
         return "port %d: %s" % (port, exc.strerror or exc)
     with sock:
@@ -5824,10 +5823,8 @@ def body_address(body, key, version=None):
 
 
 def check_reachability(settings, store, record, observed, body):
-    """POST /tunnels/<id>/check: probe the address the request came from on
-    every port of the tunnel, keep the outcome as record["reach"], return it.
-    body may carry external_address (the router's, as NAT-PMP/UPnP told the
-    pod) and lan_address (the pod's, for split horizon)."""
+    """POST /tunnels/<id>/check: probe the address the request came from,
+    keep the outcome as record["reach"], return it (body: see above)."""
     if tunnel_status(record) != "online":
         raise Expired("tunnel %s expired" % record["fqdn"])
     external, lan = body_address(body, "external_address"), body_address(body, "lan_address", 4)
