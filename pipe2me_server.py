@@ -6412,7 +6412,7 @@ class BuiltinDns:
         self.settings, self.store = settings, store
         ipv4, ipv6 = by_family(server_addresses(settings))
         self.txt = {}               # name -> [strings]
-        self.names = {}             # fqdn -> (expires_at, tunnel id, DnsTunnelRecord)
+        self.names = {}             # fqdn -> (expires_at, DnsTunnelRecord)
         self.fqdns = {}             # tunnel id -> fqdn in names
         self.zone = DnsZone(settings.tunnel_domain, ipv4, ipv6, ttl_s=DNS_TTL_S,
                             lookup=self.lookup, txt_lookup=lambda name: self.txt.get(name, []),
@@ -6441,35 +6441,27 @@ class BuiltinDns:
             self.txt.pop(name, None)
 
     def refresh(self, tunnel_id=None):
-        """Loop thread: follow the store, one tunnel's name after its change
-        (or all names); the SOA serial moves when an answer changed."""
-        now = time.time()
-        if tunnel_id is None:
-            names = {r["fqdn"]: self.entry(r) for r in self.store.all()
-                     if tunnel_status(r, now) == "online"}
-            changed = names != self.names
-            self.names = names
-            self.fqdns = {entry[1]: fqdn for fqdn, entry in names.items()}
-        else:
-            record = self.store.get(tunnel_id)
-            old = self.names.pop(self.fqdns.pop(tunnel_id, None), None)
+        """Loop thread: follow the store for one tunnel after its change (None:
+        every tunnel); the SOA serial moves when an answer changed."""
+        now, changed = time.time(), False
+        ids = [tunnel_id] if tunnel_id is not None else \
+            set(self.fqdns) | {record["id"] for record in self.store.all()}
+        for each in ids:
+            record = self.store.get(each)
+            old = self.names.pop(self.fqdns.pop(each, None), None)
             new = None
             if record is not None and tunnel_status(record, now) == "online":
-                new = self.names[record["fqdn"]] = self.entry(record)
-                self.fqdns[tunnel_id] = record["fqdn"]
-            changed = old != new
+                new = self.names[record["fqdn"]] = (
+                    record["expires_at"], DnsTunnelRecord(*tunnel_answers(record, self.settings)))
+                self.fqdns[each] = record["fqdn"]
+            changed = changed or old != new
         if changed:
             self.zone.serial = max(self.zone.serial + 1, int(now))
-
-    def entry(self, record):
-        """The (expires_at, tunnel id, DnsTunnelRecord) that names keeps for an online tunnel."""
-        return (record["expires_at"], record["id"],
-                DnsTunnelRecord(*tunnel_answers(record, self.settings)))
 
     def lookup(self, name):
         """The DnsZone callback: the DnsTunnelRecord of an unexpired tunnel FQDN, else None."""
         entry = self.names.get(name)
-        return entry[2] if entry and time.time() < entry[0] else None
+        return entry[1] if entry and time.time() < entry[0] else None
 
     def close(self):
         """Stop answering: close the responder's sockets, if it was started."""
