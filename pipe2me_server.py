@@ -5935,16 +5935,10 @@ def tunnel_answers(record, settings):
 
 def dns_wanted(records, settings, now):
     """{(fqdn, "A"|"AAAA"): [addresses]} that every online tunnel should answer."""
-    wanted = {}
-    for record in records:
-        if tunnel_status(record, now) != "online":
-            continue
-        ipv4, ipv6, _ = tunnel_answers(record, settings)
-        for rtype, addresses in (("A", ipv4), ("AAAA", ipv6)):
-            if addresses:
-                wanted[(record["fqdn"], rtype)] = sorted(addresses)
-    return wanted
-
+    answers = [(record["fqdn"], tunnel_answers(record, settings)) for record in records
+               if tunnel_status(record, now) == "online"]
+    return {(fqdn, rtype): sorted(addresses) for fqdn, (ipv4, ipv6, _) in answers
+            for rtype, addresses in (("A", ipv4), ("AAAA", ipv6)) if addresses}
 
 
 # ---- the built-in responder: wire format ------------------------------------
@@ -6138,8 +6132,8 @@ class DnsZone:
     `subnet_resolvers` (networks). `serial` (bump it when records change)
     and the other attributes may be changed between calls."""
 
-    def __init__(self, domain, server_ipv4=(), server_ipv6=(), ttl_s=60,
-                 lookup=None, txt_lookup=None, serial=1, subnet_resolvers=()):
+    def __init__(self, domain, lookup, txt_lookup, server_ipv4=(), server_ipv6=(), ttl_s=60,
+                 serial=1, subnet_resolvers=()):
         self.domain_labels = labels_of(domain)
         self.domain = b".".join(self.domain_labels).decode("ascii")
         self.ns_labels = (b"ns",) + self.domain_labels
@@ -6147,8 +6141,7 @@ class DnsZone:
             ipaddress.ip_address(text)  # refuse a bad server address at start
         self.server_ipv4, self.server_ipv6 = list(server_ipv4), list(server_ipv6)
         self.ttl_s, self.serial = int(ttl_s), int(serial)
-        self.lookup = lookup or (lambda name: None)
-        self.txt_lookup = txt_lookup or (lambda name: [])
+        self.lookup, self.txt_lookup = lookup, txt_lookup
         self.subnet_resolvers = [ipaddress.ip_network(n, strict=False) for n in subnet_resolvers]
 
     def answer(self, packet, client_ip, max_udp=DNS_EDNS_UDP_BYTES, slip=False):
@@ -6211,8 +6204,9 @@ class DnsZone:
             answers = [resource_record(query.labels, DNS_HINFO, self.ttl_s, DNS_HINFO_RFC8482)]
         if not answers:
             return DNS_NOERROR, DNS_AA, negative, split
+        servers = address_records(self.server_ipv4, self.server_ipv6)
         glue = [resource_record(self.ns_labels, rtype, self.ttl_s, rdata)
-                for rtype, records in self.server_records().items() for rdata in records] \
+                for rtype, records in servers.items() for rdata in records] \
             if query.qtype == DNS_NS else []
         return DNS_NOERROR, DNS_AA, (answers, [], glue), split
 
@@ -6228,8 +6222,8 @@ class DnsZone:
             return None, False
         name = b".".join(relative + self.domain_labels).decode("ascii")
         node, split = None, {}
-        if relative in ((), (b"ns",)):
-            node = self.server_records()
+        if relative in ((), (b"ns",)):  # the apex and ns.<domain>: the server's addresses
+            node = address_records(self.server_ipv4, self.server_ipv6)
             if not relative:
                 node.update({DNS_SOA: [self.soa_data()], DNS_NS: [name_bytes(self.ns_labels)]})
         else:
@@ -6240,13 +6234,8 @@ class DnsZone:
                 node = address_records(ipv4, record.ipv6)
         texts = self.txt_lookup(name)
         if texts:
-            node = node if node is not None else {}
-            node[DNS_TXT] = txt_data(texts)
+            node = {**(node or {}), DNS_TXT: txt_data(texts)}
         return node, bool(split)
-
-    def server_records(self):
-        """The records of the apex and ns.<domain>: the server's A and AAAA."""
-        return address_records(self.server_ipv4, self.server_ipv6)
 
     def soa_data(self):
         """The apex SOA's data; its minimum (the negative TTL) is ttl_s."""
@@ -6356,8 +6345,7 @@ class DnsResponder:
 
     def on_tcp_accept(self, sock, address):
         """Listener callback: a thread for the connection if `shares` gives it
-        a slot (it may end an older one of the same or the largest source),
-        else it is closed at once."""
+        a slot (it may end an older one), else it is closed at once."""
         if self.closed or not self.shares.take(sock, source_prefix(address[0], 32, 64)):
             log.debug("dns tcp refused, slots taken peer=%s", address[0])
             return sock.close()
@@ -6414,8 +6402,8 @@ class BuiltinDns:
         self.txt = {}               # name -> [strings]
         self.names = {}             # fqdn -> (expires_at, DnsTunnelRecord)
         self.fqdns = {}             # tunnel id -> fqdn in names
-        self.zone = DnsZone(settings.tunnel_domain, ipv4, ipv6, ttl_s=DNS_TTL_S,
-                            lookup=self.lookup, txt_lookup=lambda name: self.txt.get(name, []),
+        self.zone = DnsZone(settings.tunnel_domain, self.lookup,
+                            lambda name: self.txt.get(name, []), ipv4, ipv6, ttl_s=DNS_TTL_S,
                             serial=int(time.time()),
                             subnet_resolvers=settings.dns_client_subnet_from)
         self.responder = None
