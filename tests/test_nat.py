@@ -223,8 +223,10 @@ def test_nat_shortest_path_sequence(home):
     assert carried > relayed_before
     ok, data = nat.probe_tcp("wan", address, home.tcp_port)
     assert ok and data == "tcp-service %s\n" % nat.wan_ip, data   # straight: it sees the consumer
-    ok, data = nat.probe_tcp("wan", address, home.https_port)
-    assert ok  # a TCP connection through the router to the TLS service (closed without TLS)
+    tls = nat.call_in("wan", ["openssl", "s_client", "-connect", "%s:%d" % (address, home.https_port),
+                              "-servername", home.fqdn, "-verify_return_error", "-quiet", "-CAfile",
+                              os.path.join(home.pod_dir, "pipe2me.cacert")], input="")
+    assert "tls-service %s\n" % nat.wan_ip in tls.stdout, tls.stderr  # TLS straight to the pod
     assert home.tunnel_bytes() == carried, "the server carried bytes of the direct connection"
     # d. the LAN consumer asking the built-in DNS gets the pod's LAN address and connects there
     assert home.dig("lan") == [nat.lan_ip]
