@@ -6792,10 +6792,9 @@ class RepeatedLines(logging.Filter):
     one line says "N more like this in the last 60 s". flush() ends windows
     (the sweep calls it); filter() runs in any thread."""
 
-    def __init__(self, limit=LOG_REPEAT_LIMIT, window_s=LOG_REPEAT_WINDOW_S):
+    def __init__(self):
         super().__init__()
-        self.limit, self.window_s = limit, window_s
-        self.windows = {}  # message template -> [window start, lines passed, lines held back]
+        self.windows = {}  # message template -> [window start, lines of its kind]
         self.lock = threading.Lock()
 
     def filter(self, record):
@@ -6804,24 +6803,21 @@ class RepeatedLines(logging.Filter):
             return True
         now = time.monotonic()
         with self.lock:
-            window = self.windows.get(record.msg)
-            if window is None or now - window[0] >= self.window_s:
-                ended, window = window, [now, 0, 0]
-                self.windows[record.msg] = window
+            window = ended = self.windows.get(record.msg)
+            if window is None or now - window[0] >= LOG_REPEAT_WINDOW_S:
+                window = self.windows[record.msg] = [now, 0]
             else:
                 ended = None
             window[1] += 1
-            passed = window[1] <= self.limit
-            if not passed:
-                window[2] += 1
+            passed = window[1] <= LOG_REPEAT_LIMIT
         if ended:
             self.report(record.msg, ended)
         return passed
 
     def flush(self, now):
-        """Close the windows older than window_s, reporting what each held back."""
+        """Close the windows older than LOG_REPEAT_WINDOW_S, reporting what each held back."""
         with self.lock:
-            ended = [(m, w) for m, w in self.windows.items() if now - w[0] >= self.window_s]
+            ended = [(m, w) for m, w in self.windows.items() if now - w[0] >= LOG_REPEAT_WINDOW_S]
             for message, _ in ended:
                 del self.windows[message]
         for message, window in ended:
@@ -6829,10 +6825,18 @@ class RepeatedLines(logging.Filter):
 
     def report(self, message, window):
         """One line saying how many lines of a kind were held back."""
-        if window[2]:
+        if window[1] > LOG_REPEAT_LIMIT:
             event = " ".join(w for w in message.split() if "=" not in w and "%" not in w)
-            log.warning("%d more like this in the last %d s: %s", window[2], self.window_s,
-                        event.rstrip(",:"))
+            log.warning("%d more like this in the last %d s: %s", window[1] - LOG_REPEAT_LIMIT,
+                        LOG_REPEAT_WINDOW_S, event.rstrip(",:"))
+
+
+def tls_server_context(cert, key, minimum=ssl.TLSVersion.TLSv1_2):
+    """A server's TLS context serving `cert` (with its chain) and `key`."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = minimum
+    context.load_cert_chain(cert, key)
+    return context
 
 
 class Server:
@@ -6873,21 +6877,24 @@ class Server:
                  count, len(self.api.tokens))
         return created
 
-    def server_tls_context(self):
-        """TLS for the API on HTTPS_PORT, with a server certificate from the CA renewed as
-        needed."""
-        names = [self.settings.tunnel_domain]
-        ips = sorted({"127.0.0.1", "::1", *self.settings.public_address}
-                     | ({self.settings.listen_address} - {"0.0.0.0", "::"}))
+    def tls_contexts(self):
+        """(API on HTTPS_PORT, pods on TUNNEL_PORT) TLS with the server certificate
+        from the CA, renewed as needed; pods need TLS 1.3 and a certificate of the CA."""
+        s = self.settings
+        ips = sorted({"127.0.0.1", "::1", *s.public_address}
+                     | ({s.listen_address} - {"0.0.0.0", "::"}))
         key = os.path.join(self.ca.ca_dir, "server.key")
         cert = os.path.join(self.ca.ca_dir, "server.pem")
-        self.ca.issue_server_cert(names, ips, key, cert, SERVER_CERT_DAYS)
-        self.server_cert_files = (cert, key)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(cert, key)
-        context.sni_callback = self.on_api_sni
-        return context
+        self.ca.issue_server_cert([s.tunnel_domain], ips, key, cert, SERVER_CERT_DAYS)
+        api = tls_server_context(cert, key)
+        api.sni_callback = self.on_api_sni
+        pods = tls_server_context(cert, key, ssl.TLSVersion.TLSv1_3)
+        pods.verify_mode = ssl.CERT_REQUIRED
+        # Expiry is judged after HELLO (PodGate.judge), so that the pod of an
+        # expired tunnel gets a REJECT with the reason instead of a TLS alert.
+        pods.verify_flags |= X509_V_FLAG_NO_CHECK_TIME
+        pods.load_verify_locations(cadata=self.ca.ca_pem())
+        return api, pods
 
     def on_api_sni(self, tls, name, _context):
         """The bare domain by name gets the ACME certificate once there is one;
@@ -6896,44 +6903,27 @@ class Server:
         if acme_context is not None and name and name.lower().rstrip(".") == self.settings.tunnel_domain:
             tls.context = acme_context
 
-    def pod_tls_context(self, base_cert_files):
-        """TLS 1.3 with client certificates of the CA, for TUNNEL_PORT; expiry is judged after
-        HELLO."""
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_3
-        context.load_cert_chain(*base_cert_files)
-        context.verify_mode = ssl.CERT_REQUIRED
-        # Expiry is judged after HELLO (PodGate.judge), so that the pod of an
-        # expired tunnel gets a REJECT with the reason instead of a TLS alert.
-        context.verify_flags |= X509_V_FLAG_NO_CHECK_TIME
-        context.load_verify_locations(cadata=self.ca.ca_pem())
-        return context
-
     def bind_all(self):
-        """Bind every fixed listener; Unavailable (exit 3) names a taken port."""
+        """Bind every fixed listener (port 0: the port bound is written back to
+        the settings); Unavailable (exit 3) names a taken port."""
         s = self.settings
-        api_context = self.server_tls_context()
+        api_context, gate_context = self.tls_contexts()
         self.api_server = ApiServer(self.api, api_context)
         self.fronts = Fronts(self.loop, s, self.hub, self.api_server, self.acme_http01)
         self.hub.on_http_port_accept = self.fronts.on_http_port_accept
-        gate_context = self.pod_tls_context(self.server_cert_files)
         self.gate = PodGate(s, self.store, self.api.certs, gate_context, self.loop, self.hub.attach)
-        plan = [("http", s.http_port, self.fronts.on_http_accept),
-                ("https", s.https_port, self.fronts.on_https_accept),
-                ("tunnel", s.tunnel_port, self.gate.admit)]
-        bound = {}
-        for name, port, on_accept in plan:
-            sock = bind_listener(s.listen_address, port)
-            bound[name] = sock.getsockname()[1]
+        plan = (("http", self.fronts.on_http_accept), ("https", self.fronts.on_https_accept),
+                ("tunnel", self.gate.admit))
+        for name, on_accept in plan:
+            sock = bind_listener(s.listen_address, getattr(s, name + "_port"))
+            setattr(s, name + "_port", sock.getsockname()[1])
             self.front_listeners.append(Listener(self.loop, sock, on_accept, name))
-        s.http_port, s.https_port, s.tunnel_port = bound["http"], bound["https"], bound["tunnel"]
-        return bound
 
     def start(self):
         """State, listeners and DNS; prints the first token on a first start; logs `ready`."""
         created = self.prepare_state()
         try:
-            bound = self.bind_all()
+            self.bind_all()
             self.start_dns()
             self.start_acme()
         except BaseException:
@@ -6951,18 +6941,17 @@ class Server:
         log.addFilter(self.repeats)
         if created:
             print_first_token(self.settings, created)
-        dns = " dns=%s:%d" % (self.settings.listen_address, self.dns.responder.port) if self.dns else ""
-        log.info("ready http=%s:%d https=%s:%d tunnel=%s:%d domain=%s%s",
-                 self.settings.listen_address, bound["http"], self.settings.listen_address,
-                 bound["https"], self.settings.listen_address, bound["tunnel"],
-                 self.settings.tunnel_domain, dns)
+        s = self.settings
+        dns = " dns=%s:%d" % (s.listen_address, self.dns.responder.port) if self.dns else ""
+        log.info("ready http=%s:%d https=%s:%d tunnel=%s:%d domain=%s%s", s.listen_address,
+                 s.http_port, s.listen_address, s.https_port, s.listen_address, s.tunnel_port,
+                 s.tunnel_domain, dns)
 
     def start_dns(self):
         """Reachability checks, the responder on DNS_PORT (if set) and the
         dnsimple reconciliation thread (if chosen)."""
         s = self.settings
-        self.api.reachability = lambda record, address, body: check_reachability(
-            s, self.store, record, address, body)
+        self.api.reachability = functools.partial(check_reachability, s, self.store)
         if s.dns_port is not None:
             self.dns = BuiltinDns(s, self.store)
             self.dns.start(self.loop)
@@ -7042,10 +7031,8 @@ class Server:
             return
         chain_path = os.path.join(self.settings.state_dir, "acme", "server.pem")
         write_atomic(chain_path, view["chain"])
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(chain_path, os.path.join(self.settings.state_dir, "acme", "server.key"))
-        self.acme_api_context = context
+        self.acme_api_context = tls_server_context(
+            chain_path, os.path.join(self.settings.state_dir, "acme", "server.key"))
         log.info("api certificate from acme domain=%s not_after=%s", self.settings.tunnel_domain,
                  view.get("not_after"))
 
@@ -7066,31 +7053,26 @@ class Server:
 
     # -- running --------------------------------------------------------
     def sweep(self):
-        """Once a second: API deadlines, expiry, traffic saves, idle streams, traffic caps."""
-        now = time.time()
-        self.repeats.flush(time.monotonic())
-        self.api_server.expire(time.monotonic())
+        """Once a second: log summaries, API deadlines, expiry, public ports retried,
+        traffic saves, streams idle for STREAM_IDLE_TIMEOUT (when set), connected.json."""
+        now, clock, idle = time.time(), time.monotonic(), self.settings.stream_idle_timeout
+        self.repeats.flush(clock)
+        self.api_server.expire(clock)
         self.store.expire(now)
         self.store.purge_stale(now)
         self.hub.expire(now)
-        if time.monotonic() - self.last_traffic_save > TRAFFIC_SAVE_INTERVAL_S:
-            self.last_traffic_save = time.monotonic()
-            for session in list(self.hub.sessions.values()):
+        save = clock - self.last_traffic_save > TRAFFIC_SAVE_INTERVAL_S
+        if save:
+            self.last_traffic_save = clock
+        cutoff = clock - idle if idle else -math.inf
+        for session in list(self.hub.sessions.values()) if save or idle else ():
+            if save:
                 self.hub.save_traffic(session)
-        self.expire_idle_streams()
-        self.presence.save()
-        self.loop.call_later(SWEEP_INTERVAL_S, self.sweep)
-
-    def expire_idle_streams(self):
-        """Reset streams idle for STREAM_IDLE_TIMEOUT (when set)."""
-        limit = self.settings.stream_idle_timeout
-        if not limit:
-            return
-        cutoff = time.monotonic() - limit
-        for session in list(self.hub.sessions.values()):
             for stream in [s for s in session.streams.values() if s.last_active < cutoff]:
                 log.info("stream idle timeout tunnel=%s stream=%d", session.tunnel_id, stream.id)
-                stream.abort("idle for %d s" % limit)
+                stream.abort("idle for %d s" % idle)
+        self.presence.save()
+        self.loop.call_later(SWEEP_INTERVAL_S, self.sweep)
 
     def reload(self):
         """SIGHUP: tokens and tunnel files are read again."""

@@ -39,7 +39,7 @@ BUDGETS = {
         "REACHABILITY":        140,
         "DNS":                 695,
         "DNSIMPLE":            365,
-        "WIRING":              475,
+        "WIRING":              452,
         "CLI":                 425,
     },
     "pipe2me_pod.py": {
