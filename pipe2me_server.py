@@ -7249,39 +7249,27 @@ def cmd_tokens(settings, args):
             options = parse_token_line("%s = %s" % (name, " ".join(given)))[1]
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        write_tokens_file(append_token, path, name, options)
+        rewrite_tokens_file(path, lambda lines: lines + [format_token_line(name, options)])
         print(name)
     else:
         if not args.name or args.name not in tokens:
             raise UsageError("no such token")
-        write_tokens_file(remove_token, path, args.name)
+        rewrite_tokens_file(path, lambda lines: [
+            line for line in lines if line.partition("=")[0].strip() != args.name])
     notify_server(settings)
     return 0
 
 
-def write_tokens_file(change, path, *args):
-    """Run change(path, *args); a file that cannot be written is one line (exit 3)."""
+def rewrite_tokens_file(path, change):
+    """Write tokens.conf as change(its lines), atomically; a file that cannot
+    be read or written is one line (exit 3)."""
     try:
-        change(path, *args)
+        old = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        write_atomic(path, "".join(line + "\n" for line in change(old.splitlines())), 0o600)
     except OSError as exc:
         raise Unavailable("cannot write %s: %s; nothing changed" % (
             path, exc.strerror or exc)) from None
-
-
-def append_token(path, name, options):
-    """Add one token line to tokens.conf, atomically."""
-    old = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
-    if old and not old.endswith("\n"):
-        old += "\n"
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    write_atomic(path, old + format_token_line(name, options) + "\n", 0o600)
-
-
-def remove_token(path, name):
-    """Drop the named token's line from tokens.conf, atomically."""
-    lines = open(path, encoding="utf-8").read().splitlines(True)
-    kept = [l for l in lines if l.partition("=")[0].strip() != name]
-    write_atomic(path, "".join(kept), 0o600)
 
 
 TUNNELS_LIST_ROW = "%-16s  %-40s %-7s %-9s %-20s  %s"
@@ -7325,7 +7313,7 @@ def shown_setting(value):
     list comma-separated, nothing as an empty value."""
     if isinstance(value, range):
         return "%d..%d" % (value[0], value[-1])
-    if isinstance(value, (list, tuple, set, frozenset)):
+    if isinstance(value, (list, tuple)):
         return ",".join(str(v) for v in value)
     if value is None:
         return ""
@@ -7343,8 +7331,6 @@ def cmd_check_config(settings, _args):
             value = "dnsimple:" + mask_secret(value.split(":")[1])
         if key == "METRICS_TOKEN" and value:
             value = mask_secret(value)
-        if key in ("METRICS_ALLOW", "DNS_CLIENT_SUBNET_FROM"):
-            value = ",".join(str(network) for network in value)
         print("%s=%s  # %s" % (key, shown_setting(value), settings.origins[key]))
     problems = []
     load_tokens(settings.tokens_file, problems)

@@ -40,7 +40,7 @@ BUDGETS = {
         "DNS":                 695,
         "DNSIMPLE":            365,
         "WIRING":              452,
-        "CLI":                 425,
+        "CLI":                 395,
     },
     "pipe2me_pod.py": {
         "FILE":                4445,
@@ -57,7 +57,7 @@ BUDGETS = {
         "TUNNEL CLIENT":       610,
         "ECHO SERVICES":       120,
         "COMMANDS":            555,
-        "CLI":                 155,
+        "CLI":                 395,
     },
 }
 
