@@ -4875,9 +4875,6 @@ HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n"
 FORWARDING_FIELDS = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded")
 CHUNK_LINE_BYTES = 4096
 ACME_CHALLENGE = re.compile(r"/\.well-known/acme-challenge/([A-Za-z0-9_-]{1,256})")
-STATUS_TEXT = {400: "Bad Request", 404: "Not Found", 308: "Permanent Redirect",
-               431: "Request Header Fields Too Large", 502: "Bad Gateway",
-               503: "Service Unavailable", 504: "Gateway Timeout", 200: "OK"}
 
 
 class BadMessage(ValueError):
@@ -5120,28 +5117,27 @@ def forwarding_fields(request, peer, trusted, proto="http"):
     return kept + [("%s: %s" % pair).encode("latin-1") for pair in added]
 
 
-def local_answer(status, text, accept="", headers=(), close=False):
-    """Bytes of an answer from the front itself: a short HTML page for
-    browsers (by Accept), plain text for curl and scripts."""
-    title = "%d %s" % (status, STATUS_TEXT.get(status, "Error"))
-    if "text/html" in accept:
+def local_answer(status, text, request=None, headers=(), close=False):
+    """An answer from the front itself, never cached, no version in Server:
+    an HTTP-01 key authorization (`text` as bytes) as it is, else a short
+    HTML page for browsers (by Accept) or plain text for curl and scripts.
+    A HEAD `request` gets the head alone."""
+    title = "%d %s" % (status, http.HTTPStatus(status).phrase)
+    if isinstance(text, bytes):
+        body, ctype = text, "application/octet-stream"
+    elif request is not None and "text/html" in request.accept:
         body = ("<!doctype html>\n<html><head><title>%s</title></head><body>\n<h1>%s</h1>\n"
                 "<p>%s</p>\n<hr><p>pipe2me</p>\n</body></html>\n" % (
                     title, title, html.escape(text))).encode()
         ctype = "text/html; charset=utf-8"
     else:
         body, ctype = ("%s: %s\n" % (title, text)).encode(), "text/plain; charset=utf-8"
-    return front_answer_head(title, ctype, len(body), headers, close) + body
-
-
-def front_answer_head(title, ctype, length, headers=(), close=False):
-    """The head of an answer from the front itself ("200 OK", a local error
-    page): no version in Server, never cached."""
-    lines = ["HTTP/1.1 %s" % title, "Server: pipe2me", "Content-Type: " + ctype,
-             "Content-Length: %d" % length, "Cache-Control: no-store"] + list(headers)
+    lines = ["HTTP/1.1 " + title, "Server: pipe2me", "Content-Type: " + ctype,
+             "Content-Length: %d" % len(body), "Cache-Control: no-store"] + list(headers)
     if close:
         lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if request is not None and request.method == b"HEAD" else head + body
 
 
 def reset_answer(reason):
@@ -5372,10 +5368,7 @@ class HttpFrontConnection:
             route = ("answer",) + refusal
         status, text, headers = route[1], route[2], route[3] if len(route) > 3 else ()
         close = request.close or request.has_body or status >= 500
-        if kind == "acme":
-            self.out += acme_answer(text, request.method == b"HEAD", close)
-        else:
-            self.out += local_answer(status, text, request.accept, headers, close)
+        self.out += local_answer(status, text, request, headers, close)
         self.idle_since = time.monotonic()
         if close:
             self.finish()
@@ -5494,7 +5487,7 @@ class HttpFrontConnection:
                 status, text = reset_answer(up.stream.reset_reason if up.stream else None)
                 self.fronts.log_failure(up, status, text)
                 request = self.waiting.popleft()
-                self.out += local_answer(status, "%s: %s" % (up.fqdn, text), request.accept,
+                self.out += local_answer(status, "%s: %s" % (up.fqdn, text), request,
                                          close=True)
             self.waiting.clear()
             self.drop_upstream()
@@ -5576,12 +5569,6 @@ def http_head_host(head):
     return ""
 
 
-def acme_answer(body, head_only, close):
-    """The 200 answer to an HTTP-01 challenge request (RFC 8555 §8.3)."""
-    head = front_answer_head("200 OK", "application/octet-stream", len(body), close=close)
-    return head + (b"" if head_only else body)
-
-
 class Fronts:
     """Routes front connections: the HTTP front by each request's Host (an
     HttpFrontConnection per consumer), the HTTPS front by SNI, and the
@@ -5658,12 +5645,12 @@ class Fronts:
         return match.group(1) if match and request.method in (b"GET", b"HEAD") else None
 
     def route_request(self, request, pinned):
-        """Where a request goes: ("api",), ("up", record, port), ("acme",
-        status, body) or ("answer", status, text[, headers])."""
+        """Where a request goes: ("api",), ("up", record, port) or ("answer",
+        status, text[, headers]); an HTTP-01 answer (RFC 8555 §8.3) is bytes."""
         token = None if pinned else self.acme_token(request)
         if token is not None:
             body = self.acme_http01(token) if self.acme_http01 else None
-            return ("acme", 200, body) if body is not None else (
+            return ("answer", 200, body) if body is not None else (
                 "answer", 404, "no challenge %s" % token)
         if pinned is None and self.is_api_name(request.name):
             return ("api",)

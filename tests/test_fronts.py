@@ -522,6 +522,19 @@ def test_fronts_h2c_prior_knowledge_refused_clearly_and_logged(front):
                         after=seen, timeout=5)
 
 
+def test_fronts_own_answers_to_head_carry_no_body(front):
+    """A HEAD the front answers itself (404 here) gets the head alone, so
+    the next response on the connection is read as the next response."""
+    with connect(front.http) as sock:
+        sock.sendall(b"HEAD /h HTTP/1.1\r\nHost: nobody.%s\r\n\r\n" % DOMAIN.encode()
+                     + get(fqdn(front, "A"), "/after-head", "Connection: close\r\n"))
+        answer = read_all(sock)
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 ") and b"\r\nContent-Length: " in head, answer
+    assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b"\n"), answer
+    assert answered_by(rest.partition(b"\r\n\r\n")[2]) == "A", answer
+
+
 def test_fronts_server_header_names_no_version(front):
     done = curl("-sI", "http://127.0.0.1:%d/config" % front.http)
     server = re.search(rb"^Server: (.*?)\r?$", done.stdout, re.M | re.I)
