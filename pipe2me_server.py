@@ -5036,8 +5036,9 @@ def response_framing(head, request):
 
 class BodyReader:
     """Finds where a body ends: feed(data) says how many leading bytes of
-    data belong to it; `done` once it has ended. Chunked framing is read
-    strictly (CRLF line ends, hex sizes, bounded lines); BadMessage if not."""
+    data (bytes or bytearray: it is searched) belong to it; `done` once it has
+    ended. Chunked framing is read strictly (CRLF line ends, hex sizes,
+    bounded lines); BadMessage if not."""
 
     def __init__(self, kind, length=0):
         self.kind, self.left = kind, length
@@ -5263,7 +5264,7 @@ class HttpFrontConnection:
             if data is None or data == b"":
                 self.on_upstream_eof(up)
             elif data:
-                self.on_response_bytes(memoryview(data))
+                self.on_response_bytes(data)
         self.after_io()
 
     def receive(self, sock):
@@ -5423,7 +5424,11 @@ class HttpFrontConnection:
             if up.body is None:
                 data = self.read_response_head(up, data)
                 continue
-            used = up.body.feed(data)
+            try:
+                used = up.body.feed(data)
+            except BadMessage as exc:  # the consumer has the head: only closing can tell it
+                log.info("http front cut a response tunnel=%s reason=%s", up.tunnel_id, exc)
+                return self.on_upstream_eof(up)
             self.out += data[:used]
             data = data[used:]
             if up.body.done:
@@ -5440,10 +5445,10 @@ class HttpFrontConnection:
                 self.out += up.head
                 up.head = bytearray()
                 up.body = BodyReader("close")
-            return memoryview(b"")
+            return b""
         head, size = found
         self.out += up.head[:size]
-        leftover = memoryview(bytes(up.head[size:]))
+        leftover = bytes(up.head[size:])
         up.head = bytearray()
         request = self.waiting[0]
         status, kind, length, close = response_framing(head, request)
@@ -5459,7 +5464,7 @@ class HttpFrontConnection:
             up.body = BodyReader(kind, length)
             if up.body.done:
                 self.response_done(up)
-        return memoryview(leftover)
+        return leftover
 
     def response_done(self, up):
         """A whole response is relayed: the next request may go."""

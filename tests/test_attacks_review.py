@@ -22,6 +22,14 @@ def two_responses_for_one(conn):
                      b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged")
 
 
+def garbled_chunks(conn):
+    """A hostile service: a chunked response whose chunk size is no number,
+    then the connection held open."""
+    if read_head(conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nyy\r\n")
+        conn.recv(4096)  # until the front drops the stream
+
+
 SEEN = []  # the request heads the honest service got
 
 
@@ -55,12 +63,13 @@ HEAD_DEADLINE_S = 4  # --front-head-deadline of the server below (the default 10
 
 @pytest.fixture(scope="module")
 def tenants(tmp_path_factory):
-    """One server with two http tunnels: "evil" before a hostile service,
-    "victim" before an honest one, both pods running."""
+    """One server with three http tunnels: "evil" and "garbled" before
+    hostile services, "victim" before an honest one, the pods running."""
     workdir = str(tmp_path_factory.mktemp("attacks"))
     server = ServerHandle(workdir, extra=["--front-head-deadline", str(HEAD_DEADLINE_S)])
     with http_pods(server, workdir, {"evil": lambda: LocalService(two_responses_for_one),
-                                     "victim": lambda: LocalService(honest)}) as tunnels:
+                                     "victim": lambda: LocalService(honest),
+                                     "garbled": lambda: LocalService(garbled_chunks)}) as tunnels:
         server.names = {name: fqdn for name, (fqdn, _, _) in tunnels.items()}
         yield server
 
@@ -124,3 +133,18 @@ def test_attack_stranger_holding_streams_with_bodies_never_sent(tenants):
         read_until(sock, b"never sent", timeout=40)
         waited = time.monotonic() - started
     assert HEAD_DEADLINE_S - 0.5 < waited < HEAD_DEADLINE_S + 20, waited
+
+
+def test_attack_pod_response_with_malformed_chunks_ends_the_connection(tenants):
+    """A service whose chunked body cannot be framed: the consumer has the
+    head already, so the front closes the connection (the stream with it)
+    at once; the bad framing is an answer to judge, not an error inside."""
+    seen = tenants.mark()
+    with connect(tenants.http) as sock:
+        sock.sendall(b"GET /g HTTP/1.1\r\nHost: %s\r\n\r\n" % tenants.names["garbled"].encode())
+        started = time.monotonic()
+        answer = read_until(sock, b"never sent", timeout=HEAD_DEADLINE_S + 6)
+        waited = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b"yy" not in answer, answer
+    assert waited < HEAD_DEADLINE_S, waited
+    assert "internal error" not in tenants.proc.stderr()[seen:]

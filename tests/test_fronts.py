@@ -51,6 +51,12 @@ class NamedService:
                     self.headers.get("Forwarded"), self.headers.get("X-Forwarded-Proto"),
                     self.headers.get("X-Forwarded-Host"))).encode()
                 self.send_response(200)
+                if self.path.startswith("/chunked"):  # in two chunks, with a trailer
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    self.wfile.write(b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\nX-T: 1\r\n\r\n" % (
+                        5, body[:5], len(body) - 5, body[5:]))
+                    return
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -212,6 +218,20 @@ def test_fronts_chunked_and_sized_bodies_keep_the_framing(front):
         bodies = [read_response(sock)[2] for _ in range(3)]
     assert [answered_by(body) for body in bodies] == ["A", "B", "B"], bodies
     assert bodies[2].startswith(b"B /after ")
+
+
+def test_fronts_chunked_responses_relayed_and_the_connection_goes_on(front):
+    """A service answering chunked (two chunks and a trailer): the consumer
+    gets the response whole, and the next request on the connection, for
+    another tunnel, is answered by that tunnel."""
+    with connect(front.http) as sock:
+        sock.sendall(get(fqdn(front, "A"), "/chunked") + get(fqdn(front, "B"), "/after",
+                                                             "Connection: close\r\n"))
+        answer = read_all(sock)
+    first, _, second = answer.partition(b"X-T: 1\r\n\r\n")
+    assert b"\r\nTransfer-Encoding: chunked\r\n" in first, answer
+    assert b"\r\n5\r\nA /ch\r\n" in first, answer
+    assert second.startswith(b"HTTP/1.1 200 ") and b"\r\n\r\nB /after " in second, answer
 
 
 def test_fronts_upgrade_hands_the_connection_over_to_raw_bytes(front):
