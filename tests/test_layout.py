@@ -46,8 +46,8 @@ BUDGETS = {
         "FILE":                4445,
         "PREAMBLE":            90,
         "SHARED base":         180,
-        "SETTINGS":            285,
-        "HELPERS":             232,
+        "SETTINGS":            75,
+        "HELPERS":             85,
         "SHARED protocol":     215,
         "SHARED relay":        855,
         "SHARED process":      175,
@@ -57,7 +57,7 @@ BUDGETS = {
         "TUNNEL CLIENT":       610,
         "ECHO SERVICES":       120,
         "COMMANDS":            555,
-        "CLI":                 395,
+        "CLI":                 155,
     },
 }
 
