@@ -213,8 +213,9 @@ def test_safety_metrics_and_status_read_sessions_on_the_loop_thread(server_mod, 
             ("status", server.status_lines), ("metrics", server.metrics_text))]
         for thread in readers:
             thread.start()
-        for thread in readers:
-            thread.join(2.0)  # the loop is held: an answer now was read off the loop
+        window_ends = time.monotonic() + 2.0  # the readers run side by side: one 2 s window
+        for thread in readers:  # the loop is held: an answer now was read off the loop
+            thread.join(max(window_ends - time.monotonic(), 0))
         assert not answers, "read the sessions while the loop thread was busy: %r" % answers
         release.set()
         for thread in readers:
