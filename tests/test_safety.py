@@ -416,8 +416,10 @@ def test_safety_consumers_that_never_read_stay_within_the_budgets(push_bed):
     pod_idle = rss_bytes(b.push_pod.pid)
     crowd = lazy_consumers(b.pusher.ports[0], 200, FLOOD_SOURCE)
     crowd += lazy_consumers(b.push2.ports[0], 100, OTHER_SOURCE)
-    peak = idle
-    for _ in range(40):
+    peak, deadline = idle, time.monotonic() + 20
+    # until both tunnels' budgets (8M each) are nearly full: then nothing more is read
+    while (metric(api(b.server, "GET", "/metrics")[1], "pipe2me_buffered_bytes") or 0) < 15 * MiB:
+        assert time.monotonic() < deadline, "the lazy consumers never filled the budgets"
         peak = max(peak, b.server.rss())
         time.sleep(0.1)
     started = time.monotonic()
