@@ -6714,7 +6714,6 @@ class DnsReconciler:
         self.wake = threading.Event()
         self.stopping = False
         self.failures = 0
-        self.hold_until = 0.0       # monotonic: no attempt before (backoff, rate limit)
         self.thread = threading.Thread(target=self.run, name="dns-reconcile", daemon=True)
 
     def start(self):
@@ -6738,11 +6737,9 @@ class DnsReconciler:
             self.wake.clear()
             if self.stopping:
                 return
-            if woke and time.monotonic() < self.hold_until:
-                due = self.hold_until  # a change while backing off: run when the wait is over
-                continue
+            if woke and self.failures and time.monotonic() < due:
+                continue  # a change while backing off (or rate limited): run when the wait is over
             due = time.monotonic() + self.attempt()
-            self.hold_until = due if self.failures else 0.0
 
     def attempt(self):
         """One reconciliation; returns the seconds until the next one."""
