@@ -6629,13 +6629,11 @@ class DnsimpleProvider:
         """The dnsimple zone that holds TUNNEL_DOMAIN (the nearest parent), found once."""
         if self.zone is None:
             labels = self.domain.split(".")
-            for start in range(0, max(1, len(labels) - 1)):
-                if self.client.zone_exists(".".join(labels[start:])):
-                    self.zone = ".".join(labels[start:])
-                    break
-            else:
-                raise DnsProviderError("no dnsimple zone holds %s in account %s" % (
-                    self.domain, self.client.account_id()))
+            names = [".".join(labels[start:]) for start in range(max(1, len(labels) - 1))]
+            self.zone = next((name for name in names if self.client.zone_exists(name)), None)
+        if self.zone is None:
+            raise DnsProviderError("no dnsimple zone holds %s in account %s" % (
+                self.domain, self.client.account_id()))
         return self.zone
 
     def load_owned(self):
