@@ -5850,7 +5850,6 @@ def recheck_direct(settings, store, record, now):
     return "relayed %s (was direct at %s: %s)" % (record["fqdn"], reach["address"], reason)
 
 
-
 # =====================================================================
 # DNS — what each tunnel's name answers (from its reachability), and the
 # built-in authoritative responder on DNS_PORT; used by the wiring, by
@@ -6249,24 +6248,22 @@ class RateLimiter:
 
     def __init__(self, rate, slip):
         self.rate, self.slip = rate, slip
-        self.buckets = collections.OrderedDict()   # prefix -> [tokens, at, queries over]
+        self.buckets = collections.OrderedDict()   # prefix -> (tokens, at, queries over)
 
     def judge(self, address, now):
         """ANSWER, SLIP or DROP for one query from `address` at monotonic `now`."""
         if not self.rate:
             return self.ANSWER
         key = source_prefix(address, 24, 56)
-        bucket = self.buckets.setdefault(key, [float(self.rate), now, 0])
-        self.buckets.move_to_end(key)
-        if len(self.buckets) > self.TABLE_SIZE:
+        tokens, at, over = self.buckets.pop(key, (self.rate, now, 0))
+        tokens = min(self.rate, tokens + (now - at) * self.rate)
+        if len(self.buckets) >= self.TABLE_SIZE:
             self.buckets.popitem(last=False)
-        bucket[0] = min(float(self.rate), bucket[0] + (now - bucket[1]) * self.rate)
-        bucket[1] = now
-        if bucket[0] >= 1.0:
-            bucket[0] -= 1.0
+        if tokens >= 1.0:
+            self.buckets[key] = (tokens - 1.0, now, over)
             return self.ANSWER
-        bucket[2] += 1
-        return self.SLIP if self.slip and bucket[2] % self.slip == 0 else self.DROP
+        self.buckets[key] = (tokens, now, over + 1)
+        return self.SLIP if self.slip and (over + 1) % self.slip == 0 else self.DROP
 
 
 class DnsResponder:
