@@ -2887,9 +2887,8 @@ class PodMux(Mux):
     def __init__(self, runner, sock, welcome):
         self.runner = runner
         self.services = {s.public_port: s for s in runner.setup.services()}
-        self.proxy_protocol = welcome.get("proxy_protocol")
-        if self.proxy_protocol not in PROXY_PROTOCOLS:
-            self.proxy_protocol = None
+        proxy = welcome.get("proxy_protocol")
+        self.proxy_protocol = proxy if proxy in PROXY_PROTOCOLS else None
         self.fallbacks = {}  # stream id -> addresses of its target still to try
         self.resolving = {}  # stream id -> frames that came while its target's name resolves
         self.draining = False
@@ -3018,8 +3017,8 @@ class PodMux(Mux):
         return True
 
     def on_control(self, msg, obj):
-        """GOAWAY from the server: no new streams; the session ends once the running ones are
-        done."""
+        """CERT: the ACME state, for the runner. GOAWAY: no new streams; the session
+        ends once the running ones are done."""
         if msg == Msg.CERT:
             self.runner.on_cert(obj)
             return
@@ -3104,13 +3103,12 @@ class PodRunner:
         self.hello_timeout_s = hello_timeout_s  # for the server's TLS handshake, and for WELCOME
         self.on_cert_change = on_cert_change  # shell command run after the cert file changed
         self.acme = None  # the last ACME state from the server (CERT frame), chain left out
-        self.chain_end = None  # not_after of the ACME chain in use, watched by a timer
+        self.chain_end = None  # not_after of the ACME chain in use, watched by status_tick()
         self.status_path = os.path.join(files.dir, STATUS_FILE)
         self.status_written = None  # the file's content, to write only changes
         self.loop = EventLoop(log, POD_MAX_BUFFERED_BYTES)
         self.session = None
         self.stop_requested = False
-        self.stop_deadline = None
         self.connecting = False  # in connect(): a stop signal raises StopSignal
         self.failures = 0
         self.up_since = None
@@ -3130,10 +3128,12 @@ class PodRunner:
         return context
 
     def connect(self):
-        """Dial, authenticate and greet; returns (tls socket, WELCOME, leftover)."""
-        host, port = split_host_port(self.endpoint())
-        raw = socket.create_connection((host, port), timeout=self.hello_timeout_s)
+        """Dial, authenticate and greet; (tls socket, WELCOME). Meanwhile a stop
+        signal raises StopSignal (on_stop_signal)."""
+        self.connecting, raw = True, None
         try:
+            raw = socket.create_connection(split_host_port(self.endpoint()),
+                                           timeout=self.hello_timeout_s)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             tls = self.tls_context().wrap_socket(raw, server_hostname=self.server_name())
             tls.sendall(encode_control(Msg.HELLO, {
@@ -3141,8 +3141,11 @@ class PodRunner:
                 "features": list(POD_FEATURES), "yield": self.displaced > 0}))
             answer = self.read_answer(tls)
         except BaseException:
-            raw.close()
+            if raw is not None:
+                raw.close()
             raise
+        finally:
+            self.connecting = False
         tls.settimeout(None)
         return tls, answer
 
@@ -3198,7 +3201,7 @@ class PodRunner:
         while not self.stop_requested:
             self.check_still_wanted()
             try:
-                tls, welcome = self.connect_or_stop()
+                tls, welcome = self.connect()
             except Rejected:
                 raise
             except Displaced as exc:
@@ -3241,9 +3244,7 @@ class PodRunner:
         log.warning("replaced by another connection of this tunnel from=%s round=%d retry_in=%.1fs",
                     peer, self.displaced, delay)
         self.closed_reason = "replaced by another connection from %s" % peer
-        self.write_status()
-        self.loop.call_later(delay, self.loop.stop)
-        self.loop.run()
+        self.pause(delay)
 
     def wait_before_retry(self, exc):
         """Back off (exponential, with jitter) before the next connect."""
@@ -3252,17 +3253,13 @@ class PodRunner:
         delay = random.uniform(ceiling / 2, ceiling)
         log.warning("tunnel connect failed attempt=%d retry_in=%.1fs error=%s",
                     self.failures, delay, exc)
-        self.write_status()
-        self.loop.call_later(delay, self.loop.stop)
-        self.loop.run()
+        self.pause(delay)
 
-    def connect_or_stop(self):
-        """connect(), during which a stop signal raises StopSignal (on_stop_signal)."""
-        self.connecting = True
-        try:
-            return self.connect()
-        finally:
-            self.connecting = False
+    def pause(self, delay_s):
+        """Write the status, then run the loop (timers, port keeper, stop) for delay_s."""
+        self.write_status()
+        self.loop.call_later(delay_s, self.loop.stop)
+        self.loop.run()
 
     def on_stop_signal(self, *_):
         """SIGTERM/SIGINT handler (main thread, between bytecodes). A session
@@ -3302,8 +3299,8 @@ class PodRunner:
         elif self.acme["state"] != "valid":
             log.info("acme certificate not issued state=%s reason=%s",
                      self.acme["state"], str(self.acme["reason"])[:300])
-        if obj.get("chain"):
-            self.watch_chain_end(obj.get("not_after"))
+        if obj.get("chain"):  # status_tick() puts the server-CA certificate back at its end
+            self.chain_end = obj["not_after"] if isinstance(obj.get("not_after"), int) else None
         self.write_status()
 
     def run_cert_hook(self):
@@ -3311,14 +3308,10 @@ class PodRunner:
         if self.on_cert_change:
             threading.Thread(target=run_hook, args=(self.on_cert_change,), daemon=True).start()
 
-    def watch_chain_end(self, not_after):
-        """Remember the end of the chain in use: status_tick() gives the services
-        the server-CA certificate back then, even while the server cannot be
-        reached to say so (the wall clock decides, as for the certificate)."""
-        self.chain_end = not_after if isinstance(not_after, int) else None
-
     def check_chain_end(self):
-        """From status_tick(): once the chain in use has ended, the server-CA certificate."""
+        """From status_tick(): once the chain in use has ended, the server-CA certificate,
+        even while the server cannot be reached to say so (the wall clock decides,
+        as for the certificate)."""
         not_after = self.chain_end
         if not_after is None or time.time() < not_after:
             return
@@ -3366,22 +3359,17 @@ def run_hook(command):
     log.info("on-cert-change hook ran status=%d", done.returncode)
 
 
-def public_urls(fqdn, urls, fronts):
-    """Every URL consumers can use: the per-port URLs, then the HTTP front
-    (Host-routed, for an http service) and the SNI front (for https);
-    `fronts` has the server's http_port and https_port when known."""
+def log_public_urls(fqdn, urls, fronts):
+    """Log each URL consumers reach the tunnel by: the per-port URLs, then the
+    HTTP front (Host-routed, for an http service) and the SNI front (for
+    https); `fronts` has the server's http_port and https_port when known."""
     found = list(urls)
     schemes = [urllib.parse.urlsplit(url).scheme for url in urls]
     for scheme, key, default in (("http", "http_port", 80), ("https", "https_port", 443)):
         port = fronts.get(key)
         if scheme in schemes and isinstance(port, int) and port > 0:
             found.append("%s://%s%s/" % (scheme, fqdn, "" if port == default else ":%d" % port))
-    return found
-
-
-def log_public_urls(fqdn, urls, fronts):
-    """Log each URL consumers reach the tunnel by, one line each."""
-    for url in public_urls(fqdn, urls, fronts):
+    for url in found:
         log.info("public url=%s", url)
 
 

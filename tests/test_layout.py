@@ -54,7 +54,7 @@ BUDGETS = {
         "POD FILES":           300,
         "SERVER API CLIENT":   255,
         "ROUTER PORT MAPPING": 690,
-        "TUNNEL CLIENT":       610,
+        "TUNNEL CLIENT":       600,
         "ECHO SERVICES":       120,
         "COMMANDS":            555,
         "CLI":                 155,
