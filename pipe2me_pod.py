@@ -348,10 +348,8 @@ def format_inc(values, comment=None):
 
 
 def parse_inc(text, where):
-    """Parse `KEY=value` lines (sh quoting, `#` comments, optional `export`) into a dict.
-
-    `where` names the file in error messages.
-    """
+    """A dict of `KEY=value` lines (sh quoting, `#` comments, optional `export`);
+    UsageError naming `where`."""
     values = {}
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -1713,12 +1711,8 @@ class LocalTarget:
         return found
 
 
-class Service:
-    """One published service: protocol, public port on the server, local target."""
-
-    def __init__(self, protocol, public_port, target):
-        self.protocol, self.public_port, self.target = protocol, public_port, target
-        self.local_port = target.port
+# One published service: protocol, public port on the server, local target (and its port).
+Service = collections.namedtuple("Service", "protocol public_port target local_port")
 
 
 class PodSetup:
@@ -1740,7 +1734,8 @@ class PodSetup:
     def services(self):
         """Services from the URLs (`<protocol>://<fqdn>:<port>`) and local ports, in order."""
         urls = [urllib.parse.urlsplit(url) for url in self.urls]
-        return [Service(url.scheme, url.port, target) for url, target in zip(urls, self.local_ports)]
+        return [Service(url.scheme, url.port, target, target.port)
+                for url, target in zip(urls, self.local_ports)]
 
 
 def numbered(values, prefix):
@@ -3500,8 +3495,7 @@ class EchoTls:
         self.current()
 
     def current(self):
-        """The TLS context of the echo https service, reloaded when the certificate file
-        changed."""
+        """The TLS context, loaded again if the certificate file changed."""
         stat = os.stat(self.files.cert)
         with self.lock:
             if self.loaded != (stat.st_mtime_ns, stat.st_size):
@@ -3527,10 +3521,7 @@ def echo_one(conn, protocol, context):
         conn.settimeout(ECHO_TIMEOUT_S)
         if context is not None:
             conn = context.current().wrap_socket(conn, server_side=True)
-        if protocol in ("http", "https"):
-            echo_http(conn)
-        else:
-            echo_bytes(conn)
+        (echo_http if protocol in ("http", "https") else echo_bytes)(conn)
     except OSError as exc:
         log.debug("echo connection failed: %s", exc)
     finally:
