@@ -3912,6 +3912,16 @@ def field(body, *names):
     return ""
 
 
+def in_networks(address, networks):
+    """Whether an address (a string; IPv4-mapped counts as IPv4) is in one of `networks`."""
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return False
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    return any(ip in network for network in networks)
+
+
 ROUTES = [
     ("GET", r"/", "page_status"),
     ("GET", r"/config", "page_config"),
@@ -4073,13 +4083,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         token = settings.metrics_token
         if token and secrets.compare_digest(self.secret().encode(), token.encode()):
             return True
-        try:
-            address = ipaddress.ip_address(self.client_address[0].split("%")[0])
-        except ValueError:
-            return False
-        if address.version == 6 and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in network for network in settings.metrics_allow)
+        return in_networks(self.client_address[0], settings.metrics_allow)
 
     def page_status(self):
         """GET /: a short human-readable status page."""
@@ -4144,10 +4148,10 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         return 200, self.server.reachability(record, self.client_address[0], body)
 
 
-def answer_and_close(sock, status, reason, headers=(), body="", ctype="text/plain"):
+def answer_and_close(sock, status, headers=(), body="", ctype="text/plain"):
     """A tiny HTTP/1.0 answer from the front itself, then close (429, 431)."""
     payload = body.encode()
-    lines = ["HTTP/1.0 %d %s" % (status, reason), "Content-Type: " + ctype,
+    lines = ["HTTP/1.0 %d %s" % (status, http.HTTPStatus(status).phrase), "Content-Type: " + ctype,
              "Content-Length: %d" % len(payload), "Connection: close"] + list(headers)
     try:
         sock.setblocking(True)
@@ -4178,7 +4182,7 @@ class ApiServer:
             log.warning("api connection cap reached, closing from=%s:%d cap=%d",
                         address[0], address[1], API_MAX_CONNECTIONS)
             return answer_and_close(
-                sock, 429, "Too Many Requests", headers=("Retry-After: 1",),
+                sock, 429, headers=("Retry-After: 1",),
                 body=json.dumps({"error": "too many API requests at once from this address; "
                                           "retry in a second", "retry_after_s": 1}) + "\n",
                 ctype="application/json")
@@ -4878,11 +4882,7 @@ ACME_CHALLENGE = re.compile(r"/\.well-known/acme-challenge/([A-Za-z0-9_-]{1,256}
 
 
 class BadMessage(ValueError):
-    """An HTTP message the front refuses; `status` is what the consumer gets."""
-
-    def __init__(self, reason, status=400):
-        super().__init__(reason)
-        self.status = status
+    """An HTTP message the front refuses (a request gets 400)."""
 
 
 def split_head(buffer):
@@ -4898,17 +4898,17 @@ def split_head(buffer):
     return bytes(buffer[start:end.start()]), end.end()
 
 
-def head_lines(head):
-    """The lines of a head, without their line ends."""
-    return [line[:-1] if line.endswith(b"\r") else line for line in head.split(b"\n")]
-
-
-def parse_fields(lines):
-    """[(lower-case name, name, value)]; BadMessage for obs-fold, a bad name
-    or a control character (a bare CR included) in a value. (Their number is
-    bounded by the size of a head, FRONT_SNIFF_BYTES.)"""
+def parse_head(head, start_line):
+    """(groups of the `start_line` match, [(lower-case name, name, value)])
+    of a whole head. BadMessage for a malformed start line, obs-fold, a bad
+    field name or a control character (a bare CR included) in a value.
+    (The number of fields is bounded by the size of a head, FRONT_SNIFF_BYTES.)"""
+    lines = [line[:-1] if line.endswith(b"\r") else line for line in head.split(b"\n")]
+    match = start_line.fullmatch(lines[0])
+    if match is None:
+        raise BadMessage("malformed start line")
     fields = []
-    for line in lines:
+    for line in lines[1:]:
         if line[:1] in (b" ", b"\t"):
             raise BadMessage("obsolete line folding in the header")
         name, colon, value = line.partition(b":")
@@ -4918,7 +4918,7 @@ def parse_fields(lines):
         if CONTROL_IN_VALUE.search(value):
             raise BadMessage("control character in header %s" % name.decode("ascii"))
         fields.append((name.lower(), name, value))
-    return fields
+    return match.groups(), fields
 
 
 def field_values(fields, key):
@@ -4926,15 +4926,18 @@ def field_values(fields, key):
     return [value for name, _, value in fields if name == key]
 
 
+def list_values(fields, key):
+    """The lower-case elements of every comma-separated field named `key`."""
+    return [v.strip().lower() for value in field_values(fields, key) for v in value.split(b",")]
+
+
 def body_framing(fields, version):
     """How the body of a message ends: ("length", n) or ("chunked", 0).
     BadMessage for the smuggling shapes: Content-Length beside
     Transfer-Encoding, differing Content-Lengths, codings not ending in a
     single chunked, Transfer-Encoding in HTTP/1.0."""
-    codings = [c.strip().lower() for v in field_values(fields, b"transfer-encoding")
-               for c in v.split(b",")]
-    lengths = {v.strip() for value in field_values(fields, b"content-length")
-               for v in value.split(b",")}
+    codings, lengths = list_values(fields, b"transfer-encoding"), set(
+        list_values(fields, b"content-length"))
     if codings:
         if lengths:
             raise BadMessage("both Content-Length and Transfer-Encoding")
@@ -4951,9 +4954,11 @@ def body_framing(fields, version):
     return "length", int(length)
 
 
-def connection_options(fields):
-    """The lower-case options of all Connection fields."""
-    return {o.strip().lower() for v in field_values(fields, b"connection") for o in v.split(b",")}
+def ends_connection(fields, version):
+    """Whether a message's Connection options (or HTTP/1.0 without
+    keep-alive) end the connection after it."""
+    options = list_values(fields, b"connection")
+    return b"close" in options or (version == b"1.0" and b"keep-alive" not in options)
 
 
 class Request:
@@ -4972,10 +4977,9 @@ class Request:
             raise BadMessage("malformed Host header")
         self.host = hosts[0].decode("ascii") if hosts else ""
         self.name = match.group("name").decode().lower().strip("[]").rstrip(".") if match else ""
-        options = connection_options(fields)
-        self.upgrade = method == b"CONNECT" or (b"upgrade" in options and bool(
-            field_values(fields, b"upgrade")))
-        self.close = b"close" in options or (version == b"1.0" and b"keep-alive" not in options)
+        self.upgrade = method == b"CONNECT" or (b"upgrade" in list_values(
+            fields, b"connection") and bool(field_values(fields, b"upgrade")))
+        self.close = ends_connection(fields, version)  # also set by a response that ends it
         self.has_body = self.framing != ("length", 0)
         self.accept = b",".join(field_values(fields, b"accept")).decode("latin-1")
         self.check_target()
@@ -5000,38 +5004,32 @@ class Request:
 
 def parse_request(head):
     """The Request of a whole head, or BadMessage."""
-    lines = head_lines(head)
-    match = REQUEST_LINE.fullmatch(lines[0])
-    if match is None:
-        raise BadMessage("malformed request line")
-    method, target, version = match.groups()
-    return Request(method, target, version, parse_fields(lines[1:]))
+    (method, target, version), fields = parse_head(head, REQUEST_LINE)
+    return Request(method, target, version, fields)
 
 
 def response_framing(head, request):
-    """(status, kind, length, close) of a response head from a service:
-    kind "none", "length", "chunked", "close" (ends with the connection) or
-    "raw" (101 Switching Protocols, or 2xx to CONNECT: the connection is
-    handed over). A head the front cannot frame ends with the connection."""
-    lines = head_lines(head)
-    match = STATUS_LINE.fullmatch(lines[0])
-    if match is None:
-        return 0, "close", 0, True
-    version, status = match.group(1), int(match.group(2))
+    """(kind, length, close) of a response head from a service to `request`:
+    kind "interim" (1xx: the final response follows), "none", "length",
+    "chunked", "close" (ends with the connection; so does a head the front
+    cannot frame) or "raw" (101 to an Upgrade, 2xx to a CONNECT: the bytes
+    pass as they are from then on)."""
     try:
-        fields = parse_fields(lines[1:])
+        (version, status), fields = parse_head(head, STATUS_LINE)
         kind, length = body_framing(fields, version)
     except BadMessage:
-        return status, "close", 0, True
-    options = connection_options(fields)
-    close = b"close" in options or (version == b"1.0" and b"keep-alive" not in options)
-    if (status == 101 and request.upgrade) or (request.method == b"CONNECT" and 200 <= status < 300):
-        return status, "raw", 0, close
-    if status < 200 or status in (204, 304) or request.method == b"HEAD":
-        return status, "none", 0, close
+        return "close", 0, True
+    status, close = int(status), ends_connection(fields, version)
+    if ((status == 101 and request.upgrade)
+            or (request.method == b"CONNECT" and 200 <= status < 300)):
+        return "raw", 0, close
+    if status < 200:
+        return "interim", 0, close
+    if status in (204, 304) or request.method == b"HEAD":
+        return "none", 0, close
     if kind == "length" and not field_values(fields, b"content-length"):
-        return status, "close", 0, True
-    return status, kind, length, close
+        return "close", 0, True
+    return kind, length, close
 
 
 class BodyReader:
@@ -5095,7 +5093,7 @@ class BodyReader:
             raise BadMessage("malformed trailer field")
 
 
-def forwarding_fields(request, peer, trusted, proto="http"):
+def forwarding_fields(request, peer, trusted):
     """The request's header lines with X-Forwarded-For/-Proto/-Host and
     Forwarded (RFC 7239) naming the peer: what the consumer sent is dropped,
     unless the peer is a trusted proxy, whose values are extended. Names
@@ -5109,10 +5107,10 @@ def forwarding_fields(request, peer, trusted, proto="http"):
             kept.append(b"%s: %s" % (name, value))
     prior = {key: ", ".join(values) for key, values in prior.items() if trusted}
     node = '"[%s]"' % peer if ":" in peer else peer
-    element = 'for=%s;host="%s";proto=%s' % (node, request.host, proto)
+    element = 'for=%s;host="%s";proto=http' % (node, request.host)
     added = [
         ("X-Forwarded-For", ", ".join(filter(None, (prior.get(b"x-forwarded-for"), peer)))),
-        ("X-Forwarded-Proto", prior.get(b"x-forwarded-proto") or proto),
+        ("X-Forwarded-Proto", prior.get(b"x-forwarded-proto") or "http"),
         ("X-Forwarded-Host", prior.get(b"x-forwarded-host") or request.host),
         ("Forwarded", ", ".join(filter(None, (prior.get(b"forwarded"), element))))]
     return kept + [("%s: %s" % pair).encode("latin-1") for pair in added]
@@ -5151,15 +5149,12 @@ def reset_answer(reason):
     return 503, "the local service refused the connection (%s)" % reason
 
 
-def h2c_refusal(message):
-    """An HTTP/2 SETTINGS and GOAWAY (HTTP_1_1_REQUIRED) with `message`: the
-    clear refusal of cleartext HTTP/2 with prior knowledge."""
-    debug = message.encode()
-    goaway = struct.pack("!II", 0, 0xd) + debug
-    return (struct.pack("!I", 0)[1:] + b"\x04\x00" + struct.pack("!I", 0)
-            + struct.pack("!I", len(goaway))[1:] + b"\x07\x00" + struct.pack("!I", 0) + goaway)
-
-
+# Cleartext HTTP/2 with prior knowledge is refused clearly: an empty SETTINGS
+# frame, then GOAWAY with HTTP_1_1_REQUIRED (0xd) and a message (RFC 9113 §6).
+H2C_GOAWAY = (struct.pack("!II", 0, 0xd)
+              + b"pipe2me: HTTP/2 needs TLS here; use HTTP/1.1 or https://")
+H2C_REFUSAL = (bytes(3) + b"\x04" + bytes(5)
+               + len(H2C_GOAWAY).to_bytes(3, "big") + b"\x07" + bytes(5) + H2C_GOAWAY)
 FRONT_BUFFER_BYTES = 256 * 1024   # per direction, before reading its source stops
 FRONT_LINGER_S = 2.0              # after the last answer: read and drop, then close
 
@@ -5168,15 +5163,14 @@ class Upstream:
     """The front's end of a stream to one tunnel's http service: a socket
     pair whose other end the Mux relays like a consumer socket."""
 
-    def __init__(self, tunnel_id, fqdn, port):
-        self.tunnel_id, self.fqdn, self.port = tunnel_id, fqdn, port
+    def __init__(self, tunnel_id, fqdn):
+        self.tunnel_id, self.fqdn = tunnel_id, fqdn
         self.sock, self.peer_sock = socket.socketpair()
         self.sock.setblocking(False)
         self.stream = None
         self.out = bytearray()       # request bytes not yet written to the pair
         self.head = bytearray()      # the response head being read
         self.body = None             # BodyReader of the response body being relayed
-        self.started = False         # bytes of the current response arrived
         self.closed = False
 
 
@@ -5201,16 +5195,14 @@ class HttpFrontConnection:
         self.fronts, self.loop, self.sock, self.address = fronts, fronts.loop, sock, address
         self.pinned = pinned               # (tunnel id, port) of a per-port URL
         self.peer = plain_address(address[0].partition("%")[0])  # ::ffff:a.b.c.d as a.b.c.d
-        self.trusted = fronts.is_trusted(self.peer)
+        self.trusted = in_networks(self.peer, fronts.settings.trusted_proxies)
         self.inbuf, self.out = bytearray(), bytearray()
         self.waiting = collections.deque()  # forwarded requests without their response
         self.next = None                    # (Request, bytes) parsed, not yet dispatched
         self.body = None                    # BodyReader of the request body being read
         self.up = None                      # Upstream of the current tunnel
-        self.raw = self.switching = False   # raw bytes after an upgrade; one pending
-        self.response_close = False         # the response being relayed ends the connection
-        self.refusal = None                 # (status, text) due after the earlier answers
-        self.read_closed = self.finishing = self.lingering = self.closed = False
+        self.last_words = b""               # a refusal due once the earlier answers are out
+        self.raw = self.read_closed = self.finishing = self.lingering = self.closed = False
         self.idle_since = self.heard = time.monotonic()  # heard: the consumer's last bytes
         sock.setblocking(False)
         self.loop.call_later(fronts.settings.front_head_deadline, self.on_deadline)
@@ -5297,8 +5289,11 @@ class HttpFrontConnection:
                 self.up.sock.shutdown(socket.SHUT_WR)
         if self.read_closed and not self.waiting and not self.raw and not self.finishing:
             self.finish()
-        if self.finishing and not self.out and not self.waiting:
-            self.linger()
+        if self.finishing and not self.waiting:
+            self.out += self.last_words
+            self.last_words = b""
+            if not self.out:
+                self.linger()
         if not self.closed:
             self.update_interest()
 
@@ -5314,7 +5309,9 @@ class HttpFrontConnection:
                 if not self.read_body():
                     return
                 continue
-            if self.switching or not self.take_request():
+            if self.waiting and self.waiting[-1].upgrade:
+                return  # the bytes after an Upgrade or CONNECT may be raw: wait for its answer
+            if not self.take_request():
                 return
 
     def read_body(self):
@@ -5324,7 +5321,7 @@ class HttpFrontConnection:
         except BadMessage as exc:  # the stream got half a request: it cannot go on
             self.drop_upstream()
             self.waiting.clear()
-            return self.refuse(exc.status, str(exc))
+            return self.refuse(400, str(exc))
         if self.up is not None:
             self.up.out += self.inbuf[:used]
         del self.inbuf[:used]
@@ -5342,11 +5339,14 @@ class HttpFrontConnection:
                     return self.refuse(431, "request head over %d bytes" % FRONT_SNIFF_BYTES)
                 return False
             if found[0].startswith(HTTP2_PREFACE[:12]) and not self.waiting:
-                return self.fronts.refuse_h2c(self)
+                log.warning("http front refused cleartext HTTP/2 (prior knowledge) from=%s",
+                            shown_address(self.address))
+                self.out += H2C_REFUSAL
+                return self.finish()
             try:
                 self.next = (parse_request(found[0]), found[1])
             except BadMessage as exc:
-                return self.refuse(exc.status, str(exc))
+                return self.refuse(400, str(exc))
         request, size = self.next
         route = self.fronts.route_request(request, self.pinned)
         if self.waiting and not (route[0] == "up" and self.up is not None
@@ -5358,11 +5358,9 @@ class HttpFrontConnection:
 
     def dispatch(self, request, route):
         """Act on a routed request; True to go on with the next one."""
-        kind = route[0]
-        if kind == "api":  # the API serves whole connections: the client retries on a new one
-            self.finish()
-            return False
-        if kind == "up":
+        if route[0] == "api":  # the API serves whole connections: the client retries on a new one
+            return self.finish()
+        if route[0] == "up":
             refusal = self.forward(request, route[1], route[2])
             if refusal is None:
                 return True
@@ -5371,37 +5369,35 @@ class HttpFrontConnection:
         close = request.close or request.has_body or status >= 500
         self.out += local_answer(status, text, request, headers, close)
         self.idle_since = time.monotonic()
-        if close:
-            self.finish()
-            return False
-        return True
+        return self.finish() if close else True
 
     def forward(self, request, record, port):
         """Send the request to its tunnel's stream; (status, text) if it cannot go."""
         if self.up is not None and self.up.tunnel_id != record["id"]:
             self.drop_upstream()
         if self.up is None:
-            refusal = self.fronts.open_upstream(self, record, port)
+            hub = self.fronts.hub
+            refusal = hub.stream_refusal(record["id"])
             if refusal is not None:
-                return refusal
+                log.info("http front answered status=%d tunnel=%s from=%s reason=%s", refusal[0],
+                         record["id"], shown_address(self.address), refusal[1])
+                return refusal[0], "%s: %s" % (record["fqdn"], refusal[1])
+            self.up = Upstream(record["id"], record["fqdn"])
+            self.up.stream = hub.open_stream(record["id"], port, self.up.peer_sock, self.address,
+                                             ends_of=self.sock)
         head = [b"%s %s HTTP/%s" % (request.method, request.target, request.version)]
         head += forwarding_fields(request, self.peer, self.trusted)
         self.up.out += b"\r\n".join(head) + b"\r\n\r\n"
         self.waiting.append(request)
         self.body = BodyReader(*request.framing)
-        self.switching = request.upgrade
         return None
 
     def refuse(self, status, text):
         """A request the front will not take: answer once the earlier ones are, then close."""
         log.info("http front refused from=%s status=%d reason=%s", shown_address(self.address),
                  status, text)
-        if self.waiting:
-            self.refusal = (status, text)
-        else:
-            self.out += local_answer(status, text, close=True)
-        self.finish()
-        return False
+        self.last_words = local_answer(status, text, close=True)
+        return self.finish()
 
     def on_consumer_eof(self):
         """The consumer sends no more."""
@@ -5437,44 +5433,33 @@ class HttpFrontConnection:
     def read_response_head(self, up, data):
         """Collect a response head; relay it once whole and frame its body.
         Returns the bytes after it."""
-        up.started = True
         up.head += data
         found = split_head(up.head)
         if found is None:
             if len(up.head) >= FRONT_SNIFF_BYTES:  # unframeable: relay it until it closes
                 self.out += up.head
-                up.head = bytearray()
-                up.body = BodyReader("close")
+                up.head, up.body = bytearray(), BodyReader("close")
             return b""
-        head, size = found
-        self.out += up.head[:size]
-        leftover = bytes(up.head[size:])
-        up.head = bytearray()
+        self.out += up.head[:found[1]]
+        rest, up.head = bytes(up.head[found[1]:]), bytearray()
         request = self.waiting[0]
-        status, kind, length, close = response_framing(head, request)
-        self.response_close = self.response_close or close
+        kind, length, close = response_framing(found[0], request)
+        request.close = request.close or close
         if kind == "raw":
-            self.raw, self.switching = True, False
+            self.raw = True
             self.waiting.clear()
             self.up.out += self.inbuf
             del self.inbuf[:]
-        elif status < 200:
-            up.started = False  # an interim response: the final one follows
-        else:
+        elif kind != "interim":
             up.body = BodyReader(kind, length)
             if up.body.done:
                 self.response_done(up)
-        return leftover
+        return rest
 
     def response_done(self, up):
         """A whole response is relayed: the next request may go."""
-        request = self.waiting.popleft()
-        up.body, up.started = None, False
-        close = self.response_close or request.close
-        self.response_close = False
-        if request.upgrade:
-            self.switching = False
-        if close:
+        up.body = None
+        if self.waiting.popleft().close:
             self.waiting.clear()
             return self.finish()
         if not self.waiting:
@@ -5482,23 +5467,20 @@ class HttpFrontConnection:
             self.advance()
 
     def on_upstream_eof(self, up):
-        """The upstream ended: answer what it left unanswered (502/503/504), then close."""
+        """The upstream ended: a request it left without a response gets
+        502/503/504, and the connection ends with what was due on it."""
         if up.closed:
             return
-        if self.waiting and not self.raw:
-            if up.body is not None and up.body.kind == "close":
-                self.waiting.clear()
-            elif not up.started:
-                status, text = reset_answer(up.stream.reset_reason if up.stream else None)
-                self.fronts.log_failure(up, status, text)
-                request = self.waiting.popleft()
-                self.out += local_answer(status, "%s: %s" % (up.fqdn, text), request,
-                                         close=True)
-            self.waiting.clear()
-            self.drop_upstream()
-            return self.finish()
+        due = bool(self.waiting) or self.raw
+        if self.waiting and not up.head and up.body is None:  # no byte of its response came
+            status, text = reset_answer(up.stream.reset_reason if up.stream else None)
+            log.info("http front answered status=%d tunnel=%s reason=%s", status, up.tunnel_id,
+                     text)
+            self.out += local_answer(status, "%s: %s" % (up.fqdn, text), self.waiting[0],
+                                     close=True)
         self.drop_upstream()
-        if self.raw:
+        if due:
+            self.waiting.clear()
             self.finish()
 
     def drop_upstream(self):
@@ -5511,18 +5493,16 @@ class HttpFrontConnection:
 
     # -- the end ----------------------------------------------------------
     def finish(self):
-        """No more requests: send what is due, then close without a reset."""
+        """No more requests: send what is due, then close without a reset.
+        False: nothing more to take."""
         self.finishing = True
         self.next = None
         del self.inbuf[:]
+        return False
 
     def linger(self):
         """Everything is out: half-close, drop what the client still sends,
         close at its EOF or after FRONT_LINGER_S."""
-        if self.refusal is not None:
-            self.out += local_answer(self.refusal[0], self.refusal[1], close=True)
-            self.refusal = None
-            return
         if self.lingering:
             return
         self.lingering = True
@@ -5538,12 +5518,13 @@ class HttpFrontConnection:
         body, for FRONT_HEAD_DEADLINE is closed."""
         if self.closed:
             return
-        limit = self.fronts.settings.front_head_deadline
-        idle = not self.raw and not self.waiting and self.body is None and not self.finishing
-        stalled = (not self.raw and self.body is not None and not self.finishing
-                   and (self.up is None or not self.up.out))  # the consumer's, not the pod's
-        since = self.idle_since if idle else self.heard if stalled else None
-        left = since + limit - time.monotonic() if since is not None else limit
+        limit, since = self.fronts.settings.front_head_deadline, None
+        if not self.raw and not self.finishing:
+            if self.body is None and not self.waiting:
+                since = self.idle_since  # waiting for a request head
+            elif self.body is not None and (self.up is None or not self.up.out):
+                since = self.heard  # for a body the consumer, not the pod, holds up
+        left = limit if since is None else since + limit - time.monotonic()
         if left <= 0:
             log.debug("http front head deadline from=%s", shown_address(self.address))
             return self.destroy()
@@ -5574,6 +5555,12 @@ def http_head_host(head):
     return ""
 
 
+def service_port(record, protocol):
+    """The public port of the tunnel's `protocol` service, None without one."""
+    protocols = record["protocols"]
+    return record["ports"][protocols.index(protocol)] if protocol in protocols else None
+
+
 class Fronts:
     """Routes front connections: the HTTP front by each request's Host (an
     HttpFrontConnection per consumer), the HTTPS front by SNI, and the
@@ -5586,7 +5573,6 @@ class Fronts:
     def __init__(self, loop, settings, hub, api_server, acme_http01=None):
         self.loop, self.settings, self.hub, self.api_server = loop, settings, hub, api_server
         self.acme_http01 = acme_http01
-        self.trusted_proxies = [ipaddress.ip_network(n) for n in settings.trusted_proxies]
         self.budgets = {name: PendingBudget(name, settings.max_pending_front,
                                             settings.max_pending_front_per_source)
                         for name in ("http", "https")}
@@ -5602,25 +5588,16 @@ class Fronts:
                 lambda: budget.give_back(key))
 
     def is_api_name(self, name):
-        """Whether a Host or SNI name means the API (the bare domain, localhost, or no tunnel
-        name)."""
+        """Whether a Host or SNI name means the API (the bare domain,
+        localhost, or no tunnel name)."""
         domain = self.settings.tunnel_domain
         return name in ("", domain, "localhost") or not name.endswith("." + domain)
-
-    def is_trusted(self, ip):
-        """Whether a peer (a plain address) is a proxy the operator trusts
-        (TRUSTED_PROXIES)."""
-        networks = self.trusted_proxies
-        if not networks:
-            return False
-        address = ipaddress.ip_address(ip)
-        return any(address in network for network in networks)
 
     # -- HTTP front -----------------------------------------------------
     def on_http_accept(self, sock, address):
         """A new connection on HTTP_PORT: sniff its Host."""
         self.sniff("http", sock, address, lambda head: self.route_http(head, address),
-                   lambda s: answer_and_close(s, 431, "Request Header Fields Too Large"))
+                   lambda s: answer_and_close(s, 431))
 
     def on_http_port_accept(self, tunnel_id, port, sock, address):
         """A consumer of the per-port URL of an http service."""
@@ -5663,40 +5640,15 @@ class Fronts:
         name = record["fqdn"] if record else request.name
         if record is None or tunnel_status(record) != "online":
             return "answer", 404, "no tunnel %s" % name
-        if pinned:
-            return "up", record, pinned[1]
-        if "http" in record["protocols"]:
-            return "up", record, record["ports"][record["protocols"].index("http")]
-        if "https" in record["protocols"]:
-            port = record["ports"][record["protocols"].index("https")]
+        port = pinned[1] if pinned else service_port(record, "http")
+        if port is not None:
+            return "up", record, port
+        port = service_port(record, "https")
+        if port is not None:
             target = "https://%s:%d%s" % (name, port, urllib.parse.quote(
                 request.path, safe="/?#[]@!$&'()*+,;=:%~-._"))
             return "answer", 308, target, ["Location: " + target]
         return "answer", 404, "%s has no http service" % name
-
-    def open_upstream(self, conn, record, port):
-        """A new stream for `conn` to the tunnel's service; (status, text) if refused."""
-        refusal = self.hub.stream_refusal(record["id"])
-        if refusal is not None:
-            log.info("http front answered status=%d tunnel=%s from=%s reason=%s", refusal[0],
-                     record["id"], shown_address(conn.address), refusal[1])
-            return refusal[0], "%s: %s" % (record["fqdn"], refusal[1])
-        up = conn.up = Upstream(record["id"], record["fqdn"], port)
-        up.stream = self.hub.open_stream(record["id"], port, up.peer_sock, conn.address,
-                                         ends_of=conn.sock)
-        return None
-
-    def log_failure(self, up, status, text):
-        """One line for an answer the front gave instead of the service."""
-        log.info("http front answered status=%d tunnel=%s reason=%s", status, up.tunnel_id, text)
-
-    def refuse_h2c(self, conn):
-        """Cleartext HTTP/2 with prior knowledge: GOAWAY HTTP_1_1_REQUIRED, a log line."""
-        log.warning("http front refused cleartext HTTP/2 (prior knowledge) from=%s",
-                    shown_address(conn.address))
-        conn.out += h2c_refusal("pipe2me: HTTP/2 needs TLS here; use HTTP/1.1 or https://")
-        conn.finish()
-        return False
 
     # -- HTTPS front ----------------------------------------------------
     def on_https_accept(self, sock, address):
@@ -5705,8 +5657,8 @@ class Fronts:
                    lambda s: s.close())
 
     def route_https(self, head, address):
-        """Where a ClientHello goes: the API, the tunnel's https service (passed through), or
-        closed."""
+        """Where a ClientHello goes: the API, the tunnel's https service
+        (passed through), or closed."""
         try:
             name = tls_client_hello_sni(head)
         except (ValueError, IndexError, UnicodeDecodeError):
@@ -5716,9 +5668,9 @@ class Fronts:
         if self.is_api_name(name):
             return lambda sock: self.api_server.serve(sock, address, tls=True)
         record = self.hub.store.by_fqdn(name)
-        if record is None or "https" not in record["protocols"] or tunnel_status(record) != "online":
+        port = service_port(record, "https") if record else None
+        if port is None or tunnel_status(record) != "online":
             return lambda sock: sock.close()
-        port = record["ports"][record["protocols"].index("https")]
         return lambda sock: self.hub.open_stream(record["id"], port, sock, address)
 
 # =====================================================================

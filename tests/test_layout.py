@@ -35,7 +35,7 @@ BUDGETS = {
         "ACME":                632,
         "API":                 565,
         "TUNNEL SESSIONS":     535,
-        "FRONTS":              985,
+        "FRONTS":              915,
         "REACHABILITY":        135,
         "DNS":                 610,
         "DNSIMPLE":            315,
