@@ -2187,15 +2187,12 @@ class PortPool:
 
 
 class Store:
-    """Tunnel records, one JSON file each, written atomically.
-
-    A port or a name belongs to a tunnel while its file exists and it has not
-    passed expires_at + PORT_GRACE, so after any crash the port pool is simply
-    what the files say. Callers get copies, never the live dicts.
-
-    Every lookup a request or an event needs is an index kept up to date as
-    records change (ports and names held, certificates, tunnels per token,
-    the order of expiries), so no request, change or sweep walks all tunnels."""
+    """Tunnel records, one JSON file each, written atomically. A port or a name
+    belongs to a tunnel while its file exists and it has not passed expires_at
+    + PORT_GRACE, so after any crash the port pool is what the files say.
+    Callers get copies, never the live dicts. Indexes kept as records change
+    (ports, names, certificates, tunnels per token, the order of expiries)
+    answer every lookup, so no request, change or sweep walks all tunnels."""
 
     def __init__(self, settings):
         self.settings = settings
@@ -2485,12 +2482,11 @@ class Store:
     def expire(self, now):
         """Ids of tunnels that went offline since the last call (once a second
         from the sweep); each is announced through on_change."""
-        expired = self.due(self.expiries, now, 0)
-        with self.lock:
-            for tunnel_id in expired:
-                record = self.tunnels[tunnel_id]
-                ids = self.by_token.get(record.get("token_sha256"), set())
-                ids.discard(tunnel_id)
+        with self.lock:  # one hold: a tunnel deleted after due() would be missing below
+            expired = self.due(self.expiries, now, 0)
+            for tunnel_id in expired:  # no longer counted against its token's cap
+                token_hash = self.tunnels[tunnel_id].get("token_sha256")
+                self.by_token.get(token_hash, set()).discard(tunnel_id)
         for tunnel_id in expired:
             self.on_change(tunnel_id)
         return expired

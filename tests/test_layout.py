@@ -30,7 +30,7 @@ BUDGETS = {
         "SHARED relay":        855,
         "SHARED process":      175,
         "TOKENS":              112,
-        "STATE STORE":         512,
+        "STATE STORE":         506,
         "CERTIFICATES":        445,
         "ACME":                632,
         "API":                 565,

@@ -9,6 +9,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -151,6 +153,33 @@ def test_state_unique_token_use_not_written_leaves_no_tunnel(tmp_path, server_mo
     record, _secret = store.create("single-use-token", options, ["tcp"])
     assert record["ports"] == [ports[0]]
     assert os.listdir(settings.tunnel_dir) == [record["id"] + ".json"]
+
+
+def test_state_tunnel_deleted_while_the_sweep_expires_it(tmp_path, server_mod):
+    """An API thread deletes a tunnel while the sweep finds it expired: the
+    delete waits for the store, and the sweep does not fail on a record gone
+    between finding it due and counting it off its token (a sweep that
+    raises is never scheduled again)."""
+    ports = free_port_range(1)
+    settings = server_mod.load_settings(flags={
+        "STATE_DIR": str(tmp_path / "state"), "LISTEN_ADDRESS": "127.0.0.1",
+        "TUNNEL_PORTS": "%d..%d" % (ports[0], ports[-1])}, environ={})
+    store = server_mod.Store(settings)
+    store.load()
+    options = {"lifespan": 1, "unique": False, "max_traffic": 0, "rate": 0}
+    record, _secret = store.create("some-token", options, ["tcp"], now=time.time() - 10)
+    deleter = threading.Thread(target=store.delete, args=(record["id"],), daemon=True)
+    found_due = store.due
+
+    def due_then_delete(*args):
+        ids = found_due(*args)
+        deleter.start()
+        deleter.join(0.5)  # without the store held, the delete is done by now
+        return ids
+    store.due = due_then_delete
+    assert store.expire(time.time()) == [record["id"]]
+    deleter.join(10)
+    assert not deleter.is_alive() and store.get(record["id"]) is None
 
 
 def test_state_default_cap_on_tunnels_per_token(workdir, server_mod):
