@@ -567,6 +567,18 @@ def read_json(path):
         return json.load(fh)
 
 
+def shown_value(value):
+    """A value as the configuration, tokens.conf and the shell format spell it:
+    nothing as empty, true/false, a range as a..b, a list comma-separated."""
+    if value is None:
+        return ""
+    if isinstance(value, range):
+        return "%d..%d" % (value[0], value[-1])
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def shell_format(obj, prefix=""):
     """key=value lines (shell-quoted); lists become key_0, key_1, ..."""
     lines = []
@@ -575,8 +587,7 @@ def shell_format(obj, prefix=""):
             lines += ["%s%s_%d=%s" % (prefix, key, i, shlex.quote(str(v)))
                       for i, v in enumerate(value)]
         elif not isinstance(value, dict):
-            text = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-            lines.append("%s%s=%s" % (prefix, key, shlex.quote(text)))
+            lines.append("%s%s=%s" % (prefix, key, shlex.quote(shown_value(value))))
     return "\n".join(lines) + "\n"
 
 
@@ -591,18 +602,16 @@ def source_prefix(address, ipv4_bits, ipv6_bits):
 
 
 class SourceShares:
-    """Connections served by threads (pod handshakes, API requests): `cap`
-    at once, `share` per source (an IPv4 address, an IPv6 /64; 0 = no
-    limit). A newcomer whose source holds its share is refused, or, with
-    `rotate_after_s`, takes the place of that source's oldest connection
-    once that one has waited so long (pod handshakes: a pod behind an
-    attacker's NAT still gets in, while the quick handshakes of many pods
-    behind one NAT, after a server restart, do not cut each other off; not
-    for API requests, which would cut each other off); when every slot is
-    taken, one whose source holds fewer than the largest holder takes the
-    place of that holder's oldest. So a flood from one source, or many,
-    leaves room for everybody else. A displaced connection is shut down,
-    which ends its thread. Thread-safe."""
+    """Connections served by threads (pod handshakes, API requests): `cap` at
+    once, `share` per source (0 = no limit). A newcomer whose source holds its
+    share is refused or, with `rotate_after_s`, displaces that source's oldest
+    connection once it has waited so long: a pod behind an attacker's NAT still
+    gets in, while quick handshakes of many pods behind one NAT after a restart
+    do not cut each other off (API requests would: they do not rotate). When
+    every slot is taken, a source holding fewer than the largest holder
+    displaces that holder's oldest, so a flood from one source or many leaves
+    room for everybody else. A displaced connection is shut down, which ends
+    its thread. Thread-safe."""
 
     def __init__(self, cap, share, rotate_after_s=None):
         self.cap, self.share, self.rotate_after_s = cap, share, rotate_after_s
@@ -710,11 +719,9 @@ def port_can_listen(address, port):
 
 
 class PendingBudget:
-    """The connections of one front still sending their first head or
-    ClientHello: at most `cap` in all (0 = no cap) and `share` per source
-    (source_prefix: an IPv4 address, an IPv6 /64), so one source flooding a
-    front leaves its budget to everybody else, and the other front keeps
-    its own budget."""
+    """The connections of one front still sending their first head or ClientHello:
+    at most `cap` (0 = no cap), `share` per source (an IPv4 address, an IPv6 /64),
+    so one source flooding a front leaves room to everybody else."""
 
     def __init__(self, name, cap, share):
         self.name, self.cap, self.share = name, cap, share
@@ -2061,8 +2068,7 @@ def parse_token_line(line):
 
 def format_token_line(name, options):
     """One tokens.conf line: `name = option:value ...`."""
-    shown = " ".join("%s:%s" % (k, str(v).lower() if isinstance(v, bool) else v)
-                     for k, v in options.items())
+    shown = " ".join("%s:%s" % (key, shown_value(value)) for key, value in options.items())
     return "%s = %s" % (name, shown)
 
 
@@ -7240,20 +7246,6 @@ def cmd_tunnels(settings, args):
     return 0
 
 
-def shown_setting(value):
-    """A setting as the configuration file spells it: a range as a..b, a
-    list comma-separated, nothing as an empty value."""
-    if isinstance(value, range):
-        return "%d..%d" % (value[0], value[-1])
-    if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value)
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
 def cmd_check_config(settings, _args):
     """Print the configuration; exit 2 if a line of the tokens file is bad
     (the server would skip it)."""
@@ -7263,7 +7255,7 @@ def cmd_check_config(settings, _args):
             value = "dnsimple:" + mask_secret(value.split(":")[1])
         if key == "METRICS_TOKEN" and value:
             value = mask_secret(value)
-        print("%s=%s  # %s" % (key, shown_setting(value), settings.origins[key]))
+        print("%s=%s  # %s" % (key, shown_value(value), settings.origins[key]))
     problems = []
     load_tokens(settings.tokens_file, problems)
     for problem in problems:
@@ -7341,7 +7333,7 @@ def service_arguments(settings, config_path):
     words = ["--config", path] if config_path or os.path.exists(path) else []
     for key, origin in sorted(settings.origins.items()):
         if origin.startswith("flag "):
-            value = shown_setting(getattr(settings, key.lower()))
+            value = shown_value(getattr(settings, key.lower()))
             if key.endswith(("_DIR", "_FILE")) and value:
                 value = os.path.abspath(value)
             words += [origin.split(" ", 1)[1], value]
