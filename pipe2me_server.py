@@ -7171,7 +7171,7 @@ def cmd_tokens(settings, args):
     if args.action == "list":  # names in full: this is the server's own machine
         for name, options in tokens.items():
             print(format_token_line(name, options))
-        return 0
+        return
     if args.action == "add":
         if args.name and args.name.partition(":")[0] in TOKEN_OPTIONS:
             args.options, args.name = [args.name] + args.options, None  # `add max_ports:3`
@@ -7180,9 +7180,8 @@ def cmd_tokens(settings, args):
             raise UsageError("a token name needs 4+ characters without spaces, '=' or '#'")
         if name in tokens:
             raise UsageError("token %s exists already" % mask_secret(name))
-        given = list(args.options)
-        if not any(item.partition(":")[0] == "max_ports" for item in given):
-            given.append("max_ports:%d" % ADDED_TOKEN_MAX_PORTS)  # as the first token
+        # max_ports as the first token's unless given (of an option given twice, the last counts)
+        given = ["max_ports:%d" % ADDED_TOKEN_MAX_PORTS] + args.options
         try:
             options = parse_token_line("%s = %s" % (name, " ".join(given)))[1]
         except ValueError as exc:
@@ -7195,7 +7194,6 @@ def cmd_tokens(settings, args):
         rewrite_tokens_file(path, lambda lines: [
             line for line in lines if line.partition("=")[0].strip() != args.name])
     notify_server(settings)
-    return 0
 
 
 def rewrite_tokens_file(path, change):
@@ -7227,7 +7225,7 @@ def cmd_tunnels(settings, args):
                 "yes" if seen["connected"] else "no",
                 iso_time(seen["connected_since"] or seen["last_seen"]) or "-",
                 ",".join("%s:%d" % pair for pair in zip(r["protocols"], r["ports"]))))
-        return 0
+        return
     if not args.id:
         raise UsageError("usage: tunnels %s ID (the IDs are in `tunnels list`)" % args.action)
     record = store.get(args.id) if TUNNEL_ID.fullmatch(args.id) else None
@@ -7239,11 +7237,10 @@ def cmd_tunnels(settings, args):
             acme = read_acme_view(settings.state_dir, record["id"]) or {"state": "none"}
             view["acme"] = dict(acme, chain="present" if acme.get("chain") else None)
         print(json.dumps(view, indent=2))
-        return 0
+        return
     store.delete(record["id"])
     notify_server(settings)
     print("removed %s %s" % (record["id"], record["fqdn"]))
-    return 0
 
 
 def cmd_check_config(settings, _args):
@@ -7263,7 +7260,6 @@ def cmd_check_config(settings, _args):
     if problems:
         raise UsageError("%s: %d bad line(s), which the server skips" % (
             settings.tokens_file, len(problems)))
-    return 0
 
 
 def cmd_dns_refresh(settings, _args):
@@ -7286,10 +7282,6 @@ def cmd_dns_refresh(settings, _args):
             print(line)
         changes += made
     log.info("dns refreshed tunnels=%d changes=%d", len(store.all()), len(changes))
-    return 0
-
-
-SERVICE_USER = "pipe2me"
 
 
 def cmd_service(settings, args):
@@ -7314,7 +7306,6 @@ def cmd_service(settings, args):
     for key, value in values.items():
         template = template.replace(key, value)
     sys.stdout.write(template)
-    return 0
 
 
 def server_argv():
@@ -7462,7 +7453,6 @@ def cmd_serve(settings, _args):
     server = Server(settings)
     server.start()
     server.run()
-    return 0
 
 
 def build_parser():
@@ -7488,11 +7478,12 @@ def build_parser():
     kinds = service.add_mutually_exclusive_group(required=True)
     kinds.add_argument("--systemd", action="store_true", help="a systemd unit")
     kinds.add_argument("--sysv", action="store_true", help="a System V init script")
-    service.add_argument("--user", default=SERVICE_USER,
+    service.add_argument("--user", default="pipe2me",
                          help="the account the server runs as (default %(default)s)")
     return parser
 
 
+# each command returns None when it succeeded (exit 0) or raises a Pipe2meError
 COMMANDS = {None: cmd_serve, "tokens": cmd_tokens, "tunnels": cmd_tunnels,
             "check-config": cmd_check_config, "dns-refresh": cmd_dns_refresh,
             "service": cmd_service}
@@ -7517,7 +7508,8 @@ def main(argv=None):
     flags = {key: getattr(args, key) for key in CONFIG_KEYS}
     try:
         settings = load_settings(args.config, flags)
-        return COMMANDS[args.command](settings, args)
+        COMMANDS[args.command](settings, args)
+        return 0
     except Pipe2meError as exc:
         print("pipe2me_server: %s" % exc, file=sys.stderr)
         return exc.exit_code

@@ -40,7 +40,7 @@ BUDGETS = {
         "DNS":                 610,
         "DNSIMPLE":            315,
         "WIRING":              452,
-        "CLI":                 380,
+        "CLI":                 372,
     },
     "pipe2me_pod.py": {
         "FILE":                4445,
