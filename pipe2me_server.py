@@ -7016,7 +7016,6 @@ class Server:
         """SIGHUP: tokens and tunnel files are read again."""
         self.api.tokens = load_tokens(self.settings.tokens_file)
         count = self.store.load()
-        self.hub.sync()
         self.on_store_change()
         log.info("reloaded tokens=%d tunnels=%d", len(self.api.tokens), count)
 
@@ -7133,19 +7132,15 @@ class Server:
 def print_first_token(settings, token):
     """The first token and a pod command that works wherever it is pasted."""
     host = "127.0.0.1" if settings.tunnel_domain.endswith("localhost") else settings.tunnel_domain
-    if ":" in host:
-        host = "[%s]" % host
     print("token: %s" % token)
     print("pod command: %s setup --server http://%s:%d --auth %s"
           " --protocols http,https --local-ports 8100,8101"
-          % (pod_command(), host, settings.http_port, token))
-    sys.stdout.flush()
+          % (pod_command(), host, settings.http_port, token), flush=True)
 
 
 def pod_command():
-    """How to run the pod here: `pipe2me` when installed as a command (as this
-    server is, `pipe2me-server`), else python3 and the pod script's absolute
-    path beside this script."""
+    """How to run the pod here: `pipe2me` when installed as a command (as this server
+    is, `pipe2me-server`), else python3 and the path of the pod script beside this one."""
     import shutil
     if os.path.basename(sys.argv[0] or "") == "pipe2me-server" and shutil.which("pipe2me"):
         return "pipe2me"

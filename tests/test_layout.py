@@ -39,7 +39,7 @@ BUDGETS = {
         "REACHABILITY":        135,
         "DNS":                 610,
         "DNSIMPLE":            315,
-        "WIRING":              452,
+        "WIRING":              445,
         "CLI":                 372,
     },
     "pipe2me_pod.py": {
