@@ -392,11 +392,13 @@ def setup_pod(server, pod_dir, protocols="tcp", local_ports=None, token=None):
 
 
 def pod_env(pod_dir):
+    """What `eval $(pipe2me_pod.py env)` sets: one `env` run, its output handed to eval
+    unquoted ($1), split as the unquoted $(...) splits it."""
     result = run_pod(pod_dir, "env", check=True)
-    script = 'set -a\neval $(%s)\nset +a\nenv | grep ^PIPE2ME_ || true' % " ".join(
-        [sys.executable, POD, "--dir", pod_dir, "env"])
-    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30).stdout
     assert result.stdout
+    script = 'set -a\neval $1\nset +a\nenv | grep ^PIPE2ME_ || true'
+    out = subprocess.run(["sh", "-c", script, "sh", result.stdout], capture_output=True, text=True,
+                         timeout=30).stdout
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
