@@ -2862,7 +2862,7 @@ class StopSignal(BaseException):
 LOCAL_SERVICE_HOST = "127.0.0.1"   # where `start --echo` listens for a bare PORT
 PROXY_PROTOCOLS = ("v1", "v2")
 PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
-RECONNECT_FIRST_S = 0.5
+RECONNECT_FIRST_S = 0.5   # default of `start --reconnect-delay`
 RECONNECT_MAX_S = 60.0
 REPLACED_MAX_ROUNDS = 4   # replaced this often in a row: another pod has the tunnel, stop
 LOCK_FILE = "pipe2me.lock"  # held by the one `start` of a pod directory; holds its PID
@@ -3092,10 +3092,12 @@ class PodRunner:
     """Runs `start`: one session at a time, forever, until stopped or rejected."""
 
     def __init__(self, files, setup, stop_grace_s=STOP_GRACE_S, on_cert_change=None,
-                 connect_timeout_s=LOCAL_CONNECT_TIMEOUT_S, hello_timeout_s=HELLO_TIMEOUT_S):
+                 connect_timeout_s=LOCAL_CONNECT_TIMEOUT_S, hello_timeout_s=HELLO_TIMEOUT_S,
+                 reconnect_delay_s=RECONNECT_FIRST_S):
         self.files, self.setup = files, setup
         self.stop_grace_s, self.connect_timeout_s = stop_grace_s, connect_timeout_s
         self.hello_timeout_s = hello_timeout_s  # for the server's TLS handshake, and for WELCOME
+        self.reconnect_delay_s = reconnect_delay_s  # the first back-off, doubled each time
         self.on_cert_change = on_cert_change  # shell command run after the cert file changed
         self.acme = None  # the last ACME state from the server (CERT frame), chain left out
         self.chain_end = None  # not_after of the ACME chain in use, watched by status_tick()
@@ -3235,7 +3237,7 @@ class PodRunner:
             raise Rejected("tunnel %s is held by another connection from %s (replaced %d times): "
                            "another pod runs with this tunnel's key, stopping"
                            % (self.setup.fqdn, peer, self.displaced))
-        delay = RECONNECT_FIRST_S * 2 ** self.displaced
+        delay = self.reconnect_delay_s * 2 ** self.displaced
         log.warning("replaced by another connection of this tunnel from=%s round=%d retry_in=%.1fs",
                     peer, self.displaced, delay)
         self.closed_reason = "replaced by another connection from %s" % peer
@@ -3244,7 +3246,7 @@ class PodRunner:
     def wait_before_retry(self, exc):
         """Back off (exponential, with jitter) before the next connect."""
         self.failures += 1
-        ceiling = min(RECONNECT_MAX_S, RECONNECT_FIRST_S * 2 ** min(self.failures, 10))
+        ceiling = min(RECONNECT_MAX_S, self.reconnect_delay_s * 2 ** min(self.failures, 10))
         delay = random.uniform(ceiling / 2, ceiling)
         log.warning("tunnel connect failed attempt=%d retry_in=%.1fs error=%s",
                     self.failures, delay, exc)
@@ -3973,7 +3975,7 @@ def cmd_start(args):
     lock_pod_dir(files.dir)  # after the re-exec: the lock's descriptor does not survive exec
     raise_open_file_limit()
     runner = PodRunner(files, setup, args.stop_grace, args.on_cert_change, args.connect_timeout,
-                       args.hello_timeout)
+                       args.hello_timeout, args.reconnect_delay)
     check_no_loop(setup, runner.endpoint())
     servers = start_echo_services(files, setup) if args.echo else []
     keeper = start_port_keeper(files.dir, runner.loop)
@@ -4185,6 +4187,8 @@ def build_parser():
                        "(and its name to resolve) before the stream is reset (default %(default)s)")
     start.add_argument("--hello-timeout", type=positive_seconds, default=HELLO_TIMEOUT_S, metavar="S",
                        help="how long the server may take to greet before a new dial (default %(default)s)")
+    start.add_argument("--reconnect-delay", type=positive_seconds, default=RECONNECT_FIRST_S, metavar="S",
+                       help="the first wait before dialing again, doubled each time (default %(default)s)")
     start.add_argument("--on-cert-change", metavar="CMD",
                        help="run CMD (through /bin/sh) each time a new publicly trusted certificate is written")
     command("status", cmd_status, "whether start runs and is connected (exit 0 only then)")
