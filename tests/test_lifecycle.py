@@ -42,7 +42,7 @@ def test_lifecycle_replaced_pod_backs_off_and_gives_up(server, workdir, services
     pod_dir = echo_pod_dir(server, workdir, services)
     copy = os.path.join(workdir, "copy")
     shutil.copytree(pod_dir, copy)
-    first = start_pod(workdir, pod_dir, name="first")
+    first = start_pod(workdir, pod_dir, "--reconnect-delay", "0.1", name="first")
     second = start_pod(workdir, copy, name="second")
     try:
         first.wait_for(r"replaced by another connection of this tunnel from=127\.0\.0\.1:\d+ "
@@ -52,6 +52,8 @@ def test_lifecycle_replaced_pod_backs_off_and_gives_up(server, workdir, services
         last = first.stderr().strip().splitlines()[-1]
         assert re.match(r"pipe2me: tunnel \S+ is held by another connection from 127\.0\.0\.1:\d+ "
                         r"\(replaced 4 times\): another pod runs with this tunnel's key", last), last
+        rounds = re.findall(r"round=(\d) retry_in=([\d.]+)s", first.stderr())
+        assert rounds == [("1", "0.2"), ("2", "0.4"), ("3", "0.8")], rounds  # it backs off
         assert second.stderr().count("tunnel up") == 1, second.stderr()
         assert "tunnel down" not in second.stderr()
         (port,) = public_ports(pod_dir)
