@@ -3695,36 +3695,33 @@ def read_acme_view(state_dir, key):
 
 class BadTokenLimiter:
     """Counts failed token uses per source (IPv4 address, IPv6 /64) and for
-    all sources together, over the last `window_s`; thread-safe. Past either
-    limit every token use gets 429 until the window has moved on: guesses
-    spread over many addresses are limited too (at the price that, during
-    such a flood, valid tokens wait as well)."""
+    all sources together, over the last BAD_TOKEN_WINDOW_S; thread-safe.
+    Past either limit every token use gets 429 until the window has moved
+    on: guesses spread over many addresses are limited too (at the price
+    that, during such a flood, valid tokens wait as well)."""
 
-    def __init__(self, limit=BAD_TOKEN_LIMIT, window_s=BAD_TOKEN_WINDOW_S,
-                 global_limit=BAD_TOKEN_GLOBAL_LIMIT):
-        self.limit, self.window_s, self.global_limit = limit, window_s, global_limit
+    def __init__(self):
         self.failures = collections.OrderedDict()    # source -> deque of times
-        self.everyone = collections.deque(maxlen=global_limit)
+        self.everyone = collections.deque(maxlen=BAD_TOKEN_GLOBAL_LIMIT)
         self.lock = threading.Lock()
 
-    def blocked(self, address, now=None):
+    def blocked(self, address):
         """Why this address may not try a token now ("" if it may)."""
-        now = now or time.monotonic()
-        source = source_prefix(address, 32, 64)
+        now, source = time.monotonic(), source_prefix(address, 32, 64)
         with self.lock:
             recent = self.failures.get(source, ())
-            if sum(now - t < self.window_s for t in recent) >= self.limit:
+            if sum(now - t < BAD_TOKEN_WINDOW_S for t in recent) >= BAD_TOKEN_LIMIT:
                 return "too many invalid tokens from %s; wait a minute" % source
-            if len(self.everyone) >= self.global_limit and now - self.everyone[0] < self.window_s:
+            if (len(self.everyone) >= BAD_TOKEN_GLOBAL_LIMIT
+                    and now - self.everyone[0] < BAD_TOKEN_WINDOW_S):
                 return "too many invalid tokens from everywhere; wait a minute"
             return ""
 
-    def record(self, address, now=None):
+    def record(self, address):
         """Count one failed token use from `address` (the table is bounded)."""
-        now = now or time.monotonic()
-        source = source_prefix(address, 32, 64)
+        now, source = time.monotonic(), source_prefix(address, 32, 64)
         with self.lock:
-            self.failures.setdefault(source, collections.deque(maxlen=self.limit)).append(now)
+            self.failures.setdefault(source, collections.deque(maxlen=BAD_TOKEN_LIMIT)).append(now)
             self.failures.move_to_end(source)
             self.everyone.append(now)
             while len(self.failures) > 10000:  # bounded: forget the least recent sources
@@ -3732,7 +3729,7 @@ class BadTokenLimiter:
 
 
 class Api:
-    """What the request handlers work with; one per server."""
+    """What the request handlers share; one per server."""
 
     def __init__(self, settings, store, ca):
         self.settings, self.store, self.ca = settings, store, ca
@@ -3745,11 +3742,10 @@ class Api:
         self.acme = None          # AcmeOrders when ACME_DIRECTORY is set; set by the wiring
         self.presence = None      # Presence (who is connected); set by the wiring
 
-    # -- tunnel creation ------------------------------------------------
-    def create_tunnel(self, token, protocols, address, proxy_protocol=None):
-        """POST /tunnels: a new tunnel for a valid token, with its secret."""
-        if not token:
-            raise Rejected("a token is required (token=...)", http_status=401)
+    def token_options(self, token, address):
+        """The options of a valid token; 429 while too many invalid ones came
+        from the address's source or from everywhere, Rejected (and counted)
+        for an invalid one."""
         refusal = self.limiter.blocked(address)
         if refusal:
             raise Unavailable(refusal, http_status=429)
@@ -3757,21 +3753,25 @@ class Api:
         if options is None:
             self.limiter.record(address)
             raise Rejected("invalid token")
-        protocols = self.check_protocols(protocols)
-        extra = self.check_settings({"proxy_protocol": proxy_protocol})
-        if len(protocols) > options["max_ports"]:
-            raise Rejected("%d ports requested, the token allows %d"
-                           % (len(protocols), options["max_ports"]),
-                           http_status=422)
-        record, secret = self.store.create(token, options, protocols, extra=extra)
-        log.info("tunnel created tunnel=%s fqdn=%s ports=%s from=%s",
-                 record["id"], record["fqdn"], record["ports"], address)
-        return dict(public_view(record, self.settings, presence=self.presence), secret=secret)
+        return options
+
+    def tunnel_for(self, tunnel_id, secret):
+        """The record if the secret matches; NotFound or Rejected (401) otherwise."""
+        record = self.store.get(tunnel_id) if TUNNEL_ID.fullmatch(tunnel_id) else None
+        if record is None:
+            raise NotFound("unknown tunnel %s" % tunnel_id[:40])
+        if not secret or not secrets.compare_digest(sha256_hex(secret), record["secret_sha256"]):
+            raise Rejected("wrong or missing tunnel secret (Authorization: Bearer ...)",
+                           http_status=401)
+        return record
+
+    def view(self, record):
+        """A tunnel as the API shows it to its owner."""
+        return public_view(record, self.settings, presence=self.presence)
 
     @staticmethod
     def check_protocols(protocols):
-        """The requested protocols as a list (a comma string is split); UsageError for unknown
-        ones."""
+        """The requested protocols as a list (a comma string is split); UsageError if unknown."""
         if isinstance(protocols, str):
             protocols = [p for p in re.split(r"[\s,]+", protocols) if p]
         if not isinstance(protocols, list) or not protocols:
@@ -3779,7 +3779,7 @@ class Api:
         unknown = [p for p in protocols if p not in SERVICE_PROTOCOLS]
         if unknown:
             raise UsageError("unknown protocol %s (known: %s)"
-                           % (str(unknown[0])[:40], ", ".join(SERVICE_PROTOCOLS)))
+                             % (str(unknown[0])[:40], ", ".join(SERVICE_PROTOCOLS)))
         return protocols
 
     @staticmethod
@@ -3792,98 +3792,6 @@ class Api:
         if value not in PROXY_PROTOCOL_CHOICES:
             raise UsageError("proxy_protocol must be one of %s" % ", ".join(PROXY_PROTOCOL_CHOICES))
         return {"proxy_protocol": "" if value == "off" else value}
-
-    # -- one tunnel -----------------------------------------------------
-    def tunnel_for(self, tunnel_id, secret):
-        """The record if the secret matches; NotFound or Rejected (401) otherwise."""
-        record = self.store.get(tunnel_id) if TUNNEL_ID.fullmatch(tunnel_id) else None
-        if record is None:
-            raise NotFound("unknown tunnel %s" % tunnel_id[:40])
-        if not secret or not secrets.compare_digest(sha256_hex(secret), record["secret_sha256"]):
-            raise Rejected("wrong or missing tunnel secret (Authorization: Bearer ...)",
-                           http_status=401)
-        return record
-
-    def verify(self, tunnel_id):
-        """GET /tunnels/<id>/verify: status, name and expiry; NotFound or Expired otherwise."""
-        record = self.store.get(tunnel_id) if TUNNEL_ID.fullmatch(tunnel_id) else None
-        if record is None:
-            raise NotFound("unknown tunnel", status="unknown")
-        view = {"status": tunnel_status(record), "fqdn": record["fqdn"],
-                "expired": tunnel_status(record) == "expired", "expires_at": record["expires_at"]}
-        if view["status"] == "expired":
-            raise Expired("tunnel %s expired" % record["fqdn"], **view)
-        return view
-
-    def sign(self, record, csr):
-        """POST /tunnels/<id>/cert: sign the pod's CSR for its own name and remember the
-        fingerprint."""
-        if not isinstance(csr, str) or not csr.strip():
-            raise UsageError("csr (PEM) is required")
-        if tunnel_status(record) != "online":
-            raise Expired("tunnel %s expired" % record["fqdn"])
-        try:
-            leaf = self.certs.sign(record, csr)
-        except SigningLimited as exc:
-            log.warning("certificate signing limited tunnel=%s retry_after_s=%d",
-                        record["id"], exc.retry_after_s)
-            raise Unavailable(str(exc), retry_after_s=exc.retry_after_s, http_status=429) from None
-        log.info("certificate signed tunnel=%s fqdn=%s", record["id"], record["fqdn"])
-        answer = {"cert": leaf.pem, "not_after": leaf.not_after}
-        if self.acme is not None:
-            self.acme.request(record["id"], record["fqdn"], csr, record.get("token_sha256"))
-            answer["acme"] = self.acme.status(record["id"])
-        return answer
-
-    def show(self, record):
-        """A tunnel as GET /tunnels/<id> shows it; with ACME on, its ACME state and chain."""
-        view = public_view(record, self.settings, presence=self.presence)
-        if self.acme is not None:
-            view["acme"] = self.acme.status(record["id"]) or {"state": "none", "reason": "no CSR yet"}
-        return view
-
-    def extend(self, record, token, address):
-        """POST /tunnels/<id>/extend: add an extending token's lifespan to the tunnel."""
-        refusal = self.limiter.blocked(address)
-        if refusal:
-            raise Unavailable(refusal, http_status=429)
-        options = self.tokens.get(token or "")
-        if options is None:
-            self.limiter.record(address)
-            raise Rejected("invalid token")
-        if not options["extend"]:
-            raise Rejected("this token may not extend tunnels (extend:false)")
-        updated = self.store.extend(record["id"], token, options)
-        if updated is None:
-            raise NotFound("unknown tunnel %s" % record["id"])
-        log.info("tunnel extended tunnel=%s expires_at=%d", record["id"], updated["expires_at"])
-        return public_view(updated, self.settings, presence=self.presence)
-
-    def change(self, record, body):
-        """PATCH /tunnels/ID: new settings; a connected pod is asked to
-        reconnect (GOAWAY), so the next session has them."""
-        changes = self.check_settings(body)
-        if not changes:
-            raise UsageError("nothing to change (known settings: proxy_protocol)")
-        if tunnel_status(record) != "online":
-            raise Expired("tunnel %s expired" % record["fqdn"])
-        updated = self.store.update(record["id"], **changes)
-        log.info("tunnel changed tunnel=%s %s", record["id"],
-                 " ".join("%s=%s" % (k, v or "off") for k, v in sorted(changes.items())))
-        return public_view(updated, self.settings, presence=self.presence)
-
-    def delete(self, record):
-        """DELETE /tunnels/<id>: the tunnel and its file are gone."""
-        self.store.delete(record["id"])
-        log.info("tunnel deleted tunnel=%s fqdn=%s", record["id"], record["fqdn"])
-        return {"deleted": record["id"]}
-
-    def config(self):
-        """GET /config: what a pod needs to know before it creates a tunnel."""
-        s = self.settings
-        return {"protocol_version": PROTOCOL_VERSION, "tunnel_domain": s.tunnel_domain,
-                "tunnel_port": s.tunnel_port, "http_port": s.http_port,
-                "https_port": s.https_port, "protocols": list(SERVICE_PROTOCOLS)}
 
 
 # A state file that cannot be written (disk full, read-only, out of descriptors)
@@ -4093,8 +4001,11 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         return 200, "\n".join(lines + self.server.status_lines(self.may_see_tenants())) + "\n"
 
     def page_config(self):
-        """GET /config."""
-        return 200, self.server.config()
+        """GET /config: what a pod needs to know before it creates a tunnel."""
+        s = self.server.settings
+        return 200, {"protocol_version": PROTOCOL_VERSION, "tunnel_domain": s.tunnel_domain,
+                     "tunnel_port": s.tunnel_port, "http_port": s.http_port,
+                     "https_port": s.https_port, "protocols": list(SERVICE_PROTOCOLS)}
 
     def page_cacert(self):
         """GET /cacert: the CA certificate (PEM)."""
@@ -4105,41 +4016,103 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         return 200, self.server.metrics(self.may_see_tenants())
 
     def post_tunnels(self):
-        """POST /tunnels (token, protocols)."""
-        body = self.body()
+        """POST /tunnels (token, protocols, proxy_protocol): a new tunnel for a
+        valid token, with its secret."""
+        api, body = self.server, self.body()
         token = field(body, "token", "auth")
-        view = self.server.create_tunnel(token, body.get("protocols", "https"),
-                                         self.client_address[0], body.get("proxy_protocol"))
-        return 201, view
+        if not token:
+            raise Rejected("a token is required (token=...)", http_status=401)
+        options = api.token_options(token, self.client_address[0])
+        protocols = api.check_protocols(body.get("protocols", "https"))
+        extra = api.check_settings(body)
+        if len(protocols) > options["max_ports"]:
+            raise Rejected("%d ports requested, the token allows %d"
+                           % (len(protocols), options["max_ports"]), http_status=422)
+        record, secret = api.store.create(token, options, protocols, extra=extra)
+        log.info("tunnel created tunnel=%s fqdn=%s ports=%s from=%s",
+                 record["id"], record["fqdn"], record["ports"], self.client_address[0])
+        return 201, dict(api.view(record), secret=secret)
 
     def patch_tunnel(self, id):
-        """PATCH /tunnels/<id>: change the tunnel's settings, with its secret."""
-        body = self.body()
-        return 200, self.server.change(self.server.tunnel_for(id, self.secret(body)), body)
+        """PATCH /tunnels/<id> with the tunnel's secret: new settings; a
+        connected pod is asked to reconnect (GOAWAY), so the next session has them."""
+        api, body = self.server, self.body()
+        record = api.tunnel_for(id, self.secret(body))
+        changes = api.check_settings(body)
+        if not changes:
+            raise UsageError("nothing to change (known settings: proxy_protocol)")
+        if tunnel_status(record) != "online":
+            raise Expired("tunnel %s expired" % record["fqdn"])
+        updated = api.store.update(record["id"], **changes)
+        log.info("tunnel changed tunnel=%s %s", record["id"],
+                 " ".join("%s=%s" % (k, v or "off") for k, v in sorted(changes.items())))
+        return 200, api.view(updated)
 
     def get_tunnel(self, id):
-        """GET /tunnels/<id> with the tunnel's secret."""
-        return 200, self.server.show(self.server.tunnel_for(id, self.secret()))
+        """GET /tunnels/<id> with the tunnel's secret; with ACME on, its ACME state and chain."""
+        api = self.server
+        record = api.tunnel_for(id, self.secret())
+        view = api.view(record)
+        if api.acme is not None:
+            view["acme"] = (api.acme.status(record["id"])
+                            or {"state": "none", "reason": "no CSR yet"})
+        return 200, view
 
     def delete_tunnel(self, id):
-        """DELETE /tunnels/<id> with the tunnel's secret."""
-        return 200, self.server.delete(self.server.tunnel_for(id, self.secret()))
+        """DELETE /tunnels/<id> with the tunnel's secret: the tunnel and its file are gone."""
+        record = self.server.tunnel_for(id, self.secret())
+        self.server.store.delete(record["id"])
+        log.info("tunnel deleted tunnel=%s fqdn=%s", record["id"], record["fqdn"])
+        return 200, {"deleted": record["id"]}
 
     def get_verify(self, id):
-        """GET /tunnels/<id>/verify, no secret needed."""
-        return 200, self.server.verify(id)
+        """GET /tunnels/<id>/verify, no secret needed: status, name and expiry."""
+        record = self.server.store.get(id) if TUNNEL_ID.fullmatch(id) else None
+        if record is None:
+            raise NotFound("unknown tunnel", status="unknown")
+        status = tunnel_status(record)
+        view = {"status": status, "fqdn": record["fqdn"], "expired": status == "expired",
+                "expires_at": record["expires_at"]}
+        if status == "expired":
+            raise Expired("tunnel %s expired" % record["fqdn"], **view)
+        return 200, view
 
     def post_cert(self, id):
-        """POST /tunnels/<id>/cert (csr) with the tunnel's secret."""
-        body = self.body()
-        return 200, self.server.sign(self.server.tunnel_for(id, self.secret(body)), body.get("csr"))
+        """POST /tunnels/<id>/cert (csr) with the tunnel's secret: the pod's
+        CSR signed for its own name; with ACME on, a public chain is ordered."""
+        api, body = self.server, self.body()
+        record, csr = api.tunnel_for(id, self.secret(body)), body.get("csr")
+        if not isinstance(csr, str) or not csr.strip():
+            raise UsageError("csr (PEM) is required")
+        if tunnel_status(record) != "online":
+            raise Expired("tunnel %s expired" % record["fqdn"])
+        try:
+            leaf = api.certs.sign(record, csr)
+        except SigningLimited as exc:
+            log.warning("certificate signing limited tunnel=%s retry_after_s=%d",
+                        record["id"], exc.retry_after_s)
+            raise Unavailable(str(exc), retry_after_s=exc.retry_after_s, http_status=429) from None
+        log.info("certificate signed tunnel=%s fqdn=%s", record["id"], record["fqdn"])
+        answer = {"cert": leaf.pem, "not_after": leaf.not_after}
+        if api.acme is not None:
+            api.acme.request(record["id"], record["fqdn"], csr, record.get("token_sha256"))
+            answer["acme"] = api.acme.status(record["id"])
+        return 200, answer
 
     def post_extend(self, id):
-        """POST /tunnels/<id>/extend (token) with the tunnel's secret."""
-        body = self.body()
-        record = self.server.tunnel_for(id, self.secret(body))
-        return 200, self.server.extend(record, field(body, "token", "auth"),
-                                       self.client_address[0])
+        """POST /tunnels/<id>/extend (token) with the tunnel's secret: the
+        extending token's lifespan is added to the tunnel's."""
+        api, body = self.server, self.body()
+        record = api.tunnel_for(id, self.secret(body))
+        token = field(body, "token", "auth")
+        options = api.token_options(token, self.client_address[0])
+        if not options["extend"]:
+            raise Rejected("this token may not extend tunnels (extend:false)")
+        updated = api.store.extend(record["id"], token, options)
+        if updated is None:
+            raise NotFound("unknown tunnel %s" % record["id"])
+        log.info("tunnel extended tunnel=%s expires_at=%d", record["id"], updated["expires_at"])
+        return 200, api.view(updated)
 
     def post_check(self, id):
         """POST /tunnels/<id>/check: probe the pod's router, with the tunnel's secret."""
@@ -4173,12 +4146,10 @@ class ApiServer:
     def __init__(self, api, tls_context):
         self.api, self.tls_context = api, tls_context
         self.slots = SourceShares(API_MAX_CONNECTIONS, api.settings.api_connections_per_source)
-        self.deadlines = {}
-        self.lock = threading.Lock()
 
     def serve(self, sock, address, tls):
-        """Take over a connection from a front: answer it in a thread, or 429 when all slots
-        are busy."""
+        """Take over a connection from a front: answer it in a thread, or 429
+        when its source's share or all slots are taken."""
         sock.setblocking(True)
         if not self.slots.take(sock, source_prefix(address[0], 32, 64)):
             log.warning("api connection cap reached, closing from=%s:%d cap=%d",
@@ -4188,8 +4159,6 @@ class ApiServer:
                 body=json.dumps({"error": "too many API requests at once from this address; "
                                           "retry in a second", "retry_after_s": 1}) + "\n",
                 ctype="application/json")
-        with self.lock:
-            self.deadlines[sock] = time.monotonic() + self.api.settings.api_request_deadline
         threading.Thread(target=self.handle, args=(sock, address, tls),
                          name="api", daemon=True).start()
 
@@ -4198,11 +4167,9 @@ class ApiServer:
         conn = sock
         try:
             sock.settimeout(ApiHandler.timeout)
-            if tls:  # wrapping detaches `sock`: the deadline moves to the TLS socket
+            if tls:  # wrapping detaches `sock`: its slot (and deadline) moves to the TLS socket
                 conn = self.tls_context.wrap_socket(sock, server_side=True,
                                                     do_handshake_on_connect=False)
-                with self.lock:
-                    self.deadlines[conn] = self.deadlines.pop(sock)
                 self.slots.rekey(sock, conn)
                 conn.do_handshake()
             ApiHandler(conn, address, self.api)
@@ -4210,19 +4177,17 @@ class ApiServer:
         except (OSError, ValueError) as exc:
             log.debug("api connection failed from=%s error=%s", address[0], exc)
         finally:
-            with self.lock:
-                self.deadlines.pop(sock, None)
-                self.deadlines.pop(conn, None)
             self.slots.leave(sock)
             self.slots.leave(conn)
             with contextlib.suppress(OSError):
                 conn.close()
 
     def expire(self, now):
-        """Shut down connections past their deadline (slow clients). The
+        """Shut down connections held past their deadline (slow clients). The
         plain socket method acts on the descriptor, also under TLS."""
-        with self.lock:
-            late = [s for s, deadline in self.deadlines.items() if deadline < now]
+        since = now - self.api.settings.api_request_deadline
+        with self.slots.lock:  # a slot's time is when the front handed the connection over
+            late = [sock for sock, (_, taken) in self.slots.holders.items() if taken < since]
         for sock in late:
             with contextlib.suppress(OSError):
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)

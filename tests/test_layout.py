@@ -33,7 +33,7 @@ BUDGETS = {
         "STATE STORE":         506,
         "CERTIFICATES":        445,
         "ACME":                632,
-        "API":                 565,
+        "API":                 530,
         "TUNNEL SESSIONS":     535,
         "FRONTS":              915,
         "REACHABILITY":        135,
