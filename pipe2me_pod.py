@@ -1829,8 +1829,7 @@ def write_local(files, server_url, local_ports):
     """Write pipe2me.local.inc: the server URL and the local targets."""
     values = {"PIPE2ME_SERVER": server_url,
               "PIPE2ME_LOCAL_PORTS": ",".join(str(port) for port in local_ports)}
-    write_file_atomic(files.local, format_inc(values, "pipe2me settings of this pod"),
-                      PUBLIC_FILE_MODE)
+    write_file_atomic(files.local, format_inc(values, "pipe2me settings of this pod"))
 
 
 def check_tunnel(tunnel, need_secret=False):
@@ -1860,15 +1859,15 @@ def make_csr(key_path, fqdn):
                         "-addext", "subjectAltName=DNS:" + fqdn]).decode("ascii")
 
 
-def restore_tunnel_cert(files, acme_not_after, now=None):
+def restore_tunnel_cert(files, acme_not_after):
     """After the last ACME chain expired unrenewed, give the services the
     server-CA certificate again; True when pipe2me.openssl.cert changed."""
     tunnel_cert = read_text(files.tunnel_cert)
     if not tunnel_cert or not isinstance(acme_not_after, int):
         return False
-    if acme_not_after > (time.time() if now is None else now) or read_text(files.cert) == tunnel_cert:
+    if acme_not_after > time.time() or read_text(files.cert) == tunnel_cert:
         return False
-    write_file_atomic(files.cert, tunnel_cert, PUBLIC_FILE_MODE)
+    write_file_atomic(files.cert, tunnel_cert)
     log.warning("acme certificate expired, server-CA certificate back in use")
     return True
 
@@ -1885,9 +1884,9 @@ def install_chain(files, chain):
     if current == chain:
         return False
     if not os.path.exists(files.tunnel_cert) and current:
-        write_file_atomic(files.tunnel_cert, current, PUBLIC_FILE_MODE)
+        write_file_atomic(files.tunnel_cert, current)
     candidate = files.cert + ".new"
-    write_file_atomic(candidate, chain, PUBLIC_FILE_MODE)
+    write_file_atomic(candidate, chain)
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(candidate, files.key)
     except (ssl.SSLError, OSError) as exc:
@@ -1896,6 +1895,20 @@ def install_chain(files, chain):
         return False
     os.replace(candidate, files.cert)
     return True
+
+
+def take_acme(files, acme):
+    """Install the ACME chain of the server's `acme` state (without one, the
+    server-CA certificate is back once the last chain has ended) and log the
+    state; True when pipe2me.openssl.cert changed."""
+    changed = (install_chain(files, acme.get("chain")) or not acme.get("chain")
+               and restore_tunnel_cert(files, acme.get("not_after")))
+    if changed:
+        log.info("acme certificate installed not_after=%s", acme.get("not_after"))
+    elif acme.get("state") != "valid":
+        log.info("acme certificate not issued state=%s reason=%s next_try_at=%s", acme.get("state"),
+                 str(acme.get("reason"))[:300], acme.get("next_try_at"))
+    return changed
 
 
 def cert_validity(cert_path):
@@ -2762,7 +2775,7 @@ def portmap_path(directory):
 def save_portmap(directory, mapper, lifetime_s):
     """Write the mapper's state and lifetime to the port map file."""
     state = dict(mapper.state(), lifetime_s=int(lifetime_s))
-    write_file_atomic(portmap_path(directory), json.dumps(state, indent=1) + "\n", PUBLIC_FILE_MODE)
+    write_file_atomic(portmap_path(directory), json.dumps(state, indent=1) + "\n")
 
 
 def load_portmap(directory):
@@ -3285,17 +3298,10 @@ class PodRunner:
         """The server's ACME state for this tunnel: a new chain is installed and the hook run."""
         self.acme = {key: obj.get(key) for key in ("state", "reason", "next_try_at", "not_after")}
         try:
-            changed = (install_chain(self.files, obj.get("chain")) or not obj.get("chain")
-                       and restore_tunnel_cert(self.files, obj.get("not_after")))
+            if take_acme(self.files, obj):
+                self.run_cert_hook()
         except Pipe2meError as exc:
             log.warning("acme certificate not written reason=%s", exc)
-            changed = False
-        if changed:
-            log.info("acme certificate installed not_after=%s", obj.get("not_after"))
-            self.run_cert_hook()
-        elif self.acme["state"] != "valid":
-            log.info("acme certificate not issued state=%s reason=%s",
-                     self.acme["state"], str(self.acme["reason"])[:300])
         if obj.get("chain"):  # status_tick() puts the server-CA certificate back at its end
             self.chain_end = obj["not_after"] if isinstance(obj.get("not_after"), int) else None
         self.write_status()
@@ -3338,7 +3344,7 @@ class PodRunner:
         if text == self.status_written:
             return
         try:
-            write_file_atomic(self.status_path, text, 0o644, durable=False)
+            write_file_atomic(self.status_path, text, durable=False)
             self.status_written = text
         except Pipe2meError as exc:
             log.debug("status file not written: %s", exc)
@@ -3679,8 +3685,8 @@ def install_tunnel(files, api, tunnel, local_ports):
     cert = api.sign(tunnel["id"], make_csr(files.key, tunnel["fqdn"]))
     cacert = api.get_cacert()
     check_pin(api, cacert)
-    write_file_atomic(files.cert, cert, PUBLIC_FILE_MODE)
-    write_file_atomic(files.cacert, cacert, PUBLIC_FILE_MODE)
+    write_file_atomic(files.cert, cert)
+    write_file_atomic(files.cacert, cacert)
     write_local(files, api.base_url, local_ports)
     write_info(files, api.base_url, tunnel, tunnel["secret"])
 
@@ -3752,17 +3758,12 @@ def cmd_update(args):
     if changed or cert_needs_renewal(tunnel_cert):
         before = read_text(tunnel_cert)
         cert = api.sign(setup.id, make_csr(files.key, setup.fqdn))
-        write_file_atomic(tunnel_cert, cert, PUBLIC_FILE_MODE)
+        write_file_atomic(tunnel_cert, cert)
         if read_text(files.cert) in (None, before):  # no ACME chain in use: services get it too
-            write_file_atomic(files.cert, cert, PUBLIC_FILE_MODE)
+            write_file_atomic(files.cert, cert)
         log.info("certificate renewed tunnel=%s", setup.id)
-    acme = tunnel.get("acme")
-    if isinstance(acme, dict):
-        if install_chain(files, acme.get("chain")):
-            log.info("acme certificate installed tunnel=%s not_after=%s", setup.id, acme.get("not_after"))
-        elif acme.get("state") != "valid":
-            log.info("acme certificate not issued state=%s reason=%s next_try=%s",
-                     acme.get("state"), acme.get("reason"), iso_time(acme.get("next_try_at")))
+    if isinstance(tunnel.get("acme"), dict):
+        take_acme(files, tunnel["acme"])
     write_info(files, setup.server, tunnel, setup.secret)
     log.info("tunnel updated tunnel=%s expires_at=%d", setup.id, tunnel["expires_at"])
     return 0
