@@ -2050,7 +2050,10 @@ class ApiClient:
                                         context=self.ssl_context) as answer:
                 return answer.status, answer.read(API_MAX_ANSWER_BYTES)
         except urllib.error.HTTPError as exc:
-            data = read_error_body(exc)
+            try:
+                data = exc.read(API_MAX_ANSWER_BYTES)
+            except (OSError, ValueError):
+                data = b""
             if exc.code in answers:
                 return exc.code, data
             error = self.http_error(exc.code, data)
@@ -2066,11 +2069,8 @@ class ApiClient:
     def call_json(self, method, path, body=None, auth=False, answers=()):
         """(status, decoded JSON object) of a call."""
         status, data = self.call(method, path, body, auth, answers)
-        try:
-            decoded = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            decoded = None
-        if not isinstance(decoded, dict):
+        decoded = json_object(data)
+        if decoded is None:
             raise Rejected("bad answer from %s%s: not a JSON object; is this a pipe2me server?"
                            % (self.base_url, path))
         return status, decoded
@@ -2161,23 +2161,19 @@ def retry_after_seconds(value):
     return int(value) if value.isascii() and value.isdigit() and len(value) <= 6 else None
 
 
-def read_error_body(exc):
-    """The body of an HTTP error answer, bounded, or b""."""
+def json_object(data):
+    """The JSON object in the bytes `data`, or None when they hold no object."""
     try:
-        return exc.read(API_MAX_ANSWER_BYTES)
-    except (OSError, ValueError):
-        return b""
+        decoded = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return decoded if isinstance(decoded, dict) else None
 
 
 def error_message(data):
     """The server's one-line `error` from a JSON error body, if any."""
-    try:
-        decoded = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, AttributeError):
-        return None
-    if isinstance(decoded, dict) and isinstance(decoded.get("error"), str):
-        return " ".join(decoded["error"].split())
-    return None
+    error = (json_object(data) or {}).get("error")
+    return " ".join(error.split()) if isinstance(error, str) else None
 
 
 def api_for_setup(setup):

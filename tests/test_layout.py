@@ -52,7 +52,7 @@ BUDGETS = {
         "SHARED relay":        855,
         "SHARED process":      175,
         "POD FILES":           305,
-        "SERVER API CLIENT":   255,
+        "SERVER API CLIENT":   250,
         "ROUTER PORT MAPPING": 690,
         "TUNNEL CLIENT":       595,
         "ECHO SERVICES":       115,
