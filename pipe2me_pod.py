@@ -3826,12 +3826,16 @@ def cmd_service(args):
     name = "pipe2me-" + fqdn.split(".")[0] if fqdn else "pipe2me"
     argv = pod_argv() + ["--dir", files.dir, "start"]
     if args.systemd:
-        text = systemd_unit(name, fqdn or files.dir, argv, dir_owner(files.dir))
+        user = dir_owner(files.dir)  # run as the directory's owner, unless root
+        text = SYSTEMD_TEMPLATE.replace("@USER@\n", "User=%s\n" % user if user else "")
+        command = " ".join(systemd_quote(arg) for arg in argv)
     else:
-        template = PROCD_TEMPLATE if args.procd else SYSV_TEMPLATE.replace(
+        text = PROCD_TEMPLATE if args.procd else SYSV_TEMPLATE.replace(
             "@VERBS@", sysv_verbs("@NAME@", 20, SYSV_MORE_VERBS, "start|stop|restart|status"))
-        text = fill_template(template, name, fqdn or files.dir,
-                             " ".join(shlex.quote(arg) for arg in argv))
+        command = " ".join(shlex.quote(arg) for arg in argv)
+    for placeholder, value in (("@NAME@", name), ("@TITLE@", fqdn or files.dir),
+                               ("@COMMAND@", command), ("@DELAY@", str(SERVICE_RESTART_DELAY_S))):
+        text = text.replace(placeholder, value)
     sys.stdout.write(text)
     return 0
 
@@ -3856,18 +3860,6 @@ def dir_owner(directory):
         return pwd.getpwuid(uid).pw_name if uid != 0 else None
     except (ImportError, OSError, KeyError):
         return None
-
-
-def fill_template(template, name, title, command):
-    """A service template with its placeholders filled in."""
-    return (template.replace("@NAME@", name).replace("@TITLE@", title)
-            .replace("@COMMAND@", command).replace("@DELAY@", str(SERVICE_RESTART_DELAY_S)))
-
-
-def systemd_unit(name, title, argv, user):
-    """The systemd unit that runs `start` for this directory (as `user`, if given)."""
-    text = fill_template(SYSTEMD_TEMPLATE, name, title, " ".join(systemd_quote(a) for a in argv))
-    return text.replace("@USER@\n", "User=%s\n" % user if user else "")
 
 
 SYSTEMD_TEMPLATE = """\
