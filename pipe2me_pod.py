@@ -4043,7 +4043,7 @@ def cmd_check(args):
     print REACH=direct or relayed (STATUS=online or offline, the original's
     spelling of the same), ADDRESS, TIME."""
     setup = read_setup(PodFiles(args.dir))
-    answer = api_for_setup(setup).check(setup.id, check_facts(setup.files.dir, setup, args.router))
+    answer = api_for_setup(setup).check(setup.id, check_facts(setup, args.router))
     direct = answer.get("status") == "direct"
     print_fields(("STATUS", "online" if direct else "offline"),
                  ("ADDRESS", answer.get("address", "")), ("TIME", iso_time(answer.get("checked_at"))),
@@ -4055,11 +4055,11 @@ def cmd_check(args):
     return 0
 
 
-def check_facts(directory, setup, ask_router):
+def check_facts(setup, ask_router):
     """What `check` tells the server: the router's external address (saved by
     map-ports, or asked by NAT-PMP) and, when every local port equals its
     public port, this pod's LAN address (for split-horizon DNS)."""
-    facts, state, gateway = {}, load_portmap(directory), default_gateway()
+    facts, state, gateway = {}, load_portmap(setup.files.dir), default_gateway()
     external = state["external_address"] if state else None
     if external is None and ask_router and gateway:
         try:

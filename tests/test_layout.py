@@ -56,7 +56,7 @@ BUDGETS = {
         "ROUTER PORT MAPPING": 690,
         "TUNNEL CLIENT":       595,
         "ECHO SERVICES":       115,
-        "COMMANDS":            540,
+        "COMMANDS":            535,
         "CLI":                 155,
     },
 }
