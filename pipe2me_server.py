@@ -383,11 +383,8 @@ parse_budget = at_least(parse_bytes, 1 << 20, "at least 1M")    # a byte count
 
 def parse_networks(value):
     """Comma-separated addresses or networks (CIDR); empty = none."""
-    try:
-        return tuple(ipaddress.ip_network(part.strip(), strict=False)
-                     for part in value.split(",") if part.strip())
-    except ValueError as exc:
-        raise ValueError(str(exc)) from None
+    return tuple(ipaddress.ip_network(part.strip(), strict=False)
+                 for part in value.split(",") if part.strip())
 
 
 def parse_bool(value):
@@ -401,10 +398,7 @@ def parse_bool(value):
 def parse_dns_service(value):
     """Empty, 'builtin' or 'dnsimple:TOKEN[:ACCOUNT]', as given."""
     value = value.strip()
-    if value in ("", "builtin"):
-        return value
-    parts = value.split(":")
-    if parts[0] != "dnsimple" or len(parts) not in (2, 3) or not parts[1]:
+    if not re.fullmatch(r"(builtin|dnsimple:[^:]+(:[^:]*)?)?", value):
         raise ValueError("expected empty, 'builtin' or 'dnsimple:TOKEN[:ACCOUNT]'")
     return value
 

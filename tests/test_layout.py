@@ -24,7 +24,7 @@ BUDGETS = {
         "FILE":                7960,
         "PREAMBLE":            105,
         "SHARED base":         185,
-        "SETTINGS":            285,
+        "SETTINGS":            276,
         "HELPERS":             240,
         "SHARED protocol":     215,
         "SHARED relay":        855,
