@@ -672,11 +672,6 @@ class SourceShares:
                 del self.counts[entry[0]]
         return entry is not None
 
-    def held(self):
-        """How many slots are taken now."""
-        with self.lock:
-            return len(self.holders)
-
 
 def mask_secret(secret):
     """A secret shortened for logs and listings: its first four characters."""

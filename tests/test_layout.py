@@ -25,7 +25,7 @@ BUDGETS = {
         "PREAMBLE":            105,
         "SHARED base":         185,
         "SETTINGS":            276,
-        "HELPERS":             240,
+        "HELPERS":             234,
         "SHARED protocol":     215,
         "SHARED relay":        855,
         "SHARED process":      175,
