@@ -7406,8 +7406,7 @@ def cmd_serve(settings, _args):
 
 def build_parser():
     """The command line: one flag per configuration key, and the admin commands."""
-    parser = argparse.ArgumentParser(
-        prog="pipe2me_server.py", description="pipe2me tunnel server")
+    parser = argparse.ArgumentParser(prog="pipe2me_server.py", description="pipe2me tunnel server")
     parser.add_argument("--config", help="configuration file (default ~/pipe2me.server.conf)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     for key, (_, _, text) in CONFIG_KEYS.items():
@@ -7449,14 +7448,12 @@ class LogFormatter(logging.Formatter):
 
 def main(argv=None):
     """Run one command; return the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
-    flags = {key: getattr(args, key) for key in CONFIG_KEYS}
     try:
-        settings = load_settings(args.config, flags)
+        settings = load_settings(args.config, {key: getattr(args, key) for key in CONFIG_KEYS})
         COMMANDS[args.command](settings, args)
         return 0
     except Pipe2meError as exc:

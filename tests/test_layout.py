@@ -40,7 +40,7 @@ BUDGETS = {
         "DNS":                 610,
         "DNSIMPLE":            315,
         "WIRING":              445,
-        "CLI":                 372,
+        "CLI":                 370,
     },
     "pipe2me_pod.py": {
         "FILE":                4445,
