@@ -2504,19 +2504,10 @@ def upnp_find_service(location, timeout_s=PORTMAP_TIMEOUT_S):
     raise PortMapError("UPnP device %s offers no WAN connection service" % location)
 
 
-def upnp_discover(local_address=None, timeout_s=PORTMAP_TIMEOUT_S):
-    """SSDP discovery plus description: return the router's UpnpService."""
-    return upnp_find_service(ssdp_discover(local_address, timeout_s), timeout_s)
-
-
-def xml_text(value):
-    """value escaped for XML text."""
-    return str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
 def soap_envelope(service_type, action, args):
     """A SOAP request body for one UPnP action with its arguments."""
-    body = "".join("<%s>%s</%s>" % (name, xml_text(value), name) for name, value in args)
+    from xml.sax.saxutils import escape  # here, not at the top: as upnp_modules()
+    body = "".join("<%s>%s</%s>" % (name, escape(str(value)), name) for name, value in args)
     return ('<?xml version="1.0"?>\r\n<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"'
             ' s:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body>'
             '<u:%s xmlns:u="%s">%s</u:%s></s:Body></s:Envelope>\r\n'
@@ -2608,15 +2599,10 @@ def result_of_state(state):
 
 
 class PortMapper:
-    """Keeps a tunnel's public ports open on the pod's router. Blocking, not
-    thread-safe; the settings are class attributes an instance may override.
-
-    map_all() maps every (internal_port, external_port) pair with one method,
-    all or nothing: a partial success is undone before the next method is
-    tried. A router that grants another external port fails it, since the
-    tunnel's public port is what DNS points at. Call map_all() again when
-    renew_due() (half the lease, as RFC 6886 §3.3 advises); unmap_all()
-    removes what this mapper made."""
+    """Keeps a tunnel's public ports open on the pod's router: map_all(), again
+    when renew_due() (half the lease, as RFC 6886 §3.3 advises), unmap_all().
+    Blocking, not thread-safe; the settings are class attributes an instance
+    may override."""
 
     timeout_s = PORTMAP_TIMEOUT_S
     natpmp_port = NATPMP_PORT
@@ -2640,9 +2626,10 @@ class PortMapper:
         return self.gateway
 
     def upnp_service(self):
-        """The router's UPnP IGD service, discovered once."""
+        """The router's UPnP IGD service, discovered once (SSDP, then its description)."""
         if self.upnp is None:
-            self.upnp = upnp_discover(local_address_toward(self.find_gateway()), self.timeout_s)
+            location = ssdp_discover(local_address_toward(self.find_gateway()), self.timeout_s)
+            self.upnp = upnp_find_service(location, self.timeout_s)
         return self.upnp
 
     def methods(self):
@@ -2653,10 +2640,12 @@ class PortMapper:
         return [first] + [m for m in ("natpmp", "upnp") if m != first]
 
     def map_all(self, mappings, lifetime_s=PORTMAP_LIFETIME_S):
-        """Map all pairs (again: renew, and remove the last call's pairs missing
-        now); the PortMapResult, whose lease_end is that of the shortest lease
-        (a permanent UPnP lease counts as `lifetime_s`). PortMapError naming
-        each method's failure on one line; the last mappings stay then."""
+        """Map all (internal_port, external_port) pairs with one method, all or
+        nothing; again: renew, and remove the last call's pairs missing now. A
+        router that grants another external port fails the method: DNS points
+        at the tunnel's public port. The PortMapResult, its lease_end that of
+        the shortest lease (a permanent UPnP one counts as `lifetime_s`);
+        PortMapError naming each method's failure, the last mappings kept."""
         mappings = [(check_port(i), check_port(e)) for i, e in mappings]
         self.find_gateway()
         failures = []
@@ -2736,11 +2725,9 @@ class PortMapper:
     def state(self):
         """The last result as JSON-ready data (what pipe2me.portmap.json holds)."""
         result = self.result
-        return {"version": 1, "fqdn": self.fqdn, "method": self.method,
-                "gateway": self.gateway, "used": result.method,
-                "external_address": result.external_address,
-                "lease_end": int(result.lease_end),
-                "mappings": [list(pair) for pair in result.mappings],
+        return {"version": 1, "fqdn": self.fqdn, "method": self.method, "gateway": self.gateway,
+                "used": result.method, "external_address": result.external_address,
+                "lease_end": int(result.lease_end), "mappings": [list(p) for p in result.mappings],
                 "upnp": list(self.upnp) if self.upnp and result.method == "upnp" else None}
 
     @classmethod
