@@ -16,7 +16,7 @@ def scale_server(workdir, tokens, *extra):
 
 
 def test_scale_expiry_closes_listener_then_grace_returns_port_and_name(workdir):
-    server = scale_server(workdir, "short-token = lifespan:4\nlong-token = lifespan:1h\n",
+    server = scale_server(workdir, "short-token = lifespan:3\nlong-token = lifespan:1h\n",
                           "--port-grace", "2")
     try:
         status, short = create(server, "short-token")
