@@ -6407,11 +6407,12 @@ class DnsimpleClient:
             request.data = json.dumps(body).encode()
             request.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(request, timeout=DNSIMPLE_TIMEOUT_S) as answer:
-                status, headers = answer.status, answer.headers
-                data = answer.read(DNSIMPLE_MAX_ANSWER_BYTES)
-        except urllib.error.HTTPError as exc:
-            status, headers, data = exc.code, exc.headers, exc.read(DNSIMPLE_MAX_ANSWER_BYTES)
+            try:
+                with urllib.request.urlopen(request, timeout=DNSIMPLE_TIMEOUT_S) as answer:
+                    status, headers = answer.status, answer.headers
+                    data = answer.read(DNSIMPLE_MAX_ANSWER_BYTES)
+            except urllib.error.HTTPError as exc:  # an error answer, read as the others are
+                status, headers, data = exc.code, exc.headers, exc.read(DNSIMPLE_MAX_ANSWER_BYTES)
         except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", None) or exc
             raise DnsProviderError("dnsimple unreachable at %s: %s" % (self.base_url, reason)) from None

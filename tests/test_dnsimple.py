@@ -8,8 +8,10 @@ those must never change."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -248,3 +250,30 @@ def test_dnsimple_txt_records_set_and_cleared_for_acme(standin, workdir, server_
     assert provider.set_txt(name, []) == ["deleted TXT %s value-1" % name]
     assert standin.find(ZONE, record_name(name), "TXT") == [] and ours(standin) == []
     assert_foreign_untouched(standin)
+
+
+def test_dnsimple_error_answer_that_stops_coming_is_a_provider_failure(server_mod, monkeypatch):
+    """An error answer whose body never arrives whole is dnsimple failing like
+    any other (a DnsProviderError, retried later), not a socket timeout that
+    escapes the client and ends dns-refresh with a traceback."""
+    monkeypatch.setattr(server_mod, "DNSIMPLE_TIMEOUT_S", 0.5)
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 100\r\n\r\n{")
+            done.wait(10)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client = server_mod.DnsimpleClient("http://127.0.0.1:%d" % listener.getsockname()[1], TOKEN)
+    try:
+        with pytest.raises(server_mod.DnsProviderError, match="dnsimple unreachable"):
+            client.call("GET", "/whoami")
+    finally:
+        done.set()
+        thread.join(10)
+        listener.close()
