@@ -3858,8 +3858,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         raise AttributeError(name)
 
     def dispatch(self):
-        """Every method: route the request, answer JSON (or shell format), turn a Pipe2meError
-        into its status."""
+        """Every method: route the request and answer it; a Pipe2meError gives its status."""
         try:
             url = urllib.parse.urlsplit(self.path)
         except ValueError:  # e.g. "http://[::1" as the target
@@ -3941,12 +3940,12 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         return self.query.get("format", [""])[-1] == "shell" or \
             "text/x-shellscript" in headers.get("Accept", "")
 
-    def reply(self, status, body, content_type=None):
+    def reply(self, status, body):
         """Send status and body: str as text, else JSON or shell format."""
         if self.request_version == "HTTP/0.9":  # it has no status line; we refuse it anyway
             self.request_version = "HTTP/1.0"
         if isinstance(body, str):
-            data, ctype = body.encode(), content_type or "text/plain; charset=utf-8"
+            data, ctype = body.encode(), "text/plain; charset=utf-8"
         elif self.wants_shell():
             data, ctype = shell_format(body).encode(), "text/plain; charset=utf-8"
         else:
@@ -4005,8 +4004,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         return 200, self.server.metrics(self.may_see_tenants())
 
     def post_tunnels(self):
-        """POST /tunnels (token, protocols, proxy_protocol): a new tunnel for a
-        valid token, with its secret."""
+        """POST /tunnels (token, protocols, proxy_protocol): a new tunnel, with its secret."""
         api, body = self.server, self.body()
         token = field(body, "token", "auth")
         if not token:
@@ -4137,8 +4135,7 @@ class ApiServer:
         self.slots = SourceShares(API_MAX_CONNECTIONS, api.settings.api_connections_per_source)
 
     def serve(self, sock, address, tls):
-        """Take over a connection from a front: answer it in a thread, or 429
-        when its source's share or all slots are taken."""
+        """Take over a connection from a front: answer it in a thread, or 429 if it gets no slot."""
         sock.setblocking(True)
         if not self.slots.take(sock, source_prefix(address[0], 32, 64)):
             log.warning("api connection cap reached, closing from=%s:%d cap=%d",
@@ -4732,14 +4729,12 @@ def stream_ends(sock, address):
 # =====================================================================
 
 class Sniffer:
-    """Peeks at a new front connection until `parse(head)` decides, without
-    consuming bytes, so the chosen destination sees the connection untouched.
-
-    parse returns None for "need more" or a callable(sock) that takes the
-    connection over. Gives up after `deadline_s` (FRONT_HEAD_DEADLINE) or
-    FRONT_SNIFF_BYTES. Retries by timer with backoff so a partial head does
-    not make the selector spin. on_finish() is called exactly once, when the
-    connection leaves the sniffer for whatever reason."""
+    """Peeks at a new front connection, without consuming bytes (the chosen
+    destination sees it untouched), until `parse(head)` returns a callable
+    that takes it over (None: need more); gives up after `deadline_s` or
+    FRONT_SNIFF_BYTES. A partial head is peeked at again by timer with
+    backoff, so the selector does not spin. on_finish() runs once, when the
+    connection leaves the sniffer."""
 
     def __init__(self, loop, sock, parse, on_give_up, deadline_s, on_finish):
         self.loop, self.sock, self.parse, self.on_give_up = loop, sock, parse, on_give_up
@@ -4747,22 +4742,18 @@ class Sniffer:
         self.deadline = time.monotonic() + deadline_s
         self.delay = 0.005
         sock.setblocking(False)
-        loop.watch(sock, EVENT_READ, self.on_event)
+        loop.watch(sock, EVENT_READ, self.peek)
 
-    def on_event(self, _mask):
-        """Readable: stop watching and peek at what arrived."""
+    def peek(self, _mask=0):
+        """Readable (then polled by timer): route by the head, wait with backoff, or give up."""
         self.loop.watch(self.sock, 0)
-        self.peek()
-
-    def peek(self):
-        """Look at the head without consuming it; route, wait with backoff, or give up."""
         try:
             head = self.sock.recv(FRONT_SNIFF_BYTES, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             head = None
         except OSError:
-            return self.finish(lambda sock: sock.close())
-        if head == b"":
+            head = b""
+        if head == b"":  # closed (or failed) before a decision
             return self.finish(lambda sock: sock.close())
         decision = self.parse(head) if head else None
         if decision is not None:
@@ -4892,8 +4883,8 @@ def body_framing(fields, version):
     BadMessage for the smuggling shapes: Content-Length beside
     Transfer-Encoding, differing Content-Lengths, codings not ending in a
     single chunked, Transfer-Encoding in HTTP/1.0."""
-    codings, lengths = list_values(fields, b"transfer-encoding"), set(
-        list_values(fields, b"content-length"))
+    codings = list_values(fields, b"transfer-encoding")
+    lengths = set(list_values(fields, b"content-length"))
     if codings:
         if lengths:
             raise BadMessage("both Content-Length and Transfer-Encoding")
@@ -5002,20 +4993,16 @@ class BodyReader:
 
     def feed(self, data):
         """How many bytes of `data` belong to the body (all, for a body that ends at close)."""
-        if self.kind == "close" or self.done:
-            return 0 if self.done else len(data)
-        if self.kind == "length":
-            take = min(self.left, len(data))
-            self.left -= take
-            self.done = not self.left
-            return take
+        if self.kind == "close":
+            return len(data)
         pos = 0
         while pos < len(data) and not self.done:
-            if self.state == "data":
+            if self.state == "data":  # of a Content-Length body, or of one chunk
                 take = min(self.left, len(data) - pos)
                 self.left -= take
                 pos += take
-                self.state = "data" if self.left else "data-end"
+                if not self.left:
+                    self.state, self.done = "data-end", self.kind == "length"
                 continue
             end = data.find(b"\n", pos)
             piece = data[pos:] if end < 0 else data[pos:end + 1]
@@ -5134,18 +5121,14 @@ class HttpFrontConnection:
     """One consumer connection on the HTTP front (or on the per-port URL of
     an http service, `pinned` to its tunnel), served as a reverse proxy.
 
-    Every request head is parsed and routed by its own Host: answered here
-    (404, 308, 502/503/504, ACME challenge) or forwarded over a stream to its
-    tunnel's http service, with X-Forwarded-* and Forwarded naming the
-    consumer. A request is forwarded only when every earlier request on the
-    connection has its response, or they all went to the same stream
-    (pipelining to one service); otherwise reading waits. So responses come
-    back in order and no request reaches another tunnel's pod. Each response
-    is framed (Content-Length, chunked, close-delimited, 1xx) to know where
-    it ends; after a 101 to an Upgrade or a 2xx to a CONNECT, bytes pass raw.
-    A request for the API (bare domain) mid-connection ends the connection
-    cleanly once earlier answers are out, so the client retries on a new
-    one, which the front hands to the API."""
+    Each request is routed by its own Host: answered here or forwarded over
+    a stream to its tunnel's http service, with forwarding fields naming the
+    consumer. It goes only once every earlier request has its response, or
+    they all went to the same stream (pipelining to one service): responses
+    come back in order and no request reaches another tunnel's pod. Each
+    response is framed to know where it ends; after a 101 to an Upgrade or a
+    2xx to a CONNECT, bytes pass raw. A request for the API mid-connection
+    ends the connection cleanly, so the client retries on a new one."""
 
     def __init__(self, fronts, sock, address, pinned=None):
         self.fronts, self.loop, self.sock, self.address = fronts, fronts.loop, sock, address
@@ -5193,7 +5176,9 @@ class HttpFrontConnection:
             if data is None:
                 return self.destroy()
             if data == b"":
-                self.on_consumer_eof()
+                self.read_closed = True
+                if self.lingering:
+                    return self.destroy()
             elif data and not self.finishing:  # a finishing connection drops what comes
                 self.heard = time.monotonic()
                 self.inbuf += data
@@ -5355,12 +5340,6 @@ class HttpFrontConnection:
         self.last_words = local_answer(status, text, close=True)
         return self.finish()
 
-    def on_consumer_eof(self):
-        """The consumer sends no more."""
-        self.read_closed = True
-        if self.lingering:
-            self.destroy()
-
     # -- responses --------------------------------------------------------
     def on_response_bytes(self, data):
         """Relay response bytes in order; each complete response lets the
@@ -5519,12 +5498,10 @@ def service_port(record, protocol):
 
 class Fronts:
     """Routes front connections: the HTTP front by each request's Host (an
-    HttpFrontConnection per consumer), the HTTPS front by SNI, and the
-    per-port URL of an http service through the same request handling.
-
+    HttpFrontConnection per consumer, also on the per-port URL of an http
+    service), the HTTPS front by SNI; each front has its own PendingBudget.
     `acme_http01(token) -> bytes | None` answers HTTP-01 challenges on any
-    name of the HTTP front (None: 404); it runs on the loop thread and must
-    not block. Each front has its own PendingBudget."""
+    name of the HTTP front (None: 404), on the loop thread: it must not block."""
 
     def __init__(self, loop, settings, hub, api_server, acme_http01=None):
         self.loop, self.settings, self.hub, self.api_server = loop, settings, hub, api_server

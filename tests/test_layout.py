@@ -35,7 +35,7 @@ BUDGETS = {
         "ACME":                632,
         "API":                 530,
         "TUNNEL SESSIONS":     535,
-        "FRONTS":              915,
+        "FRONTS":              895,
         "REACHABILITY":        135,
         "DNS":                 610,
         "DNSIMPLE":            315,
