@@ -3180,38 +3180,33 @@ class PodRunner:
 
     # -- the loop of sessions -------------------------------------------
     def run(self):
-        """Returns 0 after a clean stop; raises Rejected when the server refuses for good."""
+        """Connect, run the session, reconnect with backoff until asked to stop (0
+        then); Rejected when the server refuses for good."""
         self.loop.call_later(STATUS_INTERVAL_S, self.status_tick)
         try:
-            return self.run_sessions()
+            while not self.stop_requested:
+                self.check_still_wanted()
+                try:
+                    tls, welcome = self.connect()
+                except Rejected:
+                    raise
+                except Displaced as exc:
+                    self.displaced_by = exc.peer
+                    self.check_still_wanted()
+                    continue
+                except (Pipe2meError, OSError, ValueError) as exc:
+                    self.closed_reason = str(exc)
+                    self.wait_before_retry(exc)
+                    continue
+                self.failures = self.displaced = 0
+                self.session = PodMux(self, tls, welcome)
+                self.up_since = time.time()
+                log.info("tunnel up fqdn=%s server=%s", welcome.get("fqdn"), self.endpoint())
+                log_public_urls(self.setup.fqdn, self.setup.urls, welcome)
+                self.write_status()
+                self.loop.run()
         except StopSignal:
             log.info("stopped while connecting")
-            return 0
-
-    def run_sessions(self):
-        """Connect, run the session, reconnect with backoff; returns when asked to stop, raises
-        Rejected."""
-        while not self.stop_requested:
-            self.check_still_wanted()
-            try:
-                tls, welcome = self.connect()
-            except Rejected:
-                raise
-            except Displaced as exc:
-                self.displaced_by = exc.peer
-                self.check_still_wanted()
-                continue
-            except (Pipe2meError, OSError, ValueError) as exc:
-                self.closed_reason = str(exc)
-                self.wait_before_retry(exc)
-                continue
-            self.failures = self.displaced = 0
-            self.session = PodMux(self, tls, welcome)
-            self.up_since = time.time()
-            log.info("tunnel up fqdn=%s server=%s", welcome.get("fqdn"), self.endpoint())
-            log_public_urls(self.setup.fqdn, self.setup.urls, welcome)
-            self.write_status()
-            self.loop.run()
         return 0
 
     def check_still_wanted(self):
