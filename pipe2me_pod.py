@@ -2437,9 +2437,8 @@ def ssdp_discover(local_address=None, timeout_s=PORTMAP_TIMEOUT_S):
 
 
 def upnp_modules():
-    """(urllib.request, urllib.error, ElementTree), imported on first use, not
-    at the top: `start` on a router seldom needs them, and they would cost
-    memory for the life of the tunnel."""
+    """(urllib.request, urllib.error, ElementTree), imported on first use: `start` on
+    a router seldom needs them, and they would cost memory for the tunnel's life."""
     import urllib.error
     import urllib.request
     import xml.etree.ElementTree as ElementTree
@@ -2773,15 +2772,6 @@ def load_portmap(directory):
         raise UsageError("%s is damaged (%s): run `map-ports` again"
                          % (portmap_path(directory), error_text(exc)))
     return state
-
-
-def map_pod_ports(directory, setup, method, lifetime_s):
-    """`map-ports`: every service's public port -> its local port; saved."""
-    pairs = [(service.local_port, service.public_port) for service in setup.services()]
-    mapper = PortMapper(setup.fqdn, method=method)
-    result = mapper.map_all(pairs, lifetime_s)
-    save_portmap(directory, mapper, lifetime_s)
-    return result
 
 
 def unmap_pod_ports(directory):
@@ -3542,9 +3532,6 @@ def echo_bytes(conn):
 # COMMANDS — one function per command, each takes the parsed arguments
 # =====================================================================
 
-YES_NO = {True: "yes", False: "no"}
-
-
 def print_fields(*fields):
     """Print `KEY=value` lines for the (KEY, value) pairs, leaving out those of value None."""
     for key, value in fields:
@@ -3979,7 +3966,8 @@ def cmd_status(args):
     connected = running and bool(status.get("up"))
     last_error = status.get("last_error") if not status.get("up") else None
     print_fields(
-        ("FQDN", setup.fqdn), ("RUNNING", YES_NO[running]), ("CONNECTED", YES_NO[connected]),
+        ("FQDN", setup.fqdn), ("RUNNING", "yes" if running else "no"),
+        ("CONNECTED", "yes" if connected else "no"),
         ("SINCE", iso_time(status["since"]) if connected and status.get("since") else None),
         ("LOCAL_PORTS", ",".join(str(target) for target in setup.local_ports)),
         ("STREAMS", "%d" % (status.get("streams", 0) if running else 0)),
@@ -4059,8 +4047,10 @@ def check_facts(setup, ask_router):
 def cmd_map_ports(args):
     """Open the tunnel's public ports on the router (NAT-PMP, else UPnP IGD),
     external port = public port, internal = local port; saved for `start`."""
-    files = PodFiles(args.dir)
-    result = map_pod_ports(files.dir, read_setup(files), args.method, args.lifetime)
+    setup = read_setup(PodFiles(args.dir))
+    mapper = PortMapper(setup.fqdn, method=args.method)
+    result = mapper.map_all([(s.local_port, s.public_port) for s in setup.services()], args.lifetime)
+    save_portmap(setup.files.dir, mapper, args.lifetime)
     print_fields(("METHOD", result.method), ("EXTERNAL_ADDRESS", result.external_address),
                  ("LEASE_END", iso_time(result.lease_end)),
                  ("PORTS", ",".join(str(external) for _, external in result.mappings)))
