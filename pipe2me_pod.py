@@ -4157,9 +4157,14 @@ def build_parser():
     update.add_argument("--auth", "--token", dest="auth", help="extend the tunnel with this token")
     update.add_argument("--proxy-protocol", metavar="v1|v2|off",
                         help="change the PROXY protocol setting (applies from the next session)")
-    add_router_arguments(
-        command("check", cmd_check, "ask the server to probe this pod's public address"),
-        command("map-ports", cmd_map_ports, "open the public ports on the router"))
+    check = command("check", cmd_check, "ask the server to probe this pod's public address")
+    check.add_argument("--no-router", dest="router", action="store_false",
+                       help="do not ask the router (NAT-PMP) for its external address")
+    map_ports = command("map-ports", cmd_map_ports, "open the public ports on the router")
+    map_ports.add_argument("--method", choices=PORTMAP_METHODS, default="auto",
+                           help="natpmp, upnp, or auto: NAT-PMP, then UPnP IGD (default)")
+    map_ports.add_argument("--lifetime", type=int, default=PORTMAP_LIFETIME_S, metavar="SECONDS",
+                           help="lease to ask for, renewed by `start` at half (default %(default)s)")
     clear = command("clear", cmd_clear, "delete the tunnel on the server and the local files")
     clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     service = command("service", cmd_service, "print a service definition that runs start at boot")
@@ -4167,16 +4172,6 @@ def build_parser():
     for kind in ("systemd", "procd", "sysv"):
         kinds.add_argument("--" + kind, action="store_true", help="for %s" % kind)
     return parser
-
-
-def add_router_arguments(check, map_ports):
-    """The options of `check` and `map-ports`."""
-    check.add_argument("--no-router", dest="router", action="store_false",
-                       help="do not ask the router (NAT-PMP) for its external address")
-    map_ports.add_argument("--method", choices=PORTMAP_METHODS, default="auto",
-                           help="natpmp, upnp, or auto: NAT-PMP, then UPnP IGD (default)")
-    map_ports.add_argument("--lifetime", type=int, default=PORTMAP_LIFETIME_S, metavar="SECONDS",
-                           help="lease to ask for, renewed by `start` at half (default %(default)s)")
 
 
 def handed_over_arguments():

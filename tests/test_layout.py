@@ -57,7 +57,7 @@ BUDGETS = {
         "TUNNEL CLIENT":       590,
         "ECHO SERVICES":       115,
         "COMMANDS":            535,
-        "CLI":                 155,
+        "CLI":                 150,
     },
 }
 
