@@ -2315,9 +2315,8 @@ def receive_first(sock, timeout_s, parse):
 # ---- NAT-PMP (RFC 6886) -------------------------------------------------
 
 def natpmp_schedule(timeout_s):
-    """The waits after each NAT-PMP request: RFC 6886 §3.1's 250 ms, doubling,
-    at most 9 requests, the last wait cut so that all fit in `timeout_s`
-    (which bounds tests and impatient callers); always one request at least."""
+    """The waits after each NAT-PMP request: RFC 6886 §3.1's 250 ms, doubling, at
+    most 9 requests, the last wait cut to fit `timeout_s`; one request at least."""
     waits, wait, left = [], NATPMP_FIRST_WAIT_S, max(float(timeout_s), 0.001)
     while left > 1e-6 and len(waits) < NATPMP_MAX_REQUESTS:
         waits.append(min(wait, left))
@@ -2783,11 +2782,10 @@ def unmap_pod_ports(directory):
 
 
 class PortMapKeeper:
-    """Keeps the saved mappings alive while `start` runs: maps at once (a
-    clean stop removed them), then renews at half the lease. The router is
-    asked from a thread, so the loop never waits on it; a failed renewal is
-    logged and retried after PORTMAP_RETRY_S. close(unmap=True) removes the
-    mappings (clean stop); pipe2me.portmap.json stays for the next start."""
+    """Keeps the saved mappings alive while `start` runs: maps at once (a clean
+    stop removed them), then renews at half the lease, from a thread (the loop
+    never waits on the router), PORTMAP_RETRY_S after a failure. close(unmap=True)
+    removes the mappings; pipe2me.portmap.json stays for the next start."""
 
     def __init__(self, directory, state):
         self.directory, self.state = directory, state
