@@ -3754,10 +3754,6 @@ class Api:
                            http_status=401)
         return record
 
-    def view(self, record):
-        """A tunnel as the API shows it to its owner."""
-        return public_view(record, self.settings, presence=self.presence)
-
     @staticmethod
     def check_protocols(protocols):
         """The requested protocols as a list (a comma string is split); UsageError if unknown."""
@@ -4018,7 +4014,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         record, secret = api.store.create(token, options, protocols, extra=extra)
         log.info("tunnel created tunnel=%s fqdn=%s ports=%s from=%s",
                  record["id"], record["fqdn"], record["ports"], self.client_address[0])
-        return 201, dict(api.view(record), secret=secret)
+        return 201, dict(public_view(record, api.settings, presence=api.presence), secret=secret)
 
     def patch_tunnel(self, id):
         """PATCH /tunnels/<id> with the tunnel's secret: new settings; a
@@ -4033,13 +4029,13 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         updated = api.store.update(record["id"], **changes)
         log.info("tunnel changed tunnel=%s %s", record["id"],
                  " ".join("%s=%s" % (k, v or "off") for k, v in sorted(changes.items())))
-        return 200, api.view(updated)
+        return 200, public_view(updated, api.settings, presence=api.presence)
 
     def get_tunnel(self, id):
         """GET /tunnels/<id> with the tunnel's secret; with ACME on, its ACME state and chain."""
         api = self.server
         record = api.tunnel_for(id, self.secret())
-        view = api.view(record)
+        view = public_view(record, api.settings, presence=api.presence)
         if api.acme is not None:
             view["acme"] = (api.acme.status(record["id"])
                             or {"state": "none", "reason": "no CSR yet"})
@@ -4099,7 +4095,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         if updated is None:
             raise NotFound("unknown tunnel %s" % record["id"])
         log.info("tunnel extended tunnel=%s expires_at=%d", record["id"], updated["expires_at"])
-        return 200, api.view(updated)
+        return 200, public_view(updated, api.settings, presence=api.presence)
 
     def post_check(self, id):
         """POST /tunnels/<id>/check: probe the pod's router, with the tunnel's secret."""
@@ -4846,10 +4842,9 @@ def split_head(buffer):
 
 
 def parse_head(head, start_line):
-    """(groups of the `start_line` match, [(lower-case name, name, value)])
-    of a whole head. BadMessage for a malformed start line, obs-fold, a bad
-    field name or a control character (a bare CR included) in a value.
-    (The number of fields is bounded by the size of a head, FRONT_SNIFF_BYTES.)"""
+    """(groups of the `start_line` match, [(lower-case name, name, value)]) of
+    a whole head (at most FRONT_SNIFF_BYTES). BadMessage for a malformed start
+    line, obs-fold, a bad field name or a control character (bare CR too) in a value."""
     lines = [line[:-1] if line.endswith(b"\r") else line for line in head.split(b"\n")]
     match = start_line.fullmatch(lines[0])
     if match is None:
@@ -5521,8 +5516,7 @@ class Fronts:
                 lambda: budget.give_back(key))
 
     def is_api_name(self, name):
-        """Whether a Host or SNI name means the API (the bare domain,
-        localhost, or no tunnel name)."""
+        """Whether a Host or SNI name means the API (the bare domain, localhost, no tunnel name)."""
         domain = self.settings.tunnel_domain
         return name in ("", domain, "localhost") or not name.endswith("." + domain)
 
@@ -5590,8 +5584,7 @@ class Fronts:
                    lambda s: s.close())
 
     def route_https(self, head, address):
-        """Where a ClientHello goes: the API, the tunnel's https service
-        (passed through), or closed."""
+        """Where a ClientHello goes by SNI: the API, its https service (passed through), closed."""
         try:
             name = tls_client_hello_sni(head)
         except (ValueError, IndexError, UnicodeDecodeError):
