@@ -2843,7 +2843,6 @@ class StopSignal(BaseException):
     and PodRunner.run() returns 0. No Pipe2meError, so no retry loop catches it."""
 
 
-LOCAL_SERVICE_HOST = "127.0.0.1"   # where `start --echo` listens for a bare PORT
 PROXY_PROTOCOLS = ("v1", "v2")
 PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 RECONNECT_FIRST_S = 0.5   # default of `start --reconnect-delay`
