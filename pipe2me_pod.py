@@ -2773,14 +2773,6 @@ def load_portmap(directory):
     return state
 
 
-def unmap_pod_ports(directory):
-    """`clear`: remove the saved mappings at the router (best effort) and the file."""
-    state = load_portmap(directory)
-    if state is not None:
-        PortMapper.from_state(state).unmap_all()
-        remove_file(portmap_path(directory))
-
-
 class PortMapKeeper:
     """Keeps the saved mappings alive while `start` runs: maps at once (a clean
     stop removed them), then renews at half the lease, from a thread (the loop
@@ -3751,7 +3743,10 @@ def cmd_clear(args):
             log.info("tunnel deleted tunnel=%s", setup.id)
         else:
             log.warning("tunnel already gone on the server tunnel=%s status=%d", setup.id, status)
-    unmap_pod_ports(files.dir)
+    portmap = load_portmap(files.dir)
+    if portmap is not None:  # the router's mappings go first (best effort), then their file
+        PortMapper.from_state(portmap).unmap_all()
+        remove_file(portmap_path(files.dir))
     removed = files.remove_all()
     log.info("files removed dir=%s files=%s", files.dir, ",".join(removed))
     if running:

@@ -53,7 +53,7 @@ BUDGETS = {
         "SHARED process":      175,
         "POD FILES":           305,
         "SERVER API CLIENT":   250,
-        "ROUTER PORT MAPPING": 660,
+        "ROUTER PORT MAPPING": 650,
         "TUNNEL CLIENT":       585,
         "ECHO SERVICES":       115,
         "COMMANDS":            535,
