@@ -5146,8 +5146,6 @@ class HttpFrontConnection:
     def update_interest(self):
         """Watch each socket for what its buffers allow: reads stop when
         full, the consumer's also while answers to it wait unread."""
-        if self.closed:
-            return
         up_full = self.up is not None and len(self.up.out) >= FRONT_BUFFER_BYTES
         events = EVENT_WRITE if self.out else 0
         out_full = len(self.out) >= FRONT_BUFFER_BYTES  # answers the consumer does not read
@@ -5182,9 +5180,7 @@ class HttpFrontConnection:
 
     def on_upstream_event(self, mask):
         """Loop callback of the upstream stream: write the request, read the response."""
-        up = self.up
-        if up is None:
-            return
+        up = self.up  # (a dropped stream's socket is unwatched: no callback comes for it)
         if mask & EVENT_WRITE:
             self.flush(up.sock, up.out, up)
         if mask & EVENT_READ and not up.closed and self.up is up:

@@ -35,7 +35,7 @@ BUDGETS = {
         "ACME":                632,
         "API":                 520,
         "TUNNEL SESSIONS":     535,
-        "FRONTS":              890,
+        "FRONTS":              885,
         "REACHABILITY":        135,
         "DNS":                 610,
         "DNSIMPLE":            315,
