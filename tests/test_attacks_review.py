@@ -22,10 +22,14 @@ def two_responses_for_one(conn):
                      b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged")
 
 
-def garbled_chunks(conn):
-    """A hostile service: a chunked response whose chunk size is no number,
-    then the connection held open."""
-    if read_head(conn):
+def garbled(conn):
+    """A hostile service: for /status a status line no parser can read, a
+    body, and the end of the connection; else a chunked response whose chunk
+    size is no number, then the connection held open."""
+    head = read_head(conn)
+    if head.startswith(b"GET /status "):
+        conn.sendall(b"HTTP/1.1 2000 Weird\r\n\r\nbody after a bad status line")
+    elif head:
         conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nyy\r\n")
         conn.recv(4096)  # until the front drops the stream
 
@@ -69,7 +73,7 @@ def tenants(tmp_path_factory):
     server = ServerHandle(workdir, extra=["--front-head-deadline", str(HEAD_DEADLINE_S)])
     with http_pods(server, workdir, {"evil": lambda: LocalService(two_responses_for_one),
                                      "victim": lambda: LocalService(honest),
-                                     "garbled": lambda: LocalService(garbled_chunks)}) as tunnels:
+                                     "garbled": lambda: LocalService(garbled)}) as tunnels:
         server.names = {name: fqdn for name, (fqdn, _, _) in tunnels.items()}
         yield server
 
@@ -148,3 +152,13 @@ def test_attack_pod_response_with_malformed_chunks_ends_the_connection(tenants):
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b"yy" not in answer, answer
     assert waited < HEAD_DEADLINE_S, waited
     assert "internal error" not in tenants.proc.stderr()[seen:]
+
+
+def test_attack_pod_response_with_an_unreadable_status_line_is_relayed_until_it_closes(tenants):
+    """A head the front cannot frame ends with the connection: what follows
+    it is the body, relayed as it is (not read as the head of a response
+    still to come), and the consumer's connection closes after it."""
+    with connect(tenants.http) as sock:
+        sock.sendall(b"GET /status HTTP/1.1\r\nHost: %s\r\n\r\n" % tenants.names["garbled"].encode())
+        answer = read_until(sock, b"never sent", timeout=HEAD_DEADLINE_S + 6)
+    assert answer == b"HTTP/1.1 2000 Weird\r\n\r\nbody after a bad status line", answer
