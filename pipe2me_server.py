@@ -3754,30 +3754,6 @@ class Api:
                            http_status=401)
         return record
 
-    @staticmethod
-    def check_protocols(protocols):
-        """The requested protocols as a list (a comma string is split); UsageError if unknown."""
-        if isinstance(protocols, str):
-            protocols = [p for p in re.split(r"[\s,]+", protocols) if p]
-        if not isinstance(protocols, list) or not protocols:
-            raise UsageError("protocols must be a non-empty list")
-        unknown = [p for p in protocols if p not in SERVICE_PROTOCOLS]
-        if unknown:
-            raise UsageError("unknown protocol %s (known: %s)"
-                             % (str(unknown[0])[:40], ", ".join(SERVICE_PROTOCOLS)))
-        return protocols
-
-    @staticmethod
-    def check_settings(body):
-        """The tunnel settings a pod may choose, from a request body:
-        proxy_protocol "v1", "v2" or "off" (stored as "")."""
-        value = body.get("proxy_protocol")
-        if value is None:
-            return {}
-        if value not in PROXY_PROTOCOL_CHOICES:
-            raise UsageError("proxy_protocol must be one of %s" % ", ".join(PROXY_PROTOCOL_CHOICES))
-        return {"proxy_protocol": "" if value == "off" else value}
-
 
 # A state file that cannot be written (disk full, read-only, out of descriptors)
 # is the operator's problem: the client gets a clear 5xx, not a dropped connection.
@@ -3793,6 +3769,30 @@ def state_write_failed(exc):
         return None
     log.error("state write failed file=%s error=%s", exc.filename, exc.strerror)
     return status, {"error": "cannot write state on the server: %s; retry later" % exc.strerror}
+
+
+def check_protocols(protocols):
+    """The requested protocols as a list (a comma string is split); UsageError if unknown."""
+    if isinstance(protocols, str):
+        protocols = [p for p in re.split(r"[\s,]+", protocols) if p]
+    if not isinstance(protocols, list) or not protocols:
+        raise UsageError("protocols must be a non-empty list")
+    unknown = [p for p in protocols if p not in SERVICE_PROTOCOLS]
+    if unknown:
+        raise UsageError("unknown protocol %s (known: %s)"
+                         % (str(unknown[0])[:40], ", ".join(SERVICE_PROTOCOLS)))
+    return protocols
+
+
+def check_settings(body):
+    """The tunnel settings a pod may choose, from a request body:
+    proxy_protocol "v1", "v2" or "off" (stored as "")."""
+    value = body.get("proxy_protocol")
+    if value is None:
+        return {}
+    if value not in PROXY_PROTOCOL_CHOICES:
+        raise UsageError("proxy_protocol must be one of %s" % ", ".join(PROXY_PROTOCOL_CHOICES))
+    return {"proxy_protocol": "" if value == "off" else value}
 
 
 def field(body, *names):
@@ -4006,8 +4006,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         if not token:
             raise Rejected("a token is required (token=...)", http_status=401)
         options = api.token_options(token, self.client_address[0])
-        protocols = api.check_protocols(body.get("protocols", "https"))
-        extra = api.check_settings(body)
+        protocols = check_protocols(body.get("protocols", "https"))
+        extra = check_settings(body)
         if len(protocols) > options["max_ports"]:
             raise Rejected("%d ports requested, the token allows %d"
                            % (len(protocols), options["max_ports"]), http_status=422)
@@ -4021,7 +4021,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         connected pod is asked to reconnect (GOAWAY), so the next session has them."""
         api, body = self.server, self.body()
         record = api.tunnel_for(id, self.secret(body))
-        changes = api.check_settings(body)
+        changes = check_settings(body)
         if not changes:
             raise UsageError("nothing to change (known settings: proxy_protocol)")
         if tunnel_status(record) != "online":

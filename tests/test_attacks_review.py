@@ -159,6 +159,7 @@ def test_attack_pod_response_with_an_unreadable_status_line_is_relayed_until_it_
     it is the body, relayed as it is (not read as the head of a response
     still to come), and the consumer's connection closes after it."""
     with connect(tenants.http) as sock:
-        sock.sendall(b"GET /status HTTP/1.1\r\nHost: %s\r\n\r\n" % tenants.names["garbled"].encode())
+        garbled = tenants.names["garbled"].encode()
+        sock.sendall(b"GET /status HTTP/1.1\r\nHost: %s\r\n\r\n" % garbled)
         answer = read_until(sock, b"never sent", timeout=HEAD_DEADLINE_S + 6)
     assert answer == b"HTTP/1.1 2000 Weird\r\n\r\nbody after a bad status line", answer
