@@ -3125,7 +3125,7 @@ def parse_retry_after(value, now=None):
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if re.fullmatch(r"[0-9]{1,9}", value):   # not isdigit(): "²" is a digit int() refuses
         return int(value)
     try:
         when = email.utils.parsedate_to_datetime(value).timestamp()
@@ -3283,13 +3283,14 @@ class AcmeClient:
         return start, max(start, end), parse_retry_after(answer.getheader("Retry-After"))
 
 
-def acme_order(client, fqdn, csr_der, challenger, replaces=None):
+def acme_order(client, fqdn, csr_der, challenger, renews=None):
     """Order, validate and download a certificate for fqdn; the chain PEM (leaf first).
-    `challenger` is a DnsTxtChallenger or an HttpTokenChallenger."""
+    `challenger` is a DnsTxtChallenger or an HttpTokenChallenger; `renews` the (serial,
+    AKI) of the certificate this one replaces, named to a CA with ARI (RFC 9773 §5)."""
     client.ensure_account()
     payload = {"identifiers": [{"type": "dns", "value": fqdn}]}
-    if replaces:
-        payload["replaces"] = replaces
+    if renews and all(renews) and "renewalInfo" in client.directory():
+        payload["replaces"] = ari_cert_id(*renews)
     _status, answer, data = client.post(client.directory()["newOrder"], payload)
     order, order_url = json.loads(data), answer.getheader("Location")
     for authz_url in order.get("authorizations", []):
@@ -3535,12 +3536,10 @@ class AcmeOrders:
     def order(self, job, renewal):
         """The new chain for a job; Pipe2meError (AcmeProblem from the CA) otherwise."""
         csr_der = run_openssl(["req", "-outform", "DER"], input_bytes=job["csr"].encode("ascii"))
-        replaces = None
-        if renewal and job.get("serial") and job.get("aki") and "renewalInfo" in self.client.directory():
-            replaces = ari_cert_id(job["serial"], job["aki"])
+        renews = (job.get("serial"), job.get("aki")) if renewal else None
         try:
-            chain = acme_order(self.client, job["fqdn"], csr_der, self.challenger, replaces)
-        except (ValueError, KeyError, TypeError) as exc:
+            chain = acme_order(self.client, job["fqdn"], csr_der, self.challenger, renews)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise Unavailable("ACME server answered unexpectedly: %s" % exc) from None
         certs = pem_certificates(chain)
         if not certs or not same_public_key(job["csr"], certs[0], "x509"):

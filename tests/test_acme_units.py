@@ -33,6 +33,8 @@ def test_acme_retry_after_seconds_and_dates(server_mod):
     assert server_mod.parse_retry_after("120") == 120
     assert server_mod.parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412420) == 60
     assert server_mod.parse_retry_after("soon") is None
+    assert server_mod.parse_retry_after("\u00b2") is None   # a latin-1 header byte that isdigit()
+    assert server_mod.parse_retry_after("9" * 5000) is None  # past int()'s 4,300 digits
     assert server_mod.parse_retry_after(None) is None
 
 
@@ -133,3 +135,37 @@ def test_acme_token_share_counts_per_token_and_loads_files_from_before_it(server
     assert "limit of 4 new certificates a week" in reason
     assert frees_at == now - 60 + server_mod.ACME_RATE_WINDOW_S
     assert oct(os.stat(orders.issued_path()).st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize("odd", ["directory", "order"])
+def test_acme_an_odd_answer_fails_the_order_not_the_worker(server_mod, tmp_path, odd):
+    """A CA (or a proxy in front of it) answering 200 with HTML for the directory,
+    or a JSON list for the new order, makes that order fail and be retried; the
+    worker thread that runs every job goes on."""
+    from helpers import make_csr, make_key
+    name = "calm-teal-otter.pipe2.test"
+    ca = "https://acme.invalid/"
+    client = server_mod.AcmeClient(ca + "dir", str(tmp_path / "account.key"))
+    directory = {"newNonce": ca + "nonce", "newAccount": ca + "acct", "newOrder": ca + "order",
+                 "renewalInfo": ca + "ari"}
+
+    def request(method, url, body=None):
+        client.nonce = "nonce"
+        if url == client.directory_url:
+            return 200, FakeAnswer({}), b"<html>down</html>" if odd == "directory" else \
+                server_mod.json.dumps(directory).encode()
+        if url == directory["newAccount"]:
+            return 201, FakeAnswer({"Location": ca + "acct/1"}), b"{}"
+        return 201, FakeAnswer({"Location": ca + "order/1"}), b"[]"
+    client.request = request
+    settings = types.SimpleNamespace(state_dir=str(tmp_path), acme_retry=60,
+                                     acme_new_certs_per_week=0, acme_new_certs_per_token_per_week=0)
+    orders = server_mod.AcmeOrders(settings, client, None, lambda key: True, lambda key: None)
+    orders.load()
+    orders.request("t1", name, make_csr(make_key(str(tmp_path / "k.key")), "/CN=" + name,
+                                        "subjectAltName=DNS:" + name))
+    orders.jobs["t1"].update(chain="old", chain_fqdn=name, serial="01", aki="AB" * 20,
+                             next_try_at=0)   # a renewal: the only order that asks for ARI first
+    orders.process(dict(orders.jobs["t1"]))
+    job = orders.jobs["t1"]
+    assert job["state"] == "failed" and "answered unexpectedly" in job["reason"], job
