@@ -4213,12 +4213,9 @@ class PodSession(Mux):
             self.pace = self.meter
 
     def meter(self, nbytes):
-        """Mux.pace, after every read from a consumer or from the pod: the
-        session ends with the read that uses up max_traffic. Bytes read from
-        consumers, written to them and waiting for them count, so what
-        consumers send and get passes the cap by at most one read
-        (READ_CHUNK_BYTES or TLS_READ_BYTES: 262,144 bytes); the bytes still
-        waiting are dropped, and only the rest is saved as traffic."""
+        """Mux.pace, after every read: the session ends with the read that uses up max_traffic.
+        Bytes read from consumers, written to them and waiting for them count, so consumers pass
+        the cap by one read (262,144 bytes) at most; the waiting bytes are dropped, unsaved."""
         if self.allowance is not None and (self.local_read_bytes + self.local_written_bytes
                                            + self.buffered) >= self.allowance:
             log.warning("traffic allowance used up tunnel=%s", self.tunnel_id)
@@ -4247,18 +4244,13 @@ class PodSession(Mux):
         self.hub.on_session_closed(self)
 
     def unsaved_traffic(self):
-        """(bytes_in, bytes_out) since the last call; bytes_in = consumer to pod."""
-        got_in = self.local_read_bytes - self.saved_in
-        got_out = self.local_written_bytes - self.saved_out
-        self.saved_in, self.saved_out = self.local_read_bytes, self.local_written_bytes
-        return got_in, got_out
+        """(bytes_in, bytes_out) not yet in the store; bytes_in = consumer to pod."""
+        return self.local_read_bytes - self.saved_in, self.local_written_bytes - self.saved_out
 
     def open_stream(self, sock, port, ends=None):
-        """Carry a new consumer socket to the pod's `port` service;
-        `ends` ((ip, port) of the consumer, of the public end) go in the OPEN
-        when the pod asked for them. What the consumer sent with its connect
-        goes in the OPEN's TLS record, so the pod connects and writes in one
-        wake-up."""
+        """Carry a new consumer socket to the pod's `port` service, with `ends` ((ip, port) of
+        the consumer, of the public end) in the OPEN if given. What the consumer sent with its
+        connect goes in the OPEN's TLS record: the pod connects and writes in one wake-up."""
         self.highest_stream += 1
         self.queue(Msg.OPEN, self.highest_stream, encode_open(port, *(ends or ())))
         stream = self.add_stream(self.highest_stream, sock)
@@ -4307,21 +4299,18 @@ class PodGate:
         self.settings, self.store, self.certs, self.context = settings, store, certs, tls_context
         self.loop, self.attach = loop, attach
         self.cap = settings.max_pending_handshakes
-        # Until its certificate is verified a connection is a stranger's: the
-        # strangers share `cap` slots by source. A verified pod leaves them
-        # for slots shared by certificate, where no stranger can take its place.
+        # Until its certificate is verified a connection is a stranger's, in `cap` slots shared
+        # by source; a verified pod moves to slots shared by certificate, out of strangers' reach.
         self.strangers = SourceShares(self.cap, settings.max_pending_handshakes_per_source,
                                       HANDSHAKE_ROTATE_AFTER_S)
         self.verified = SourceShares(self.cap, 2, 0.0)
-        # Past its share a connection waits (oldest first) for a slot that a
-        # finished handshake gives back: many pods behind one NAT after a
-        # restart queue up instead of being cut off. A waiting one displaces
-        # nobody, and after HANDSHAKE_WAIT_S it is refused as it was on arrival.
+        # Past its share a connection waits (oldest first) for a slot a finished handshake gives
+        # back: many pods behind one NAT after a restart queue up instead of being cut off. One
+        # waiting displaces nobody; after HANDSHAKE_WAIT_S it is refused as it was on arrival.
         self.waiting = collections.deque()  # (socket, address, source), in the loop thread
 
     def admit(self, sock, address):
-        """A new connection on TUNNEL_PORT: authenticate it in a thread, let
-        it wait for a slot, or close it beyond MAX_PENDING_HANDSHAKES."""
+        """A new connection on TUNNEL_PORT: authenticate it, let it wait for a slot, or close."""
         source = source_prefix(address[0], 32, 64)
         if self.strangers.take(sock, source):
             return self.start(sock, address)
@@ -4344,8 +4333,7 @@ class PodGate:
         sock.close()
 
     def admit_waiting(self):
-        """In the loop, after a handshake gave its slot back: the waiting
-        connections that find a free slot start, oldest first."""
+        """In the loop, after a slot came free: the waiting that find one start, oldest first."""
         full = set()  # sources already without a free slot
         for entry in list(self.waiting):
             sock, address, source = entry
@@ -4368,7 +4356,7 @@ class PodGate:
 
     def authenticate(self, sock, address):
         """In the handshake thread: TLS, HELLO and the verdict; a welcome pod goes to the loop."""
-        peer, tls = "%s:%d" % address[:2], sock
+        peer, tls, welcomed = "%s:%d" % address[:2], sock, False
         try:
             sock.setblocking(True)
             sock.settimeout(self.settings.hello_timeout)
@@ -4382,36 +4370,29 @@ class PodGate:
             tls.settimeout(None)
             self.loop.call_soon_threadsafe(
                 lambda: self.attach(record, tls, peer, welcome, features))
+            welcomed = True
         except ProtocolError as exc:
             log.warning("pod refused pod=%s reason=%s", peer, exc)
-            self.close(tls)
         except (OSError, ValueError) as exc:
             log.info("pod handshake failed pod=%s reason=%s", peer, exc)
-            self.close(tls)
         finally:
-            self.leave_strangers(tls)
+            self.leave_strangers(tls)   # slots first: a displacement never meets a reused fd
             self.verified.leave(tls)
-
-    def close(self, sock):
-        """Leave the slots first: a displacement never meets a reused descriptor."""
-        self.leave_strangers(sock)
-        self.verified.leave(sock)
-        sock.close()
+            if not welcomed:
+                tls.close()
 
     def greet(self, tls):
-        """Read HELLO and check it against the client certificate: REJECT, or
-        (record, WELCOME object, the pod's features); Hub.attach sends the
-        WELCOME once the session is live, so a pod that reports "tunnel up"
-        already gets consumers."""
+        """Read HELLO and check it against the client certificate: REJECT, or (record, WELCOME,
+        the pod's features); Hub.attach sends the WELCOME once the session is live, so a pod
+        that reports "tunnel up" already gets consumers."""
         msg, _stream, payload = read_frame_blocking(
             tls, POD_SENDS, time.monotonic() + self.settings.hello_timeout)
         if msg != Msg.HELLO:
             raise ProtocolError("first frame is %s, not HELLO" % msg.name)
         hello = decode_control(payload)
-        record, reason, permanent = self.judge(tls, hello)
+        record, reason = self.judge(tls, hello)
         if reason:
-            tls.sendall(encode_control(Msg.REJECT, {"reason": reason, "permanent": permanent}))
-            tls.close()
+            refuse_greeted(tls, {"reason": reason, "permanent": True})
             raise ProtocolError(reason)
         features = hello.get("features")
         features = [f for f in features if isinstance(f, str)] if isinstance(features, list) else []
@@ -4426,29 +4407,29 @@ class PodGate:
             "http_port": self.settings.http_port, "https_port": self.settings.https_port}, features
 
     def judge(self, tls, hello):
-        """Return (record, refusal reason or None, whether the refusal is final)."""
+        """(record, None), or (None, why the pod is refused for good)."""
         if hello.get("kind") != "control":
-            return None, "first frame must name kind 'control'", True
+            return None, "first frame must name kind 'control'"
         if hello.get("version") != PROTOCOL_VERSION:
-            return None, ("protocol version %r not supported; this server speaks %d"
-                          % (hello.get("version"), PROTOCOL_VERSION)), True
+            return None, "protocol version %r not supported; this server speaks %d" % (
+                hello.get("version"), PROTOCOL_VERSION)
         der = tls.getpeercert(binary_form=True)
         record = self.store.by_cert(sha256_hex(der)) if der else None
         if record is None:
-            return None, REPLACED_OR_DELETED, True
+            return None, REPLACED_OR_DELETED
         if hello.get("tunnel") != record["id"]:
-            return None, "HELLO names another tunnel than the certificate", True
+            return None, "HELLO names another tunnel than the certificate"
         if tunnel_status(record) != "online":
-            return None, "tunnel %s expired" % record["fqdn"], True
+            return None, "tunnel %s expired" % record["fqdn"]
         if ssl.cert_time_to_seconds(tls.getpeercert().get("notAfter", "")) <= time.time():
-            return None, ("certificate of %s expired: renew it with `pipe2me_pod.py update`"
-                          % record["fqdn"]), True
+            return None, "certificate of %s expired: renew it with `pipe2me_pod.py update`" % (
+                record["fqdn"])
         left = traffic_left(record)
         if left is not None and left <= 0:
-            return None, "tunnel %s used up its traffic allowance" % record["fqdn"], True
+            return None, "tunnel %s used up its traffic allowance" % record["fqdn"]
         if not self.certs.admit(record, sha256_hex(der)):    # last: admitting retires older certs
-            return None, REPLACED_OR_DELETED, True
-        return record, None, False
+            return None, REPLACED_OR_DELETED
+        return record, None
 
 
 ACCEPT_BATCH = 64
@@ -4524,9 +4505,8 @@ class Hub:
         self.on_http_port_accept = None  # Fronts' handler for the ports of http services
 
     def attach(self, record, tls, peer, welcome, features=()):
-        """A pod passed the gate: it replaces any older session of its tunnel
-        and is welcomed (a pod refused here sees its greeting cut short);
-        a pod that accepts CERT frames gets its ACME state right after."""
+        """A pod passed the gate: it replaces any older session of its tunnel and is welcomed
+        (refused here, it sees its greeting cut short), then gets its ACME state."""
         current = self.store.get(record["id"])
         if not self.accepting or current is None or tunnel_status(current) != "online":
             tls.close()
@@ -4544,8 +4524,7 @@ class Hub:
                                           "tunnel from %s" % peer, "replaced_by": peer})
             old.destroy("replaced by a new connection from %s" % peer)
         session = self.sessions[record["id"]] = PodSession(self, current, tls, peer, features)
-        if self.presence is not None:
-            self.presence.connect(record["id"], peer)
+        self.presence.connect(record["id"], peer)
         session.send_control(Msg.WELCOME, welcome)
         log.info("pod connected tunnel=%s fqdn=%s pod=%s", record["id"], record["fqdn"], peer)
         self.push_cert(record["id"])
@@ -4562,21 +4541,20 @@ class Hub:
         """Forget a closed session (unless a newer one replaced it) and save its traffic."""
         if self.sessions.get(session.tunnel_id) is session:
             del self.sessions[session.tunnel_id]
-            if self.presence is not None:
-                self.presence.disconnect(session.tunnel_id)
+            self.presence.disconnect(session.tunnel_id)
         self.save_traffic(session)
 
     def save_traffic(self, session):
         """Write the session's unsaved byte counts to the store; kept in memory if that fails."""
         got_in, got_out = session.unsaved_traffic()
+        session.saved_in, session.saved_out = session.local_read_bytes, session.local_written_bytes
         try:
             self.store.add_traffic(session.tunnel_id, got_in, got_out)
         except OSError as exc:  # counted in memory; the next save of the tunnel writes them
             log.error("traffic not saved tunnel=%s error=%s", session.tunnel_id, exc.strerror)
 
     def stream_refusal(self, tunnel_id):
-        """Why a new stream to the tunnel cannot open now, as (HTTP status,
-        reason), or None."""
+        """Why a new stream to the tunnel cannot open now, as (HTTP status, reason), or None."""
         session = self.sessions.get(tunnel_id)
         if session is None or session.closed or session.draining:
             return 502, "the pod is not connected"
@@ -4587,10 +4565,9 @@ class Hub:
         return None
 
     def open_stream(self, tunnel_id, port, sock, address, ends_of=None):
-        """Carry a consumer socket to the tunnel's `port` service: the Stream,
-        or None (the socket is closed) if stream_refusal() says no. The OPEN
-        names the ends of `ends_of` (the consumer's socket when `sock` is the
-        HTTP front's socket pair), else of `sock`."""
+        """Carry a consumer socket to the tunnel's `port` service: the Stream, or None (the
+        socket closed) if stream_refusal() says no. The OPEN names the ends of `ends_of` (the
+        consumer's socket when `sock` is the HTTP front's socket pair), else of `sock`."""
         refusal = self.stream_refusal(tunnel_id)
         if refusal is not None:
             log.debug("consumer refused tunnel=%s from=%s reason=%s", tunnel_id, address[0],
@@ -4684,22 +4661,16 @@ class Hub:
         return sum(len(s.streams) for s in self.sessions.values())
 
     def unsaved_traffic(self, tunnel_id):
-        """(bytes in, bytes out) of the tunnel's live session not yet in the
-        store; read from API threads for /metrics, so it resets nothing."""
+        """(bytes in, bytes out) of the tunnel's live session not yet in the store (/metrics)."""
         session = self.sessions.get(tunnel_id)
-        if session is None:
-            return 0, 0
-        return (session.local_read_bytes - session.saved_in,
-                session.local_written_bytes - session.saved_out)
+        return (0, 0) if session is None else session.unsaved_traffic()
 
 
 def refuse_greeted(tls, reject):
     """REJECT a pod that passed the gate but is not attached, and close it."""
-    try:
+    with contextlib.suppress(OSError):
         tls.settimeout(1)
         tls.sendall(encode_control(Msg.REJECT, reject))
-    except OSError:
-        pass
     tls.close()
 
 
@@ -4711,9 +4682,6 @@ def stream_ends(sock, address):
     except OSError:
         return None
     return (plain_address(address[0]), address[1]), (plain_address(public[0]), public[1])
-
-
-# Log lines of refused or failed connections: a flood of them is summarised.
 
 # =====================================================================
 # FRONTS — where consumers arrive by name: the HTTP front (a reverse proxy

@@ -34,7 +34,7 @@ BUDGETS = {
         "CERTIFICATES":        445,
         "ACME":                632,
         "API":                 520,
-        "TUNNEL SESSIONS":     535,
+        "TUNNEL SESSIONS":     505,
         "FRONTS":              885,
         "REACHABILITY":        135,
         "DNS":                 610,

@@ -201,8 +201,7 @@ def test_safety_metrics_and_status_read_sessions_on_the_loop_thread(server_mod, 
         release.wait(10)
         for n in range(3):  # a stand-in for PodSession: what the counts read of one
             server.hub.sessions["tunnel-%d" % n] = types.SimpleNamespace(
-                streams={1: None, 2: None}, local_read_bytes=7, saved_in=0,
-                local_written_bytes=5, saved_out=0)
+                streams={1: None, 2: None}, unsaved_traffic=lambda: (7, 5))
 
     def read(name, page):
         answers[name] = page()
