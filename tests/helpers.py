@@ -227,6 +227,7 @@ class RawPod:
     def __init__(self, mod, tunnel_port, cacert, cert=None, key=None, source=None,
                  rcvbuf=None, max_tls=None, timeout=10.0, connected=None):
         self.mod = mod
+        self.send_timeout = timeout
         raw = connected or socket.socket()
         if connected is None:
             if rcvbuf:
@@ -250,8 +251,11 @@ class RawPod:
             self.sock, self.closed = raw, True
 
     def send(self, data):
-        """Send; False if the server has already closed the connection."""
+        """Send all of `data` within the send timeout; False if the server has
+        closed the connection (or took nothing for that long). Not within the
+        last receive's timeout: a sendall cut short leaves half a TLS record."""
         try:
+            self.sock.settimeout(self.send_timeout)
             self.sock.sendall(data)
             return True
         except (ssl.SSLError, OSError):
