@@ -2662,8 +2662,6 @@ class SigningLimited(Unavailable):
 class Leaf(collections.namedtuple("Leaf", "pem serial not_after")):
     """A certificate the CA issued: its PEM text, its serial (hex, as in issued/) and its end."""
 
-    __slots__ = ()
-
 
 # ---- CSR checks -------------------------------------------------------------
 # Whatever a CSR asks for, `openssl ca` as issue() calls it writes only the
@@ -2714,7 +2712,7 @@ def accepted_key(key_text):
     return kind
 
 
-# ---- certificates read back -------------------------------------------------------
+# ---- certificates and files read back ---------------------------------------------
 
 def cert_facts(pem):
     """(not_before, not_after, serial hex, authority key id hex or "", whether it is a CA) of
@@ -2744,13 +2742,6 @@ def pem_certificates(text):
                       text)
 
 
-def openssl_time(epoch):
-    """epoch as the YYYYMMDDHHMMSSZ form that `openssl ca -startdate/-enddate` takes."""
-    return time.strftime("%Y%m%d%H%M%SZ", time.gmtime(epoch))
-
-
-# ---- files --------------------------------------------------------------------
-
 def read_text(path, what):
     """The ASCII text of path, or UsageError naming what it was meant to be."""
     try:
@@ -2758,6 +2749,13 @@ def read_text(path, what):
             return handle.read().decode("ascii")
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError("cannot read %s %s: %s" % (what, path, exc)) from None
+
+
+# ---- the CA ---------------------------------------------------------------------
+
+def openssl_time(epoch):
+    """epoch as the YYYYMMDDHHMMSSZ form that `openssl ca -startdate/-enddate` takes."""
+    return time.strftime("%Y%m%d%H%M%SZ", time.gmtime(epoch))
 
 
 def ca_config(san, key_usage, extended_key_usage):
@@ -2775,8 +2773,6 @@ def ca_config(san, key_usage, extended_key_usage):
         "subjectAltName = " + san, "subjectKeyIdentifier = hash",
         "authorityKeyIdentifier = keyid"]) + "\n"
 
-
-# ---- the CA ---------------------------------------------------------------------
 
 class CertAuthority:
     """The server's CA, owning ca_dir: ca.key (0600), ca.pem and issued/<SERIAL>.pem (pods' leaves).
@@ -2942,11 +2938,9 @@ class CertAuthority:
         return {"version": 1, "names": [name.lower() for name in names], "ips": addresses, "ca": ca_id}
 
     def server_cert_reusable(self, record, key_path, cert_path):
-        """True if the certificate at cert_path matches record and has life left,
-        as its `.json` record (written when it was issued) says."""
+        """True if cert_path matches record and has life left, as its `.json` record says."""
         try:
-            with open(cert_path + ".json", "r", encoding="ascii") as handle:
-                stored = json.load(handle)
+            stored = read_json(cert_path + ".json")
             not_after = stored.pop("not_after")
         except (OSError, ValueError, KeyError, AttributeError):
             return False
@@ -2985,8 +2979,7 @@ class CertBook:
             raise
         fingerprint = sha256_hex(ssl.PEM_cert_to_DER_cert(leaf.pem))
         with self.lock:
-            current = self.store.get(record["id"]) or {}
-            listed = listed_certs(current)
+            listed = listed_certs(self.store.get(record["id"]) or {})
             kept = listed[:1] + (listed[1:] + [(fingerprint, leaf.serial)])[1 - CERT_KEEP:]
             try:
                 self.store.update(record["id"], cert_sha256=[fp for fp, _ in kept],
@@ -3001,8 +2994,7 @@ class CertBook:
         return leaf
 
     def take(self, tunnel_id, count=1):
-        """Charge count signings to the tunnel (-1 gives one back), or raise
-        SigningLimited with the seconds to wait."""
+        """Charge count signings to the tunnel (-1 gives one back), or SigningLimited."""
         if not self.per_hour:
             return
         now, rate = time.monotonic(), self.per_hour / 3600.0
@@ -3018,10 +3010,9 @@ class CertBook:
         """True if the certificate may open a session for record; its first session
         drops the tunnel's older certificates."""
         with self.lock:
-            current = self.store.get(record["id"]) or {}
-            listed = listed_certs(current)
-            position = [fp for fp, _ in listed].index(fingerprint) if any(
-                fp == fingerprint for fp, _ in listed) else -1
+            listed = listed_certs(self.store.get(record["id"]) or {})
+            fingerprints = [fp for fp, _ in listed]
+            position = fingerprints.index(fingerprint) if fingerprint in fingerprints else -1
             if position > 0:
                 kept = listed[position:]
                 self.store.update(record["id"], cert_sha256=[fp for fp, _ in kept],
@@ -3095,9 +3086,7 @@ def acme_problem(doc, where, retry_after_s=None):
 
 
 def b64url(data):
-    """Base64url without padding (RFC 8555 §6.1)."""
-    if isinstance(data, str):
-        data = data.encode()
+    """Bytes as base64url without padding (RFC 8555 §6.1)."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
@@ -3190,7 +3179,7 @@ class AcmeClient:
 
     # -- HTTP ---------------------------------------------------------
     def request(self, method, url, body=None):
-        """(status, headers, body bytes) of one HTTPS exchange; Unavailable if unreachable."""
+        """(status, answer, body bytes) of one HTTPS exchange; Unavailable if unreachable."""
         parts = urllib.parse.urlsplit(url)
         if parts.scheme != "https" or not parts.hostname:
             raise UsageError("ACME URL %s is not https" % url[:200])
@@ -3206,9 +3195,7 @@ class AcmeClient:
             raise Unavailable("ACME server %s unreachable: %s" % (parts.netloc, exc)) from None
         finally:
             conn.close()
-        nonce = answer.getheader("Replay-Nonce")
-        if nonce:
-            self.nonce = nonce
+        self.nonce = answer.getheader("Replay-Nonce") or self.nonce
         return answer.status, answer, data
 
     def directory(self):
@@ -3396,10 +3383,9 @@ class AcmeOrders:
     next try, chain), run one at a time by a worker thread so no order blocks the loop.
     New certificates (not renewals) are counted in STATE_DIR/acme/issued.json, per token too:
     past ACME_NEW_CERTS_PER_WEEK, or a token's ACME_NEW_CERTS_PER_TOKEN_PER_WEEK, an order
-    waits (queued) while other tokens' orders go on, so no tenant spends the week's
-    certificates. A refusal is retried after exponential backoff from ACME_RETRY, or the CA's
-    Retry-After if later. alive(key): is the job still wanted; on_change(key) (worker thread)
-    after each change. request(), status() and forget() are thread-safe."""
+    waits (queued) while other tokens' orders go on: no tenant spends the week's certificates.
+    alive(key): is the job still wanted; on_change(key), in the worker, after each change.
+    request(), status() and forget() are thread-safe."""
 
     def __init__(self, settings, client, challenger, alive, on_change):
         self.settings, self.client, self.challenger = settings, client, challenger
@@ -3408,7 +3394,6 @@ class AcmeOrders:
         self.jobs = {}
         self.cond = threading.Condition()
         self.stopping = False
-        self.thread = None
 
     @staticmethod
     def job_path(state_dir, key):
@@ -3429,8 +3414,7 @@ class AcmeOrders:
 
     def start(self):
         """Start the worker thread."""
-        self.thread = threading.Thread(target=self.run, name="acme", daemon=True)
-        self.thread.start()
+        threading.Thread(target=self.run, name="acme", daemon=True).start()
 
     def stop(self):
         """Let the worker end after the order it is running (if any)."""
@@ -3449,9 +3433,8 @@ class AcmeOrders:
         if known is not None and (known == csr_pem or same_public_key(known, csr_pem)):
             return
         with self.cond:
-            job = self.jobs.get(key)
-            job = dict(job or {}, version=1, key=key, fqdn=fqdn, csr=csr_pem, state="pending",
-                       reason=None, next_try_at=int(time.time()), attempts=0,
+            job = dict(self.jobs.get(key) or {}, version=1, key=key, fqdn=fqdn, csr=csr_pem,
+                       state="pending", reason=None, next_try_at=int(time.time()), attempts=0,
                        token_sha256=token_sha256)
             self.hold_rekey(job)
             self.jobs[key] = job
@@ -3612,8 +3595,7 @@ class AcmeOrders:
         return recent_times(data.get("issued"), now), {t: v for t, v in by_token.items() if v}
 
     def new_certificate_hold(self, token_sha256):
-        """(next try, reason) while the weekly limit or the token's share holds one
-        more new certificate back, else None."""
+        """(next try, reason) while the weekly limit or the token's share holds a new one back."""
         now = time.time()
         issued, by_token = self.recent_new_certificates(now)
         limit = self.settings.acme_new_certs_per_week
