@@ -168,17 +168,15 @@ CONTROL_ESCAPES.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
 
 
 def printable(text, limit=300):
-    """Peer text (any object, as str) made safe for a log line, a header or a
-    page: its first `limit` characters, ASCII, with control characters and
-    everything beyond printable ASCII escaped (\\n, \\x1b, \\u2028)."""
+    """Peer text (any object, as str) made safe for a log line, a header or a page: its
+    first `limit` characters, ASCII, all else escaped (\\n, \\x1b, \\u2028)."""
     return str(text)[:limit].encode("unicode_escape").decode("ascii")
 
 
 def is_hostname(name, underscores=False):
-    """True for dot-separated LDH labels (1-63 characters, no hyphen at either
-    end), HOSTNAME_MAX_CHARS at most; underscores=True also lets labels hold
-    '_', as LAN names may. Only such names may reach an openssl -subj, a file
-    or a header: no '/', ',', '=', space, quote or newline passes."""
+    """True for dot-separated LDH labels (1-63 characters, no hyphen at either end),
+    HOSTNAME_MAX_CHARS at most; underscores=True also lets labels hold '_', as LAN
+    names may. Only such names reach an openssl -subj, a file or a header."""
     label = LAN_NAME_LABEL if underscores else HOSTNAME_LABEL
     return (isinstance(name, str) and 0 < len(name) <= HOSTNAME_MAX_CHARS
             and all(label.fullmatch(part) for part in name.split(".")))
@@ -186,13 +184,10 @@ def is_hostname(name, underscores=False):
 
 def write_atomic(path, data, mode=0o644, durable=True):
     """Replace `path` by `data` (bytes or str) with file mode `mode`, so that a
-    crash leaves the old or the new content, whole.
-
-    The temporary file is created with mode 0600, so a secret is never
-    readable by others, not even for a moment; it is fsynced, renamed over
-    `path`, then the directory is fsynced. durable=False skips the fsyncs (for
-    files rewritten often and worthless after a crash, on a router's flash).
-    Raises OSError, with the temporary file removed."""
+    crash leaves the old or the new content, whole. The temporary file is made
+    0600, so a secret is never readable by others, not even for a moment.
+    durable=False skips the fsyncs (for files rewritten often and worthless
+    after a crash, on a router's flash). OSError leaves no temporary file."""
     if isinstance(data, str):
         data = data.encode("utf-8")
     directory = os.path.dirname(os.path.abspath(path))
@@ -218,16 +213,12 @@ def write_atomic(path, data, mode=0o644, durable=True):
 def fsync_dir(directory):
     """Make a rename in `directory` durable; a file system that cannot fsync a
     directory is let be (the rename still happened)."""
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def run_openssl(args, input_bytes=None, cwd=None, merge_stderr=False):
@@ -237,8 +228,8 @@ def run_openssl(args, input_bytes=None, cwd=None, merge_stderr=False):
     empty (so a passphrase prompt can never hang); merge_stderr=True returns
     stderr interleaved with stdout, for the few commands that report only
     there. A missing openssl is a UsageError naming the package; a timeout
-    (OPENSSL_TIMEOUT_S) or a failure to start it is Unavailable; a non-zero
-    exit is OpensslFailed (an Unavailable) with openssl's last stderr line."""
+    (OPENSSL_TIMEOUT_S) or a failure to start it is Unavailable; a non-zero exit
+    is OpensslFailed with openssl's last stderr line (where it puts the error)."""
     import subprocess  # here, not at the top: the pod's `start` never runs openssl (RSS)
     argv = ["openssl"] + [str(arg) for arg in args]
     stdin = {"input": input_bytes} if input_bytes is not None else {"stdin": subprocess.DEVNULL}
@@ -246,26 +237,17 @@ def run_openssl(args, input_bytes=None, cwd=None, merge_stderr=False):
         done = subprocess.run(argv, cwd=cwd, stdout=subprocess.PIPE, timeout=OPENSSL_TIMEOUT_S,
                               stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
                               check=False, **stdin)
-    except FileNotFoundError as exc:
-        if exc.filename == "openssl":
-            raise UsageError("the openssl command was not found: " + OPENSSL_PACKAGE_HINT) from None
-        raise Unavailable("cannot run openssl %s: %s" % (argv[1], exc)) from None
     except subprocess.TimeoutExpired:
         raise Unavailable("openssl %s did not finish within %s s" % (argv[1], OPENSSL_TIMEOUT_S)) from None
     except OSError as exc:
+        if isinstance(exc, FileNotFoundError) and exc.filename == "openssl":
+            raise UsageError("the openssl command was not found: " + OPENSSL_PACKAGE_HINT) from None
         raise Unavailable("cannot run openssl %s: %s" % (argv[1], exc)) from None
     if done.returncode != 0:
-        raise OpensslFailed("openssl %s failed (exit %d): %s"
-                            % (argv[1], done.returncode, last_line(done.stderr or done.stdout)))
+        lines = (done.stderr or done.stdout).decode("utf-8", "replace").splitlines()
+        last = next((line.strip()[:300] for line in reversed(lines) if line.strip()), "no message")
+        raise OpensslFailed("openssl %s failed (exit %d): %s" % (argv[1], done.returncode, last))
     return done.stdout
-
-
-def last_line(output):
-    """The last non-blank line of a command's output (where openssl puts the
-    actual error), at most 300 characters."""
-    lines = [line.strip() for line in output.decode("utf-8", "replace").splitlines()]
-    lines = [line for line in lines if line]
-    return lines[-1][:300] if lines else "no message"
 
 
 def iso_time(epoch):

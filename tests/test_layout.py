@@ -23,7 +23,7 @@ BUDGETS = {
     "pipe2me_server.py": {
         "FILE":                7960,
         "PREAMBLE":            105,
-        "SHARED base":         185,
+        "SHARED base":         165,
         "SETTINGS":            276,
         "HELPERS":             234,
         "SHARED protocol":     215,
@@ -45,7 +45,7 @@ BUDGETS = {
     "pipe2me_pod.py": {
         "FILE":                4445,
         "PREAMBLE":            90,
-        "SHARED base":         180,
+        "SHARED base":         165,
         "SETTINGS":            75,
         "HELPERS":             80,
         "SHARED protocol":     215,
