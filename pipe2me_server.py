@@ -995,16 +995,11 @@ SOCKET_GONE = (ConnectionError, TimeoutError, OSError)
 
 
 class EventLoop:
-    """A selectors loop with timers and a thread-safe call_soon.
-
-    Callbacks must not block. watch() registers, changes or (events=0)
-    unregisters a socket; the callback receives the event mask. With a
-    `log`, an exception from a callback ends only the connection it belongs
-    to (see contain()); without one it propagates out of run().
-
-    `buffered` counts the bytes that wait in every Stream of this loop for
-    their local socket; past `buffer_budget` the Muxes that produce them
-    stop reading their peer (see Mux.press())."""
+    """A selectors loop with timers and a thread-safe call_soon; callbacks must not
+    block. With a `log`, an exception from a callback ends only the connection it
+    belongs to (contain()); without one it propagates out of run(). `buffered` counts
+    the bytes that wait in this loop's Streams for their local socket; past
+    `buffer_budget` the Muxes that produce them stop reading (Mux.note_buffered)."""
 
     def __init__(self, log=None, buffer_budget=MAX_BUFFERED_BYTES, stall_s=BUFFER_STALL_S):
         self.log = log
@@ -1012,7 +1007,7 @@ class EventLoop:
         self.crashes = 0          # callbacks that raised, for the metrics
         self.buffered = 0
         self.buffer_budget = buffer_budget
-        self.stall_s = stall_s    # under pressure, a reader that took nothing this long is reset
+        self.stall_s = stall_s
         self.pressed = set()      # Muxes holding their reads back for the budget
         self.holders = set()      # Muxes with bytes in `buffered`
         self.pressure_timer = None
@@ -1038,8 +1033,9 @@ class EventLoop:
         self.inbox_view = memoryview(self.inbox)
 
     def watch(self, sock, events, callback=None):
-        """Called on every change of interest: a system call only when the
-        events or the callback really change (bound methods compare equal)."""
+        """Register, change or (events=0) unregister `sock`; callback(mask) runs when it
+        is ready. Called on every change of interest: a system call only when the events
+        or the callback really change (bound methods compare equal)."""
         current = self.interest.get(sock)
         if current is None:
             if events:
@@ -1048,8 +1044,7 @@ class EventLoop:
         elif not events:
             self.selector.unregister(sock)
             del self.interest[sock]
-        elif current != (events, callback or current[1]):
-            callback = callback or current[1]
+        elif current != (events, callback):
             self.selector.modify(sock, events, callback)
             self.interest[sock] = (events, callback)
 
@@ -1076,7 +1071,7 @@ class EventLoop:
             pass
 
     def run(self):
-        """Serve until stop(); exceptions from callbacks propagate (they are bugs)."""
+        """Serve until stop()."""
         self.running = True
         while self.running:
             self.run_once()
@@ -1114,11 +1109,10 @@ class EventLoop:
                     self.contain(handle.callback, exc)
 
     def contain(self, callback, exc, crash=None):
-        """A callback raised: a bug, or input nobody foresaw. As socketserver
-        does, end only the connection it belongs to (`crash`, by default its
-        owner's crash() if the callback is a method of one), log one line (the
-        traceback at debug level), count it, and serve on. Never raises, also
-        in a process out of descriptors."""
+        """A callback raised: a bug, or input nobody foresaw. As socketserver does, end
+        only the connection it belongs to (`crash`, by default its owner's crash()), log
+        one line (the traceback at debug level), count it and serve on. Never raises,
+        also in a process out of descriptors."""
         if self.log is None:
             raise exc
         self.crashes += 1
@@ -1159,8 +1153,7 @@ class EventLoop:
                 mux.release()
 
     def on_pressure_tick(self):
-        """While the buffer budget is reached: once a second, reap stalled connections and
-        relieve."""
+        """Once a second while the budget is reached: reap stalled readers, relieve."""
         self.pressure_timer = None
         if not self.pressed:
             return
@@ -1186,11 +1179,8 @@ class Timer:
 
 
 class Stream:
-    """One consumer connection carried over a Mux.
-
-    Promises: the socket is read only with credit and an uncongested Mux; at
-    most STREAM_WINDOW_BYTES wait in `pending`; destroy() is idempotent and
-    closes the socket and forgets the stream."""
+    """One consumer connection carried over a Mux: its socket is read only with credit
+    and an uncongested Mux, and at most STREAM_WINDOW_BYTES wait in `pending`."""
 
     __slots__ = ("mux", "id", "sock", "connecting", "credit", "unacked", "delivered", "pending",
                  "pending_bytes", "read_closed", "peer_eof", "write_closed", "last_active",
@@ -1455,12 +1445,9 @@ class Stream:
 
 
 class Mux:
-    """The multiplexed tunnel connection on either side.
-
-    `receives` is the set of frame types the peer may send. Owners override
-    on_open() (pod), on_control() (stream-0 frames) and on_closed(). destroy()
-    is idempotent: it closes every stream and the connection, then calls
-    on_closed(reason) once."""
+    """The multiplexed tunnel connection on either side; `receives` is the set of frame
+    types the peer may send. Owners override the hooks at the end (on_open() on the
+    pod, on_control(), on_closed() ...); destroy() calls on_closed(reason) once."""
 
     def __init__(self, loop, sock, receives, log, heartbeat_s=HEARTBEAT_INTERVAL_S):
         self.loop, self.sock, self.log = loop, sock, log
@@ -1482,7 +1469,6 @@ class Mux:
         self.buffered = 0              # bytes in this Mux's Streams waiting for local sockets
         self.buffer_budget = loop.buffer_budget  # the owner may set a smaller one
         self.connect_timeout_s = LOCAL_CONNECT_TIMEOUT_S  # ... and another connect timeout
-        self.pongs_dropped = 0
         self.scratch, self.scratch_view = loop.scratch, loop.scratch_view  # shared, see EventLoop
         self.inbox, self.inbox_view = loop.inbox, loop.inbox_view
         sock.setblocking(False)
@@ -1589,7 +1575,23 @@ class Mux:
                 break
         pending = getattr(self.sock, "pending", None)
         if not self.closed and not self.reading_paused and pending and pending():
-            self.loop.call_later(0, lambda: self.closed or self.on_readable())
+            self.loop.call_later(0, self.on_readable)
+
+    def read_batch(self):
+        """Fill the inbox with what has arrived (a TLS read returns one record,
+        so many reads make one batch and few local writes); (size, eof reason)."""
+        view, size = self.inbox_view, 0
+        while size < len(view):
+            try:
+                got = self.sock.recv_into(view[size:])
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                return size, None
+            except SOCKET_GONE as exc:
+                return size, "receive failed: %s" % exc
+            if not got:
+                return size, "connection closed by peer"
+            size += got
+        return size, None
 
     def pause_reading(self, seconds):
         """A rate cap: stop reading the peer for a while (writes go on)."""
@@ -1615,66 +1617,6 @@ class Mux:
         self.reading_paused = False
         self.flush()
         self.on_readable()
-
-    # -- the buffer budget ---------------------------------------------
-    def note_buffered(self, delta):
-        """Bytes waiting in this Mux's Streams changed by `delta`. Past this
-        Mux's or the loop's budget, the peer (who produces them) is no longer
-        read; the loop lets it read again below half of both (EventLoop.relieve)."""
-        loop = self.loop
-        was_empty = not self.buffered
-        self.buffered += delta
-        loop.buffered += delta
-        if delta > 0:
-            if was_empty:
-                loop.holders.add(self)
-            if not self.pressure_hold and (self.buffered > self.buffer_budget
-                                           or loop.buffered > loop.buffer_budget):
-                self.press()
-        else:
-            if not self.buffered:
-                loop.holders.discard(self)
-            if loop.pressed:
-                loop.relieve()
-
-    def press(self):
-        """The loop's buffer budget is reached: hold reads until the loop relieves it."""
-        self.log.debug("reads held back, buffer budget reached buffered=%d total=%d",
-                       self.buffered, self.loop.buffered)
-        self.pressure_hold = True
-        self.loop.press(self)
-        self.hold_reads()
-
-    def release(self):
-        """Called by the loop, possibly inside a Stream's write: resume on a timer."""
-        self.loop.pressed.discard(self)
-        self.pressure_hold = False
-        self.loop.call_later(0, self.resume_reading)
-
-    def reap_stalled(self, now, stall_s=BUFFER_STALL_S):
-        """Under pressure: reset the streams whose local socket took nothing
-        for stall_s (a reader that does not read), so the budget serves others."""
-        for stream in [s for s in self.streams.values()
-                       if s.pending and now - s.drained_at > stall_s]:
-            self.log.info("stream reset, reader stalled under buffer pressure stream=%d bytes=%d",
-                          stream.id, stream.pending_bytes)
-            stream.abort("reader stalled for %g s while the buffer budget was used up" % stall_s)
-
-    def read_batch(self):
-        """Fill the inbox with what has arrived (a TLS read returns one record,
-        so many reads make one batch and few local writes); (size, eof reason)."""
-        view, size = self.inbox_view, 0
-        while size < len(view):
-            try:
-                got = self.sock.recv_into(view[size:])
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-                return size, None
-            except SOCKET_GONE as exc:
-                return size, "receive failed: %s" % exc
-            if not got:
-                return size, "connection closed by peer"
-            size += got
-        return size, None
 
     def dispatch(self, msg, stream_id, payload):
         """Hand one frame to its stream, to on_frame_0 or to on_open_frame."""
@@ -1706,10 +1648,8 @@ class Mux:
     def on_frame_0(self, msg, payload):
         """A frame on stream 0: answer PING, ignore PONG, the rest to on_control()."""
         if msg == Msg.PING:
-            if len(self.out) <= CONTROL_REPLY_LIMIT_BYTES:
+            if len(self.out) <= CONTROL_REPLY_LIMIT_BYTES:  # else the peer reads no replies
                 self.queue(Msg.PONG, 0, payload)  # sent once per batch (on_readable)
-            else:  # the peer does not read what it asks for: no reply
-                self.pongs_dropped += 1
         elif msg == Msg.PONG:
             pass  # any frame counts as a sign of life
         else:
@@ -1741,6 +1681,46 @@ class Mux:
             return stream.abort("internal error")
         return self.send(Msg.RESET, stream_id, b"internal error")
 
+    # -- the buffer budget ---------------------------------------------
+    def note_buffered(self, delta):
+        """Bytes waiting in this Mux's Streams changed by `delta`. Past this
+        Mux's or the loop's budget, the peer (who produces them) is no longer
+        read; the loop lets it read again below half of both (EventLoop.relieve)."""
+        loop = self.loop
+        was_empty = not self.buffered
+        self.buffered += delta
+        loop.buffered += delta
+        if delta > 0:
+            if was_empty:
+                loop.holders.add(self)
+            if not self.pressure_hold and (self.buffered > self.buffer_budget
+                                           or loop.buffered > loop.buffer_budget):
+                self.log.debug("reads held back, buffer budget reached buffered=%d total=%d",
+                               self.buffered, loop.buffered)
+                self.pressure_hold = True
+                loop.press(self)
+                self.hold_reads()
+        else:
+            if not self.buffered:
+                loop.holders.discard(self)
+            if loop.pressed:
+                loop.relieve()
+
+    def release(self):
+        """Called by the loop, possibly inside a Stream's write: resume on a timer."""
+        self.loop.pressed.discard(self)
+        self.pressure_hold = False
+        self.loop.call_later(0, self.resume_reading)
+
+    def reap_stalled(self, now, stall_s):
+        """Under pressure: reset the streams whose local socket took nothing
+        for stall_s (a reader that does not read), so the budget serves others."""
+        for stream in [s for s in self.streams.values()
+                       if s.pending and now - s.drained_at > stall_s]:
+            self.log.info("stream reset, reader stalled under buffer pressure stream=%d bytes=%d",
+                          stream.id, stream.pending_bytes)
+            stream.abort("reader stalled for %g s while the buffer budget was used up" % stall_s)
+
     # -- streams -------------------------------------------------------
     def add_stream(self, stream_id, sock, connecting=False):
         """Carry `sock` as stream `stream_id` over this connection."""
@@ -1767,7 +1747,7 @@ class Mux:
     def fail(self, reason):
         """The peer broke the protocol: say why, then close."""
         self.log.warning("protocol error: %s", reason)
-        self.send(Msg.GOAWAY, 0, json.dumps({"reason": reason}).encode())
+        self.send_control(Msg.GOAWAY, {"reason": reason})
         self.destroy("protocol error: %s" % reason)
 
     def crash(self, exc):
