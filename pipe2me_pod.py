@@ -467,11 +467,10 @@ def decode_open(payload):
     family, size = OPEN_FAMILIES.get(payload[2] if len(payload) > 2 else 0, (None, 0))
     if family is None or len(payload) != 3 + 2 * (size + U16.size):
         raise ProtocolError("bad OPEN payload of %d bytes" % len(payload))
-    ends = []
-    for start in (3, 3 + size + U16.size):
-        ip = socket.inet_ntop(family, bytes(payload[start:start + size]))
-        ends.append((ip, U16.unpack_from(payload, start + size)[0]))
-    return U16.unpack_from(payload)[0], ends[0], ends[1]
+    consumer, public = [(socket.inet_ntop(family, bytes(payload[start:start + size])),
+                         U16.unpack_from(payload, start + size)[0])
+                        for start in (3, 3 + size + U16.size)]
+    return U16.unpack_from(payload)[0], consumer, public
 # A pod's RESET reason for a local service it cannot reach starts with one of
 # these; the server's HTTP front answers 504 for the first, 503 for the other
 # (text from older pods: 504 if it says "timed out", else 503).
@@ -505,14 +504,10 @@ def decode_control(payload):
 
 
 class FrameDecoder:
-    """Splits a byte stream into frames.
-
-    frames(data) yields (msg, stream, payload) for what `data` completes.
-    DATA payloads are passed on as they arrive (cut-through), possibly in
-    several pieces, as memoryviews valid only until the next call; other
-    frames come whole, as bytes. It buffers at most one control frame, raises
-    ProtocolError for an unknown type or an oversized frame and never raises
-    anything else."""
+    """Splits a byte stream into frames. DATA payloads pass on as they arrive
+    (cut-through), maybe in pieces, as memoryviews valid only until the next call;
+    other frames come whole, as bytes. At most one control frame is buffered; an
+    unknown type or an oversized frame is a ProtocolError, nothing else raises."""
 
     def __init__(self, allowed):
         self.allowed = allowed
