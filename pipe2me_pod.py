@@ -1420,9 +1420,9 @@ class Mux:
         pass
 # ---- END SHARED relay ----
 # ---- BEGIN SHARED process (identical in pipe2me_server.py and pipe2me_pod.py) ----
-# How the long-running commands start: as many descriptors as allowed, and
-# the compiled code handed to a fresh interpreter (used by main() only);
-# and the service definitions that start them at boot (`service`).
+# How the long-running commands start: as many descriptors as allowed, the
+# compiled code handed to a fresh interpreter (used by main() only), the service
+# definitions that start them at boot (`service`) and the lock on the pid file.
 
 def raise_open_file_limit():
     """Let the relay hold as many sockets as allowed: soft limit up to the hard one."""
@@ -1431,7 +1431,6 @@ def raise_open_file_limit():
     if soft != resource.RLIM_INFINITY and soft < wanted:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 # Python keeps, for the life of a process, most of the memory its compiler
@@ -1506,7 +1505,6 @@ def run_from_compiled_code(environment=None):
         os.close(fd)
 
 
-# Both programs print service definitions (`service`) that start them at boot.
 SERVICE_RESTART_DELAY_S = 5          # between a failed run and the next
 
 def systemd_quote(word):
@@ -1561,10 +1559,9 @@ def sysv_verbs(name, stop_wait_s, more_verbs, usage):
 
 
 def lock_pid_file(path, mode):
-    """Hold an exclusive lock on `path` (created with `mode`) for the life of
-    the process, with our PID written in it: the open descriptor, or None
-    when another process holds it (lock_holder_pid() names it). OSError if
-    the file cannot be opened."""
+    """Hold an exclusive lock on `path` (created with `mode`), our PID written in it,
+    for the life of the process: the open descriptor, or None when another process
+    holds it (lock_holder_pid() names it). OSError if it cannot be opened."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, mode)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
