@@ -12,6 +12,7 @@ consumers on 127.0.0.1 (or inside network namespaces this file creates).
 Every process is stopped by its PID; every wait is for a condition with a
 deadline. Figures measured on the way are printed (run with -s to see them)."""
 
+import contextlib
 import datetime
 import errno
 import hashlib
@@ -1130,16 +1131,23 @@ def pending_connection(listener):
         return bool(selector.select(0))
 
 
+@contextlib.contextmanager
+def silent_server():
+    """(listening socket, environment for a pod dialing it): a server that
+    takes connections into its backlog and never answers them."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        yield silent, dict(os.environ, PIPE2ME_TUNNEL="127.0.0.1:%d" % silent.getsockname()[1])
+
+
 @pytest.mark.slow
 def test_faults_pod_sigterm_while_connecting_exits_0_at_once(server, workdir):
     """A pod whose server does not answer (the TLS handshake hangs) has nothing
     to drain: SIGTERM ends it at once, not after the handshake deadline."""
     pod_dir = os.path.join(workdir, "pod")
     setup_pod(server, pod_dir, "tcp", [free_port()])
-    with socket.socket() as silent:                 # listens, never accepts, never answers
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(8)
-        env = dict(os.environ, PIPE2ME_TUNNEL="127.0.0.1:%d" % silent.getsockname()[1])
+    with silent_server() as (silent, env):
         pod = Proc([sys.executable, POD, "--dir", pod_dir, "start"], workdir, "pod", env=env)
         try:
             wait_until(lambda: pending_connection(silent), timeout=10,
@@ -1158,10 +1166,7 @@ def test_faults_pod_gives_up_on_a_silent_server_after_its_hello_timeout(server, 
     after `start --hello-timeout` seconds (here 1, default 10), to dial again."""
     pod_dir = os.path.join(workdir, "pod")
     setup_pod(server, pod_dir, "tcp", [free_port()])
-    with socket.socket() as silent:                 # listens, never accepts, never answers
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(8)
-        env = dict(os.environ, PIPE2ME_TUNNEL="127.0.0.1:%d" % silent.getsockname()[1])
+    with silent_server() as (silent, env):
         pod = Proc([sys.executable, POD, "--dir", pod_dir, "start", "--hello-timeout", "1"],
                    workdir, "pod", env=env)
         try:

@@ -135,15 +135,21 @@ def test_state_unique_token_spent_when_killed_right_after_creation(workdir):
 
 # ---- tunnels per token -------------------------------------------------------------------------
 
-def test_state_unique_token_use_not_written_leaves_no_tunnel(tmp_path, server_mod):
-    """A single-use token whose use cannot be written to used_tokens.json
-    creates nothing: no tunnel file, its ports free again, the token unspent."""
-    ports = free_port_range(2)
+def loaded_store(server_mod, tmp_path, ports):
+    """(settings, Store) of a fresh state dir under tmp_path handing out `ports`."""
     settings = server_mod.load_settings(flags={
         "STATE_DIR": str(tmp_path / "state"), "LISTEN_ADDRESS": "127.0.0.1",
         "TUNNEL_PORTS": "%d..%d" % (ports[0], ports[-1])}, environ={})
     store = server_mod.Store(settings)
     store.load()
+    return settings, store
+
+
+def test_state_unique_token_use_not_written_leaves_no_tunnel(tmp_path, server_mod):
+    """A single-use token whose use cannot be written to used_tokens.json
+    creates nothing: no tunnel file, its ports free again, the token unspent."""
+    ports = free_port_range(2)
+    settings, store = loaded_store(server_mod, tmp_path, ports)
     os.makedirs(store.used_path)  # a directory in its place: the atomic write fails
     options = {"lifespan": 3600, "unique": True, "max_traffic": 0, "rate": 0}
     with pytest.raises(OSError):
@@ -161,11 +167,7 @@ def test_state_tunnel_deleted_while_the_sweep_expires_it(tmp_path, server_mod):
     between finding it due and counting it off its token (a sweep that
     raises is never scheduled again)."""
     ports = free_port_range(1)
-    settings = server_mod.load_settings(flags={
-        "STATE_DIR": str(tmp_path / "state"), "LISTEN_ADDRESS": "127.0.0.1",
-        "TUNNEL_PORTS": "%d..%d" % (ports[0], ports[-1])}, environ={})
-    store = server_mod.Store(settings)
-    store.load()
+    settings, store = loaded_store(server_mod, tmp_path, ports)
     options = {"lifespan": 1, "unique": False, "max_traffic": 0, "rate": 0}
     record, _secret = store.create("some-token", options, ["tcp"], now=time.time() - 10)
     deleter = threading.Thread(target=store.delete, args=(record["id"],), daemon=True)
