@@ -764,8 +764,7 @@ class EventLoop:
 
     # -- the buffer budget ------------------------------------------------
     def press(self, mux):
-        """`mux` holds its reads back; while any does, stalled readers are
-        looked for once a second (on_pressure_tick)."""
+        """`mux` holds its reads back; meanwhile stalled readers are reaped once a second."""
         self.pressed.add(mux)
         if self.pressure_timer is None:
             self.pressure_timer = self.call_later(1.0, self.on_pressure_tick)
@@ -796,8 +795,7 @@ class Timer:
         self.when, self.callback, self.cancelled = when, callback, False
 
     def cancel(self):
-        """The callback is dropped at once: what it refers to is released now,
-        not when the timer would have fired."""
+        """Drop the callback now: what it refers to is released at once, not when due."""
         self.cancelled = True
         self.callback = None
 
@@ -1413,11 +1411,9 @@ class Mux:
 
     def on_stream_closed(self, stream):
         """May be overridden: `stream` was destroyed."""
-        pass
 
     def on_closed(self, reason):
         """May be overridden: the connection is closed, for `reason`."""
-        pass
 # ---- END SHARED relay ----
 # ---- BEGIN SHARED process (identical in pipe2me_server.py and pipe2me_pod.py) ----
 # How the long-running commands start: as many descriptors as allowed, the
