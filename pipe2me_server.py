@@ -106,8 +106,6 @@ HOSTNAME_MAX_CHARS = 253
 HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 LAN_NAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")  # names on a LAN may hold '_'
 OPENSSL_TIMEOUT_S = 60
-OPENSSL_PACKAGE_HINT = ("install the package 'openssl' (Debian/Ubuntu) "
-                        "or 'openssl-util' (OpenWrt)")
 
 
 class Pipe2meError(Exception):
@@ -241,7 +239,8 @@ def run_openssl(args, input_bytes=None, cwd=None, merge_stderr=False):
         raise Unavailable("openssl %s did not finish within %s s" % (argv[1], OPENSSL_TIMEOUT_S)) from None
     except OSError as exc:
         if isinstance(exc, FileNotFoundError) and exc.filename == "openssl":
-            raise UsageError("the openssl command was not found: " + OPENSSL_PACKAGE_HINT) from None
+            raise UsageError("the openssl command was not found: install the package "
+                             "'openssl' (Debian/Ubuntu) or 'openssl-util' (OpenWrt)") from None
         raise Unavailable("cannot run openssl %s: %s" % (argv[1], exc)) from None
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).decode("utf-8", "replace").splitlines()
