@@ -2357,9 +2357,12 @@ def ssdp_location(data, sender):
         name, _, value = line.partition(":")
         if name.strip().lower() == "location":
             url = value.strip()
-            parts = urllib.parse.urlsplit(url)
-            # A LAN host may answer too: only trust a description on the answering host.
-            if parts.scheme == "http" and parts.hostname == sender:
+            try:  # any LAN host may answer, also with a URL that does not parse
+                parts = urllib.parse.urlsplit(url)
+                trusted = parts.scheme == "http" and parts.hostname == sender
+            except ValueError:
+                trusted = False
+            if trusted:  # only a description on the answering host
                 return url
     return None
 

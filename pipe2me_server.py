@@ -3028,8 +3028,9 @@ def acme_problem(doc, where, retry_after_s=None):
     """The AcmeProblem, one line, of a problem document (RFC 7807) met `where`."""
     doc = doc if isinstance(doc, dict) else {}
     kind = str(doc.get("type", ""))
-    kind = kind[len(ACME_ERROR_PREFIX):] if kind.startswith(ACME_ERROR_PREFIX) else kind
-    detail = re.sub(r"[\x00-\x1f\x7f]+", " ", str(doc.get("detail", "")))[:300]
+    kind = printable(kind[len(ACME_ERROR_PREFIX):] if kind.startswith(ACME_ERROR_PREFIX) else kind,
+                     100)
+    detail = printable(re.sub(r"[\x00-\x1f\x7f]+", " ", str(doc.get("detail", ""))))
     return AcmeProblem("ACME %s (%s): %s" % (kind or "error", where, detail or "no detail"),
                        kind, retry_after_s)
 
@@ -4746,7 +4747,8 @@ def parse_head(head, start_line):
     lines = [line[:-1] if line.endswith(b"\r") else line for line in head.split(b"\n")]
     match = start_line.fullmatch(lines[0])
     if match is None:
-        raise BadMessage("malformed start line")
+        raise BadMessage("malformed %s line" % ("request" if start_line is REQUEST_LINE
+                                                else "status"))
     fields = []
     for line in lines[1:]:
         if line[:1] in (b" ", b"\t"):

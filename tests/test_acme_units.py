@@ -55,6 +55,16 @@ def test_acme_problem_document_becomes_a_one_line_reason(server_mod):
     assert isinstance(problem, server_mod.Unavailable)
 
 
+def test_acme_problem_text_from_the_ca_is_escaped(server_mod):
+    """The CA's type and detail reach log lines and the pod: line and page
+    separators beyond C0 (NEL, U+2028) and escapes arrive escaped."""
+    doc = {"type": "urn:ietf:params:acme:error:bad\u2028kind\x1b[31m",
+           "detail": "one\x85two\u2028three"}
+    reason = str(server_mod.acme_problem(doc, "order invalid"))
+    assert reason.isascii() and "\x1b" not in reason and "\u2028" not in reason, reason
+    assert "one\\x85two\\u2028three" in reason, reason
+
+
 def orders_with(server_mod, window, tmp_path):
     client = types.SimpleNamespace(renewal_window=lambda serial, aki: window)
     settings = types.SimpleNamespace(state_dir=str(tmp_path))

@@ -273,6 +273,16 @@ def test_portmap_upnp_refuses_control_url_on_another_host(fake_igd):
     assert FakeIgd.calls == []
 
 
+def test_portmap_ssdp_answer_with_a_url_that_does_not_parse_is_ignored():
+    """Any LAN host may answer an M-SEARCH: a LOCATION urlsplit refuses is
+    no answer (it used to end `map-ports` and the renewal thread)."""
+    answer = (b"HTTP/1.1 200 OK\r\nLOCATION: http://[127.0.0.1/rootDesc.xml\r\n"
+              b"ST: urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n\r\n")
+    assert pm.ssdp_location(answer, "127.0.0.1") is None
+    good = answer.replace(b"[127.0.0.1", b"127.0.0.1:5000")
+    assert pm.ssdp_location(good, "127.0.0.1") == "http://127.0.0.1:5000/rootDesc.xml"
+
+
 def test_portmap_upnp_fault_becomes_clear_error(fake_igd):
     FakeIgd.description = IGD_DESCRIPTION.format(base=fake_igd).encode()
     FakeIgd.soap = staticmethod(lambda action, body: soap_fault(718, "ConflictInMappingEntry"))
