@@ -2814,8 +2814,9 @@ class PodMux(Mux):
         self.fallbacks = {}  # stream id -> addresses of its target still to try
         self.resolving = {}  # stream id -> frames that came while its target's name resolves
         self.draining = False
-        super().__init__(runner.loop, sock, SERVER_SENDS, log,
-                         float(welcome.get("heartbeat_interval_s") or HEARTBEAT_INTERVAL_S))
+        beat = welcome.get("heartbeat_interval_s")  # the server sends whole seconds, 1 or more
+        beat = beat if isinstance(beat, (int, float)) and 1 <= beat < 1e9 else HEARTBEAT_INTERVAL_S
+        super().__init__(runner.loop, sock, SERVER_SENDS, log, float(beat))
         self.connect_timeout_s = runner.connect_timeout_s
 
     def on_open(self, stream_id, port, consumer=None, public=None):
