@@ -1827,7 +1827,8 @@ def install_chain(files, chain):
 
     A directory from before ACME first keeps its server-CA certificate as
     the tunnel cert, so the tunnel connection goes on authenticating."""
-    if not isinstance(chain, str) or not chain.startswith("-----BEGIN CERTIFICATE-----"):
+    if not (isinstance(chain, str) and chain.isascii()  # PEM; a lone surrogate has no UTF-8
+            and chain.startswith("-----BEGIN CERTIFICATE-----")):
         return False
     current = read_text(files.cert)
     if current == chain:
@@ -3206,7 +3207,9 @@ class PodRunner:
     # -- the publicly trusted certificate (CERT frames) -------------------
     def on_cert(self, obj):
         """The server's ACME state for this tunnel: a new chain is installed and the hook run."""
-        self.acme = {key: obj.get(key) for key in ("state", "reason", "next_try_at", "not_after")}
+        self.acme = {key: obj.get(key) if key in ("state", "reason") or type(obj.get(key)) is int
+                     and 0 <= obj[key] < 2 ** 40 else None  # times `status` can print, or None
+                     for key in ("state", "reason", "next_try_at", "not_after")}
         try:
             if take_acme(self.files, obj):
                 self.run_cert_hook()

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import POD, Proc, free_port, setup_pod, wait_until
+from conftest import POD, Proc, free_port, run_pod, setup_pod, wait_until
 
 
 class FakeTunnelPort:
@@ -110,3 +110,36 @@ def test_hostile_server_welcome_with_a_heartbeat_of_no_use(hostile, beat):
                                                                      fake.greeted))
     assert pod.alive() and "Traceback" not in pod.stderr(), pod.stderr()[-3000:]
     assert used < 0.3 and fake.greeted == 1, pod.stderr()[-3000:]
+
+
+def cert_frames(*frames):
+    """A script: WELCOME, then a CERT frame with each of `frames`."""
+    def script(mod, tls):
+        welcome(mod, tls)
+        for acme in frames:
+            tls.sendall(mod.encode_control(mod.Msg.CERT, acme))
+    return script
+
+
+def test_hostile_server_cert_chain_no_file_can_hold(hostile):
+    """A chain that is not UTF-8 text (a lone surrogate, as JSON may carry):
+    refused, the session goes on to the next CERT frame (it was ended and
+    dialed again at once, forever)."""
+    fake, pod = hostile(cert_frames({"state": "valid", "chain": "-----BEGIN CERTIFICATE-----\ud800"},
+                                    {"state": "pending", "reason": "next frame"}))
+    pod.wait_for(r"acme certificate not issued state=pending reason=next frame"
+                 r"|internal error contained|Traceback", timeout=20)
+    assert fake.greeted == 1 and "internal error" not in pod.stderr(), pod.stderr()[-3000:]
+
+
+@pytest.mark.parametrize("when", ["soon", 1e20, float("nan"), [1]])
+def test_hostile_server_cert_times_that_are_no_time(hostile, workdir, when):
+    """not_after and next_try_at that are no epoch second: `status` still
+    answers (time.gmtime() took them from the status file)."""
+    fake, pod = hostile(cert_frames({"state": "pending", "reason": "odd times", "not_after": when,
+                                     "next_try_at": when}))
+    pod.wait_for(r"acme certificate not issued state=pending reason=odd times", timeout=20)
+    status = os.path.join(workdir, "pod", "pipe2me.status.json")
+    wait_until(lambda: "odd times" in open(status).read(), timeout=10, what="the status file")
+    done = run_pod(os.path.join(workdir, "pod"), "status")
+    assert "Traceback" not in done.stderr and "ACME=pending" in done.stdout, done.stderr
