@@ -2,6 +2,7 @@
 here (TLS with the real server's certificate) answers the pod's HELLO with
 what each test chooses. The pod must log, drop the session and dial again;
 no answer of the server may end the process."""
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import time
 
 import pytest
 
+from helpers import api
 from conftest import POD, Proc, free_port, run_pod, setup_pod, wait_until
 
 
@@ -143,3 +145,78 @@ def test_hostile_server_cert_times_that_are_no_time(hostile, workdir, when):
     wait_until(lambda: "odd times" in open(status).read(), timeout=10, what="the status file")
     done = run_pod(os.path.join(workdir, "pod"), "status")
     assert "Traceback" not in done.stderr and "ACME=pending" in done.stdout, done.stderr
+
+
+class FakeApi:
+    """An HTTP API on 127.0.0.1 answering every request with `answer(method, path)`:
+    (status, JSON object)."""
+
+    def __init__(self, answer):
+        import http.server
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            """One request: the answer the test chose."""
+
+            def answer_it(self):
+                """Read the body, send the chosen answer."""
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                status, obj = answer(self.command, self.path)
+                body = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            do_GET = do_POST = do_PATCH = do_DELETE = answer_it
+
+            def log_message(self, *_):
+                """Quiet."""
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:%d" % self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        """Stop serving."""
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def api_pod(server, workdir, pod_mod):
+    """serve(answer): a pod of `server` whose settings now name a FakeApi;
+    yields (pod dir, the tunnel object the real server has)."""
+    pod_dir = os.path.join(workdir, "pod")
+    setup_pod(server, pod_dir, "tcp", [free_port()])
+    info = pod_mod.parse_inc(open(os.path.join(pod_dir, pod_mod.INFO_FILE)).read(), "info")
+    tunnel = api(server, "GET", "/tunnels/" + info["PIPE2ME_ID"], secret=info["PIPE2ME_SECRET"]).json()
+    fakes = []
+
+    def serve(answer):
+        fake = FakeApi(answer)
+        fakes.append(fake)
+        local = os.path.join(pod_dir, pod_mod.LOCAL_FILE)
+        values = pod_mod.parse_inc(open(local).read(), "local")
+        values["PIPE2ME_SERVER"] = fake.url
+        with open(local, "w") as handle:
+            handle.write(pod_mod.format_inc(values))
+        return fake
+    yield pod_dir, tunnel, serve
+    for fake in fakes:
+        fake.close()
+
+
+@pytest.mark.parametrize("field, value", [("urls", ["tcp://x:1\nPIPE2ME_ID='a"]),
+                                          ("tunnel_domain", "pipe2.localhost\n"),
+                                          ("proxy_protocol", "v1\r")])
+def test_hostile_server_update_with_a_line_break_in_a_setting(api_pod, field, value):
+    """A tunnel object whose URL, tunnel domain or proxy protocol holds a line
+    break: `update` refuses it and the settings file stays readable (it was
+    written, and every command after, `clear` too, ended on a quote the
+    file's next line did not close)."""
+    pod_dir, tunnel, serve = api_pod
+    serve(lambda method, path: (200, dict(tunnel, **{field: value})))
+    done = run_pod(pod_dir, "update")
+    print("\nupdate: %d %s" % (done.returncode, done.stderr.strip()[-300:]))
+    after = run_pod(pod_dir, "env")
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert after.returncode == 0, after.stderr
