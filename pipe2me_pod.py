@@ -3964,9 +3964,10 @@ def cmd_check(args):
     spelling of the same), ADDRESS, TIME."""
     setup = read_setup(PodFiles(args.dir))
     answer = api_for_setup(setup).check(setup.id, check_facts(setup, args.router))
-    direct = answer.get("status") == "direct"
+    direct, checked = answer.get("status") == "direct", answer.get("checked_at")
     print_fields(("STATUS", "online" if direct else "offline"),
-                 ("ADDRESS", answer.get("address", "")), ("TIME", iso_time(answer.get("checked_at"))),
+                 ("ADDRESS", printable(answer.get("address", ""), 100)),
+                 ("TIME", iso_time(checked) if type(checked) is int and 0 <= checked < 2 ** 40 else ""),
                  ("REACH", "direct" if direct else "relayed"),
                  ("CGNAT", "yes" if answer.get("cgnat") else None))
     if not direct:
@@ -4148,7 +4149,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         code, message = EXIT_INTERRUPTED, "interrupted"
     if not silent:
-        sys.stderr.write("pipe2me: %s\n" % message)
+        sys.stderr.write("pipe2me: %s\n" % message.translate(CONTROL_ESCAPES))  # peer text too
     return code
 
 

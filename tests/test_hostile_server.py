@@ -220,3 +220,26 @@ def test_hostile_server_update_with_a_line_break_in_a_setting(api_pod, field, va
     after = run_pod(pod_dir, "env")
     assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
     assert after.returncode == 0, after.stderr
+
+
+@pytest.mark.parametrize("when", ["soon", 1e20, [1]])
+def test_hostile_server_check_answer_with_a_time_that_is_no_time(api_pod, when):
+    """`check`'s checked_at that is no epoch second: TIME is left empty, not a
+    traceback; the address is printed with its controls escaped."""
+    pod_dir, _tunnel, serve = api_pod
+    serve(lambda method, path: (200, {"status": "direct", "address": "192.0.2.1\x1b[2J",
+                                      "checked_at": when}))
+    done = run_pod(pod_dir, "check")
+    assert "Traceback" not in done.stderr and "REACH=direct" in done.stdout, done.stderr
+    assert "ADDRESS=192.0.2.1\\x1b[2J\n" in done.stdout, done.stdout
+
+
+def test_hostile_server_error_text_reaches_the_terminal_escaped(api_pod):
+    """The server's `error` for a refused call is shown with its controls escaped:
+    no terminal sequence of the server's reaches the user's terminal."""
+    pod_dir, _tunnel, serve = api_pod
+    serve(lambda method, path: (403, {"error": "refused\x1b]0;owned\x07\x1b[2J"}))
+    done = run_pod(pod_dir, "update")
+    print("\nupdate: %d %r" % (done.returncode, done.stderr))
+    assert done.returncode == 4 and "refused" in done.stderr, done.stderr
+    assert "\x1b" not in done.stderr and "\x07" not in done.stderr, done.stderr
