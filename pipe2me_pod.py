@@ -2415,6 +2415,7 @@ def upnp_fetch(request, timeout_s, what, action=None):
     *_proxy settings, no redirects (a router has no reason to redirect: a 3xx
     becomes an HTTPError)."""
     request_module, error_module, ElementTree = upnp_modules()
+    from http.client import HTTPException  # a bad status line, a URL it refuses: no OSError
 
     class NoRedirect(request_module.HTTPRedirectHandler):
         def redirect_request(self, *args, **kwargs):
@@ -2428,7 +2429,7 @@ def upnp_fetch(request, timeout_s, what, action=None):
         if action:
             raise soap_fault(e.read(UPNP_MAX_BODY_BYTES), action) from None
         raise PortMapError("UPnP %s failed: %s" % (what, e)) from None
-    except OSError as e:  # urllib's URLError included
+    except (OSError, HTTPException) as e:  # urllib's URLError included
         raise PortMapError("UPnP %s failed: %s" % (what, e)) from None
     except ElementTree.ParseError as e:
         raise PortMapError("UPnP %s is not XML: %s" % (what, e)) from None
@@ -2447,13 +2448,16 @@ def upnp_find_service(location, timeout_s=PORTMAP_TIMEOUT_S):
             fields = xml_fields(element)
             found.setdefault(fields.get("serviceType"), fields.get("controlURL"))
     host = urllib.parse.urlsplit(location).hostname
-    for service_type in UPNP_SERVICE_TYPES:
-        if found.get(service_type):
-            control_url = urllib.parse.urljoin(base, found[service_type])
-            if urllib.parse.urlsplit(control_url).hostname != host:
-                raise PortMapError("UPnP device %s points its control URL elsewhere (%s)"
-                                   % (location, control_url))
-            return UpnpService(control_url, service_type, location)
+    try:  # as for an SSDP answer: the router's XML may hold a URL that does not parse
+        for service_type in UPNP_SERVICE_TYPES:
+            if found.get(service_type):
+                control_url = urllib.parse.urljoin(base, found[service_type])
+                if urllib.parse.urlsplit(control_url).hostname != host:
+                    raise PortMapError("UPnP device %s points its control URL elsewhere (%s)"
+                                       % (location, control_url))
+                return UpnpService(control_url, service_type, location)
+    except ValueError as e:
+        raise PortMapError("UPnP device %s: its control URL does not parse (%s)" % (location, e)) from None
     raise PortMapError("UPnP device %s offers no WAN connection service" % location)
 
 

@@ -9,6 +9,7 @@ Python 3.8 when this machine has it, then check from "wan" that the
 router really forwards. Those need root (they skip otherwise).
 """
 
+import contextlib
 import glob
 import http.server
 import json
@@ -281,6 +282,78 @@ def test_portmap_ssdp_answer_with_a_url_that_does_not_parse_is_ignored():
     assert pm.ssdp_location(answer, "127.0.0.1") is None
     good = answer.replace(b"[127.0.0.1", b"127.0.0.1:5000")
     assert pm.ssdp_location(good, "127.0.0.1") == "http://127.0.0.1:5000/rootDesc.xml"
+
+
+class RawHttp:
+    """A TCP server on 127.0.0.1 that answers every connection with `answer`
+    bytes and closes: a LAN host that speaks broken HTTP."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        """Read the request's first bytes, answer, close."""
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    conn.recv(65536)
+                    conn.sendall(self.answer)
+
+
+NOT_HTTP = b"SSH-2.0-OpenSSH_9.6\r\n"
+
+
+def test_portmap_upnp_broken_http_from_a_lan_host_is_a_port_map_error():
+    """Any LAN host may answer SSDP: a status line http.client cannot read (an
+    HTTPException, not an OSError) is a PortMapError, not an exception that
+    ends `map-ports` or the renewal thread of `start`."""
+    raw = RawHttp(NOT_HTTP)
+    service = pm.UpnpService(raw.url + "/ctl", "urn:schemas-upnp-org:service:WANIPConnection:1",
+                             raw.url + "/rootDesc.xml")
+    with pytest.raises(pm.PortMapError):
+        pm.upnp_find_service(raw.url + "/rootDesc.xml", timeout_s=2)
+    with pytest.raises(pm.PortMapError):
+        pm.upnp_map(service, "192.168.1.10", 8100, 10000, 600, "pipe2me x", 2)
+    raw.listener.close()
+
+
+@pytest.mark.parametrize("control_url", ["/ctl/IP Conn", "http://[::1/ctl", "//[bad/ctl"])
+def test_portmap_upnp_control_url_urllib_cannot_use_is_a_port_map_error(fake_igd, control_url):
+    """A description whose control URL has a space, or a bracket urljoin
+    refuses: a PortMapError (InvalidURL and ValueError got out)."""
+    FakeIgd.description = IGD_DESCRIPTION.format(base=fake_igd).replace(
+        "ctl/IPConn", control_url).encode()
+    FakeIgd.soap = staticmethod(lambda action, body: soap_ok(
+        action.strip('"').split("#")[1], "<NewExternalIPAddress>10.9.8.7</NewExternalIPAddress>"))
+    with pytest.raises(pm.PortMapError):
+        pm.upnp_external_address(pm.upnp_find_service(fake_igd + "/rootDesc.xml", timeout_s=2), 2)
+
+
+def test_portmap_keeper_renewal_goes_on_after_a_router_http_cannot_read(tmp_path):
+    """The renewal thread of `start` against a router whose saved control URL
+    answers broken HTTP: logged, and the next try is scheduled (the thread
+    ended on the exception and the mappings were never renewed again)."""
+    raw = RawHttp(NOT_HTTP)
+    state = {"version": 1, "fqdn": FQDN, "method": "upnp", "gateway": "127.0.0.1",
+             "used": "upnp", "external_address": "203.0.113.7", "lease_end": 0,
+             "mappings": [[8100, 10000]], "lifetime_s": 600,
+             "upnp": [raw.url + "/ctl", "urn:schemas-upnp-org:service:WANIPConnection:1",
+                      raw.url + "/rootDesc.xml"]}
+    keeper = pm.PortMapKeeper(str(tmp_path), state)
+    keeper.mapper.gateway, keeper.mapper.timeout_s = "127.0.0.1", 1.0
+    keeper.mapper.upnp = pm.UpnpService(*state["upnp"])
+    keeper.loop = pm.EventLoop()
+    keeper.renew_in_thread()
+    assert len(keeper.loop.soon) == 1   # the retry, scheduled
+    raw.listener.close()
 
 
 def test_portmap_upnp_fault_becomes_clear_error(fake_igd):
