@@ -3137,13 +3137,17 @@ class PodRunner:
                     self.closed_reason = str(exc)
                     self.wait_before_retry(exc)
                     continue
-                self.failures = self.displaced = 0
+                self.displaced, began = 0, time.monotonic()
                 self.session = PodMux(self, tls, welcome)
                 self.up_since = time.time()
                 log.info("tunnel up fqdn=%s server=%s", welcome.get("fqdn"), self.endpoint())
                 log_public_urls(self.setup.fqdn, self.setup.urls, welcome)
                 self.write_status()
                 self.loop.run()
+                if time.monotonic() - began >= self.reconnect_delay_s:
+                    self.failures = 0
+                elif not (self.stop_requested or self.final_reason or self.displaced_by):
+                    self.wait_before_retry(self.closed_reason)  # a server ending each session at once
         except StopSignal:
             log.info("stopped while connecting")
         return 0

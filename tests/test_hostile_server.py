@@ -243,3 +243,18 @@ def test_hostile_server_error_text_reaches_the_terminal_escaped(api_pod):
     print("\nupdate: %d %r" % (done.returncode, done.stderr))
     assert done.returncode == 4 and "refused" in done.stderr, done.stderr
     assert "\x1b" not in done.stderr and "\x07" not in done.stderr, done.stderr
+
+
+def test_hostile_server_that_ends_each_session_at_once_is_dialed_with_backoff(hostile):
+    """WELCOME, then the connection closed: each such session counts as a failed
+    connect, so the pod backs off (it dialed again at once, ~300 handshakes a
+    second at 80% CPU, for as long as the server did so)."""
+    def script(mod, tls):
+        welcome(mod, tls)
+        raise OSError("closed after WELCOME")
+    fake, pod = hostile(script)
+    pod.wait_for(r"tunnel up", timeout=20)
+    time.sleep(2.0)  # a window to count dials in, not a wait for a condition
+    print("\ndials in 2 s: %d" % fake.greeted)
+    assert fake.greeted <= 12 and pod.alive(), pod.stderr()[-3000:]
+    assert "tunnel connect failed attempt=3 " in pod.stderr(), pod.stderr()[-3000:]
