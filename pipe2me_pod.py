@@ -2804,6 +2804,8 @@ STATUS_FILE = "pipe2me.status.json"
 STATUS_INTERVAL_S = 2.0
 STOP_GRACE_S = 10.0                   # default of `start --stop-grace`
 HOOK_TIMEOUT_S = 300                  # `start --on-cert-change CMD` may take this long
+HOOK_RUNNING = threading.Lock()       # hooks run one at a time; one waits, to run after
+HOOK_WAITING = threading.BoundedSemaphore(1)  # the one running (and see the latest certificate)
 POD_MAX_BUFFERED_BYTES = 32 * 1024 * 1024  # bytes held for local services that read slowly
 MAX_LOOKUPS = 16                      # names of local targets being resolved at once (threads)
 LOOKUP_SLOTS = threading.BoundedSemaphore(MAX_LOOKUPS)  # held by each running lookup thread
@@ -3231,7 +3233,7 @@ class PodRunner:
 
     def run_cert_hook(self):
         """`start --on-cert-change CMD`, in a thread, after pipe2me.openssl.cert changed."""
-        if self.on_cert_change:
+        if self.on_cert_change and HOOK_WAITING.acquire(blocking=False):  # else one waits
             threading.Thread(target=run_hook, args=(self.on_cert_change,), daemon=True).start()
 
     def check_chain_end(self):
@@ -3276,12 +3278,14 @@ class PodRunner:
 def run_hook(command):
     """Run `start --on-cert-change CMD` through /bin/sh; its exit status is logged."""
     import subprocess  # only when a hook runs: `start` stays small otherwise
-    try:
-        done = subprocess.run(["/bin/sh", "-c", command], stdin=subprocess.DEVNULL,
-                              timeout=HOOK_TIMEOUT_S, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        log.warning("on-cert-change hook failed reason=%s", exc)
-        return
+    with HOOK_RUNNING:
+        HOOK_WAITING.release()  # from here on, a change gets a run after this one
+        try:
+            done = subprocess.run(["/bin/sh", "-c", command], stdin=subprocess.DEVNULL,
+                                  timeout=HOOK_TIMEOUT_S, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("on-cert-change hook failed reason=%s", exc)
+            return
     log.info("on-cert-change hook ran status=%d", done.returncode)
 
 

@@ -77,11 +77,11 @@ def hostile(server, workdir, pod_mod):
     setup_pod(server, pod_dir, "tcp", [free_port()])
     made = []
 
-    def start(script):
+    def start(script, *extra):
         fake = FakeTunnelPort(pod_mod, server.state_dir, script)
         env = dict(os.environ, PIPE2ME_TUNNEL="127.0.0.1:%d" % fake.port)
-        pod = Proc([sys.executable, POD, "--dir", pod_dir, "start", "--reconnect-delay", "0.05"],
-                   workdir, "pod", env=env)
+        pod = Proc([sys.executable, POD, "--dir", pod_dir, "start", "--reconnect-delay", "0.05"]
+                   + list(extra), workdir, "pod", env=env)
         made.append((fake, pod))
         return fake, pod
     yield start
@@ -258,3 +258,21 @@ def test_hostile_server_that_ends_each_session_at_once_is_dialed_with_backoff(ho
     print("\ndials in 2 s: %d" % fake.greeted)
     assert fake.greeted <= 12 and pod.alive(), pod.stderr()[-3000:]
     assert "tunnel connect failed attempt=3 " in pod.stderr(), pod.stderr()[-3000:]
+
+
+def test_hostile_server_cert_flood_runs_the_hook_once_more_not_once_each(hostile, workdir):
+    """40 CERT frames whose chains alternate (the same certificate, with and
+    without a last newline): the --on-cert-change hook runs one at a time, and
+    once more after it for the changes that came meanwhile (it ran once per
+    frame, 39 shells at once for as long as the server went on)."""
+    pod_dir, ran = os.path.join(workdir, "pod"), os.path.join(workdir, "hook-runs")
+    chain = open(os.path.join(pod_dir, "pipe2me.openssl.cert")).read()
+    fake, pod = hostile(cert_frames(*({"state": "valid", "chain": chain + "\n" * (i % 2)}
+                                      for i in range(40))),
+                        "--on-cert-change", "echo $$ >> %s; sleep 0.5" % ran)
+    runs = lambda: len(open(ran).read().split()) if os.path.exists(ran) else 0
+    wait_until(lambda: pod.stderr().count("on-cert-change hook ran") >= 2 or runs() > 2,
+               timeout=20, what="two hook runs")
+    time.sleep(1.0)  # a window for more runs, not a wait for a condition
+    print("\nhook runs for 40 CERT frames: %d" % runs())
+    assert runs() == 2 and fake.greeted == 1, pod.stderr()[-3000:]

@@ -54,7 +54,7 @@ BUDGETS = {
         "POD FILES":           305,
         "SERVER API CLIENT":   250,
         "ROUTER PORT MAPPING": 650,
-        "TUNNEL CLIENT":       590,
+        "TUNNEL CLIENT":       595,
         "ECHO SERVICES":       115,
         "COMMANDS":            535,
         "CLI":                 150,
