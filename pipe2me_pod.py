@@ -2083,8 +2083,8 @@ class ApiClient:
         answer = self.call_json("POST", "/tunnels/%s/cert" % tunnel_id,
                                 {"csr": csr_pem}, auth=True)[1]
         cert = answer.get("cert")
-        if not isinstance(cert, str) or "-----BEGIN CERTIFICATE-----" not in cert:
-            raise Rejected("bad answer from %s: no certificate" % self.base_url)
+        if not isinstance(cert, str) or not cert.isascii() or "-----BEGIN CERTIFICATE-----" not in cert:
+            raise Rejected("bad answer from %s: no certificate" % self.base_url)  # PEM is ASCII
         return cert
 
     def extend(self, tunnel_id, token):

@@ -276,3 +276,15 @@ def test_hostile_server_cert_flood_runs_the_hook_once_more_not_once_each(hostile
     time.sleep(1.0)  # a window for more runs, not a wait for a condition
     print("\nhook runs for 40 CERT frames: %d" % runs())
     assert runs() == 2 and fake.greeted == 1, pod.stderr()[-3000:]
+
+
+def test_hostile_server_update_signs_with_a_certificate_no_file_can_hold(api_pod):
+    """A certificate answer that is not ASCII (a lone surrogate): `update` ends
+    with one line, not a UnicodeEncodeError traceback."""
+    pod_dir, tunnel, serve = api_pod
+    renewed = dict(tunnel, expires_at=tunnel["expires_at"] + 86400)  # a change: `update` signs
+    serve(lambda method, path: (200, {"cert": "-----BEGIN CERTIFICATE-----\ud800"}
+                                if path.endswith("/cert") else renewed))
+    done = run_pod(pod_dir, "update")
+    print("\nupdate: %d %r" % (done.returncode, done.stderr[-300:]))
+    assert done.returncode == 4 and "Traceback" not in done.stderr, done.stderr
