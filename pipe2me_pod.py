@@ -3935,13 +3935,13 @@ def cmd_status(args):
         ("STREAMS", "%d" % (status.get("streams", 0) if running else 0)),
         ("BYTES_IN", "%d" % status.get("bytes_in", 0)),
         ("BYTES_OUT", "%d" % status.get("bytes_out", 0)),
-        ("LAST_ERROR", shlex.quote(last_error) if last_error else None))
+        ("LAST_ERROR", shlex.quote(printable(last_error)) if last_error else None))
     acme = status.get("acme")
     if isinstance(acme, dict):  # the server uses ACME: the publicly trusted certificate's state
         print_fields(
-            ("ACME", shlex.quote(str(acme.get("state")))),
+            ("ACME", shlex.quote(printable(acme.get("state")))),  # peer text, as in a log line
             ("ACME_NOT_AFTER", iso_time(acme["not_after"]) if acme.get("not_after") else None),
-            ("ACME_REASON", shlex.quote(str(acme.get("reason") or ""))
+            ("ACME_REASON", shlex.quote(printable(acme.get("reason") or ""))
              if acme.get("state") != "valid" or acme.get("reason") else None),
             ("ACME_NEXT_TRY", iso_time(acme["next_try_at"]) if acme.get("next_try_at") else None))
     return 0 if connected else 3

@@ -288,3 +288,17 @@ def test_hostile_server_update_signs_with_a_certificate_no_file_can_hold(api_pod
     done = run_pod(pod_dir, "update")
     print("\nupdate: %d %r" % (done.returncode, done.stderr[-300:]))
     assert done.returncode == 4 and "Traceback" not in done.stderr, done.stderr
+
+
+def test_hostile_server_cert_state_text_reaches_status_escaped(hostile, workdir):
+    """The ACME state and reason of a CERT frame, with a terminal sequence and
+    a lone surrogate: `status` prints them escaped (stdout refused the
+    surrogate with a UnicodeEncodeError traceback; ESC reached the terminal)."""
+    fake, pod = hostile(cert_frames({"state": "odd\x1b[2J", "reason": "why\ud800\x1b]0;x\x07"}))
+    pod.wait_for(r"acme certificate not issued state=odd", timeout=20)
+    status = os.path.join(workdir, "pod", "pipe2me.status.json")
+    wait_until(lambda: "why" in open(status).read(), timeout=10, what="the status file")
+    done = run_pod(os.path.join(workdir, "pod"), "status")
+    print("\nstatus: %r %r" % (done.stdout, done.stderr[-300:]))
+    assert "Traceback" not in done.stderr and "ACME_REASON=" in done.stdout, done.stderr
+    assert "\x1b" not in done.stdout and "\x07" not in done.stdout, done.stdout
