@@ -1786,12 +1786,12 @@ def check_tunnel(tunnel, need_secret=False):
     try:
         ok = (ID_PATTERN.match(tunnel["id"]) and is_hostname(tunnel["fqdn"]) and "." in tunnel["fqdn"]
               and len(tunnel["urls"]) == len(tunnel["ports"]) == len(tunnel["protocols"]) > 0
-              and all(isinstance(url, str) for url in tunnel["urls"])
+              and all(isinstance(url, str) and urllib.parse.urlsplit(url).port for url in tunnel["urls"])
               and all(str(text).isprintable() for text in tunnel["urls"] + [  # one line each in the .inc
                   tunnel.get(key, "") for key in ("tunnel_domain", "proxy_protocol", "secret")])
               and isinstance(tunnel["tunnel_port"], int) and isinstance(tunnel["expires_at"], int)
               and (not need_secret or isinstance(tunnel["secret"], str) and tunnel["secret"]))
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, ValueError):  # ValueError: a URL's port out of range
         ok = False
     if not ok:
         raise Rejected("bad tunnel object from the server: is it a pipe2me server of protocol %d?"

@@ -222,6 +222,17 @@ def test_hostile_server_update_with_a_line_break_in_a_setting(api_pod, field, va
     assert after.returncode == 0, after.stderr
 
 
+@pytest.mark.parametrize("url", ["tcp://x.example:99999", "tcp://x.example:http", "tcp://x.example"])
+def test_hostile_server_update_with_a_url_without_a_port(api_pod, url):
+    """A URL with no port, or one out of range: `update` refuses it (it was
+    written, and every `start` after ended in a ValueError traceback)."""
+    pod_dir, tunnel, serve = api_pod
+    serve(lambda method, path: (200, dict(tunnel, urls=[url])))
+    done = run_pod(pod_dir, "update")
+    assert done.returncode == 4 and "bad tunnel object" in done.stderr, done.stderr
+
+
+
 @pytest.mark.parametrize("when", ["soon", 1e20, [1]])
 def test_hostile_server_check_answer_with_a_time_that_is_no_time(api_pod, when):
     """`check`'s checked_at that is no epoch second: TIME is left empty, not a
