@@ -2504,8 +2504,8 @@ def upnp_external_address(service, timeout_s=PORTMAP_TIMEOUT_S):
     `check` finds out), and the connection need not be "Connected"."""
     address = upnp_call(service, "GetExternalIPAddress", (), timeout_s).get(
         "NewExternalIPAddress", "")
-    try:
-        socket.inet_aton(address)
+    try:  # in its dotted form: glibc's inet_aton also takes "1.2.3.4 <anything>"
+        address = socket.inet_ntoa(socket.inet_aton(address))
     except OSError:
         address = ""
     if not address or address == "0.0.0.0":

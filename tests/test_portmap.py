@@ -391,6 +391,18 @@ def test_portmap_upnp_private_or_empty_external_address(fake_igd):
         pm.upnp_external_address(service, 2)
 
 
+def test_portmap_upnp_external_address_with_text_after_it(fake_igd):
+    """glibc's inet_aton takes '1.2.3.4' followed by a space and anything: the
+    address is kept in its dotted form alone, so no text of a LAN host (here a
+    C1 CSI, which XML allows) reaches map-ports' EXTERNAL_ADDRESS, the port map
+    file or the server's check."""
+    FakeIgd.description = IGD_DESCRIPTION.format(base=fake_igd).encode()
+    service = pm.upnp_find_service(fake_igd + "/rootDesc.xml", timeout_s=2)
+    FakeIgd.soap = staticmethod(lambda action, body: soap_ok(
+        "GetExternalIPAddress", "<NewExternalIPAddress>10.9.8.7 \x9b2J</NewExternalIPAddress>"))
+    assert pm.upnp_external_address(service, 2) == "10.9.8.7"
+
+
 def test_portmap_mapper_rolls_back_when_router_gives_other_port(fake_natpmp):
     def answer(request, n):
         if request[:2] == b"\x00\x00":
