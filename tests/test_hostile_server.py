@@ -313,3 +313,23 @@ def test_hostile_server_cert_state_text_reaches_status_escaped(hostile, workdir)
     print("\nstatus: %r %r" % (done.stdout, done.stderr[-300:]))
     assert "Traceback" not in done.stderr and "ACME_REASON=" in done.stdout, done.stderr
     assert "\x1b" not in done.stdout and "\x07" not in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("frame", [
+    lambda mod: mod.encode_control(mod.Msg.WELCOME, {}),             # a second WELCOME
+    lambda mod: mod.encode_frame(mod.Msg.CERT, 0, b"\xff not JSON"),  # a control frame no JSON
+    lambda mod: mod.encode_control(mod.Msg.CERT, {"chain": ["-----BEGIN CERTIFICATE-----"],
+                                                 "not_after": "x", "state": {"a": 1}}),
+])
+def test_hostile_server_odd_control_frames_end_only_the_session(hostile, frame):
+    """A control frame the pod cannot use after WELCOME: a protocol error (or
+    nothing) for that session alone, logged in one line, no traceback and no
+    contained internal error; the pod dials again."""
+    def script(mod, tls):
+        welcome(mod, tls)
+        tls.sendall(frame(mod))
+        tls.sendall(mod.encode_control(mod.Msg.GOAWAY, {"reason": "done"}))
+    fake, pod = hostile(script)
+    wait_until(lambda: fake.greeted >= 2 or not pod.alive(), timeout=20, what="a second dial")
+    assert pod.alive() and "Traceback" not in pod.stderr(), pod.stderr()[-3000:]
+    assert "internal error" not in pod.stderr(), pod.stderr()[-3000:]
