@@ -1789,7 +1789,8 @@ def check_tunnel(tunnel, need_secret=False):
               and all(isinstance(url, str) and urllib.parse.urlsplit(url).port for url in tunnel["urls"])
               and all(str(text).isprintable() for text in tunnel["urls"] + [  # one line each in the .inc
                   tunnel.get(key, "") for key in ("tunnel_domain", "proxy_protocol", "secret")])
-              and isinstance(tunnel["tunnel_port"], int) and isinstance(tunnel["expires_at"], int)
+              and all(type(p) is int and 0 < p < 65536 for p in tunnel["ports"] + [tunnel["tunnel_port"]])
+              and isinstance(tunnel["expires_at"], int)
               and (not need_secret or isinstance(tunnel["secret"], str) and tunnel["secret"]))
     except (KeyError, TypeError, ValueError):  # ValueError: a URL's port out of range
         ok = False

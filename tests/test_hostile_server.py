@@ -333,3 +333,24 @@ def test_hostile_server_odd_control_frames_end_only_the_session(hostile, frame):
     wait_until(lambda: fake.greeted >= 2 or not pod.alive(), timeout=20, what="a second dial")
     assert pod.alive() and "Traceback" not in pod.stderr(), pod.stderr()[-3000:]
     assert "internal error" not in pod.stderr(), pod.stderr()[-3000:]
+
+
+@pytest.mark.parametrize("ports", [[0], ["0,1"], [70000], [True]])
+def test_hostile_server_setup_with_ports_that_are_no_ports(server, workdir, ports):
+    """A tunnel object whose ports are no TCP port numbers (without --local-ports
+    they become the local ports): `setup` refuses it and leaves no setup (it
+    exited 0, and every command after, `clear` too, refused the settings file)."""
+    tunnel = {"id": "abc123", "fqdn": "a-b-c.pipe2.localhost", "ports": ports,
+              "urls": ["tcp://a-b-c.pipe2.localhost:20001"], "protocols": ["tcp"],
+              "tunnel_port": 1, "expires_at": 2000000000, "secret": "s3"}
+    pem = open(os.path.join(server.state_dir, "ca", "ca.pem")).read()
+    answers = {"/config": {"protocol_version": 1, "protocols": ["tcp"]}, "/tunnels": tunnel,
+               "/tunnels/abc123/cert": {"cert": pem}, "/cacert": {"pem": pem}}
+    fake = FakeApi(lambda method, path: (200, answers.get(path, {})))
+    pod_dir = os.path.join(workdir, "pod")
+    try:
+        done = run_pod(pod_dir, "setup", "--server", fake.url, "--auth", "t", "--protocols", "tcp")
+    finally:
+        fake.close()
+    assert done.returncode == 4 and "bad tunnel object" in done.stderr, done.stderr
+    assert not os.path.exists(os.path.join(pod_dir, "pipe2me.local.inc"))
