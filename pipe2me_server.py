@@ -3847,6 +3847,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         if "json" in self.headers.get("Content-Type", "") or text.lstrip().startswith("{"):
             try:
                 data = json.loads(text)
+                json.dumps(data, ensure_ascii=False).encode()  # a lone "\\ud800" is no text
             except (ValueError, RecursionError):
                 raise UsageError("request body is not valid JSON") from None
             if not isinstance(data, dict):

@@ -466,6 +466,19 @@ def test_api_create_refusals_are_json_4xx_and_change_nothing(quiet_server):
     assert "Traceback" not in quiet_server.proc.stderr()
 
 
+def test_api_body_with_a_lone_surrogate_is_a_400_not_a_dropped_connection(quiet_server):
+    """JSON may escape half a UTF-16 pair ("\\ud800"): no text, so no secret to hash."""
+    status, body = create(quiet_server, GOOD)
+    assert status == 201, body
+    raw = b'{"secret": "\\ud800", "proxy_protocol": "v1", "csr": "x"}'
+    for method, path in (("PATCH", ""), ("POST", "/cert"), ("POST", "/extend"), ("POST", "/check")):
+        url = quiet_server.url + "/tunnels/" + body["id"] + path
+        answer = request_json(url, method, raw=raw)
+        assert answer[0] == 400, (path, answer)
+        assert_json_error(*answer)
+    assert "Traceback" not in quiet_server.proc.stderr()
+
+
 def test_api_too_many_bad_tokens_get_429(quiet_server):
     statuses = [create(quiet_server, "wrong-token-%d" % i)[0] for i in range(10)]
     assert statuses == [403] * 10
