@@ -4344,8 +4344,8 @@ class PodGate:
         if hello.get("kind") != "control":
             return None, "first frame must name kind 'control'"
         if hello.get("version") != PROTOCOL_VERSION:
-            return None, "protocol version %r not supported; this server speaks %d" % (
-                hello.get("version"), PROTOCOL_VERSION)
+            return None, "protocol version %s not supported; this server speaks %d" % (
+                printable(repr(hello.get("version")), 40), PROTOCOL_VERSION)
         der = tls.getpeercert(binary_form=True)
         record = self.store.by_cert(sha256_hex(der)) if der else None
         if record is None:

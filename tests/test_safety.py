@@ -879,3 +879,15 @@ def test_safety_goaway_reason_of_any_type_is_logged_not_a_crash(log_server, raw_
     log_server.proc.wait_for(r"pod disconnected tunnel=%s" % raw_identity.id, after=mark)
     assert "internal error" not in log_server.log_after(mark)
     log_server.assert_alive()
+
+
+def test_safety_a_hello_version_reaches_the_log_escaped_and_short(log_server, raw_identity, server_mod):
+    """A HELLO's version is the pod's text: a line break in it never starts a log
+    line, and a long one is cut, however big the frame."""
+    mark = log_server.mark()
+    pod = RawPod(server_mod, log_server.tunnel, raw_identity.cacert, raw_identity.cert,
+                 raw_identity.key)
+    event = pod.hello(raw_identity.id, version=LOG_INJECTIONS[1] + "v" * 100000)
+    assert event is not None and event[0] == server_mod.Msg.REJECT, event
+    line = log_server.proc.wait_for(r"pod refused pod=.*", after=mark).group(0)
+    assert "\x1b" not in line and "\u2028" not in line and len(line) < 2000, len(line)
