@@ -4039,7 +4039,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
 
 def answer_and_close(sock, status, headers=(), body="", ctype="text/plain"):
-    """A tiny HTTP/1.0 answer from the front itself, then close (429, 431)."""
+    """A tiny HTTP/1.0 answer from the front itself, then close (408, 429, 431)."""
     payload = body.encode()
     lines = ["HTTP/1.0 %d %s" % (status, http.HTTPStatus(status).phrase), "Content-Type: " + ctype,
              "Content-Length: %d" % len(payload), "Connection: close"] + list(headers)
@@ -4628,9 +4628,9 @@ class Sniffer:
     """Peeks at a new front connection, without consuming bytes (the chosen
     destination sees it untouched), until `parse(head)` returns a callable
     that takes it over (None: need more); gives up after `deadline_s` or
-    FRONT_SNIFF_BYTES. A partial head is peeked at again by timer with
-    backoff, so the selector does not spin. on_finish() runs once, when the
-    connection leaves the sniffer."""
+    FRONT_SNIFF_BYTES with on_give_up(sock, late), late: the deadline passed.
+    A partial head is peeked at again by timer with backoff, so the selector
+    does not spin. on_finish() runs once, when the connection leaves the sniffer."""
 
     def __init__(self, loop, sock, parse, on_give_up, deadline_s, on_finish):
         self.loop, self.sock, self.parse, self.on_give_up = loop, sock, parse, on_give_up
@@ -4654,8 +4654,9 @@ class Sniffer:
         decision = self.parse(head) if head else None
         if decision is not None:
             return self.finish(decision)
-        if time.monotonic() > self.deadline or (head and len(head) >= FRONT_SNIFF_BYTES):
-            return self.finish(self.on_give_up)
+        late = time.monotonic() > self.deadline
+        if late or (head and len(head) >= FRONT_SNIFF_BYTES):
+            return self.finish(lambda sock: self.on_give_up(sock, late))
         self.loop.call_later(self.delay, self.peek)
         self.delay = min(self.delay * 2, 0.25)
 
@@ -5352,6 +5353,9 @@ class HttpFrontConnection:
             elif self.body is not None and (self.up is None or not self.up.out):
                 since = self.heard  # for a body the consumer, not the pod, holds up
         left = limit if since is None else since + limit - time.monotonic()
+        if left <= 0 and self.inbuf and self.body is None and not self.waiting:
+            self.refuse(408, "request head incomplete after %g s" % limit)
+            return self.after_io()
         if left <= 0:
             log.debug("http front head deadline from=%s", shown_address(self.address))
             return self.destroy()
@@ -5421,7 +5425,7 @@ class Fronts:
     def on_http_accept(self, sock, address):
         """A new connection on HTTP_PORT: sniff its Host."""
         self.sniff("http", sock, address, lambda head: self.route_http(head, address),
-                   lambda s: answer_and_close(s, 431))
+                   lambda s, late: answer_and_close(s, 408 if late else 431))
 
     def on_http_port_accept(self, tunnel_id, port, sock, address):
         """A consumer of the per-port URL of an http service."""
@@ -5478,7 +5482,7 @@ class Fronts:
     def on_https_accept(self, sock, address):
         """A new connection on HTTPS_PORT: sniff its SNI."""
         self.sniff("https", sock, address, lambda head: self.route_https(head, address),
-                   lambda s: s.close())
+                   lambda s, _late: s.close())
 
     def route_https(self, head, address):
         """Where a ClientHello goes by SNI: the API, its https service (passed through), closed."""

@@ -139,6 +139,31 @@ def test_attack_stranger_holding_streams_with_bodies_never_sent(tenants):
     assert HEAD_DEADLINE_S - 0.5 < waited < HEAD_DEADLINE_S + 20, waited
 
 
+@pytest.mark.parametrize("where", ["first", "after-a-response"])
+def test_attack_half_sent_head_gets_408_and_an_idle_connection_closes_silently(tenants, where):
+    """A request head that stops halfway is answered 408 Request Timeout at
+    FRONT_HEAD_DEADLINE, on a new connection and on a kept-alive one (it got
+    a 431, a status for heads too large, or nothing); a kept-alive
+    connection with no byte of a next request is closed without a word."""
+    victim = tenants.names["victim"].encode()
+    first = b"GET /a HTTP/1.1\r\nHost: %s\r\n\r\n" % victim if where != "first" else b""
+    with connect(tenants.http) as sock:
+        if first:
+            sock.sendall(first)
+            assert read_until(sock, b"honest").endswith(b"honest")
+        sock.sendall(b"GET /b HTTP/1.1\r\nHost: " + victim)
+        answer = read_until(sock, b"never sent", timeout=HEAD_DEADLINE_S + 20)
+    assert answer.startswith(b"HTTP/1.") and answer.split(b" ")[1] == b"408", answer
+    if where == "first":
+        return
+    with connect(tenants.http) as sock:
+        sock.sendall(first)
+        assert read_until(sock, b"honest").endswith(b"honest")
+        started = time.monotonic()
+        assert read_until(sock, b"never sent", timeout=HEAD_DEADLINE_S + 20) == b""
+    assert time.monotonic() - started < HEAD_DEADLINE_S + 10, "not closed"
+
+
 def test_attack_pod_response_with_malformed_chunks_ends_the_connection(tenants):
     """A service whose chunked body cannot be framed: the consumer has the
     head already, so the front closes the connection (the stream with it)
