@@ -2552,8 +2552,8 @@ def upnp_unmap(service, external_port, timeout_s=PORTMAP_TIMEOUT_S):
 
 def result_of_state(state):
     """The PortMapResult in a saved state; KeyError, TypeError or ValueError if damaged."""
-    return PortMapResult(state["used"], state["external_address"], float(state["lease_end"]),
-                         [tuple(pair) for pair in state["mappings"]])
+    pairs = [(check_port(internal), check_port(external)) for internal, external in state["mappings"]]
+    return PortMapResult(state["used"], state["external_address"], float(state["lease_end"]), pairs)
 
 
 class PortMapper:
@@ -2698,6 +2698,11 @@ class PortMapper:
         mapper.renew_at = mapper.clock() + (mapper.result.lease_end - mapper.clock()) / 2
         if state.get("upnp"):
             mapper.upnp = UpnpService(*state["upnp"])
+        texts = [mapper.fqdn, mapper.gateway or ""] + list(mapper.upnp or ())
+        urls = list(mapper.upnp or ())[::2]   # the control URL and the description's
+        if not all(isinstance(text, str) for text in texts) \
+                or not all(url.startswith("http://") for url in urls):
+            raise TypeError("a name, address or URL that is none")
         return mapper
 
 
@@ -2720,11 +2725,13 @@ def save_portmap(directory, mapper, lifetime_s):
 
 
 def load_portmap(directory):
-    """The saved state of `map-ports`, or None when there is none."""
+    """The saved state of `map-ports`, or None when there is none; UsageError
+    when a field that `start`, `check` or `clear` reads is damaged."""
     try:
         with open(portmap_path(directory), encoding="utf-8") as fh:
             state = json.loads(fh.read())
-        result_of_state(state)
+        PortMapper.from_state(state)
+        int(state.get("lifetime_s") or 0)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -3714,10 +3721,14 @@ def cmd_clear(args):
             log.info("tunnel deleted tunnel=%s", setup.id)
         else:
             log.warning("tunnel already gone on the server tunnel=%s status=%d", setup.id, status)
-    portmap = load_portmap(files.dir)
+    try:
+        portmap = load_portmap(files.dir)
+    except UsageError as exc:  # the tunnel is gone already: the files go too
+        log.warning("port mappings not removed at the router: %s", exc)
+        portmap = None
     if portmap is not None:  # the router's mappings go first (best effort), then their file
         PortMapper.from_state(portmap).unmap_all()
-        remove_file(portmap_path(files.dir))
+    remove_file(portmap_path(files.dir))
     removed = files.remove_all()
     log.info("files removed dir=%s files=%s", files.dir, ",".join(removed))
     if running:

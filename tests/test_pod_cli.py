@@ -6,6 +6,7 @@ untouched.
 """
 
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -401,6 +402,22 @@ def test_clear_removes_leftovers_without_info(tmp_path, untouched_server):
     code, _, err = run_pod("--dir", str(tmp_path), "clear", "--yes")
     assert code == 0, err
     assert os.listdir(str(tmp_path)) == ["other.txt"]
+
+
+def test_clear_removes_a_damaged_port_map_file_with_a_warning(tmp_path, untouched_server):
+    """A pipe2me.portmap.json that is damaged (here: a method no pod knows) does
+    not stop `clear`: the router's mappings cannot be named, so they are left
+    with one warning, and the files go (it ended with exit 2, after the
+    server had deleted the tunnel, and every `clear` after failed alike)."""
+    (tmp_path / "pipe2me.cacert").write_text("c\n")
+    (tmp_path / "pipe2me.portmap.json").write_text(json.dumps({
+        "version": 1, "fqdn": "calm-teal-otter.pipe2.localhost", "method": "pcp",
+        "gateway": "127.0.0.1", "used": "natpmp", "external_address": "203.0.113.7",
+        "lease_end": 0, "mappings": [[8100, 10000]], "lifetime_s": 600, "upnp": None}))
+    code, _, err = run_pod("--dir", str(tmp_path), "clear", "--yes")
+    assert code == 0 and "Traceback" not in err, err
+    assert "port mappings not removed at the router" in err and "is damaged" in err, err
+    assert os.listdir(str(tmp_path)) == []
 
 
 def test_service_requires_exactly_one_kind(pod_dir):

@@ -491,10 +491,30 @@ def test_portmap_state_round_trips_and_unmaps(fake_natpmp, tmp_path):
     assert [(d[3], d[4], d[5]) for d in deletes] == [(8100, 0, 0), (8101, 0, 0)]
 
 
-def test_portmap_damaged_state_file_is_a_usage_error(tmp_path):
+SAVED_STATE = {"version": 1, "fqdn": FQDN, "method": "upnp", "gateway": "192.168.1.1",
+               "used": "upnp", "external_address": "203.0.113.7", "lease_end": 0,
+               "mappings": [[8100, 10000]], "lifetime_s": 600,
+               "upnp": ["http://192.168.1.1/ctl", "urn:schemas-upnp-org:service:WANIPConnection:1",
+                        "http://192.168.1.1/rootDesc.xml"]}
+
+
+DAMAGED_FIELDS = [("method", "pcp"), ("gateway", 5), ("fqdn", None), ("mappings", [[8100]]),
+                  ("mappings", [["a", "b"]]), ("mappings", [[0, 70000]]), ("lifetime_s", "x"),
+                  ("upnp", [1]), ("upnp", "abc"), ("upnp", [1, 2, 3])]
+
+
+@pytest.mark.parametrize("state", [{"used": "natpmp"}, [1]] + [
+    dict(SAVED_STATE, **{key: value}) for key, value in DAMAGED_FIELDS])
+def test_portmap_damaged_state_file_is_a_usage_error(tmp_path, state):
+    """A saved state with any field `start`, `check` or `clear` reads damaged
+    is one UsageError on loading (a method, gateway, port pair, lifetime or
+    UPnP service that was not checked ended `clear` and `start` with a
+    ValueError or TypeError traceback)."""
     assert pm.load_portmap(str(tmp_path)) is None
-    (tmp_path / pm.PORTMAP_FILE).write_text('{"used": "natpmp"}')
-    with pytest.raises(pm.UsageError, match="map-ports"):
+    (tmp_path / pm.PORTMAP_FILE).write_text(json.dumps(SAVED_STATE))
+    assert pm.load_portmap(str(tmp_path)) == SAVED_STATE
+    (tmp_path / pm.PORTMAP_FILE).write_text(json.dumps(state))
+    with pytest.raises(pm.UsageError, match="is damaged .*map-ports"):
         pm.load_portmap(str(tmp_path))
 
 
