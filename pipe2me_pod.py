@@ -84,7 +84,8 @@ import urllib.parse
 # What every section of both programs stands on: the one exception tree and
 # its exit codes, the services a tunnel may publish, peer text made safe for
 # logs, the host-name check, files replaced atomically, the one wrapper
-# through which openssl runs, and times as the CLI prints them.
+# through which openssl runs, times as the CLI prints them, and the one
+# HTTP exchange both make with other hosts, bounded in all.
 
 EXIT_INTERRUPTED = 130                # main() after Ctrl-C; the tree below carries 1 to 4
 SERVICE_PROTOCOLS = ("http", "https", "imap", "imaps", "smtp", "smtps", "ssh", "tcp")
@@ -238,6 +239,64 @@ def run_openssl(args, input_bytes=None, cwd=None, merge_stderr=False):
 def iso_time(epoch):
     """An epoch as 2026-12-02T05:10:00Z; "" for None."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)) if epoch else ""
+
+
+def http_exchange(request, timeout_s, limit, handlers=(), context=None):
+    """(status, headers, first `limit` bytes of the body) of the urllib `request`,
+    error statuses included; socket.timeout once `timeout_s` has passed in all.
+    urllib's timeout bounds each read, so a peer sending a byte a second would
+    hold the caller for hours: at the deadline a timer shuts the socket."""
+    import http.client
+    import urllib.error
+    import urllib.request
+    opened, expired = [], threading.Event()
+
+    def cut(connection):
+        sock = connection.sock  # once: a close in the other thread sets it to None
+        if expired.is_set() and sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def expire():
+        expired.set()
+        for connection in list(opened):
+            cut(connection)
+
+    def bounded(base):
+        """The http.client connection class `base`, its socket cut at the deadline."""
+        class Connection(base):
+            def connect(self):
+                opened.append(self)
+                super().connect()
+                cut(self)  # the deadline passed while it connected
+        return Connection
+
+    class Bounded(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
+        """urllib's http: and https: handler, opening bounded connections."""
+        def http_open(self, req):
+            return self.do_open(bounded(http.client.HTTPConnection), req)
+
+        def https_open(self, req):
+            return self.do_open(bounded(http.client.HTTPSConnection), req, context=self._context)
+
+    opener = urllib.request.build_opener(Bounded(context=context), *handlers)
+    timer = threading.Timer(timeout_s, expire)
+    timer.start()
+    try:
+        try:
+            response = opener.open(request, timeout=timeout_s)
+        except urllib.error.HTTPError as error:
+            response = error
+        with response:
+            answer = response.getcode(), response.headers, response.read(limit)
+    except (OSError, http.client.HTTPException):
+        if not expired.is_set():
+            raise
+    finally:
+        timer.cancel()
+    if expired.is_set():
+        raise socket.timeout("timed out after %g s" % timeout_s)
+    return answer
 # ---- END SHARED base ----
 
 # =====================================================================
@@ -1999,25 +2058,19 @@ class ApiClient:
             request.add_header("Authorization", "Bearer " + self.secret)
         log.debug("api request method=%s path=%s", method, path)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s,
-                                        context=self.ssl_context) as answer:
-                return answer.status, answer.read(API_MAX_ANSWER_BYTES)
-        except urllib.error.HTTPError as exc:
-            try:
-                data = exc.read(API_MAX_ANSWER_BYTES)
-            except (OSError, ValueError):
-                data = b""
-            if exc.code in answers:
-                return exc.code, data
-            error = self.http_error(exc.code, data)
-            wait_s = retry_after_seconds(exc.headers.get("Retry-After")) if exc.code == 429 else None
-            if wait_s is not None and wait_s <= API_BUSY_MAX_WAIT_S:
-                raise Busy(str(error), wait_s) from None
-            raise error
+            status, headers, data = http_exchange(request, self.timeout_s, API_MAX_ANSWER_BYTES,
+                                                  context=self.ssl_context)
         except urllib.error.URLError as exc:
             raise self.connect_error(exc.reason)
         except (OSError, ValueError, http.client.HTTPException) as exc:  # timeouts, resets
             raise self.connect_error(exc)
+        if 200 <= status < 300 or status in answers:
+            return status, data
+        error = self.http_error(status, data)
+        wait_s = retry_after_seconds(headers.get("Retry-After")) if status == 429 else None
+        if wait_s is not None and wait_s <= API_BUSY_MAX_WAIT_S:
+            raise Busy(str(error), wait_s)
+        raise error
 
     def call_json(self, method, path, body=None, auth=False, answers=()):
         """(status, decoded JSON object) of a call."""
@@ -2392,12 +2445,11 @@ def ssdp_discover(local_address=None, timeout_s=PORTMAP_TIMEOUT_S):
 
 
 def upnp_modules():
-    """(urllib.request, urllib.error, ElementTree), imported on first use: `start` on
-    a router seldom needs them, and they would cost memory for the tunnel's life."""
-    import urllib.error
+    """(urllib.request, ElementTree), imported on first use: `start` on a router
+    seldom needs them, and they would cost memory for the tunnel's life."""
     import urllib.request
     import xml.etree.ElementTree as ElementTree
-    return urllib.request, urllib.error, ElementTree
+    return urllib.request, ElementTree
 
 
 def local_name(tag):
@@ -2415,23 +2467,24 @@ def upnp_fetch(request, timeout_s, what, action=None):
     SOAP `action`'s Request), bounded; PortMapError naming `what`. No
     *_proxy settings, no redirects (a router has no reason to redirect: a 3xx
     becomes an HTTPError)."""
-    request_module, error_module, ElementTree = upnp_modules()
+    request_module, ElementTree = upnp_modules()
     from http.client import HTTPException  # a bad status line, a URL it refuses: no OSError
 
     class NoRedirect(request_module.HTTPRedirectHandler):
         def redirect_request(self, *args, **kwargs):
             return None
 
-    opener = request_module.build_opener(request_module.ProxyHandler({}), NoRedirect())
     try:
-        with opener.open(request, timeout=timeout_s) as response:
-            return ElementTree.fromstring(response.read(UPNP_MAX_BODY_BYTES))
-    except error_module.HTTPError as e:
-        if action:
-            raise soap_fault(e.read(UPNP_MAX_BODY_BYTES), action) from None
-        raise PortMapError("UPnP %s failed: %s" % (what, e)) from None
+        status, _headers, body = http_exchange(request, timeout_s, UPNP_MAX_BODY_BYTES,
+                                               (request_module.ProxyHandler({}), NoRedirect()))
     except (OSError, HTTPException) as e:  # urllib's URLError included
         raise PortMapError("UPnP %s failed: %s" % (what, e)) from None
+    if status >= 300 and action:
+        raise soap_fault(body, action)
+    if status >= 300:
+        raise PortMapError("UPnP %s failed: HTTP Error %d" % (what, status))
+    try:
+        return ElementTree.fromstring(body)
     except ElementTree.ParseError as e:
         raise PortMapError("UPnP %s is not XML: %s" % (what, e)) from None
 
@@ -2474,7 +2527,7 @@ def soap_envelope(service_type, action, args):
 
 def soap_fault(data, action):
     """Return a PortMapError for a SOAP fault body (UPnPError inside)."""
-    ElementTree = upnp_modules()[2]
+    ElementTree = upnp_modules()[1]
     try:
         fields = xml_fields(ElementTree.fromstring(data).iter())
     except ElementTree.ParseError:

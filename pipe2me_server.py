@@ -98,7 +98,8 @@ log = logging.getLogger("pipe2me.server")
 # What every section of both programs stands on: the one exception tree and
 # its exit codes, the services a tunnel may publish, peer text made safe for
 # logs, the host-name check, files replaced atomically, the one wrapper
-# through which openssl runs, and times as the CLI prints them.
+# through which openssl runs, times as the CLI prints them, and the one
+# HTTP exchange both make with other hosts, bounded in all.
 
 EXIT_INTERRUPTED = 130                # main() after Ctrl-C; the tree below carries 1 to 4
 SERVICE_PROTOCOLS = ("http", "https", "imap", "imaps", "smtp", "smtps", "ssh", "tcp")
@@ -252,6 +253,64 @@ def run_openssl(args, input_bytes=None, cwd=None, merge_stderr=False):
 def iso_time(epoch):
     """An epoch as 2026-12-02T05:10:00Z; "" for None."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)) if epoch else ""
+
+
+def http_exchange(request, timeout_s, limit, handlers=(), context=None):
+    """(status, headers, first `limit` bytes of the body) of the urllib `request`,
+    error statuses included; socket.timeout once `timeout_s` has passed in all.
+    urllib's timeout bounds each read, so a peer sending a byte a second would
+    hold the caller for hours: at the deadline a timer shuts the socket."""
+    import http.client
+    import urllib.error
+    import urllib.request
+    opened, expired = [], threading.Event()
+
+    def cut(connection):
+        sock = connection.sock  # once: a close in the other thread sets it to None
+        if expired.is_set() and sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def expire():
+        expired.set()
+        for connection in list(opened):
+            cut(connection)
+
+    def bounded(base):
+        """The http.client connection class `base`, its socket cut at the deadline."""
+        class Connection(base):
+            def connect(self):
+                opened.append(self)
+                super().connect()
+                cut(self)  # the deadline passed while it connected
+        return Connection
+
+    class Bounded(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
+        """urllib's http: and https: handler, opening bounded connections."""
+        def http_open(self, req):
+            return self.do_open(bounded(http.client.HTTPConnection), req)
+
+        def https_open(self, req):
+            return self.do_open(bounded(http.client.HTTPSConnection), req, context=self._context)
+
+    opener = urllib.request.build_opener(Bounded(context=context), *handlers)
+    timer = threading.Timer(timeout_s, expire)
+    timer.start()
+    try:
+        try:
+            response = opener.open(request, timeout=timeout_s)
+        except urllib.error.HTTPError as error:
+            response = error
+        with response:
+            answer = response.getcode(), response.headers, response.read(limit)
+    except (OSError, http.client.HTTPException):
+        if not expired.is_set():
+            raise
+    finally:
+        timer.cancel()
+    if expired.is_set():
+        raise socket.timeout("timed out after %g s" % timeout_s)
+    return answer
 # ---- END SHARED base ----
 
 
@@ -3129,29 +3188,27 @@ class AcmeClient:
 
     # -- HTTP ---------------------------------------------------------
     def request(self, method, url, body=None):
-        """(status, answer, body bytes) of one HTTPS exchange; Unavailable if unreachable."""
+        """(status, headers, body bytes) of one HTTPS exchange; Unavailable if unreachable."""
         parts = urllib.parse.urlsplit(url)
         if parts.scheme != "https" or not parts.hostname:
             raise UsageError("ACME URL %s is not https" % url[:200])
-        conn = http.client.HTTPSConnection(parts.hostname, parts.port or 443,
-                                           timeout=ACME_HTTP_TIMEOUT_S, context=self.context)
-        path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
-        headers = {"User-Agent": "pipe2me", "Content-Type": "application/jose+json"}
+        from urllib.request import ProxyHandler, Request  # here: only ACME users need it (RSS)
+        request = Request(url, data=body, method=method, headers={
+            "User-Agent": "pipe2me", "Content-Type": "application/jose+json"})
         try:
-            conn.request(method, path, body=body, headers=headers)
-            answer = conn.getresponse()
-            data = answer.read(ACME_MAX_RESPONSE_BYTES)
-        except (OSError, http.client.HTTPException) as exc:
-            raise Unavailable("ACME server %s unreachable: %s" % (parts.netloc, exc)) from None
-        finally:
-            conn.close()
-        self.nonce = answer.getheader("Replay-Nonce") or self.nonce
-        return answer.status, answer, data
+            status, headers, data = http_exchange(request, ACME_HTTP_TIMEOUT_S,
+                                                  ACME_MAX_RESPONSE_BYTES, (ProxyHandler({}),),
+                                                  self.context)
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            reason = getattr(exc, "reason", None) or exc  # urllib's URLError wraps it
+            raise Unavailable("ACME server %s unreachable: %s" % (parts.netloc, reason)) from None
+        self.nonce = headers.get("Replay-Nonce") or self.nonce
+        return status, headers, data
 
     def directory(self):
         """The CA's directory object (fetched once, forgotten by reset())."""
         if self.urls is None:
-            status, _answer, data = self.request("GET", self.directory_url)
+            status, _headers, data = self.request("GET", self.directory_url)
             urls = json.loads(data) if status == 200 else None
             if not isinstance(urls, dict) or "newOrder" not in urls:
                 raise Unavailable("ACME directory %s answered %d, not a directory"
@@ -3160,34 +3217,34 @@ class AcmeClient:
         return self.urls
 
     def post(self, url, payload):
-        """POST a JWS (payload None = POST-as-GET); (status, answer, body) of a 2xx answer."""
+        """POST a JWS (payload None = POST-as-GET); (status, headers, body) of a 2xx answer."""
         for _ in range(ACME_BAD_NONCE_RETRIES):
             if not self.nonce:
                 self.request("HEAD", self.directory()["newNonce"])
-            status, answer, data = self.request("POST", url, self.jws(url, payload))
+            status, headers, data = self.request("POST", url, self.jws(url, payload))
             if status < 400:
-                return status, answer, data
-            problem = self.problem(status, answer, data)
+                return status, headers, data
+            problem = self.problem(status, headers, data)
             if problem.kind != "badNonce":
                 raise problem
             log.debug("acme bad nonce, retrying url=%s", url)
         raise AcmeProblem("ACME server rejected %d nonces in a row" % ACME_BAD_NONCE_RETRIES, "badNonce")
 
     @staticmethod
-    def problem(status, answer, data):
+    def problem(status, headers, data):
         """The AcmeProblem of an error answer (RFC 8555 §6.7)."""
         try:
             doc = json.loads(data)
         except ValueError:
             doc = {}
         return acme_problem(doc, "HTTP %d" % status,
-                            parse_retry_after(answer.getheader("Retry-After")))
+                            parse_retry_after(headers.get("Retry-After")))
 
     def get_json(self, url):
-        """POST-as-GET url; (JSON object, answer)."""
-        status, answer, data = self.post(url, None)
+        """POST-as-GET url; (JSON object, headers)."""
+        status, headers, data = self.post(url, None)
         try:
-            return json.loads(data), answer
+            return json.loads(data), headers
         except ValueError:
             raise Unavailable("ACME server answered %s with no JSON" % url[:200]) from None
 
@@ -3200,8 +3257,8 @@ class AcmeClient:
         payload = {"termsOfServiceAgreed": True}
         if self.email:
             payload["contact"] = ["mailto:" + self.email]
-        _status, answer, _data = self.post(self.directory()["newAccount"], payload)
-        self.kid = answer.getheader("Location")
+        _status, headers, _data = self.post(self.directory()["newAccount"], payload)
+        self.kid = headers.get("Location")
         if not self.kid:
             raise Unavailable("ACME server gave the account no URL")
 
@@ -3210,14 +3267,14 @@ class AcmeClient:
         base = self.directory().get("renewalInfo")
         if not base or not aki_hex:
             return None
-        status, answer, data = self.request("GET", base.rstrip("/") + "/" + ari_cert_id(serial_hex, aki_hex))
+        status, headers, data = self.request("GET", base.rstrip("/") + "/" + ari_cert_id(serial_hex, aki_hex))
         try:
             window = json.loads(data)["suggestedWindow"]
             start, end = parse_rfc3339(window["start"]), parse_rfc3339(window["end"])
         except (ValueError, KeyError, TypeError):
             log.info("acme renewal info unusable status=%d", status)
             return None
-        return start, max(start, end), parse_retry_after(answer.getheader("Retry-After"))
+        return start, max(start, end), parse_retry_after(headers.get("Retry-After"))
 
 
 def acme_order(client, fqdn, csr_der, challenger, renews=None):
@@ -3228,21 +3285,21 @@ def acme_order(client, fqdn, csr_der, challenger, renews=None):
     payload = {"identifiers": [{"type": "dns", "value": fqdn}]}
     if renews and all(renews) and "renewalInfo" in client.directory():
         payload["replaces"] = ari_cert_id(*renews)
-    _status, answer, data = client.post(client.directory()["newOrder"], payload)
-    order, order_url = json.loads(data), answer.getheader("Location")
+    _status, headers, data = client.post(client.directory()["newOrder"], payload)
+    order, order_url = json.loads(data), headers.get("Location")
     for authz_url in order.get("authorizations", []):
         acme_authorize(client, fqdn, authz_url, challenger)
     order = acme_poll(client, order_url, ("ready", "valid"), "order")
     if order["status"] == "ready":
         client.post(order["finalize"], {"csr": b64url(csr_der)})
         order = acme_poll(client, order_url, ("valid",), "order")
-    _status, _answer, data = client.post(order["certificate"], None)
+    _status, _headers, data = client.post(order["certificate"], None)
     return data.decode("ascii", "replace")
 
 
 def acme_authorize(client, fqdn, authz_url, challenger):
     """Answer one authorization with the challenger's kind; returns when it is valid."""
-    authz, _answer = client.get_json(authz_url)
+    authz, _headers = client.get_json(authz_url)
     if authz.get("status") == "valid":
         return
     offered = [c for c in authz.get("challenges", []) if c.get("type") == challenger.kind]
@@ -3264,13 +3321,13 @@ def acme_authorize(client, fqdn, authz_url, challenger):
 def acme_poll(client, url, wanted, what):
     """POST-as-GET url until its status is one of `wanted` (1/8 s apart, doubling); AcmeProblem if invalid."""
     for attempt in range(ACME_POLL_ATTEMPTS):
-        obj, answer = client.get_json(url)
+        obj, headers = client.get_json(url)
         status = obj.get("status")
         if status in wanted:
             return obj
         if status not in ("pending", "processing", "ready"):
             raise acme_failure(obj, what)
-        delay = (parse_retry_after(answer.getheader("Retry-After"))
+        delay = (parse_retry_after(headers.get("Retry-After"))
                  or min(ACME_POLL_DEFAULT_S, ACME_POLL_FIRST_S * 2 ** attempt))
         time.sleep(min(ACME_POLL_MAX_S, delay))
     raise Unavailable("ACME %s still not %s after %d polls" % (what, "/".join(wanted), ACME_POLL_ATTEMPTS))
@@ -6264,8 +6321,7 @@ class DnsimpleClient:
     def call(self, method, path, body=None, query=None, missing_ok=False):
         """The JSON answer of one request, which holds "data"; None for 204 (and
         404 if missing_ok). None sent while the hour's quota is used up."""
-        import urllib.error  # here, not at the top: only dnsimple users need them (server RSS)
-        import urllib.request
+        import urllib.request  # here, not at the top: only dnsimple users need it (server RSS)
         if self.rate_remaining == 0 and self.rate_reset and time.time() < self.rate_reset:
             raise DnsProviderError("dnsimple rate limit used up until %s; %s %s not sent" % (
                 time.strftime("%H:%M:%S", time.localtime(self.rate_reset)), method, path),
@@ -6278,13 +6334,9 @@ class DnsimpleClient:
             request.data = json.dumps(body).encode()
             request.add_header("Content-Type", "application/json")
         try:
-            try:
-                with urllib.request.urlopen(request, timeout=DNSIMPLE_TIMEOUT_S) as answer:
-                    status, headers = answer.status, answer.headers
-                    data = answer.read(DNSIMPLE_MAX_ANSWER_BYTES)
-            except urllib.error.HTTPError as exc:  # an error answer, read as the others are
-                status, headers, data = exc.code, exc.headers, exc.read(DNSIMPLE_MAX_ANSWER_BYTES)
-        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+            status, headers, data = http_exchange(request, DNSIMPLE_TIMEOUT_S,
+                                                  DNSIMPLE_MAX_ANSWER_BYTES)
+        except (OSError, ValueError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", None) or exc
             raise DnsProviderError("dnsimple unreachable at %s: %s" % (self.base_url, reason)) from None
         with contextlib.suppress(TypeError, ValueError):
@@ -6296,7 +6348,7 @@ class DnsimpleClient:
             answer = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             answer = None
-        if status >= 300:  # urllib raised HTTPError for it
+        if status >= 300:
             message = str(answer.get("message"))[:300] if isinstance(answer, dict) else None
             raise DnsProviderError("dnsimple refused %s %s: %d %s" % (
                 method, path, status, message or "HTTP %d" % status),

@@ -10,6 +10,7 @@ Requests go straight to the address in the URL (http.client: never through a
 proxy of this machine), optionally from a given source address, so tests can
 play clients on several loopback addresses."""
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -18,6 +19,7 @@ import socket
 import ssl
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.parse
 
@@ -313,3 +315,78 @@ class RawPod:
 
     def close(self):
         self.sock.close()
+
+
+# ---- a peer that speaks broken or slow HTTP ---------------------------------------
+
+class RawHttp:
+    """A TCP (or TLS) server on 127.0.0.1 that answers every connection with
+    `answer` bytes, one every `gap_s` seconds if set, and closes: a LAN host
+    or a server that speaks broken HTTP, or trickles it."""
+
+    def __init__(self, answer, gap_s=0, tls=None):
+        self.answer, self.gap_s = answer, gap_s
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = "http%s://127.0.0.1:%d" % ("s" if tls else "", self.listener.getsockname()[1])
+        if tls:  # (certificate file, key file): the answer comes over TLS
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.listener = context.wrap_socket(self.listener, server_side=True)
+        self.closed = threading.Event()
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        """Accept connections until closed; each is answered in its own thread."""
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.answer_one, args=(conn,), daemon=True).start()
+
+    def answer_one(self, conn):
+        """Read the request's first bytes, send the answer (trickled), close."""
+        with conn:
+            conn.settimeout(5)
+            with contextlib.suppress(OSError):
+                conn.recv(65536)
+                if not self.gap_s:
+                    conn.sendall(self.answer)
+                for offset in range(len(self.answer) if self.gap_s else 0):
+                    if self.closed.wait(self.gap_s):
+                        return
+                    conn.sendall(self.answer[offset:offset + 1])
+
+    def close(self):
+        """Stop listening and end every answer under way."""
+        self.closed.set()
+        self.listener.close()
+
+
+def raises_within(call, error, seconds):
+    """The text of the `error` that call() raises; the test fails if it raises
+    nothing, or has not returned within `seconds` (it runs in a thread)."""
+    outcome = []
+
+    def run():
+        try:
+            call()
+        except error as exc:
+            outcome.append(str(exc))
+        else:
+            outcome.append(None)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "%s still running after %g s" % (call, seconds)
+    assert outcome and outcome[0] is not None, "no %s raised" % error.__name__
+    return outcome[0]
+
+
+def self_signed(directory, name="127.0.0.1"):
+    """(certificate file, key file) of a self-signed certificate for IP `name`."""
+    key = make_key(os.path.join(directory, "self.key"))
+    cert = os.path.join(directory, "self.pem")
+    openssl("req", "-x509", "-new", "-key", key, "-config", os.devnull, "-subj", "/CN=" + name,
+            "-addext", "subjectAltName=IP:" + name, "-days", "2", "-out", cert)
+    return cert, key

@@ -38,18 +38,10 @@ def test_acme_retry_after_seconds_and_dates(server_mod):
     assert server_mod.parse_retry_after(None) is None
 
 
-class FakeAnswer:
-    def __init__(self, headers):
-        self.headers = headers
-
-    def getheader(self, name):
-        return self.headers.get(name)
-
-
 def test_acme_problem_document_becomes_a_one_line_reason(server_mod):
     data = (b'{"type": "urn:ietf:params:acme:error:rateLimited", '
             b'"detail": "too many certificates\\nalready issued"}')
-    problem = server_mod.AcmeClient.problem(429, FakeAnswer({"Retry-After": "3600"}), data)
+    problem = server_mod.AcmeClient.problem(429, {"Retry-After": "3600"}, data)
     assert problem.kind == "rateLimited" and problem.retry_after_s == 3600
     assert "\n" not in str(problem) and "too many certificates already issued" in str(problem)
     assert isinstance(problem, server_mod.Unavailable)
@@ -162,11 +154,11 @@ def test_acme_an_odd_answer_fails_the_order_not_the_worker(server_mod, tmp_path,
     def request(method, url, body=None):
         client.nonce = "nonce"
         if url == client.directory_url:
-            return 200, FakeAnswer({}), b"<html>down</html>" if odd == "directory" else \
+            return 200, {}, b"<html>down</html>" if odd == "directory" else \
                 server_mod.json.dumps(directory).encode()
         if url == directory["newAccount"]:
-            return 201, FakeAnswer({"Location": ca + "acct/1"}), b"{}"
-        return 201, FakeAnswer({"Location": ca + "order/1"}), b"[]"
+            return 201, {"Location": ca + "acct/1"}, b"{}"
+        return 201, {"Location": ca + "order/1"}, b"[]"
     client.request = request
     settings = types.SimpleNamespace(state_dir=str(tmp_path), acme_retry=60,
                                      acme_new_certs_per_week=0, acme_new_certs_per_token_per_week=0)
@@ -179,3 +171,22 @@ def test_acme_an_odd_answer_fails_the_order_not_the_worker(server_mod, tmp_path,
     orders.process(dict(orders.jobs["t1"]))
     job = orders.jobs["t1"]
     assert job["state"] == "failed" and "answered unexpectedly" in job["reason"], job
+
+
+def test_acme_ca_that_trickles_its_answer_is_cut_at_the_timeout(server_mod, tmp_path, monkeypatch):
+    """A CA (or a path to it) sending its answer a byte every 0.2 s: the request
+    fails at ACME_HTTP_TIMEOUT_S in all, and the order is retried later (the
+    one worker thread that runs every tenant's orders was held for hours)."""
+    from helpers import RawHttp, raises_within, self_signed
+    cert, key = self_signed(str(tmp_path))
+    body = b'{"newNonce": "https://127.0.0.1:1/nonce", "newOrder": "x", "padding": "%s"}' % (
+        b"x" * 40)
+    raw = RawHttp(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+                  gap_s=0.2, tls=(cert, key))
+    monkeypatch.setattr(server_mod, "ACME_HTTP_TIMEOUT_S", 1)
+    client = server_mod.AcmeClient(raw.url + "/dir", str(tmp_path / "account.key"), ca_bundle=cert)
+    try:
+        error = raises_within(client.directory, server_mod.Unavailable, 15)
+    finally:
+        raw.close()
+    assert error == "ACME server %s unreachable: timed out after 1 s" % raw.url[8:], error

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from helpers import api
+from helpers import RawHttp, api, raises_within
 from conftest import POD, Proc, free_port, run_pod, setup_pod, wait_until
 
 
@@ -354,3 +354,20 @@ def test_hostile_server_setup_with_ports_that_are_no_ports(server, workdir, port
         fake.close()
     assert done.returncode == 4 and "bad tunnel object" in done.stderr, done.stderr
     assert not os.path.exists(os.path.join(pod_dir, "pipe2me.local.inc"))
+
+
+@pytest.mark.parametrize("status", [200, 500])
+def test_hostile_server_api_answer_trickled_is_cut_at_the_timeout(pod_mod, status):
+    """A server that sends its answer a byte every 0.2 s: the API client gives up
+    at its timeout, in all, with the one-line error of a timeout (urllib's
+    timeout bounds each read: get_config took 10 s and more against 1 s)."""
+    body = b'{"version": "1", "tunnel_domain": "pipe2.localhost", "padding": "%s"}' % (b"x" * 60)
+    raw = RawHttp(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d"
+                  b"\r\n\r\n%s" % (status, len(body), body), gap_s=0.2)
+    client = pod_mod.ApiClient(raw.url)
+    client.timeout_s = 1
+    try:
+        error = raises_within(client.get_config, pod_mod.Unavailable, 15)
+    finally:
+        raw.close()
+    assert error == "server unreachable: %s: timed out after 1 s" % raw.url, error

@@ -9,7 +9,6 @@ Python 3.8 when this machine has it, then check from "wan" that the
 router really forwards. Those need root (they skip otherwise).
 """
 
-import contextlib
 import glob
 import http.server
 import json
@@ -26,6 +25,7 @@ import pytest
 
 import nat_testbed
 from conftest import POD, load_script
+from helpers import RawHttp, raises_within
 
 pm = load_script(POD, "pipe2me_pod")
 
@@ -284,30 +284,6 @@ def test_portmap_ssdp_answer_with_a_url_that_does_not_parse_is_ignored():
     assert pm.ssdp_location(good, "127.0.0.1") == "http://127.0.0.1:5000/rootDesc.xml"
 
 
-class RawHttp:
-    """A TCP server on 127.0.0.1 that answers every connection with `answer`
-    bytes and closes: a LAN host that speaks broken HTTP."""
-
-    def __init__(self, answer):
-        self.answer = answer
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self):
-        """Read the request's first bytes, answer, close."""
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(5)
-                with contextlib.suppress(OSError):
-                    conn.recv(65536)
-                    conn.sendall(self.answer)
-
-
 NOT_HTTP = b"SSH-2.0-OpenSSH_9.6\r\n"
 
 
@@ -322,7 +298,22 @@ def test_portmap_upnp_broken_http_from_a_lan_host_is_a_port_map_error():
         pm.upnp_find_service(raw.url + "/rootDesc.xml", timeout_s=2)
     with pytest.raises(pm.PortMapError):
         pm.upnp_map(service, "192.168.1.10", 8100, 10000, 600, "pipe2me x", 2)
-    raw.listener.close()
+    raw.close()
+
+
+def test_portmap_upnp_lan_host_that_trickles_its_answer_is_cut_at_the_deadline():
+    """A LAN host that answers SSDP and then sends its description a byte every
+    0.2 s: upnp_find_service gives up at its timeout, in all (urllib's timeout
+    bounds each read, so the renewal thread of `start` was held for minutes)."""
+    body = IGD_DESCRIPTION.format(base="http://127.0.0.1:1").encode()
+    raw = RawHttp(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body,
+                  gap_s=0.2)
+    try:
+        error = raises_within(lambda: pm.upnp_find_service(raw.url + "/rootDesc.xml", timeout_s=1),
+                              pm.PortMapError, 15)
+    finally:
+        raw.close()
+    assert "timed out after 1 s" in error, error
 
 
 @pytest.mark.parametrize("control_url", ["/ctl/IP Conn", "http://[::1/ctl", "//[bad/ctl"])
@@ -353,7 +344,7 @@ def test_portmap_keeper_renewal_goes_on_after_a_router_http_cannot_read(tmp_path
     keeper.loop = pm.EventLoop()
     keeper.renew_in_thread()
     assert len(keeper.loop.soon) == 1   # the retry, scheduled
-    raw.listener.close()
+    raw.close()
 
 
 def test_portmap_upnp_fault_becomes_clear_error(fake_igd):

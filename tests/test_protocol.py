@@ -39,7 +39,7 @@ def test_protocol_shared_blocks_use_only_agreed_names():
     used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
     stdlib = {"struct", "enum", "json", "selectors", "socket", "collections", "heapq",
               "time", "os", "ssl", "contextlib", "resource", "sys", "marshal", "mmap",
-              "traceback", "re", "subprocess", "fcntl"}
+              "traceback", "re", "subprocess", "fcntl", "threading", "http", "urllib"}
     builtins = set(dir(__builtins__)) if isinstance(__builtins__, dict) is False else set(__builtins__)
     outside = used - defined - stdlib - builtins - {"self", "exc", "_"}
     outside = {n for n in outside if not _is_local(tree, n)}
