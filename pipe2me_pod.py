@@ -241,9 +241,10 @@ def iso_time(epoch):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)) if epoch else ""
 
 
-def http_exchange(request, timeout_s, limit, handlers=(), context=None):
+def http_exchange(request, timeout_s, limit, handlers=(), context=None, redirects=True):
     """(status, headers, first `limit` bytes of the body) of the urllib `request`,
-    error statuses included; socket.timeout once `timeout_s` has passed in all.
+    error statuses included (a 3xx too, with redirects=False); socket.timeout
+    once `timeout_s` has passed in all.
     urllib's timeout bounds each read, so a peer sending a byte a second would
     hold the caller for hours: at the deadline a timer shuts the socket."""
     import http.client
@@ -252,7 +253,8 @@ def http_exchange(request, timeout_s, limit, handlers=(), context=None):
     opened, expired = [], threading.Event()
 
     def cut(connection):
-        sock = connection.sock  # once: a close in the other thread sets it to None
+        # urllib sets .sock to None once the head is read; the body comes on `kept`
+        sock = connection.sock or getattr(connection, "kept", None)
         if expired.is_set() and sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -268,6 +270,7 @@ def http_exchange(request, timeout_s, limit, handlers=(), context=None):
             def connect(self):
                 opened.append(self)
                 super().connect()
+                self.kept = self.sock
                 cut(self)  # the deadline passed while it connected
         return Connection
 
@@ -279,6 +282,12 @@ def http_exchange(request, timeout_s, limit, handlers=(), context=None):
         def https_open(self, req):
             return self.do_open(bounded(http.client.HTTPSConnection), req, context=self._context)
 
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        """A 3xx is the answer, not a new request."""
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    handlers = tuple(handlers) + (() if redirects else (NoRedirect(),))
     opener = urllib.request.build_opener(Bounded(context=context), *handlers)
     timer = threading.Timer(timeout_s, expire)
     timer.start()
@@ -2466,17 +2475,13 @@ def upnp_fetch(request, timeout_s, what, action=None):
     """The root element of the router's XML answer to `request` (a URL, or the
     SOAP `action`'s Request), bounded; PortMapError naming `what`. No
     *_proxy settings, no redirects (a router has no reason to redirect: a 3xx
-    becomes an HTTPError)."""
+    is a failure)."""
     request_module, ElementTree = upnp_modules()
     from http.client import HTTPException  # a bad status line, a URL it refuses: no OSError
 
-    class NoRedirect(request_module.HTTPRedirectHandler):
-        def redirect_request(self, *args, **kwargs):
-            return None
-
     try:
         status, _headers, body = http_exchange(request, timeout_s, UPNP_MAX_BODY_BYTES,
-                                               (request_module.ProxyHandler({}), NoRedirect()))
+                                               (request_module.ProxyHandler({}),), redirects=False)
     except (OSError, HTTPException) as e:  # urllib's URLError included
         raise PortMapError("UPnP %s failed: %s" % (what, e)) from None
     if status >= 300 and action:

@@ -255,9 +255,10 @@ def iso_time(epoch):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)) if epoch else ""
 
 
-def http_exchange(request, timeout_s, limit, handlers=(), context=None):
+def http_exchange(request, timeout_s, limit, handlers=(), context=None, redirects=True):
     """(status, headers, first `limit` bytes of the body) of the urllib `request`,
-    error statuses included; socket.timeout once `timeout_s` has passed in all.
+    error statuses included (a 3xx too, with redirects=False); socket.timeout
+    once `timeout_s` has passed in all.
     urllib's timeout bounds each read, so a peer sending a byte a second would
     hold the caller for hours: at the deadline a timer shuts the socket."""
     import http.client
@@ -266,7 +267,8 @@ def http_exchange(request, timeout_s, limit, handlers=(), context=None):
     opened, expired = [], threading.Event()
 
     def cut(connection):
-        sock = connection.sock  # once: a close in the other thread sets it to None
+        # urllib sets .sock to None once the head is read; the body comes on `kept`
+        sock = connection.sock or getattr(connection, "kept", None)
         if expired.is_set() and sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -282,6 +284,7 @@ def http_exchange(request, timeout_s, limit, handlers=(), context=None):
             def connect(self):
                 opened.append(self)
                 super().connect()
+                self.kept = self.sock
                 cut(self)  # the deadline passed while it connected
         return Connection
 
@@ -293,6 +296,12 @@ def http_exchange(request, timeout_s, limit, handlers=(), context=None):
         def https_open(self, req):
             return self.do_open(bounded(http.client.HTTPSConnection), req, context=self._context)
 
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        """A 3xx is the answer, not a new request."""
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    handlers = tuple(handlers) + (() if redirects else (NoRedirect(),))
     opener = urllib.request.build_opener(Bounded(context=context), *handlers)
     timer = threading.Timer(timeout_s, expire)
     timer.start()
@@ -3198,7 +3207,7 @@ class AcmeClient:
         try:
             status, headers, data = http_exchange(request, ACME_HTTP_TIMEOUT_S,
                                                   ACME_MAX_RESPONSE_BYTES, (ProxyHandler({}),),
-                                                  self.context)
+                                                  self.context, redirects=False)
         except (OSError, ValueError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", None) or exc  # urllib's URLError wraps it
             raise Unavailable("ACME server %s unreachable: %s" % (parts.netloc, reason)) from None

@@ -15,6 +15,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -321,11 +322,13 @@ class RawPod:
 
 class RawHttp:
     """A TCP (or TLS) server on 127.0.0.1 that answers every connection with
-    `answer` bytes, one every `gap_s` seconds if set, and closes: a LAN host
-    or a server that speaks broken HTTP, or trickles it."""
+    `answer` bytes, its body (after the head, sent at once) a byte every
+    `gap_s` seconds if set, and closes: a LAN host or a server that speaks
+    broken HTTP, or trickles it."""
 
     def __init__(self, answer, gap_s=0, tls=None):
         self.answer, self.gap_s = answer, gap_s
+        self.at_once = answer.find(b"\r\n\r\n") + 4 if gap_s else len(answer)  # the head
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = "http%s://127.0.0.1:%d" % ("s" if tls else "", self.listener.getsockname()[1])
         if tls:  # (certificate file, key file): the answer comes over TLS
@@ -345,14 +348,20 @@ class RawHttp:
             threading.Thread(target=self.answer_one, args=(conn,), daemon=True).start()
 
     def answer_one(self, conn):
-        """Read the request's first bytes, send the answer (trickled), close."""
+        """Read the request (its body as long as Content-Length says), send the
+        answer (trickled), close."""
         with conn:
             conn.settimeout(5)
             with contextlib.suppress(OSError):
-                conn.recv(65536)
-                if not self.gap_s:
-                    conn.sendall(self.answer)
-                for offset in range(len(self.answer) if self.gap_s else 0):
+                head, _, body = conn.recv(65536).partition(b"\r\n\r\n")
+                length = re.search(rb"(?i)\ncontent-length: *(\d+)", head)
+                while length and len(body) < int(length.group(1)):
+                    more = conn.recv(65536)
+                    if not more:
+                        break
+                    body += more
+                conn.sendall(self.answer[:self.at_once])
+                for offset in range(self.at_once, len(self.answer)):
                     if self.closed.wait(self.gap_s):
                         return
                     conn.sendall(self.answer[offset:offset + 1])

@@ -174,13 +174,13 @@ def test_acme_an_odd_answer_fails_the_order_not_the_worker(server_mod, tmp_path,
 
 
 def test_acme_ca_that_trickles_its_answer_is_cut_at_the_timeout(server_mod, tmp_path, monkeypatch):
-    """A CA (or a path to it) sending its answer a byte every 0.2 s: the request
+    """A CA (or a path to it) sending its answer's body a byte every 0.2 s: the request
     fails at ACME_HTTP_TIMEOUT_S in all, and the order is retried later (the
     one worker thread that runs every tenant's orders was held for hours)."""
     from helpers import RawHttp, raises_within, self_signed
     cert, key = self_signed(str(tmp_path))
     body = b'{"newNonce": "https://127.0.0.1:1/nonce", "newOrder": "x", "padding": "%s"}' % (
-        b"x" * 40)
+        b"x" * 100)
     raw = RawHttp(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
                   gap_s=0.2, tls=(cert, key))
     monkeypatch.setattr(server_mod, "ACME_HTTP_TIMEOUT_S", 1)
@@ -190,3 +190,21 @@ def test_acme_ca_that_trickles_its_answer_is_cut_at_the_timeout(server_mod, tmp_
     finally:
         raw.close()
     assert error == "ACME server %s unreachable: timed out after 1 s" % raw.url[8:], error
+
+
+def test_acme_redirect_is_an_answer_not_followed(server_mod, tmp_path):
+    """A 3xx from the CA is handed back as the answer: never followed, so a
+    JWS is never re-sent as a GET, nor anything sent to a plain-http URL."""
+    from helpers import RawHttp, self_signed
+    cert, key = self_signed(str(tmp_path))
+    plain = RawHttp(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+    moved = RawHttp(b"HTTP/1.1 302 Found\r\nLocation: %s/evil\r\nContent-Length: 0\r\n\r\n"
+                    % plain.url.encode(), tls=(cert, key))
+    client = server_mod.AcmeClient(moved.url + "/dir", str(tmp_path / "account.key"), ca_bundle=cert)
+    try:
+        for method, body in (("GET", None), ("POST", b"{}")):
+            status, headers, _data = client.request(method, moved.url + "/x", body)
+            assert status == 302 and headers.get("Location") == plain.url + "/evil", method
+    finally:
+        moved.close()
+        plain.close()

@@ -280,10 +280,10 @@ def test_dnsimple_error_answer_that_stops_coming_is_a_provider_failure(server_mo
 
 
 def test_dnsimple_answer_trickled_is_cut_at_the_timeout(server_mod, monkeypatch):
-    """An answer sent a byte every 0.2 s: the call fails at DNSIMPLE_TIMEOUT_S in
+    """An answer whose body comes a byte every 0.2 s: the call fails at DNSIMPLE_TIMEOUT_S in
     all (urllib's timeout bounds each read, so dns-refresh was held for hours)."""
     from helpers import RawHttp, raises_within
-    body = b'{"data": {"account": {"id": 1}}, "padding": "%s"}' % (b"x" * 40)
+    body = b'{"data": {"account": {"id": 1}}, "padding": "%s"}' % (b"x" * 100)
     raw = RawHttp(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d"
                   b"\r\n\r\n%s" % (len(body), body), gap_s=0.2)
     monkeypatch.setattr(server_mod, "DNSIMPLE_TIMEOUT_S", 1)

@@ -358,7 +358,7 @@ def test_hostile_server_setup_with_ports_that_are_no_ports(server, workdir, port
 
 @pytest.mark.parametrize("status", [200, 500])
 def test_hostile_server_api_answer_trickled_is_cut_at_the_timeout(pod_mod, status):
-    """A server that sends its answer a byte every 0.2 s: the API client gives up
+    """A server that sends its answer's body a byte every 0.2 s: the API client gives up
     at its timeout, in all, with the one-line error of a timeout (urllib's
     timeout bounds each read: get_config took 10 s and more against 1 s)."""
     body = b'{"version": "1", "tunnel_domain": "pipe2.localhost", "padding": "%s"}' % (b"x" * 60)

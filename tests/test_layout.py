@@ -21,9 +21,9 @@ from conftest import POD, SERVER
 # section shrinks for good. PREAMBLE is the module docstring and the imports.
 BUDGETS = {
     "pipe2me_server.py": {
-        "FILE":                7395,
+        "FILE":                7405,
         "PREAMBLE":            105,
-        "SHARED base":         225,
+        "SHARED base":         232,
         "SETTINGS":            276,
         "HELPERS":             234,
         "SHARED protocol":     210,
@@ -45,7 +45,7 @@ BUDGETS = {
     "pipe2me_pod.py": {
         "FILE":                4240,
         "PREAMBLE":            90,
-        "SHARED base":         225,
+        "SHARED base":         232,
         "SETTINGS":            75,
         "HELPERS":             80,
         "SHARED protocol":     210,

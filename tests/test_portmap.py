@@ -302,7 +302,7 @@ def test_portmap_upnp_broken_http_from_a_lan_host_is_a_port_map_error():
 
 
 def test_portmap_upnp_lan_host_that_trickles_its_answer_is_cut_at_the_deadline():
-    """A LAN host that answers SSDP and then sends its description a byte every
+    """A LAN host that answers SSDP and then sends its description's body a byte every
     0.2 s: upnp_find_service gives up at its timeout, in all (urllib's timeout
     bounds each read, so the renewal thread of `start` was held for minutes)."""
     body = IGD_DESCRIPTION.format(base="http://127.0.0.1:1").encode()
