@@ -258,9 +258,9 @@ def iso_time(epoch):
 def http_exchange(request, timeout_s, limit, handlers=(), context=None, redirects=True):
     """(status, headers, first `limit` bytes of the body) of the urllib `request`,
     error statuses included (a 3xx too, with redirects=False); socket.timeout
-    once `timeout_s` has passed in all.
-    urllib's timeout bounds each read, so a peer sending a byte a second would
-    hold the caller for hours: at the deadline a timer shuts the socket."""
+    once `timeout_s` has passed in all. urllib's timeout bounds each read, so
+    a peer sending a byte a second would hold the caller for hours: at the
+    deadline a timer shuts the socket."""
     import http.client
     import urllib.error
     import urllib.request
